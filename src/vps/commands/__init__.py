@@ -1,0 +1,1 @@
+"""One module per ``vps`` subcommand, each with ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,265 @@
+"""`VPSConfig`: every knob of Virtual Parameter Sharpening in one validated, JSON-round-trippable dataclass.
+
+The seed specification's defaults (rank 2, topk 32, gamma 0.5, tau 0.8, builder "hybrid", order 1,
+Q/K coupling, L-BFGS, adaptive rank and gamma, alpha 1e-3) are the defaults here. The adaptive policy
+interpolates between bounds; by default the configured value is the *upper* bound (a low-energy layer
+gets less perturbation, never more than the user asked for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+BUILDERS = ("sk", "sc", "hybrid")
+SCOPES = ("sequence", "batch")
+DECODE_MODES = ("frozen", "dynamic")
+
+
+class ConfigError(ValueError):
+    """A `VPSConfig` field holds a value outside its allowed range."""
+
+
+@dataclass
+class VPSConfig:
+    """Configuration of a VPS patch.
+
+    Core (seed table): ``rank`` r of the perturbation, ``topk`` k >= r candidate pool (SC),
+    ``gamma`` scale, ``tau`` per-component clip, ``builder`` ("sk" | "sc" | "hybrid"), ``order``
+    (1 or 2), ``qk_coupling``, ``lbfgs_enabled``, ``adaptive_rank``, ``adaptive_gamma``, ``alpha``
+    (ridge regularisation of SC).
+
+    Targeting: ``target_modules`` (None = per-architecture default; a string is a full-match regex
+    over module names, a list matches names or name suffixes), ``exclude_modules`` (same rules),
+    ``layers`` (indices of transformer blocks to patch; None = all).
+
+    Statistics and decoding: ``scope`` "sequence" (each prompt's own valid tokens) or "batch"
+    (the seed's batch-level statistics); ``decode_mode`` "frozen" (selectors built at prefill are
+    kept for KV-cached decoding) or "dynamic" (rebuilt each step, as the reference code does).
+
+    Policy bounds: ``rank_bounds``, ``gamma_bounds``, ``topk_bounds``, ``order_bounds`` are
+    (lo, hi) pairs used when the matching ``adaptive_*`` flag is on; None means (1, rank),
+    (0, gamma), (topk, topk) and (1, order). ``use_entropy`` feeds the model's next-token entropy
+    to the policy; ``history_size`` and ``history_step`` set the improvement-history rule.
+
+    Gradient and L-BFGS: ``grad_eta`` is how far (relative to the target's RMS) the SC regression
+    target moves against a captured gradient; ``lbfgs_m`` memory pairs; ``lbfgs_scale`` step scale
+    (seed: 1e-3) of the per-layer gain update during refinement.
+    """
+
+    rank: int = 2
+    topk: int = 32
+    gamma: float = 0.5
+    tau: float = 0.8
+    builder: str = "hybrid"
+    order: int = 1
+    qk_coupling: bool = True
+    lbfgs_enabled: bool = True
+    adaptive_rank: bool = True
+    adaptive_gamma: bool = True
+    alpha: float = 1e-3
+
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    layers: list[int] | None = None
+    scope: str = "sequence"
+    decode_mode: str = "frozen"
+
+    adaptive_topk: bool = False
+    adaptive_order: bool = False
+    rank_bounds: tuple[int, int] | None = None
+    gamma_bounds: tuple[float, float] | None = None
+    topk_bounds: tuple[int, int] | None = None
+    order_bounds: tuple[int, int] | None = None
+    use_entropy: bool = True
+    history_size: int = 8
+    history_step: float = 0.1
+
+    grad_eta: float = 0.1
+    lbfgs_m: int = 5
+    lbfgs_scale: float = 1e-3
+
+    version: str = field(default=__version__)
+
+    def __post_init__(self) -> None:
+        # JSON turns tuples into lists; accept both so save/load round-trips.
+        for name in ("rank_bounds", "gamma_bounds", "topk_bounds", "order_bounds"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    raise ConfigError(f"{name} must be a (lo, hi) pair, got {value!r}")
+                setattr(self, name, tuple(value))
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field outside its allowed range."""
+        _int_at_least("rank", self.rank, 1)
+        _int_at_least("topk", self.topk, 1)
+        if self.topk < self.rank:
+            raise ConfigError(f"topk must be >= rank (the candidate pool holds the rank), got topk={self.topk}"
+                              f" < rank={self.rank}")
+        _finite_at_least("gamma", self.gamma, 0.0)
+        _finite_positive("tau", self.tau)
+        _finite_positive("alpha", self.alpha)
+        if self.builder not in BUILDERS:
+            raise ConfigError(f"builder must be one of {BUILDERS}, got {self.builder!r}")
+        if self.order not in (1, 2):
+            raise ConfigError(f"order must be 1 or 2, got {self.order!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.decode_mode not in DECODE_MODES:
+            raise ConfigError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        for name in ("qk_coupling", "lbfgs_enabled", "adaptive_rank", "adaptive_gamma", "adaptive_topk",
+                     "adaptive_order", "use_entropy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_targets("target_modules", self.target_modules)
+        _check_targets("exclude_modules", self.exclude_modules)
+        if self.layers is not None:
+            if not isinstance(self.layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
+            ):
+                raise ConfigError(f"layers must be a list of non-negative ints, got {self.layers!r}")
+        _int_at_least("history_size", self.history_size, 1)
+        _finite_at_least("history_step", self.history_step, 0.0)
+        _finite_at_least("grad_eta", self.grad_eta, 0.0)
+        _int_at_least("lbfgs_m", self.lbfgs_m, 1)
+        _finite_at_least("lbfgs_scale", self.lbfgs_scale, 0.0)
+
+        r_lo, r_hi = self.resolved_rank_bounds
+        _int_at_least("rank_bounds[0]", r_lo, 1)
+        _ordered("rank_bounds", r_lo, r_hi)
+        g_lo, g_hi = self.resolved_gamma_bounds
+        _finite_at_least("gamma_bounds[0]", g_lo, 0.0)
+        _finite_at_least("gamma_bounds[1]", g_hi, 0.0)
+        _ordered("gamma_bounds", g_lo, g_hi)
+        k_lo, k_hi = self.resolved_topk_bounds
+        _ordered("topk_bounds", k_lo, k_hi)
+        if k_lo < self.max_rank:
+            raise ConfigError(f"topk_bounds[0] must be >= the largest rank {self.max_rank}, got {k_lo}")
+        o_lo, o_hi = self.resolved_order_bounds
+        if o_lo not in (1, 2) or o_hi not in (1, 2):
+            raise ConfigError(f"order_bounds must lie in {{1, 2}}, got {(o_lo, o_hi)}")
+        _ordered("order_bounds", o_lo, o_hi)
+
+    # -- resolved bounds ------------------------------------------------------------------------
+    @property
+    def resolved_rank_bounds(self) -> tuple[int, int]:
+        """(lo, hi) of the rank; equal to (rank, rank) when rank is not adaptive."""
+        if not self.adaptive_rank:
+            return (self.rank, self.rank)
+        return self.rank_bounds if self.rank_bounds is not None else (1, self.rank)
+
+    @property
+    def resolved_gamma_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of gamma; equal to (gamma, gamma) when gamma is not adaptive."""
+        if not self.adaptive_gamma:
+            return (self.gamma, self.gamma)
+        return self.gamma_bounds if self.gamma_bounds is not None else (0.0, self.gamma)
+
+    @property
+    def resolved_topk_bounds(self) -> tuple[int, int]:
+        """(lo, hi) of top-k; equal to (topk, topk) when top-k is not adaptive."""
+        if not self.adaptive_topk:
+            return (self.topk, self.topk)
+        return self.topk_bounds if self.topk_bounds is not None else (self.topk, self.topk)
+
+    @property
+    def resolved_order_bounds(self) -> tuple[int, int]:
+        """(lo, hi) of the order; equal to (order, order) when the order is not adaptive."""
+        if not self.adaptive_order:
+            return (self.order, self.order)
+        return self.order_bounds if self.order_bounds is not None else (1, self.order)
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank any forward can use: the static width of every selector tensor."""
+        return self.resolved_rank_bounds[1]
+
+    @property
+    def max_topk(self) -> int:
+        """Largest candidate pool any forward can use."""
+        return self.resolved_topk_bounds[1]
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VPSConfig:
+        """Build a config from a dict; unknown keys raise `ConfigError` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown VPSConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> VPSConfig:
+        """A validated copy with some fields changed (unknown names raise `ConfigError`)."""
+        data = self.to_dict()
+        data.update(overrides)
+        return VPSConfig.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON, stamped with the library version."""
+        data = self.to_dict()
+        data["version"] = __version__
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VPSConfig:
+        """Read a config written by `save` (errors name the file)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _int_at_least(name: str, value: Any, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ConfigError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def _finite_at_least(name: str, value: Any, lo: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < lo:
+        raise ConfigError(f"{name} must be a finite number >= {lo}, got {value!r}")
+
+
+def _finite_positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _ordered(name: str, lo: float, hi: float) -> None:
+    if lo > hi:
+        raise ConfigError(f"{name} must satisfy lo <= hi, got ({lo}, {hi})")
+
+
+def _check_targets(name: str, value: Any) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name} must be None, a regex string, or a non-empty list of names, got {value!r}")

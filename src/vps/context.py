@@ -1,0 +1,134 @@
+"""Per-model forward context shared by the patched layers: valid-token mask, phase, entropy.
+
+`vps.patch` installs a forward pre-hook and a forward hook on the top-level model. The pre-hook
+reads the call's ``attention_mask`` (so padding never counts in any statistic) and whether a
+non-empty KV cache was passed (prefill vs decode). The forward hook computes the model's own
+next-token entropy H at the last valid position of each sequence.
+
+Entropy feedback: H from one forward is used by the *next* forward's policy decisions, and only when
+that next forward continues the same sequences from a KV cache (a decode step). Every prefill starts
+clean: a forward without a cache never depends on earlier, unrelated calls. In ``decode_mode="frozen"``
+the whole decision is taken at prefill (so cached decoding equals a recompute with the same
+selectors); H then feeds decisions in ``decode_mode="dynamic"``, where every step after the first sees
+the entropy of the previous step. `entropy_hint` lets a caller (the refinement loop) hand a measured
+entropy to the next prefill explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+
+
+class VPSContext:
+    """Mutable state of one patched model's current forward."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.mask: torch.Tensor | None = None  # (B, S) attention mask of the current call
+        self.phase = "prefill"
+        self.reuse_selection = False
+        self.entropy: torch.Tensor | None = None  # (B,) from the previous forward, per sequence
+        self.entropy_hint: torch.Tensor | None = None
+        self.want_entropy = False
+        self.last_entropy: torch.Tensor | None = None
+        self.forward_count = 0
+        self._warned_4d = False
+
+    # -- read by the layers -----------------------------------------------------------------------
+    def token_mask(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+        """(batch, tokens) bool mask of the valid tokens among the layer's current inputs."""
+        mask = self.mask
+        if mask is None or mask.shape[0] != batch or mask.shape[1] < tokens:
+            return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        return mask[:, mask.shape[1] - tokens:].to(device=device, dtype=torch.bool)
+
+    def entropy_for(self, batch: int) -> torch.Tensor | None:
+        """The entropy the policy may use for this forward, or None."""
+        h = self.entropy
+        if h is None or h.shape[0] != batch:
+            return None
+        return h
+
+    def reuses_plan(self, decode_mode: str) -> bool:
+        """Whether layers keep their stored selectors for this forward."""
+        return self.reuse_selection or (self.phase == "decode" and decode_mode == "frozen")
+
+    # -- driven by the model hooks -----------------------------------------------------------------
+    def begin(self, attention_mask: Any, past_key_values: Any) -> None:
+        """Start of a top-level forward: record the mask and the phase."""
+        self.forward_count += 1
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self.mask = attention_mask
+        else:
+            if isinstance(attention_mask, torch.Tensor) and not self._warned_4d:
+                warnings.warn("vps: a non-2D attention_mask was passed; statistics count every token",
+                              stacklevel=3)
+                self._warned_4d = True
+            self.mask = None
+        self.phase = "decode" if _cache_length(past_key_values) > 0 else "prefill"
+        if self.phase == "prefill":
+            self.entropy = self.entropy_hint
+            self.entropy_hint = None
+
+    def end(self, logits: torch.Tensor | None) -> None:
+        """End of a top-level forward: measure next-token entropy for the following step."""
+        mask, self.mask = self.mask, None
+        if not self.want_entropy or logits is None:
+            self.entropy = None
+            return
+        with torch.no_grad():
+            h = next_token_entropy(logits, mask)
+        self.entropy = h
+        self.last_entropy = h
+
+
+def next_token_entropy(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at each sequence's last valid position.
+
+    ``logits`` is (B, T, V). With a right-padded ``attention_mask`` the last valid position is
+    found from the mask; with left padding (as in generation) it is the last position.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (batch, tokens, vocab), got shape {tuple(logits.shape)}")
+    b, t, _ = logits.shape
+    if attention_mask is not None and t > 1 and attention_mask.shape[0] == b:
+        m = attention_mask[:, -t:].long()
+        pos = torch.arange(t, device=m.device).expand(b, t)
+        last = torch.where(m > 0, pos, torch.zeros_like(pos)).max(dim=1).values
+    else:
+        last = torch.full((b,), t - 1, dtype=torch.long, device=logits.device)
+    lg = logits[torch.arange(b, device=logits.device), last.to(logits.device)].float()
+    logp = torch.log_softmax(lg, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def _cache_length(past_key_values: Any) -> int:
+    if past_key_values is None:
+        return 0
+    get_len = getattr(past_key_values, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len())
+    try:  # legacy tuple-of-tuples caches
+        return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def bind_forward_arguments(model: torch.nn.Module) -> Any:
+    """A function mapping a forward call's (args, kwargs) to (attention_mask, past_key_values)."""
+    params = list(inspect.signature(model.forward).parameters)
+
+    def pick(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        found = {}
+        for name in ("attention_mask", "past_key_values"):
+            if name in kwargs:
+                found[name] = kwargs[name]
+            elif name in params and params.index(name) < len(args):
+                found[name] = args[params.index(name)]
+        return found.get("attention_mask"), found.get("past_key_values")
+
+    return pick

@@ -1,0 +1,1 @@
+"""Evaluation utilities: loading items, scoring and paired statistics."""

@@ -1,0 +1,301 @@
+"""`VPSLinear`: a frozen linear layer plus the virtual perturbation ``gamma * (x A) B^T``.
+
+With ``A = W^T V`` and ``B = W U`` the output is ``W x + b + gamma * (x A) B^T``. Nothing of size
+d_out x d_in is ever formed: ``x A = (W x) V`` is a gather of the base output (the matmul is already
+done), ``B = W U`` is a gather of R columns of W, and ``A``'s column norms (for the clip) come from
+R gathered rows. Per forward the layer builds a *plan*: the output features to read (``out_idx``),
+their mixing (``coef``, SC only) and an (R x d_out) matrix ``Q`` that folds gamma, the per-layer
+gain, the spectral clip, the rank mask and the order-2 term:
+
+    delta = ((W x)[out_idx] @ coef) @ Q,   Q = S (g I + g^2 [order 2] M^T) S B^T
+
+with ``S = diag(clip scales * rank mask)``, ``g = gamma * gain`` and ``M = V^T W U`` (R x R), so
+order 2 adds ``gamma^2 B M A^T`` (DESIGN.md) at the price of one R x R product. Clipping scales the
+factors A and B, as the seed does, in both terms.
+
+Failures inside the perturbation path (a non-finite plan, a failed solve) fall back to the base
+output for the affected sequences and are counted in `fallbacks`; they never raise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .builders import BuildInputs, Selection, make_builder, rank_features
+from .config import VPSConfig
+from .context import VPSContext
+from .policy import Decision, LayerPolicy
+from .spectral import clip_scales
+
+try:  # GPT-2 style layers store the weight transposed (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+
+@dataclass
+class Plan:
+    """What a forward needs to apply the perturbation; kept for frozen decoding."""
+
+    out_idx: torch.Tensor  # (B, K')
+    coef: torch.Tensor | None  # (B, K', R) float32
+    q: torch.Tensor  # (B, R, d_out) in the compute dtype
+    bias_sel: torch.Tensor | None  # (B, K') bias at out_idx, to turn outputs back into W x
+    selection: Selection
+    decision: Decision
+
+    @property
+    def batch(self) -> int:
+        return self.out_idx.shape[0]
+
+
+class VPSLinear(nn.Module):
+    """A linear (or GPT-2 ``Conv1D``) layer with a Virtual Parameter Sharpening perturbation.
+
+    The wrapped layer is kept unchanged as ``base_layer``. Call it on (N, d_in) — all N tokens form
+    one sequence — or on (B, T, d_in), where each sequence's valid tokens (from the patched model's
+    attention mask, or all tokens when called standalone) drive its own selectors.
+    """
+
+    def __init__(self, base_layer: nn.Module, cfg: VPSConfig | None = None, ctx: VPSContext | None = None,
+                 name: str = "") -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else VPSConfig()
+        if isinstance(base_layer, nn.Linear):
+            self._transposed = False
+        elif Conv1D is not None and isinstance(base_layer, Conv1D):
+            self._transposed = True
+        else:
+            raise TypeError(f"VPSLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}"
+                            f"{f' at {name}' if name else ''}")
+        self.base_layer = base_layer
+        self.cfg = cfg
+        self.ctx = ctx if ctx is not None else VPSContext()
+        self.layer_name = name
+        smallest = min(self.in_features, self.out_features)
+        if cfg.max_rank > smallest:
+            raise ValueError(f"rank {cfg.max_rank} exceeds min(d_in, d_out) = {smallest} of layer {name or '?'}")
+        self.topk = min(cfg.max_topk, smallest)
+        self.policy = LayerPolicy(cfg)
+        self.builder = make_builder(cfg.builder, cfg)
+        self.pair: Any = None  # QKPair when Q/K coupling applies
+        self._peer_rank: torch.Tensor | None = None
+        self.gain = torch.ones((), dtype=torch.float32)
+        self.grad_mean: torch.Tensor | None = None
+        self.plan: Plan | None = None
+        self._fallbacks = torch.zeros((), dtype=torch.long)
+        self.register_state_dict_post_hook(_strip_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
+
+    # -- PEFT-like accessors ---------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (walking through nested wrappers)."""
+        layer = self.base_layer
+        while hasattr(layer, "base_layer"):
+            layer = layer.base_layer
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[0] if self._transposed else w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        w = self.base_layer.weight
+        return w.shape[1] if self._transposed else w.shape[0]
+
+    @property
+    def fallbacks(self) -> int:
+        """How many sequences fell back to the base output because the perturbation failed."""
+        return int(self._fallbacks)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, builder={self.cfg.builder}, "
+                f"rank<={self.cfg.max_rank}, gamma<={self.cfg.resolved_gamma_bounds[1]}")
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        ctx = self.ctx
+        active = ctx.enabled and self.cfg.resolved_gamma_bounds[1] > 0
+        reuse = active and ctx.reuses_plan(self.cfg.decode_mode) and self._plan_fits(x.shape[0])
+        coupled = self.pair is not None and active and not reuse
+        cached = self.pair.take(self, x) if coupled else None
+        out = cached.out if cached is not None else self.base_layer(x)
+        if not active:
+            return out
+        # The first of a coupled Q/K pair computes its partner's base output too (the partner reuses
+        # it, so nothing is computed twice): the joint selection needs both outputs' scores.
+        peer_out = self.pair.peer(self).base_layer(x) if coupled and cached is None else None
+        plan = self.plan if reuse else self._build_plan(x, out, cached, peer_out)
+        if peer_out is not None:
+            self.pair.store(self.pair.peer(self), x, peer_out, self._peer_rank)
+            self._peer_rank = None
+        y = self._apply(out, plan)
+        if y.requires_grad and torch.is_grad_enabled():
+            self._capture_gradient(y, ctx.token_mask(x.shape[0], x.shape[1], x.device))
+        return y
+
+    def _plan_fits(self, batch: int) -> bool:
+        return self.plan is not None and self.plan.batch in (1, batch)
+
+    def _apply(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
+        b, t, _ = out.shape
+        idx = plan.out_idx.expand(b, -1)
+        h_sel = torch.gather(out, 2, idx.unsqueeze(1).expand(b, t, -1))
+        if plan.bias_sel is not None:
+            h_sel = h_sel - plan.bias_sel.expand(b, -1).unsqueeze(1)
+        if plan.coef is not None:
+            h_sel = (h_sel.float() @ plan.coef.expand(b, -1, -1)).to(out.dtype)
+        return torch.baddbmm(out, h_sel, plan.q.expand(b, -1, -1))
+
+    # -- plan construction ---------------------------------------------------------------------
+    def _build_plan(self, x: torch.Tensor, out: torch.Tensor, cached: Any = None,
+                    peer_out: torch.Tensor | None = None) -> Plan:
+        cfg = self.cfg
+        with torch.no_grad():
+            x = x.detach()
+            h0 = self._without_bias(out.detach())
+            mask = self.ctx.token_mask(x.shape[0], x.shape[1], x.device)
+            if cfg.scope == "batch":
+                x, h0, mask = (t.reshape(1, -1, *t.shape[2:]) for t in (x, h0, mask))
+            s_in, s_out, energy = feature_scores(x, h0, mask)
+            entropy = self.ctx.entropy_for(x.shape[0] if cfg.scope == "sequence" else mask.shape[0])
+            if entropy is None and cfg.scope == "batch" and self.ctx.entropy is not None:
+                entropy = self.ctx.entropy.mean().reshape(1)
+            decision = self.policy.decide(energy, entropy)
+            in_rank = rank_features(s_in, self.topk)
+            if cached is not None:
+                out_rank = cached.out_rank
+            elif peer_out is not None:
+                peer = self.pair.peer(self)
+                peer_h0 = peer._without_bias(peer_out.detach())
+                if cfg.scope == "batch":
+                    peer_h0 = peer_h0.reshape(1, -1, peer_h0.shape[-1])
+                out_rank, self._peer_rank = self.pair.rank_outputs(
+                    self, s_out, output_scores(peer_h0, mask), self.topk)
+            else:
+                out_rank = rank_features(s_out, self.topk)
+            grad = self._consume_gradient(x.shape[0])
+            selection = self.builder.build(BuildInputs(x, h0, mask, in_rank, out_rank, decision, grad))
+        plan = self._make_plan(selection, decision, out.dtype)
+        self.plan = plan
+        return plan
+
+    def _make_plan(self, sel: Selection, decision: Decision, dtype: torch.dtype) -> Plan:
+        cfg = self.cfg
+        r = cfg.max_rank
+        with torch.no_grad():
+            rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
+            cols = self._cols(sel.in_idx)  # W[:, in_idx]^T: (B, R, d_out)
+            a = rows if sel.coef is None else sel.coef.transpose(1, 2) @ rows  # A^T: (B, R, d_in)
+            scale = clip_scales(torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(cols, dim=-1), cfg.tau)
+            scale = scale * (torch.arange(r, device=scale.device) < decision.rank.unsqueeze(-1))
+            eye = torch.eye(r, device=rows.device)
+            second = None
+            if cfg.resolved_order_bounds[1] == 2:
+                w_sub = torch.gather(rows, 2, sel.in_idx.unsqueeze(1).expand(-1, rows.shape[1], -1))
+                m = w_sub if sel.coef is None else sel.coef.transpose(1, 2) @ w_sub  # M[c, c'] = V_c^T W U_c'
+                second = (decision.order == 2).float()[:, None, None] * m.transpose(1, 2)
+        # The gain may carry autograd (refinement optimises it); everything else is constant.
+        g = (decision.gamma.float() * self.gain.to(decision.gamma.device))[:, None, None]
+        core = g * eye if second is None else g * eye + g * g * second
+        core = scale.unsqueeze(-1) * core * scale.unsqueeze(-2)
+        q = core @ cols
+        ok = sel.ok & torch.isfinite(q.detach()).all(dim=(1, 2))
+        q = torch.where(ok[:, None, None], q, torch.zeros((), device=q.device))
+        self._fallbacks = self._fallbacks.to(ok.device) + (~ok).sum()
+        bias = self.bias
+        bias_sel = None if bias is None else bias.detach()[sel.out_idx]
+        return Plan(sel.out_idx, sel.coef, q.to(dtype), bias_sel, sel, decision)
+
+    # -- weight access without materialising anything of size d_out x d_in ----------------------
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``W[idx]`` for idx (B, K) -> (B, K, d_in), float32."""
+        w = self.base_layer.weight.detach()
+        rows = w[:, idx].permute(1, 2, 0) if self._transposed else w[idx]
+        return rows.float()
+
+    def _cols(self, idx: torch.Tensor) -> torch.Tensor:
+        """Columns ``W[:, idx]`` for idx (B, R) -> (B, R, d_out), float32."""
+        w = self.base_layer.weight.detach()
+        cols = w[idx] if self._transposed else w[:, idx].permute(1, 2, 0)
+        return cols.float()
+
+    def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        return out if bias is None else out - bias.detach()
+
+    # -- gradient capture ----------------------------------------------------------------------
+    def _capture_gradient(self, y: torch.Tensor, mask: torch.Tensor) -> None:
+        batch_scope = self.cfg.scope == "batch"
+
+        def keep(grad: torch.Tensor) -> None:
+            m = mask.unsqueeze(-1).to(grad.dtype)
+            total = (grad * m).sum(dim=1)
+            count = m.sum(dim=1)
+            if batch_scope:
+                total, count = total.sum(0, keepdim=True), count.sum(0, keepdim=True)
+            self.grad_mean = (total / count.clamp_min(1)).detach().float()
+
+        y.register_hook(keep)
+
+    def _consume_gradient(self, batch: int) -> torch.Tensor | None:
+        g, self.grad_mean = self.grad_mean, None
+        if g is None or g.shape[0] not in (1, batch):
+            return None
+        return g
+
+    def clear_gradient(self) -> None:
+        """Drop a captured gradient without using it."""
+        self.grad_mean = None
+
+
+def feature_scores(x: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence mean |x|, mean |W x| and energy mean((W x)^2) over the valid tokens (float32).
+
+    Masked positions are excluded with ``where`` (not multiplied by 0) so a non-finite value at a
+    padding position cannot leak into any statistic.
+    """
+    valid = mask.unsqueeze(-1)
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1).float()
+    s_in = torch.where(valid, x.abs(), 0).sum(dim=1, dtype=torch.float32) / count
+    a = torch.where(valid, h0.abs(), 0)
+    s_out = a.sum(dim=1, dtype=torch.float32) / count
+    energy = (a.float() * a.float()).sum(dim=(1, 2)) / (count.squeeze(1) * h0.shape[-1])
+    return s_in, s_out, energy
+
+
+def output_scores(h0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean |W x| over the valid tokens (float32)."""
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1).float()
+    return torch.where(mask.unsqueeze(-1), h0.abs(), 0).sum(dim=1, dtype=torch.float32) / count
+
+
+def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    # The patched model's state_dict keeps the unpatched model's keys, so checkpoints stay compatible.
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for name in ("weight", "bias"):
+        key = prefix + name
+        if key in state_dict:
+            state_dict[prefix + "base_layer." + name] = state_dict.pop(key)

@@ -1,0 +1,115 @@
+"""The adaptive policy (seed section 4): how much perturbation each forward of a layer gets.
+
+One `LayerPolicy` per patched layer. Each forward it turns per-sequence statistics into a
+`Decision` (sigma, rank, top-k, gamma, order), all as tensors so nothing syncs with the host:
+
+1. energy: ``E = mean(h^2)`` of the layer's base output over the sequence's valid tokens,
+   ``sigma = 1 - exp(-E)``;
+2. entropy: with the previous forward's next-token entropy ``H`` of the same sequence,
+   ``sigma = max(sigma, min(1, H / 3))`` (see `vps.context` for when H is available);
+3. improvement history: ``update_outcome(improved, loss_delta)`` keeps the last ``history_size``
+   outcomes. The trailing *streak* s counts consecutive equal outcomes at the end of the history
+   (+n for n improvements in a row, -n for n failures). From two in a row on,
+   ``sigma += history_step * s`` (clamped to [0, 1]): repeated improvement raises sigma, repeated
+   failure lowers it, one outcome alone does nothing;
+4. interpolation: ``value = lo + (hi - lo) * sigma`` within the config's bounds for rank, top-k,
+   gamma and order, where the matching ``adaptive_*`` flag is on (integers are rounded to nearest).
+
+Non-finite E or H are treated as "no evidence" (E -> 0 contributes sigma 0, H ignored), so a decision
+is always finite.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .config import VPSConfig
+
+
+@dataclass
+class Decision:
+    """Per-sequence policy decision; every field is a tensor of shape (B,)."""
+
+    sigma: torch.Tensor
+    rank: torch.Tensor
+    topk: torch.Tensor
+    gamma: torch.Tensor
+    order: torch.Tensor
+    energy: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+class LayerPolicy:
+    """Adaptive policy state of one patched layer (its improvement history)."""
+
+    def __init__(self, cfg: VPSConfig) -> None:
+        self.cfg = cfg
+        self.history: deque[tuple[bool, float]] = deque(maxlen=cfg.history_size)
+
+    # -- improvement history --------------------------------------------------------------------
+    def update_outcome(self, improved: bool, loss_delta: float = 0.0) -> None:
+        """Record whether the last refinement step improved the verifier loss (and by how much)."""
+        self.history.append((bool(improved), float(loss_delta)))
+
+    def reset(self) -> None:
+        """Forget the improvement history."""
+        self.history.clear()
+
+    @property
+    def streak(self) -> int:
+        """Signed length of the trailing run of equal outcomes (+ improvements, - failures)."""
+        if not self.history:
+            return 0
+        last = self.history[-1][0]
+        n = 0
+        for improved, _ in reversed(self.history):
+            if improved != last:
+                break
+            n += 1
+        return n if last else -n
+
+    @property
+    def history_bias(self) -> float:
+        """Additive change to sigma from the improvement history (0 until an outcome repeats)."""
+        s = self.streak
+        return self.cfg.history_step * s if abs(s) >= 2 else 0.0
+
+    # -- decisions --------------------------------------------------------------------------------
+    def sigma(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> torch.Tensor:
+        """sigma in [0, 1] per sequence from energy, entropy and the history rule."""
+        energy = torch.nan_to_num(energy.float(), nan=0.0, posinf=1e30, neginf=0.0).clamp_min(0.0)
+        sig = 1.0 - torch.exp(-energy)
+        if entropy is not None and self.cfg.use_entropy:
+            h = torch.nan_to_num(entropy.float(), nan=0.0, posinf=3.0, neginf=0.0).clamp_min(0.0)
+            sig = torch.maximum(sig, torch.clamp(h / 3.0, max=1.0))
+        bias = self.history_bias
+        if bias:
+            sig = sig + bias
+        return sig.clamp(0.0, 1.0)
+
+    def decide(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> Decision:
+        """The decision for one forward; ``energy`` and ``entropy`` are (B,) tensors."""
+        cfg = self.cfg
+        sig = self.sigma(energy, entropy)
+        return Decision(
+            sigma=sig,
+            rank=_interp_int(cfg.resolved_rank_bounds, sig),
+            topk=_interp_int(cfg.resolved_topk_bounds, sig),
+            gamma=_interp(cfg.resolved_gamma_bounds, sig),
+            order=_interp_int(cfg.resolved_order_bounds, sig),
+            energy=energy,
+            entropy=entropy,
+        )
+
+
+def _interp(bounds: tuple[float, float], sigma: torch.Tensor) -> torch.Tensor:
+    lo, hi = bounds
+    return lo + (hi - lo) * sigma
+
+
+def _interp_int(bounds: tuple[int, int], sigma: torch.Tensor) -> torch.Tensor:
+    lo, hi = bounds
+    return torch.round(_interp((float(lo), float(hi)), sigma)).long().clamp(lo, hi)

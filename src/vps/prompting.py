@@ -1,0 +1,67 @@
+"""Prompt formatting and batched greedy/sampled generation shared by the CLI, refine and eval."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+DEFAULT_SYSTEM = ("You are a careful math tutor. Solve the problem step by step, then give the final answer "
+                  "on its own line as '#### <number>'.")
+
+
+def chat_prompt(tokenizer: Any, question: str, system: str | None = DEFAULT_SYSTEM) -> str:
+    """The question wrapped in the tokenizer's chat template, ready for the assistant's turn."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = (system + "\n\n" if system else "") + f"Question: {question}\nAnswer:"
+    return text
+
+
+def encode(tokenizer: Any, texts: Sequence[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded batch (input_ids, attention_mask) for generation."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {k: v.to(device) if device is not None else v for k, v in enc.items()
+            if k in ("input_ids", "attention_mask")}
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256,
+                   temperature: float = 0.0, seed: int | None = None, streamer: Any = None,
+                   stop_strings: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
+    """Generate a continuation for each prompt; returns (texts, number of new tokens per prompt).
+
+    ``temperature == 0`` is greedy decoding. Generation stops at EOS, at ``max_new_tokens``, or at the
+    first of ``stop_strings`` (trimmed from the text).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    enc = encode(tokenizer, prompts, next(model.parameters()).device)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  streamer=streamer)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    texts, counts = [], []
+    for row in new:
+        keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else row
+        text = tokenizer.decode(keep, skip_special_tokens=True)
+        for stop in stop_strings or ():
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        texts.append(text.strip())
+        counts.append(int(keep.numel()))
+    return texts, counts

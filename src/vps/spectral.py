@@ -1,0 +1,38 @@
+"""Per-component spectral clipping of the low-rank factors (seed section 3).
+
+Each rank-1 term ``A_i B_i^T`` of the perturbation has spectral norm ``||A_i|| * ||B_i||``. Bounding
+every term by ``tau`` bounds the whole perturbation by ``sqrt(r) * tau``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-component factor ``s_i`` such that ``(s_i A_i, s_i B_i)`` satisfies the clip bound.
+
+    ``s_i = 1 / sqrt(||A_i|| ||B_i|| / tau)`` where the product exceeds ``tau``, else 1. Works on any
+    leading batch shape; zero-norm components keep factor 1.
+    """
+    prod = norm_a * norm_b
+    # Dividing by the clamped product keeps zero and sub-threshold components at exactly 1.
+    return torch.where(prod > tau, torch.sqrt(tau / prod.clamp_min(tau)), torch.ones_like(prod))
+
+
+def spectral_clip(A: torch.Tensor, B: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip each rank-1 component of ``A B^T`` to spectral norm at most ``tau``.
+
+    ``A`` is (d_in, r) and ``B`` is (d_out, r) (columns are components; leading batch dimensions are
+    allowed). Where ``||A_i|| * ||B_i|| > tau`` both columns are divided by
+    ``sqrt(||A_i|| * ||B_i|| / tau)``, so afterwards ``||A_i|| * ||B_i|| <= tau`` up to rounding.
+    Returns new tensors; the inputs are not modified.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    if A.shape[-1] != B.shape[-1]:
+        raise ValueError(f"A and B must have the same number of columns (rank), got {A.shape[-1]} and {B.shape[-1]}")
+    norm_a = torch.linalg.vector_norm(A.float(), dim=-2)
+    norm_b = torch.linalg.vector_norm(B.float(), dim=-2)
+    scale = clip_scales(norm_a, norm_b, tau).unsqueeze(-2)
+    return (A * scale).to(A.dtype), (B * scale).to(B.dtype)

@@ -1,0 +1,9 @@
+"""Answer extraction and the multi-objective verification loss (design doc section 6.1).
+
+See ``docs/verification.md`` for the extraction rules and how each loss component is scored.
+"""
+
+from vps.verify.composite import DEFAULT_WEIGHTS, CompositeVerifier
+from vps.verify.extract import Answer, answers_match, extract_answer, parse_gold
+
+__all__ = ["Answer", "extract_answer", "answers_match", "parse_gold", "CompositeVerifier", "DEFAULT_WEIGHTS"]

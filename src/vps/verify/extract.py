@@ -1,0 +1,358 @@
+"""Final-answer extraction from model text, and answer comparison.
+
+The rules, and where they differ from lm-evaluation-harness's GSM8K filters, are
+written down in ``docs/verification.md``; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+__all__ = ["Answer", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity"]
+
+#: Where an :class:`Answer` came from. ``literal`` is only produced by :func:`parse_gold`
+#: for a gold label given without a ``####`` marker.
+SOURCES = ("hash", "boxed", "answer_is", "last_number", "literal")
+
+#: Absolute tolerance used next to the relative one, so 0 matches rounding noise like 1e-12.
+ABS_TOL = 1e-9
+
+# Unit text longer than this is prose, not a unit; pint is also never handed more.
+_MAX_UNIT_CHARS = 40
+
+# An answer statement longer than this is prose; the cap keeps repeated statements linear.
+_MAX_SEGMENT_CHARS = 200
+
+_CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY", "₹": "INR"}
+# "pound(s)" is deliberately absent: in GSM8K it is almost always a weight.
+_CURRENCY_WORDS = {
+    "dollar": "USD",
+    "dollars": "USD",
+    "usd": "USD",
+    "bucks": "USD",
+    "euro": "EUR",
+    "euros": "EUR",
+    "eur": "EUR",
+    "cent": "cent",
+    "cents": "cent",
+}
+# Words that follow a number in running text without being its unit ("5 and 6", "3 in total").
+_NOT_UNITS = frozenset(
+    """a an and are as at be because but by each for from has have he her his i if in into is it its
+    more of off on or out over she so than that the their them then there these they this those
+    to too was we were which while who will with would you""".split()
+)
+
+_NUM = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d*)?|\.\d+"
+_VALUE = (
+    r"(?:\\frac\{\s*(?P<fn>-?(?:" + _NUM + r"))\s*\}\{\s*(?P<fd>-?(?:" + _NUM + r"))\s*\}"
+    r"|\\frac(?P<fn1>\d)(?P<fd1>\d)"
+    r"|(?P<lw>\d+)[ \t]*\\frac\{\s*(?P<ln>\d+)\s*\}\{\s*(?P<ld>\d+)\s*\}"
+    r"|(?P<mw>\d+)[ \t]+(?P<mn>\d+)[ \t]*/[ \t]*(?P<md>\d+)(?![\d.,/])"
+    r"|(?P<n>" + _NUM + r")[ \t]*/[ \t]*(?P<d>" + _NUM + r")(?![\d/])"
+    r"|(?P<x>" + _NUM + r"))"
+    # A value glued to one letter, a power or a bracket is algebra ("2x", "3^2", "2(x+1)"),
+    # not a number; digits and separators are listed so that backtracking cannot split
+    # "25x" into "2" or "1,234x" into "1". Glued words of two or more letters are units ("5km").
+    r"(?![\d^(_]|[.,]\d|[A-Za-z](?![A-Za-z]))"
+)
+_UNIT_WORD = r"[A-Za-z°µ][A-Za-z°µ]*(?:\^-?\d+|[²³])?"
+_RATE = r"(?:[ \t]*/[ \t]*|[ \t]+per[ \t]+)" + _UNIT_WORD
+_UNIT = (
+    r"(?:(?:/[ \t]*|per[ \t]+)"
+    + _UNIT_WORD
+    + r"|(?:(?:square|sq\.?|cubic)[ \t]+)?"
+    + _UNIT_WORD
+    + r"(?:"
+    + _RATE
+    + r")?)"
+)
+# One quantity: optional sign and currency symbol (either order), a value, then a percent
+# sign or a unit. A minus glued to a preceding word or digit is subtraction or a hyphen
+# ("10-3", "COVID-19"), not a sign, hence the look-behinds; "5 - 3" is no -3 either.
+_QUANTITY = (
+    r"(?<![\w.])(?P<s1>[-+])?(?:(?P<cur>[$€£¥₹])[ \t]*)?(?P<s2>[-+])?"
+    r"(?<![A-Za-z_])"
+    + _VALUE
+    + r"(?:[ \t]*(?P<pct>%|percent\b|per[ \t]+cent\b)|[ \t]*(?P<unit>"
+    + _UNIT
+    + r")(?![\w]))?"
+)
+_QUANTITY_RE = re.compile(_QUANTITY)
+_QUANTITY_PREFIX_RE = re.compile(
+    r"\s*(?:(?:approximately|approx\.?|about|around|roughly|exactly|only|just|~|≈)\s*)?" + _QUANTITY
+)
+_TRAILING_PUNCT = ".,;:!?*'\"` \t\n"
+
+_HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS_RE = re.compile(r"\b(?:final\s+)?answer\s*(?:is\b\s*:?|:|=)", re.IGNORECASE)
+# A sentence ends at a full stop followed by space or end of text; a decimal point never is.
+_SENTENCE_END_RE = re.compile(r"[.!?;](?=\s|$)|\n")
+
+_LATEX_WRAPPERS_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_LATEX_SPACING_RE = re.compile(r"\\[,;:! ]|\\quad|\\qquad|\\left|\\right|\\displaystyle")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A final answer taken from text.
+
+    Attributes:
+        text: the answer as written: the matched quantity for numeric answers
+            (``"$1,234"``, ``"12 cm"``), the whole marked segment otherwise (``"x^2-1"``).
+        number: its numeric value, or ``None`` for a non-numeric answer.
+        unit: unit text that followed the number (``"cm"``, ``"km/h"``, ``"apples"``),
+            ``"percent"`` for ``%``, or a currency code (``"USD"``) for ``$``/"dollars".
+        source: one of :data:`SOURCES`.
+    """
+
+    text: str
+    number: float | None
+    unit: str | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"Answer.source must be one of {SOURCES}, got {self.source!r}")
+
+
+def _clean(text: str) -> str:
+    """Strip the LaTeX and markdown decoration that sits between a number and its unit."""
+    text = text.replace("\u2212", "-").replace("\\$", "$").replace("\\%", "%")
+    text = re.sub(r"\\[dt]frac", r"\\frac", text)
+    text = _LATEX_WRAPPERS_RE.sub(r" \1", text)
+    text = _LATEX_SPACING_RE.sub(" ", text)
+    text = text.replace("^\\circ", "°").replace("^{\\circ}", "°")
+    return text.replace("**", "")
+
+
+def _to_float(s: str) -> float:
+    return float(s.replace(",", ""))
+
+
+def _value(m: re.Match[str]) -> float | None:
+    """Numeric value of a :data:`_QUANTITY` match, or None when it is undefined (x/0)."""
+    g = m.groupdict()
+    try:
+        if g["fn"] is not None:
+            value = _to_float(g["fn"]) / _to_float(g["fd"])
+        elif g["fn1"] is not None:
+            value = int(g["fn1"]) / int(g["fd1"])
+        elif g["lw"] is not None:
+            value = int(g["lw"]) + int(g["ln"]) / int(g["ld"])
+        elif g["mw"] is not None:
+            value = int(g["mw"]) + int(g["mn"]) / int(g["md"])
+        elif g["n"] is not None:
+            value = _to_float(g["n"]) / _to_float(g["d"])
+        else:
+            value = _to_float(g["x"])
+    except ZeroDivisionError:
+        return None
+    if not math.isfinite(value):
+        return None
+    negative = (g["s1"] == "-") != (g["s2"] == "-")
+    return -value if negative else value
+
+
+def _split_rate(unit: str) -> tuple[str, str]:
+    """``"dollars per hour"`` -> ``("dollars", "/hour")``; a unit with no rate -> ``(unit, "")``."""
+    m = re.match(r"(.*?)\s*(?:/|\bper\b)\s*(\S.*)$", unit)
+    return (m.group(1), "/" + m.group(2)) if m else (unit, "")
+
+
+def _unit_and_text(m: re.Match[str]) -> tuple[str | None, str]:
+    """The normalised unit of a quantity match and the text it covers."""
+    end = m.end()
+    if m.group("pct"):
+        unit: str | None = "percent"
+    else:
+        unit = m.group("unit")
+        value_text = m.group("x") or ""
+        # "5. Apples are red" is a sentence end, not "5 Apples"; "42 because" is prose.
+        if unit is not None and (
+            value_text.endswith(".") or unit.split()[0].lower() in _NOT_UNITS or len(unit) > _MAX_UNIT_CHARS
+        ):
+            end, unit = m.start("unit"), None
+    text = re.sub(r"\s+", " ", m.string[m.start() : end]).strip().rstrip(_TRAILING_PUNCT)
+    if unit is not None and unit != "percent":
+        unit = re.sub(r"\s+", " ", unit).strip()
+        head, rate = _split_rate(unit)
+        if m.group("cur"):
+            # "$5 per hour" keeps its rate; "$5 apples" is still just dollars.
+            return _CURRENCY_SYMBOLS[m.group("cur")] + rate, text
+        if not head:
+            return "1" + rate, text
+        if head.lower() in _CURRENCY_WORDS:
+            return _CURRENCY_WORDS[head.lower()] + rate, text
+    elif m.group("cur"):
+        return _CURRENCY_SYMBOLS[m.group("cur")], text
+    return unit, text
+
+
+def _answer(m: re.Match[str], source: str) -> Answer | None:
+    value = _value(m)
+    unit, text = _unit_and_text(m)
+    if value is None:
+        return Answer(text=text, number=None, unit=None, source=source) if text else None
+    return Answer(text=text, number=value, unit=unit, source=source)
+
+
+def _after_equals(segment: str) -> str:
+    """``5 + 3 = 8`` answers 8; ``x = 5`` answers 5."""
+    return segment.rsplit("=", 1)[-1] if "=" in segment else segment
+
+
+def parse_quantity(segment: str, source: str, *, whole: bool) -> Answer | None:
+    """Read an answer segment (what follows ``####``, a ``\\boxed{}`` body, ...).
+
+    With ``whole`` the cleaned segment must be one quantity and nothing else, so that
+    ``2x+1`` is not read as 2; otherwise the quantity must start the segment and the
+    rest is ignored. A segment that is not numeric keeps its text with ``number=None``.
+    Returns None for an empty segment.
+    """
+    raw = segment.strip().rstrip(_TRAILING_PUNCT).strip()
+    if not raw:
+        return None
+    cleaned = _after_equals(_clean(raw)).strip().rstrip(_TRAILING_PUNCT)
+    m = _QUANTITY_PREFIX_RE.match(cleaned)
+    if m is not None and (not whole or not cleaned[m.end() :].strip(_TRAILING_PUNCT)):
+        found = _answer(m, source)
+        if found is not None and found.number is not None:
+            return found
+    return Answer(text=raw, number=None, unit=None, source=source)
+
+
+def _boxed_bodies(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` in order of appearance, with nested braces matched.
+
+    One pass with a stack, so unbalanced input such as a thousand ``\\boxed{`` costs
+    linear time, not one scan to the end of the text per box.
+    """
+    body_starts = {m.end() for m in _BOXED_RE.finditer(text)}
+    if not body_starts:
+        return []
+    found: list[tuple[int, str]] = []
+    stack: list[int | None] = []
+    for i, char in enumerate(text):
+        if char == "{":
+            stack.append(i + 1 if i + 1 in body_starts else None)
+        elif char == "}" and stack:
+            start = stack.pop()
+            if start is not None:
+                found.append((start, text[start:i]))
+    return [body for _, body in sorted(found)]
+
+
+def _from_hash(text: str) -> Answer | None:
+    # The first marker wins, as in lm-eval's strict-match: a model that keeps generating
+    # after its answer tends to invent a further "Question: ... #### n".
+    for m in _HASH_RE.finditer(text):
+        found = parse_quantity(m.group(1), "hash", whole=False)
+        if found is not None:
+            return found
+    return None
+
+
+def _from_boxed(text: str) -> Answer | None:
+    # The last box wins: models restate or correct themselves before the final box.
+    for body in reversed(_boxed_bodies(text)):
+        found = parse_quantity(body, "boxed", whole=True)
+        if found is not None:
+            return found
+    return None
+
+
+def _from_answer_is(text: str) -> Answer | None:
+    # "The answer is" is often prose ("the answer is not obvious"), so only a segment
+    # that starts with a number counts, and the latest such statement wins.
+    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
+        limit = min(len(text), m.end() + _MAX_SEGMENT_CHARS)
+        end = _SENTENCE_END_RE.search(text, m.end(), limit)
+        found = parse_quantity(text[m.end() : end.start() if end else limit], "answer_is", whole=False)
+        if found is not None and found.number is not None:
+            return found
+    return None
+
+
+def _from_last_number(text: str) -> Answer | None:
+    last = None
+    for m in _QUANTITY_RE.finditer(_clean(text)):
+        if _value(m) is not None:
+            last = m
+    return _answer(last, "last_number") if last is not None else None
+
+
+def extract_answer(text: str, mode: str = "flexible") -> Answer | None:
+    """The final answer of a model's text, or None where it gives none.
+
+    Sources, in order of preference: ``#### x``, ``\\boxed{x}``, "the (final) answer is x",
+    then, in ``"flexible"`` mode only, the last number in the text. ``"strict"`` mode
+    accepts only ``#### x``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if mode not in ("flexible", "strict"):
+        raise ValueError(f"mode must be 'flexible' or 'strict', got {mode!r}")
+    found = _from_hash(text)
+    if mode == "strict" or found is not None:
+        return found
+    return _from_boxed(text) or _from_answer_is(text) or _from_last_number(text)
+
+
+def _normalise_text(text: str) -> str:
+    text = _clean(text).lower()
+    return re.sub(r"[\s$]|\\!", "", text).rstrip(".")
+
+
+def _coerce(answer: Answer | str | None) -> Answer | None:
+    if answer is None or isinstance(answer, Answer):
+        return answer
+    if isinstance(answer, str):
+        return extract_answer(answer)
+    raise TypeError(f"expected Answer, str or None, got {type(answer).__name__}")
+
+
+def answers_match(a: Answer | str | None, b: Answer | str | None, rel_tol: float = 1e-6) -> bool:
+    """Whether two answers agree, GSM8K-style: numbers within ``rel_tol`` (plus ``ABS_TOL``).
+
+    Units are ignored (``"18 dollars"`` matches ``"18"``; ``"2 km"`` does not match
+    ``"2000 m"`` here, the verifier's unit-aware components handle that). Two non-numeric
+    answers match on normalised text; a numeric and a non-numeric answer never match.
+    Strings are read with :func:`extract_answer`; None matches nothing.
+    """
+    a, b = _coerce(a), _coerce(b)
+    if a is None or b is None:
+        return False
+    if a.number is not None and b.number is not None:
+        return math.isclose(a.number, b.number, rel_tol=rel_tol, abs_tol=ABS_TOL)
+    if a.number is None and b.number is None:
+        return _normalise_text(a.text) == _normalise_text(b.text)
+    return False
+
+
+def parse_gold(answer_field: str) -> Answer:
+    """The gold answer of a GSM8K solution (``"... #### 72"``).
+
+    The value after the last ``####`` is read (a gold solution has one). A field with no
+    marker is taken whole as an already-extracted label (source ``"literal"``), numeric or
+    not, so ``"72"`` and ``"(x-1)(x+1)"`` both work.
+
+    Raises:
+        TypeError: ``answer_field`` is not a str.
+        ValueError: ``answer_field`` is blank, or its ``####`` is followed by nothing.
+    """
+    if not isinstance(answer_field, str):
+        raise TypeError(f"answer_field must be a str, got {type(answer_field).__name__}")
+    if not answer_field.strip():
+        raise ValueError("answer_field is empty")
+    if "####" in answer_field:
+        found = parse_quantity(answer_field.rsplit("####", 1)[1].split("\n", 1)[0], "hash", whole=False)
+        if found is None:
+            raise ValueError(f"answer_field has nothing after '####': {answer_field[-80:]!r}")
+        return found
+    found = parse_quantity(answer_field, "literal", whole=True)
+    assert found is not None  # a non-blank segment always yields an Answer
+    return found

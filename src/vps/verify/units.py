@@ -1,0 +1,108 @@
+"""Unit handling with pint: a lazily built registry, conversion, and the ``units`` loss."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING, Any
+
+from vps.verify.extract import Answer
+from vps.verify.numeric import graded_error
+
+if TYPE_CHECKING:
+    import pint
+
+__all__ = ["registry", "parse_unit", "convert", "units_loss"]
+
+# pint's parser is its own tokenizer (no eval), but it is still handed untrusted text,
+# so anything longer than a plausible unit is refused before it gets there.
+MAX_UNIT_CHARS = 64
+
+# Currencies get one dimension each, so "$5" and "500 cents" agree while "$5" and "€5"
+# are incompatible (no exchange rates on purpose: an answer in the wrong currency is wrong).
+_CURRENCY_DEFINITIONS = (
+    "USD = [currency_usd] = _ = dollar",
+    "cent = 0.01 USD",
+    "EUR = [currency_eur] = _ = euro",
+    "GBP = [currency_gbp]",
+    "JPY = [currency_jpy] = _ = yen",
+    "INR = [currency_inr] = _ = rupee",
+)
+
+_registry: pint.UnitRegistry | None = None
+_registry_lock = threading.Lock()
+
+
+def registry() -> pint.UnitRegistry:
+    """The shared pint registry, built on first use (building one takes a noticeable time)."""
+    global _registry
+    if _registry is None:
+        with _registry_lock:
+            if _registry is None:
+                import pint
+
+                ureg = pint.UnitRegistry()
+                for definition in _CURRENCY_DEFINITIONS:
+                    ureg.define(definition)
+                _registry = ureg
+    return _registry
+
+
+def parse_unit(unit: str) -> Any | None:
+    """The pint unit for ``unit``, or None where pint does not know it (``"apples"``)."""
+    if not unit or len(unit) > MAX_UNIT_CHARS:
+        return None
+    try:
+        return registry().parse_units(unit.replace("°", "deg").replace("²", "^2").replace("³", "^3"))
+    except Exception:  # pint raises a zoo of types on odd text; all mean "not a unit we know"
+        return None
+
+
+def convert(number: float, unit: str, to_unit: str) -> float | None:
+    """``number`` in ``unit`` expressed in ``to_unit``; None if either is unknown or they are
+    dimensionally incompatible."""
+    src, dst = parse_unit(unit), parse_unit(to_unit)
+    if src is None or dst is None:
+        return None
+    import pint
+
+    try:
+        value = registry().Quantity(number, src).to(dst).magnitude
+    except pint.DimensionalityError:
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def units_loss(
+    pred: Answer | None, gold: Answer | None, rel_tol: float, rel_scale: float
+) -> tuple[float | None, dict[str, Any]]:
+    """Dimensional agreement of the predicted and gold quantities.
+
+    * a unit missing on either side, or one pint does not know: no evidence (None);
+    * incompatible dimensions (km vs kg): 1.0;
+    * compatible: the prediction is converted into the gold unit and scored like the
+      numeric component (0 when equal within ``rel_tol``), so "2 km" vs "2000 m" is 0.
+    """
+    if pred is None or gold is None:
+        return None, {"reason": "no prediction" if pred is None else "no gold"}
+    if not pred.unit or not gold.unit:
+        return None, {"reason": "unit missing", "pred_unit": pred.unit, "gold_unit": gold.unit}
+    src, dst = parse_unit(pred.unit), parse_unit(gold.unit)
+    details: dict[str, Any] = {"pred_unit": pred.unit, "gold_unit": gold.unit}
+    if src is None or dst is None:
+        return None, {**details, "reason": "unit unknown to pint"}
+    if src.dimensionality != dst.dimensionality:
+        return 1.0, {
+            **details,
+            "compatible": False,
+            "pred_dims": str(src.dimensionality),
+            "gold_dims": str(dst.dimensionality),
+        }
+    details["compatible"] = True
+    if pred.number is None or gold.number is None:
+        return 0.0, {**details, "reason": "dimensions agree; no magnitude to compare"}
+    converted = convert(pred.number, pred.unit, gold.unit)
+    if converted is None:
+        return 1.0, {**details, "reason": "conversion failed"}
+    loss, numeric = graded_error(converted, gold.number, rel_tol, rel_scale)
+    return loss, {**details, "pred_in_gold_unit": converted, **numeric}

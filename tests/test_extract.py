@@ -1,0 +1,231 @@
+"""Table-driven tests for vps.verify.extract: final-answer extraction and matching."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vps.verify import Answer, answers_match, extract_answer, parse_gold
+
+NONE = object()  # expected: extract_answer returns None
+
+# (name, text, mode, number, unit, source); number None means a non-numeric answer.
+CASES = [
+    # GSM8K-style "####" answers
+    (
+        "hash_thousands",
+        "She sells 3 boxes.\n3 * 411 = 1233 + 1 = 1234\n#### 1,234",
+        "flexible",
+        1234,
+        None,
+        "hash",
+    ),
+    ("hash_plain", "Natalia sold 48/2 = 24 clips in May.\n#### 72", "flexible", 72, None, "hash"),
+    ("hash_negative", "#### -7", "flexible", -7, None, "hash"),
+    ("hash_decimal", "#### 0.25", "flexible", 0.25, None, "hash"),
+    ("hash_currency", "#### $18", "flexible", 18, "USD", "hash"),
+    ("hash_first_wins", "#### 72\n\nQuestion: more?\nAnswer: #### 5", "flexible", 72, None, "hash"),
+    ("hash_over_boxed", "\\boxed{6}\n#### 5", "flexible", 5, None, "hash"),
+    ("hash_trailing_dot", "#### 42.", "flexible", 42, None, "hash"),
+    ("hash_fraction", "#### 3/4", "flexible", 0.75, None, "hash"),
+    ("hash_equation", "#### 5 + 3 = 8", "flexible", 8, None, "hash"),
+    ("hash_non_numeric", "#### x^2", "flexible", None, None, "hash"),
+    # boxed
+    ("boxed_int", "So the total is \\boxed{18}.", "flexible", 18, None, "boxed"),
+    ("boxed_last_wins", "First \\boxed{3}, corrected: \\boxed{4}", "flexible", 4, None, "boxed"),
+    ("boxed_frac", "\\boxed{\\frac{3}{4}}", "flexible", 0.75, None, "boxed"),
+    ("boxed_dfrac_negative", "\\boxed{\\dfrac{-3}{4}}", "flexible", -0.75, None, "boxed"),
+    ("boxed_minus_frac", "\\boxed{-\\frac{1}{2}}", "flexible", -0.5, None, "boxed"),
+    ("boxed_mixed_latex", "\\boxed{2 \\frac{1}{2}}", "flexible", 2.5, None, "boxed"),
+    ("boxed_text_unit", "\\boxed{12 \\text{ cm}}", "flexible", 12, "cm", "boxed"),
+    ("boxed_dollar", "\\boxed{\\$1,234.50}", "flexible", 1234.5, "USD", "boxed"),
+    ("boxed_percent", "\\boxed{50\\%}", "flexible", 50, "percent", "boxed"),
+    ("boxed_equation", "\\boxed{x = 5}", "flexible", 5, None, "boxed"),
+    ("boxed_symbolic", "\\boxed{x^2-1}", "flexible", None, None, "boxed"),
+    ("boxed_symbolic_not_2", "The answer is \\boxed{2x+1}", "flexible", None, None, "boxed"),
+    ("boxed_over_answer_is", "The answer is 3, so \\boxed{4}", "flexible", 4, None, "boxed"),
+    # "the answer is"
+    ("answer_is_dollar", "The answer is $18.", "flexible", 18, "USD", "answer_is"),
+    ("final_answer_negative_decimal", "So the final answer is -3.5", "flexible", -3.5, None, "answer_is"),
+    ("answer_is_unit", "The answer is 5 km/h. Then 7 more.", "flexible", 5, "km/h", "answer_is"),
+    ("answer_colon_bold", "**Final Answer:** 16\nCheck: 4*4 = 16 and 2", "flexible", 16, None, "answer_is"),
+    ("answer_is_fraction_cup", "The answer is: 1/2 cup.", "flexible", 0.5, "cup", "answer_is"),
+    (
+        "answer_is_prose_falls_through",
+        "The answer is not obvious; we get 9",
+        "flexible",
+        9,
+        None,
+        "last_number",
+    ),
+    ("answer_is_latest", "The answer is 3. Wait, the answer is 4.", "flexible", 4, None, "answer_is"),
+    ("answer_is_because", "The answer is 42 because 6*7", "flexible", 42, None, "answer_is"),
+    (
+        "answer_is_dollars_per_hour",
+        "The answer is 3 dollars per hour.",
+        "flexible",
+        3,
+        "USD/hour",
+        "answer_is",
+    ),
+    # last number (flexible)
+    ("last_number_wins", "He had 5 apples, ate 2, so 3 are left.", "flexible", 3, None, "last_number"),
+    ("last_trailing_punct", "The total is 42.", "flexible", 42, None, "last_number"),
+    ("last_thousands", "They drove 2,000 km", "flexible", 2000, "km", "last_number"),
+    ("last_units_apples", "She ate 3 apples", "flexible", 3, "apples", "last_number"),
+    ("last_percent", "Sales grew by 45%", "flexible", 45, "percent", "last_number"),
+    ("last_percent_word", "a rise of 0.5 percent", "flexible", 0.5, "percent", "last_number"),
+    ("last_euro", "It costs €5", "flexible", 5, "EUR", "last_number"),
+    ("last_dollars_word", "It costs 5 dollars", "flexible", 5, "USD", "last_number"),
+    ("last_dollar_rate", "She earns $5 per hour", "flexible", 5, "USD/hour", "last_number"),
+    ("last_negative_dollar", "Balance: -$5", "flexible", -5, "USD", "last_number"),
+    ("last_dollar_negative", "Balance: $-5", "flexible", -5, "USD", "last_number"),
+    ("last_negative", "The temperature fell to -12", "flexible", -12, None, "last_number"),
+    ("last_leading_dot", "probability .5", "flexible", 0.5, None, "last_number"),
+    ("last_bare_trailing_dot", "count 3.", "flexible", 3, None, "last_number"),
+    ("last_fraction", "x is 3/4", "flexible", 0.75, None, "last_number"),
+    ("last_mixed", "Add 1 1/2 cups", "flexible", 1.5, "cups", "last_number"),
+    ("last_unicode_minus", "Result \u22124", "flexible", -4, None, "last_number"),
+    ("subtraction_not_negative", "10-3", "flexible", 3, None, "last_number"),
+    ("spaced_subtraction", "5 - 3", "flexible", 3, None, "last_number"),
+    ("hyphen_not_negative", "COVID-19", "flexible", 19, None, "last_number"),
+    ("sentence_end_not_unit", "He has 5. Apples are red", "flexible", 5, None, "last_number"),
+    ("stopword_not_unit", "3 in total", "flexible", 3, None, "last_number"),
+    ("bad_grouping", "it costs 12,34", "flexible", 34, None, "last_number"),
+    ("celsius", "It is 30 °C", "flexible", 30, "°C", "last_number"),
+    # strict mode
+    ("strict_hash", "work...\n#### 1,234", "strict", 1234, None, "hash"),
+    ("strict_ignores_boxed", "\\boxed{18}", "strict", NONE, None, None),
+    ("strict_ignores_answer_is", "The answer is 18.", "strict", NONE, None, None),
+    ("strict_ignores_last_number", "She has 3 apples", "strict", NONE, None, None),
+    ("strict_non_numeric_hash", "#### seven", "strict", None, None, "hash"),
+    # no answer
+    ("empty", "", "flexible", NONE, None, None),
+    ("no_number", "I cannot solve this.", "flexible", NONE, None, None),
+    ("empty_hash", "####", "flexible", NONE, None, None),
+    ("empty_box", "\\boxed{}", "flexible", NONE, None, None),
+    ("division_by_zero_only", "1/0", "flexible", NONE, None, None),
+]
+
+
+@pytest.mark.parametrize("name,text,mode,number,unit,source", CASES, ids=[c[0] for c in CASES])
+def test_extract_answer(
+    name: str, text: str, mode: str, number: object, unit: str | None, source: str
+) -> None:
+    found = extract_answer(text, mode=mode)
+    if number is NONE:
+        assert found is None, found
+        return
+    assert found is not None
+    assert found.source == source
+    if number is None:
+        assert found.number is None
+        assert found.text
+    else:
+        assert found.number == pytest.approx(number)
+    assert found.unit == unit
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 40
+
+
+def test_answer_is_frozen_and_checks_source() -> None:
+    answer = Answer("72", 72.0, None, "hash")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        answer.number = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="source"):
+        Answer("72", 72.0, None, "guess")
+
+
+def test_text_keeps_the_answer_as_written() -> None:
+    assert extract_answer("\\boxed{(x-1)(x+1)}").text == "(x-1)(x+1)"
+    assert extract_answer("It is 12 cm.").text == "12 cm"
+    assert extract_answer("#### 1,234").text == "1,234"
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        extract_answer("#### 1", mode="lenient")
+    with pytest.raises(TypeError, match="text"):
+        extract_answer(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "field,number,source",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", 72, "hash"),
+        ("... #### 1,000", 1000, "hash"),
+        ("#### -3", -3, "hash"),
+        ("72", 72, "literal"),
+        ("$5.50", 5.5, "literal"),
+    ],
+)
+def test_parse_gold(field: str, number: float, source: str) -> None:
+    gold = parse_gold(field)
+    assert gold.number == pytest.approx(number)
+    assert gold.source == source
+
+
+def test_parse_gold_non_numeric_and_errors() -> None:
+    gold = parse_gold("(x-1)(x+1)")
+    assert (gold.text, gold.number, gold.source) == ("(x-1)(x+1)", None, "literal")
+    with pytest.raises(ValueError, match="answer_field"):
+        parse_gold("   ")
+    with pytest.raises(ValueError, match="answer_field"):
+        parse_gold("work #### ")
+    with pytest.raises(TypeError, match="answer_field"):
+        parse_gold(72)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ("#### 72", "The answer is 72.", True),
+        ("#### 72", "#### 72.0000001", True),
+        ("#### 72", "#### 73", False),
+        ("18 dollars", "#### 18", True),  # units are ignored here
+        ("\\boxed{x^2 - 1}", "\\boxed{x^2-1}", True),
+        ("\\boxed{x^2-1}", "\\boxed{x^2+1}", False),
+        ("\\boxed{x}", "#### 5", False),
+        ("#### 0", "#### 0.0000000001", True),
+        (None, "#### 5", False),
+        ("no answer here", "no answer here", False),
+    ],
+)
+def test_answers_match(a: str | None, b: str, expected: bool) -> None:
+    assert answers_match(a, b) is expected
+
+
+def test_answers_match_respects_rel_tol() -> None:
+    assert not answers_match("#### 100", "#### 101")
+    assert answers_match("#### 100", "#### 101", rel_tol=0.02)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            list("0123456789 ,./-+$%€{}#kmx^=\n")
+            + ["\\boxed{", "\\frac", "answer is ", "####", "km", " per ", "dollars"]
+        ),
+        max_size=40,
+    ).map("".join)
+)
+def test_extract_never_raises(text: str) -> None:
+    found = extract_answer(text)
+    if found is not None:
+        assert found.source in ("hash", "boxed", "answer_is", "last_number")
+        assert found.number is None or math.isfinite(found.number)
+
+
+@pytest.mark.parametrize("text", ["\\boxed{" * 5000, "the answer is " * 5000, "1 " * 20000, "{" * 50000])
+def test_adversarial_text_is_linear(text: str) -> None:
+    start = time.monotonic()
+    extract_answer(text)
+    assert time.monotonic() - start < 1.0

@@ -98,6 +98,10 @@ CASES = [
     ("stopword_not_unit", "3 in total", "flexible", 3, None, "last_number"),
     ("bad_grouping", "it costs 12,34", "flexible", 34, None, "last_number"),
     ("celsius", "It is 30 °C", "flexible", 30, "°C", "last_number"),
+    ("latex_degrees", "It is 30^\\circ C today", "flexible", 30, "°C", "last_number"),
+    ("glued_unit", "The rope is 5km long", "flexible", 5, "km", "last_number"),
+    ("hash_no_space", "####18", "strict", 18, None, "hash"),
+    ("glued_letter_is_algebra", "\\boxed{0.5x}", "flexible", None, None, "boxed"),
     # strict mode
     ("strict_hash", "work...\n#### 1,234", "strict", 1234, None, "hash"),
     ("strict_ignores_boxed", "\\boxed{18}", "strict", NONE, None, None),
@@ -113,16 +117,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,text,mode,number,unit,source", CASES, ids=[c[0] for c in CASES])
-def test_extract_answer(
-    name: str, text: str, mode: str, number: object, unit: str | None, source: str
-) -> None:
+@pytest.mark.parametrize("name,text,mode,number,unit,src", CASES, ids=[c[0] for c in CASES])
+def test_extract_answer(name: str, text: str, mode: str, number: object, unit: str | None, src: str) -> None:
     found = extract_answer(text, mode=mode)
     if number is NONE:
         assert found is None, found
         return
     assert found is not None
-    assert found.source == source
+    assert found.source == src
     if number is None:
         assert found.number is None
         assert found.text

@@ -153,9 +153,7 @@ def test_hub_id_fails_fast_when_hub_unreachable(cache: Path, monkeypatch: pytest
     assert "127.0.0.1:9" in str(info.value)
 
 
-def test_registry_unreachable_reports_pip_stderr(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_registry_unreachable_reports_pip_stderr(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
@@ -244,16 +242,22 @@ def test_local_checkpoint_directory(cache: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "leftover",
-    [".tmp-smollm2-135m-pid999999999-abc/checkpoint", "smollm2-135m"],
-    ids=["dead-process-temp-dir", "final-dir-without-marker"],
+    ("leftover", "marker"),
+    [
+        (".tmp-smollm2-135m-pid999999999-abc/checkpoint", {"format": models._CACHE_FORMAT}),
+        ("smollm2-135m", None),
+        ("smollm2-135m", {"format": models._CACHE_FORMAT - 1}),
+    ],
+    ids=["dead-process-temp-dir", "final-dir-without-marker", "older-cache-format"],
 )
-def test_half_written_cache_is_never_used(
-    cache: Path, monkeypatch: pytest.MonkeyPatch, leftover: str
+def test_half_written_or_outdated_cache_is_never_used(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, leftover: str, marker: dict | None
 ) -> None:
     debris = cache / "models" / leftover
     debris.mkdir(parents=True)
     (debris / "config.json").write_text("{}")
+    if marker is not None:
+        (debris / models._MARKER).write_text(json.dumps(marker))
     live = cache / "models" / f".tmp-smollm2-135m-pid{os.getpid()}-live"
     live.mkdir()
 
@@ -293,9 +297,7 @@ def test_default_model_answers_through_chat_template(default_model) -> None:
     model, tokenizer = default_model
     assert "<|im_start|>" in tokenizer.chat_template  # carried by the GGUF itself
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

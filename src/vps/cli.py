@@ -9,7 +9,11 @@ import sys
 # subcommand -> module under vps.commands holding add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "generate": "Answer a question with the model, with VPS on, off, or both side by side.",
+    "refine": "Refine one answer over several iterations with the verifier in the loop.",
     "info": "Versions, the model cache location and the cached models.",
+    "eval": "Evaluate base / vps / refine methods on a dataset: resumable JSONL rows, report.md and report.png.",
+    "ablate": "Run a grid of VPS configurations (default: the seed's) against the baseline, model loaded once.",
+    "bench": "VPS overhead vs the unpatched model: prefill, greedy decode and peak memory ratios.",
 }
 
 

@@ -37,14 +37,36 @@ class VPSContext:
         self.last_entropy: torch.Tensor | None = None
         self.forward_count = 0
         self._warned_4d = False
+        self._valid: tuple | None = None
+        self._scores: tuple | None = None
 
     # -- read by the layers -----------------------------------------------------------------------
-    def token_mask(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
-        """(batch, tokens) bool mask of the valid tokens among the layer's current inputs."""
+    def valid_tokens(self, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """(batch, tokens) bool mask of the valid tokens among the layers' current inputs, and whether
+        every token is valid (then statistics take a faster, unmasked path).
+
+        Computed once per forward and shared by all layers (one host sync per forward, not per layer).
+        """
+        cached = self._valid
+        if cached is not None and cached[0] == (batch, tokens, device):
+            return cached[1], cached[2]
         mask = self.mask
         if mask is None or mask.shape[0] != batch or mask.shape[1] < tokens:
-            return torch.ones(batch, tokens, dtype=torch.bool, device=device)
-        return mask[:, mask.shape[1] - tokens:].to(device=device, dtype=torch.bool)
+            valid, dense = torch.ones(batch, tokens, dtype=torch.bool, device=device), True
+        else:
+            valid = mask[:, mask.shape[1] - tokens:].to(device=device, dtype=torch.bool)
+            dense = bool(valid.all())
+        self._valid = ((batch, tokens, device), valid, dense)
+        return valid, dense
+
+    def cached_input_scores(self, x: torch.Tensor, compute: Any) -> torch.Tensor:
+        """Input scores of ``x``, computed once per forward for all layers that read this very tensor."""
+        hit = self._scores
+        if hit is not None and hit[0] is x and hit[1] == x._version:  # an in-place change invalidates
+            return hit[2]
+        scores = compute()
+        self._scores = (x, x._version, scores)
+        return scores
 
     def entropy_for(self, batch: int) -> torch.Tensor | None:
         """The entropy the policy may use for this forward, or None."""
@@ -61,6 +83,7 @@ class VPSContext:
     def begin(self, attention_mask: Any, past_key_values: Any) -> None:
         """Start of a top-level forward: record the mask and the phase."""
         self.forward_count += 1
+        self._valid = self._scores = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.mask = attention_mask
         else:
@@ -77,6 +100,7 @@ class VPSContext:
     def end(self, logits: torch.Tensor | None) -> None:
         """End of a top-level forward: measure next-token entropy for the following step."""
         mask, self.mask = self.mask, None
+        self._valid = self._scores = None
         if not self.want_entropy or logits is None:
             self.entropy = None
             return

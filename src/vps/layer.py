@@ -147,7 +147,7 @@ class VPSLinear(nn.Module):
             self._peer_rank = None
         y = self._apply(out, plan)
         if y.requires_grad and torch.is_grad_enabled():
-            self._capture_gradient(y, ctx.token_mask(x.shape[0], x.shape[1], x.device))
+            self._capture_gradient(y, ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
         return y
 
     def _plan_fits(self, batch: int) -> bool:
@@ -161,33 +161,39 @@ class VPSLinear(nn.Module):
             h_sel = h_sel - plan.bias_sel.expand(b, -1).unsqueeze(1)
         if plan.coef is not None:
             h_sel = (h_sel.float() @ plan.coef.expand(b, -1, -1)).to(out.dtype)
-        return torch.baddbmm(out, h_sel, plan.q.expand(b, -1, -1))
+        q = plan.q.expand(b, -1, -1)
+        if torch.is_grad_enabled():
+            return torch.baddbmm(out, h_sel, q)
+        return out.baddbmm_(h_sel, q)  # the base output is ours alone: update it in place
 
     # -- plan construction ---------------------------------------------------------------------
     def _build_plan(self, x: torch.Tensor, out: torch.Tensor, cached: Any = None,
                     peer_out: torch.Tensor | None = None) -> Plan:
         cfg = self.cfg
+        ctx = self.ctx
+        batch_scope = cfg.scope == "batch"
         with torch.no_grad():
-            x = x.detach()
-            h0 = self._without_bias(out.detach())
-            mask = self.ctx.token_mask(x.shape[0], x.shape[1], x.device)
-            if cfg.scope == "batch":
+            mask, dense = ctx.valid_tokens(x.shape[0], x.shape[1], x.device)
+            key = x
+            x, h0 = x.detach(), self._without_bias(out.detach())
+            if batch_scope:
                 x, h0, mask = (t.reshape(1, -1, *t.shape[2:]) for t in (x, h0, mask))
-            s_in, s_out, energy = feature_scores(x, h0, mask)
-            entropy = self.ctx.entropy_for(x.shape[0] if cfg.scope == "sequence" else mask.shape[0])
-            if entropy is None and cfg.scope == "batch" and self.ctx.entropy is not None:
-                entropy = self.ctx.entropy.mean().reshape(1)
+            # Layers reading the same input (q/k/v, gate/up) share its scores within one forward.
+            s_in = ctx.cached_input_scores(key, lambda: input_scores(x, mask, dense))
+            s_out, energy = output_scores(h0, mask, dense)
+            entropy = ctx.entropy_for(key.shape[0])
+            if entropy is not None and batch_scope:
+                entropy = entropy.mean().reshape(1)
             decision = self.policy.decide(energy, entropy)
             in_rank = rank_features(s_in, self.topk)
             if cached is not None:
                 out_rank = cached.out_rank
             elif peer_out is not None:
-                peer = self.pair.peer(self)
-                peer_h0 = peer._without_bias(peer_out.detach())
-                if cfg.scope == "batch":
+                peer_h0 = self.pair.peer(self)._without_bias(peer_out.detach())
+                if batch_scope:
                     peer_h0 = peer_h0.reshape(1, -1, peer_h0.shape[-1])
                 out_rank, self._peer_rank = self.pair.rank_outputs(
-                    self, s_out, output_scores(peer_h0, mask), self.topk)
+                    self, s_out, output_scores(peer_h0, mask, dense)[0], self.topk)
             else:
                 out_rank = rank_features(s_out, self.topk)
             grad = self._consume_gradient(x.shape[0])
@@ -265,26 +271,26 @@ class VPSLinear(nn.Module):
         self.grad_mean = None
 
 
-def feature_scores(x: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence mean |x|, mean |W x| and energy mean((W x)^2) over the valid tokens (float32).
-
-    Masked positions are excluded with ``where`` (not multiplied by 0) so a non-finite value at a
-    padding position cannot leak into any statistic.
-    """
-    valid = mask.unsqueeze(-1)
+def input_scores(x: torch.Tensor, mask: torch.Tensor, dense: bool) -> torch.Tensor:
+    """Per-sequence mean |x| over the valid tokens (float32), (B, d_in)."""
+    if dense:  # one fused reduction, no temporaries
+        return torch.linalg.vector_norm(x, ord=1, dim=1, dtype=torch.float32) / x.shape[1]
+    # Masked positions are excluded with `where`, not multiplied by 0: a non-finite value at a padding
+    # position must not leak into any statistic.
     count = mask.sum(dim=1, keepdim=True).clamp_min(1).float()
-    s_in = torch.where(valid, x.abs(), 0).sum(dim=1, dtype=torch.float32) / count
-    a = torch.where(valid, h0.abs(), 0)
-    s_out = a.sum(dim=1, dtype=torch.float32) / count
-    energy = (a.float() * a.float()).sum(dim=(1, 2)) / (count.squeeze(1) * h0.shape[-1])
-    return s_in, s_out, energy
+    return torch.where(mask.unsqueeze(-1), x.abs(), 0).sum(dim=1, dtype=torch.float32) / count
 
 
-def output_scores(h0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence mean |W x| over the valid tokens (float32)."""
-    count = mask.sum(dim=1, keepdim=True).clamp_min(1).float()
-    return torch.where(mask.unsqueeze(-1), h0.abs(), 0).sum(dim=1, dtype=torch.float32) / count
+def output_scores(h0: torch.Tensor, mask: torch.Tensor, dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean |W x| (B, d_out) and energy mean((W x)^2) (B,) over the valid tokens (float32)."""
+    if dense:
+        t, d = h0.shape[1], h0.shape[2]
+        s_out = torch.linalg.vector_norm(h0, ord=1, dim=1, dtype=torch.float32) / t
+        energy = torch.linalg.vector_norm(h0, ord=2, dim=(1, 2), dtype=torch.float32).square() / (t * d)
+        return s_out, energy
+    count = mask.sum(dim=1).clamp_min(1).float()
+    a = torch.where(mask.unsqueeze(-1), h0.abs(), 0).float()
+    return a.sum(dim=1) / count[:, None], (a * a).sum(dim=(1, 2)) / (count * h0.shape[-1])
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

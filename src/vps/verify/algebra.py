@@ -31,9 +31,21 @@ _WORKER_SCRIPT = str(Path(__file__).with_name("safe_sympy.py"))
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
     """Move the worker's output lines into a queue, so reads can time out; None marks EOF."""
-    for line in stream:
-        lines.put(line)
+    with stream:
+        for line in stream:
+            lines.put(line)
     lines.put(None)
+
+
+def _decode(line: str | None) -> dict[str, Any] | None:
+    """A reply line as a dict; None at EOF or for output that is not a JSON object."""
+    if line is None:
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class SympyWorker:
@@ -68,10 +80,10 @@ class SympyWorker:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, self._lines), daemon=True).start()
         try:
-            ready = self._lines.get(timeout=self.startup_timeout)
+            ready = _decode(self._lines.get(timeout=self.startup_timeout))
         except queue.Empty:
             ready = None
-        if ready is None or not json.loads(ready).get("ready"):
+        if ready is None or not ready.get("ready"):
             self._kill()
             raise RuntimeError("the sympy worker did not start")
 
@@ -81,9 +93,13 @@ class SympyWorker:
             return
         proc.kill()
         proc.wait(timeout=10)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+        # stdout is left to the pump thread, which closes it at EOF; closing it here could
+        # pull the file out from under a read in progress.
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass  # the pipe broke when the worker died; nothing left to flush
 
     def close(self) -> None:
         """Stop the worker process, if one is running."""
@@ -119,10 +135,10 @@ class SympyWorker:
                 except queue.Empty:
                     self._kill()
                     return {"status": "timeout"}
-                if line is None:
+                reply = _decode(line)
+                if reply is None:
                     self._kill()
                     return {"status": "crashed"}
-                reply = json.loads(line)
                 if reply.get("id") == request_id:
                     return reply
 

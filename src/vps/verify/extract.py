@@ -93,6 +93,8 @@ _ANSWER_IS_RE = re.compile(r"\b(?:final\s+)?answer\s*(?:is\b\s*:?|:|=)", re.IGNO
 _SENTENCE_END_RE = re.compile(r"[.!?;](?=\s|$)|\n")
 
 _LATEX_WRAPPERS_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+# "30^\\circ C" is 30 °C: the space before C/F goes with the degree sign.
+_DEGREE_RE = re.compile(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)(?:\s*(?=[CF]\b))?")
 _LATEX_SPACING_RE = re.compile(r"\\[,;:! ]|\\quad|\\qquad|\\left|\\right|\\displaystyle")
 
 
@@ -125,7 +127,7 @@ def _clean(text: str) -> str:
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     text = _LATEX_WRAPPERS_RE.sub(r" \1", text)
     text = _LATEX_SPACING_RE.sub(" ", text)
-    text = text.replace("^\\circ", "°").replace("^{\\circ}", "°")
+    text = _DEGREE_RE.sub("°", text)
     return text.replace("**", "")
 
 

@@ -1,0 +1,660 @@
+"""Overhead of VPS against the unpatched model: prefill time, greedy decode time per token, peak memory.
+
+Everything that is timed runs in one process. For every workload the unpatched model and each VPS
+configuration are run once untimed (warm-up), then ``repeats`` rounds follow; within a round every
+variant (base and each config) runs once, in an order that rotates from round to round, so a burst
+of load from elsewhere on the machine hits base and VPS alike. A variant's figure is the median of
+its rounds; a ratio is ``median(vps) / median(base)``, and ``paired_ratio`` (the median over
+rounds of vps / base within the same round) is reported beside it as a check on the noise.
+
+Patching and unpatching are never timed: before each VPS run the model is patched afresh (so no
+state leaks from one run into the next) and unpatched afterwards.
+
+Workloads (the defaults; ``BenchSettings.quick()`` shrinks them for smoke tests):
+
+- prefill: batch 1 x 512 and batch 8 x 128 random token ids (fixed seed, all-ones attention
+  mask), one ``model(ids, attention_mask=..., use_cache=True, logits_to_keep=1)`` forward, i.e.
+  what ``generate()`` does before its first token;
+- greedy decode: batch 1 and batch 8, a 32-token prompt (its prefill untimed), then 64 single-token
+  forwards with the KV cache and an argmax; the figure is seconds per decode step (per token);
+- peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the prefill workloads, in process;
+  on CPU the process peak RSS (``ru_maxrss``) of a fresh subprocess per variant that loads the
+  model, patches it (or not) and runs the prefill workloads (``python -m vps.bench --memory-probe``).
+
+`run_benchmark` returns a JSON-ready dict; `format_report` renders it as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import VPSConfig
+from .patching import is_patched, patch, unpatch
+
+SCHEMA = "vps-bench/1"
+
+# Named configurations: VPSConfig overrides on top of the seed defaults (rank 2, topk 32, ...).
+PRESETS: dict[str, dict[str, Any]] = {
+    "sk": {"builder": "sk"},
+    "sc": {"builder": "sc"},
+    "hybrid": {"builder": "hybrid"},
+    "sk-dynamic": {"builder": "sk", "decode_mode": "dynamic"},
+    "sc-dynamic": {"builder": "sc", "decode_mode": "dynamic"},
+    "hybrid-dynamic": {"builder": "hybrid", "decode_mode": "dynamic"},
+    "sk-fixed": {"builder": "sk", "adaptive_rank": False, "adaptive_gamma": False},
+}
+DEFAULT_CONFIGS = ("sk", "sc", "hybrid", "sk-dynamic")
+
+# Targets of issue 7 (ratios to the unpatched model). Prefill targets belong to workload roles so that
+# --quick sizes keep them: the first prefill shape is "one long sequence", the second "a batch".
+TARGET_PREFILL_LONG = 1.10  # batch 1 x 512
+TARGET_PREFILL_BATCH = 1.05  # batch 8 x 128
+TARGET_DECODE_B1 = 1.15  # frozen decode, time per token at batch 1
+TARGET_MEMORY = 1.02  # peak memory
+
+
+# -- settings ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """One thing to time: a prefill of ``batch x tokens``, or ``new_tokens`` decode steps after a prompt."""
+
+    kind: str  # "prefill" | "decode"
+    batch: int
+    tokens: int  # prefill length, or the decode prompt's length
+    new_tokens: int = 0
+    repeats: int = 5
+    target: float | None = None
+    frozen_only: bool = False  # the target applies to decode_mode="frozen" configs only
+
+    @property
+    def key(self) -> str:
+        return f"prefill_{self.batch}x{self.tokens}" if self.kind == "prefill" else f"decode_b{self.batch}"
+
+    @property
+    def label(self) -> str:
+        return f"prefill {self.batch}x{self.tokens}" if self.kind == "prefill" else f"decode b{self.batch}"
+
+    def target_for(self, cfg: VPSConfig) -> float | None:
+        if self.frozen_only and cfg.decode_mode != "frozen":
+            return None
+        return self.target
+
+
+@dataclass
+class BenchSettings:
+    """Sizes and repeat counts of a benchmark run."""
+
+    prefill_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 512), (8, 128)])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    prefill_repeats: int = 5
+    decode_repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    memory: bool = True
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls, **overrides: Any) -> BenchSettings:
+        """Tiny sizes: for smoke tests and tiny models (positions stay below 64)."""
+        values: dict[str, Any] = dict(prefill_shapes=[(1, 32), (2, 16)], decode_batches=[1, 2], prompt_tokens=8,
+                                      new_tokens=4, prefill_repeats=2, decode_repeats=2, warmup=1, quick=True)
+        values.update(overrides)
+        return cls(**values)
+
+    def validate(self) -> None:
+        for name in ("prompt_tokens", "new_tokens", "prefill_repeats", "decode_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if any(b < 1 or t < 1 for b, t in self.prefill_shapes) or any(b < 1 for b in self.decode_batches):
+            raise ValueError("batch sizes and token counts must be >= 1")
+
+    def workloads(self) -> list[Workload]:
+        out = []
+        for i, (b, t) in enumerate(self.prefill_shapes):
+            target = (TARGET_PREFILL_LONG, TARGET_PREFILL_BATCH)[i] if i < 2 else None
+            out.append(Workload("prefill", b, t, repeats=self.prefill_repeats, target=target))
+        for i, b in enumerate(self.decode_batches):
+            out.append(Workload("decode", b, self.prompt_tokens, self.new_tokens, repeats=self.decode_repeats,
+                                target=TARGET_DECODE_B1 if i == 0 else None, frozen_only=True))
+        return out
+
+
+# -- configurations ----------------------------------------------------------------------------------
+def parse_config_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"sk"`` or ``"sk:order=2:adaptive_rank=false"`` -> (name, VPSConfig overrides).
+
+    The part before the first ``:`` names a preset (`PRESETS`); each ``key=value`` after it sets a
+    VPSConfig field (values are read as JSON where they parse, else as strings).
+    """
+    name, *pairs = spec.strip().split(":")
+    if name not in PRESETS:
+        raise ValueError(f"unknown bench config {name!r}; known: {', '.join(PRESETS)} "
+                         "(add overrides as name:field=value:...)")
+    overrides = dict(PRESETS[name])
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad override {pair!r} in bench config {spec!r}; expected field=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides[key] = value
+    return spec.strip(), overrides
+
+
+def make_config(overrides: dict[str, Any]) -> VPSConfig:
+    """Seed defaults plus ``overrides`` (a larger rank widens topk to match), validated."""
+    cfg = VPSConfig()
+    overrides = dict(overrides)
+    if "rank" in overrides and "topk" not in overrides and overrides["rank"] > cfg.topk:
+        overrides["topk"] = overrides["rank"]
+    return cfg.replace(**overrides)
+
+
+def resolve_configs(specs: str | Iterable[str] | None) -> dict[str, dict[str, Any]]:
+    """Config specs (a comma-separated string or a list) -> {name: overrides}; validates each config."""
+    if specs is None:
+        specs = DEFAULT_CONFIGS
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, overrides = parse_config_spec(spec)
+        make_config(overrides)  # raise now, naming the bad field, rather than halfway through a run
+        out[name] = overrides
+    if not out:
+        raise ValueError("no bench config given")
+    return out
+
+
+# -- single measurements -----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def make_inputs(model: nn.Module, batch: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (fixed seed, ids >= 3 to stay clear of the usual special tokens) and an all-ones mask."""
+    device = next(model.parameters()).device
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = int(cfg.vocab_size)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + tokens)
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch, tokens), generator=gen).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def time_prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Seconds of one prefill forward (last position's logits only, a fresh KV cache)."""
+    device = ids.device
+    kwargs = _forward_kwargs(model)
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        _sync(device)
+        took = time.perf_counter() - start
+    del out
+    return took
+
+
+def time_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per greedy decode step: an untimed prefill, then ``new_tokens`` cached single-token forwards.
+
+    Every step runs (an end-of-sequence token does not stop the loop), so the work is fixed.
+    """
+    device = ids.device
+    kwargs = _forward_kwargs(model)
+    b, t = ids.shape
+    full_mask = torch.ones(b, t + new_tokens, dtype=mask.dtype, device=device)
+    full_mask[:, :t] = mask
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        del out
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            out = model(input_ids=nxt, attention_mask=full_mask[:, : t + i + 1], past_key_values=past,
+                        use_cache=True, **kwargs)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        _sync(device)
+        took = time.perf_counter() - start
+    del out, past
+    return took / new_tokens
+
+
+def run_memory_workload(model: nn.Module, shapes: Sequence[tuple[int, int]], seed: int) -> None:
+    """The prefills whose peak memory is measured (batched shape first, as the probe does)."""
+    for b, t in sorted(shapes, key=lambda s: -s[0]):
+        ids, mask = make_inputs(model, b, t, seed)
+        time_prefill(model, ids, mask)
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """Body of the ``--memory-probe`` subprocess: load, maybe patch, run the prefills, report peak RSS."""
+    from .models import load_model
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    model, _ = load_model(spec.get("model"), dtype=getattr(torch, spec.get("dtype", "float32")),
+                          device=spec.get("device"))
+    after_load = _maxrss_mb()
+    if spec.get("overrides") is not None:
+        patch(model, make_config(spec["overrides"]))
+    after_setup = _maxrss_mb()
+    run_memory_workload(model, [tuple(s) for s in spec["shapes"]], int(spec.get("seed", 0)))
+    peak = _maxrss_mb()
+    return {"peak_mb": peak, "after_load_mb": after_load, "after_setup_mb": after_setup,
+            "workload_mb": peak - after_setup}
+
+
+def _run_probe(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ, VPS_QUIET="1", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "vps.bench", "--memory-probe", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"memory probe failed (exit {proc.returncode}): " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def _cuda_peak(model: nn.Module, shapes: Sequence[tuple[int, int]], seed: int, device: torch.device) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    run_memory_workload(model, shapes, seed)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"peak_mb": peak, "after_setup_mb": before, "workload_mb": peak - before}
+
+
+# -- the benchmark -------------------------------------------------------------------------------------
+def _summary(samples: list[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "samples_s": samples}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info(model: nn.Module) -> dict[str, Any]:
+    import transformers
+
+    from . import __version__
+
+    device = next(model.parameters()).device
+    info: dict[str, Any] = {
+        "device": str(device), "device_name": platform.processor() or platform.machine(),
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "vps": __version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "hostname": platform.node(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def model_info(model: nn.Module, name: str | None) -> dict[str, Any]:
+    p = next(model.parameters())
+    return {"name": name, "class": type(model).__name__,
+            "model_type": getattr(model.config, "model_type", None),
+            "params": sum(x.numel() for x in model.parameters()), "dtype": str(p.dtype).removeprefix("torch.")}
+
+
+def run_benchmark(
+    model: nn.Module,
+    configs: str | Iterable[str] | dict[str, dict[str, Any]] | None = None,
+    settings: BenchSettings | None = None,
+    *,
+    model_spec: dict[str, Any] | None = None,
+    progress: bool = True,
+    probe_timeout: float = 1800.0,
+) -> dict[str, Any]:
+    """Measure base and every VPS config on ``model``; returns a JSON-ready dict (see the module doc).
+
+    ``configs``: names/specs (see `parse_config_spec`) or a ready {name: overrides} dict.
+    ``model_spec``: how a fresh process loads the same model (``{"model", "dtype", "device"}`` for
+    `vps.load_model`); needed for the CPU memory figures, which are skipped without it.
+    """
+    from tqdm import tqdm
+
+    settings = settings if settings is not None else BenchSettings()
+    settings.validate()
+    if is_patched(model):
+        raise ValueError("run_benchmark needs the unpatched model (it patches and unpatches by itself)")
+    cfgs = configs if isinstance(configs, dict) else resolve_configs(configs)
+    built = {name: make_config(ov) for name, ov in cfgs.items()}
+    model.eval()
+    device = next(model.parameters()).device
+    workloads = settings.workloads()
+    variants: list[str | None] = [None, *built]  # None = the unpatched model
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    load_samples: list[float] = []
+
+    do_memory = settings.memory and (device.type == "cuda" or model_spec is not None)
+    shapes = list(settings.prefill_shapes)
+    steps = sum((settings.warmup + w.repeats) * len(variants) for w in workloads)
+    steps += len(variants) if do_memory else 0
+    bar = tqdm(total=steps, desc="vps bench", unit="run", disable=not progress, file=sys.stderr, leave=False)
+
+    def run_variant(name: str | None, fn: Callable[[], Any]) -> Any:
+        if name is not None:
+            patch(model, built[name])
+        try:
+            gc.collect()
+            return fn()
+        finally:
+            if name is not None:
+                unpatch(model)
+            bar.update(1)
+
+    samples: dict[str, dict[str | None, list[float]]] = {}
+    try:
+        for w in workloads:
+            bar.set_postfix_str(w.label)
+            ids, mask = make_inputs(model, w.batch, w.tokens, settings.seed)
+            if w.kind == "prefill":
+                def fn(ids=ids, mask=mask):
+                    return time_prefill(model, ids, mask)
+            else:
+                def fn(ids=ids, mask=mask, n=w.new_tokens):
+                    return time_decode(model, ids, mask, n)
+            for _ in range(settings.warmup):
+                for v in variants:
+                    run_variant(v, fn)
+            per: dict[str | None, list[float]] = {v: [] for v in variants}
+            for r in range(w.repeats):
+                k = r % len(variants)
+                for v in variants[k:] + variants[:k]:  # rotate the order round by round
+                    load = _loadavg()
+                    if load:
+                        load_samples.append(load[0])
+                    per[v].append(run_variant(v, fn))
+            samples[w.key] = per
+
+        memory: dict[str | None, dict[str, Any]] = {}
+        memory_error = None
+        if do_memory:
+            bar.set_postfix_str("peak memory")
+            for v in variants:
+                try:
+                    if device.type == "cuda":
+                        memory[v] = run_variant(v, lambda: _cuda_peak(model, shapes, settings.seed, device))
+                    else:
+                        spec = dict(model_spec or {}, overrides=None if v is None else cfgs[v], shapes=shapes,
+                                    seed=settings.seed, threads=torch.get_num_threads())
+                        memory[v] = _run_probe(spec, probe_timeout)
+                        bar.update(1)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    memory_error = str(exc)
+                    break
+    finally:
+        bar.close()
+
+    if device.type == "cuda":
+        mem_method = "torch.cuda.max_memory_allocated over the prefill workloads, in this process"
+    else:
+        mem_method = ("process peak RSS (ru_maxrss) of a fresh subprocess per variant: load the model, patch "
+                      "(or not), run the prefill workloads; includes weights and the Python/torch runtime")
+    base = {w.key: _summary(samples[w.key][None]) for w in workloads}
+    for w in workloads:
+        if w.kind == "decode":
+            base[w.key]["tokens_per_s"] = w.batch / base[w.key]["median_s"]
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(model),
+        "model": model_info(model, (model_spec or {}).get("model")),
+        "settings": asdict(settings),
+        "workloads": [dict(asdict(w), key=w.key, label=w.label) for w in workloads],
+        "memory_method": mem_method if do_memory else None,
+        "memory_skipped": None if do_memory else (
+            "disabled" if not settings.memory else "CPU memory needs a model_spec (a model a subprocess can load)"),
+        "memory_error": memory_error if do_memory else None,
+        "base": {"workloads": base, "memory": memory.get(None)},
+        "configs": {},
+    }
+    base_mem = memory.get(None)
+    for name, cfg in built.items():
+        entry: dict[str, Any] = {"overrides": cfgs[name], "config": cfg.to_dict(), "workloads": {}}
+        for w in workloads:
+            vps_s, base_s = samples[w.key][name], samples[w.key][None]
+            s = _summary(vps_s)
+            s["ratio"] = s["median_s"] / base[w.key]["median_s"]
+            s["paired_ratio"] = statistics.median(v / b for v, b in zip(vps_s, base_s, strict=True))
+            if w.kind == "decode":
+                s["tokens_per_s"] = w.batch / s["median_s"]
+            target = w.target_for(cfg)
+            s["target"] = target
+            s["pass"] = None if target is None else bool(s["ratio"] <= target)
+            entry["workloads"][w.key] = s
+        mem = memory.get(name)
+        if mem is not None and base_mem is not None:
+            mem = dict(mem, ratio=mem["peak_mb"] / base_mem["peak_mb"],
+                       workload_ratio=mem["workload_mb"] / base_mem["workload_mb"] if base_mem["workload_mb"] > 0
+                       else None, target=TARGET_MEMORY)
+            mem["pass"] = bool(mem["ratio"] <= TARGET_MEMORY)
+        entry["memory"] = mem
+        result["configs"][name] = entry
+    result["machine"]["loadavg_start"] = load_start
+    result["machine"]["loadavg_end"] = _loadavg()
+    if load_samples:
+        result["machine"]["load_1m_during"] = {"min": min(load_samples), "median": statistics.median(load_samples),
+                                               "max": max(load_samples)}
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _cell(ratio: float, vps_s: float, base_s: float, ok: bool | None) -> str:
+    mark = "" if ok is None else (" PASS" if ok else " FAIL")
+    return f"{ratio:.2f}x ({_ms(vps_s)}/{_ms(base_s)} ms){mark}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Machine info, the ratio table with targets, and how to read it."""
+    m, md, st = result["machine"], result["model"], result["settings"]
+    workloads = result["workloads"]
+    lines = [
+        f"vps bench — model {md['name'] or '(in-memory)'} ({md['class']}, {md['params'] / 1e6:.1f}M params, "
+        f"{md['dtype']}) on {m['device']} ({m['device_name']})",
+        f"torch {m['torch']}, transformers {m['transformers']}, vps {m['vps']}, python {m['python']}; "
+        f"torch threads {m['threads']} of {m['cpu_count']} CPUs",
+    ]
+    load = f"load average (1/5/15 min): start {_fmt_load(m.get('loadavg_start'))}, end {_fmt_load(m.get('loadavg_end'))}"
+    if m.get("load_1m_during"):
+        d = m["load_1m_during"]
+        load += f"; 1-min during runs min/median/max {d['min']:.2f}/{d['median']:.2f}/{d['max']:.2f}"
+    lines.append(load)
+    lines.append(f"base (unpatched) measured in this same process, interleaved with every config in rotating order "
+                 f"after {st['warmup']} warm-up run(s); medians of {st['prefill_repeats']} (prefill) / "
+                 f"{st['decode_repeats']} (decode) rounds{' [--quick sizes]' if st['quick'] else ''}")
+    lines.append("cells: ratio vps/base (vps ms / base ms); decode = ms per token (decode steps only, "
+                 f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill)")
+    if result.get("memory_method"):
+        lines.append(f"peak mem: {result['memory_method']}")
+    elif result.get("memory_skipped"):
+        lines.append(f"peak mem: skipped ({result['memory_skipped']})")
+    if result.get("memory_error"):
+        lines.append(f"peak mem: error: {result['memory_error']}")
+    lines.append("")
+
+    header = ["config"] + [w["label"] for w in workloads] + ["peak mem"]
+    targets = ["target"]
+    for w in workloads:
+        t = w["target"]
+        targets.append("" if t is None else f"<= {t:.2f}x" + (" (frozen)" if w["frozen_only"] else ""))
+    targets.append(f"<= {TARGET_MEMORY:.2f}x")
+    base = result["base"]
+    base_row = ["base"]
+    for w in workloads:
+        s = base["workloads"][w["key"]]
+        base_row.append(f"{_ms(s['median_s'])} ms" + ("/tok" if w["kind"] == "decode" else "")
+                        + f" [{_ms(s['min_s'])}-{_ms(s['max_s'])}]")
+    base_mem = base.get("memory")
+    base_row.append(f"{base_mem['peak_mb']:.0f} MB" if base_mem else "-")
+    rows = [header, targets, base_row]
+    for name, entry in result["configs"].items():
+        row = [name]
+        for w in workloads:
+            s = entry["workloads"][w["key"]]
+            row.append(_cell(s["ratio"], s["median_s"], base["workloads"][w["key"]]["median_s"], s["pass"]))
+        mem = entry.get("memory")
+        if mem and "ratio" in mem:
+            row.append(f"{mem['ratio']:.3f}x ({mem['peak_mb']:.0f}/{base_mem['peak_mb']:.0f} MB)"
+                       + (" PASS" if mem["pass"] else " FAIL"))
+        else:
+            row.append("-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        lines.append(" | ".join(c.ljust(widths[j]) for j, c in enumerate(r)).rstrip())
+        if i == 1:
+            lines.append("-+-".join("-" * wd for wd in widths))
+
+    lines.append("")
+    for w in workloads:
+        if w["kind"] == "decode":
+            s = base["workloads"][w["key"]]
+            lines.append(f"base {w['label']}: {s['tokens_per_s']:.1f} tokens/s")
+    noisy = []
+    for name, entry in result["configs"].items():
+        for w in workloads:
+            s = entry["workloads"][w["key"]]
+            if abs(s["paired_ratio"] - s["ratio"]) > 0.05 * s["ratio"]:
+                noisy.append(f"{name} {w['label']} (paired {s['paired_ratio']:.2f}x)")
+    if noisy:
+        lines.append("noisy (median ratio and per-round paired ratio differ by > 5%): " + ", ".join(noisy))
+    if base_mem:
+        mems = [f"{n} +{e['memory']['workload_mb']:.0f} MB" for n, e in result["configs"].items() if e.get("memory")]
+        lines.append(f"memory above the loaded (and patched) model during the prefills: base "
+                     f"+{base_mem['workload_mb']:.0f} MB; " + ", ".join(mems))
+    lines.append(f"wall time {result['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _fmt_load(load: list[float] | None) -> str:
+    return "n/a" if not load else " ".join(f"{x:.2f}" for x in load)
+
+
+# -- profiling ---------------------------------------------------------------------------------------------
+def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: BenchSettings | None = None,
+                    row_limit: int = 15) -> str:
+    """Profile ONE patched prefill (the batched shape) and ONE patched decode step (batch 1).
+
+    Returns the top ``row_limit`` torch ops by self CPU time (torch.profiler) and the top Python
+    functions by self time (cProfile) for each, as text. Each profiled call follows one untimed warm-up.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    settings = settings if settings is not None else BenchSettings()
+    device = next(model.parameters()).device
+    kwargs = _forward_kwargs(model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    b, t = settings.prefill_shapes[-1]
+    ids, mask = make_inputs(model, b, t, settings.seed)
+    dec_ids, dec_mask = make_inputs(model, settings.decode_batches[0], settings.prompt_tokens, settings.seed)
+    sections = []
+    patch(model, make_config(overrides))
+    try:
+        with torch.no_grad():
+            def prefill():
+                return model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+
+            def decode_setup():
+                out = model(input_ids=dec_ids, attention_mask=dec_mask, use_cache=True, **kwargs)
+                nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+                full = torch.ones(dec_ids.shape[0], dec_ids.shape[1] + 1, dtype=dec_mask.dtype, device=device)
+                return lambda: model(input_ids=nxt, attention_mask=full, past_key_values=out.past_key_values,
+                                     use_cache=True, **kwargs)
+
+            for label, make in ((f"patched prefill {b}x{t}", lambda: prefill),
+                                (f"patched decode step, batch {dec_ids.shape[0]}", decode_setup)):
+                make()()  # warm-up; every measured call gets a fresh step (for decode: a fresh KV cache)
+                step = make()
+                with profile(activities=activities) as prof:
+                    step()
+                _sync(device)
+                ops = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+                step = make()
+                pr = cProfile.Profile()
+                pr.enable()
+                step()
+                _sync(device)
+                pr.disable()
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(row_limit)
+                py = "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip())
+                sections.append(f"=== {label}: torch ops by self time ===\n{ops}\n"
+                                f"=== {label}: Python functions by self time (cProfile) ===\n{py}\n")
+    finally:
+        unpatch(model)
+    return "\n".join(sections)
+
+
+# -- subprocess entry point ----------------------------------------------------------------------------
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vps.bench",
+                                     description="Internal entry point of `vps bench` (use `vps bench`).")
+    parser.add_argument("--memory-probe", required=True, metavar="JSON",
+                        help="measure peak RSS for one variant (JSON spec: model, dtype, device, overrides, shapes)")
+    args = parser.parse_args(argv)
+    print(json.dumps(memory_probe(json.loads(args.memory_probe))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,71 @@
+"""``vps bench``: VPS overhead against the unpatched model (prefill, greedy decode, peak memory)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import add_model_arguments, load
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..bench import DEFAULT_CONFIGS, PRESETS
+
+    add_model_arguments(p)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated VPS configs, each a preset ({', '.join(PRESETS)}) optionally followed by "
+                        "VPSConfig overrides, e.g. sk:rank=4:adaptive_rank=false (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds per workload for prefill and decode alike (default: 5 prefill, 3 decode)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test, not a measurement")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead of the table")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of benchmarking: profile one patched prefill (the batched shape) and one patched "
+                        "decode step (batch 1) with the first config; top 15 torch ops and Python functions")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import BenchSettings, format_report, profile_patched, resolve_configs, run_benchmark
+
+    configs = resolve_configs(args.configs)  # fail on a bad config before loading anything
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    make = BenchSettings.quick_settings if args.quick else BenchSettings
+    settings = make(warmup=args.warmup, seed=args.seed, memory=not args.no_memory)
+    if args.repeats is not None:
+        settings.prefill_repeats = settings.decode_repeats = args.repeats
+    settings.validate()
+
+    model, _ = load(args)
+    if args.profile:
+        name, overrides = next(iter(configs.items()))
+        print(f"profiling config {name!r} ({overrides}) on {next(model.parameters()).device}, "
+              f"torch threads {torch.get_num_threads()}")
+        print(profile_patched(model, overrides, settings))
+        return 0
+    model_spec = {"model": args.model, "dtype": args.dtype, "device": args.device}
+    result = run_benchmark(model, configs, settings, model_spec=model_spec, progress=not args.no_progress)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_report(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,133 @@
+"""``vps eval``: base / vps / refine methods over a dataset, resumable, with a statistics report.
+
+The data, run and output flags live here and are shared with ``vps ablate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..evaluation.ablation import METHODS, MethodSpec
+from ..evaluation.data import load_items
+from ..evaluation.harness import (
+    DEFAULT_STOP_STRINGS,
+    RESULTS_FILE,
+    RunDir,
+    RunSettings,
+    data_info,
+    merge_settings,
+    run_evaluation,
+)
+from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+from .common import add_config_arguments, add_model_arguments, config_from_args, load
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="gsm8k:test",
+                   help="JSONL file, or gsm8k:test / gsm8k:train (the local copy); default gsm8k:test")
+    g.add_argument("--question-field", default="question", help="JSON key of the question (default: question)")
+    g.add_argument("--answer-field", default="answer",
+                   help="JSON key of the gold solution, '#### n' or a bare answer (default: answer)")
+    g.add_argument("--limit", type=int, default=None, help="keep at most N items (applied last)")
+    g.add_argument("--offset", type=int, default=0, help="skip the first N items (after --sample)")
+    g.add_argument("--sample", type=int, default=None, help="a seeded random sample of N items (kept in file order)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --sample, generation and refinement (default 0)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, type=Path,
+                   help="output directory: run.json, results.jsonl, report.md, report.png; rerun to resume")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable); default: " + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
+    g.add_argument("--system", default=None, help="system prompt (default: step-by-step, '#### <answer>')")
+    g.add_argument("--extract", choices=["flexible", "strict"], default="flexible",
+                   help="answer extraction: flexible (#### / boxed / 'answer is' / last number) or strict (#### only)")
+    g.add_argument("--nll", action="store_true", help="also score the gold-solution NLL (one extra forward pair)")
+    g.add_argument("--nll-only", action="store_true", help="only the gold-solution NLL, no generation (cheap)")
+    g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods)")
+    g.add_argument("--k-samples", type=int, default=4, help="samples for self-consistency (refine methods)")
+    g.add_argument("--report-only", action="store_true", help="only rewrite the report from --out's rows")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_arguments(p)
+    p.add_argument("--methods", default="base,vps",
+                   help=f"comma-separated, from {', '.join(METHODS)} (default base,vps); refine-oracle reads "
+                        f"the gold answer and is labelled ORACLE")
+    add_run_arguments(p)
+    add_config_arguments(p)
+
+
+def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods lists a method twice: {names}")
+    cfg = config_from_args(args)
+    return [MethodSpec(m, m, None if m == "base" else cfg) for m in names]
+
+
+def report(out: Path) -> int:
+    summary = write_report(out)
+    print(format_console(summary))
+    print(f"report: {out / REPORT_MD}  plot: {out / REPORT_PNG}  rows: {out / RESULTS_FILE}", file=sys.stderr)
+    return 0
+
+
+def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> int:
+    """Load data, check the output directory, load the model once, run every spec, write the report."""
+    if args.report_only:
+        return report(args.out)
+    if args.nll_only and any(s.method.startswith("refine") for s in specs):
+        raise ValueError("--nll-only cannot run refine methods (they are scored by generation)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_items(args.data, question_field=args.question_field, answer_field=args.answer_field,
+                        limit=args.limit, offset=args.offset, sample=args.sample, seed=args.seed)
+    print(f"data: {len(loaded.items)} items from {loaded.path}; {len(loaded.skipped)} malformed line(s) skipped"
+          + (" (listed above)" if loaded.skipped else ""), file=sys.stderr)
+    if not loaded.items:
+        raise ValueError("no items to evaluate (check --offset / --limit)")
+    from ..models import DEFAULT_MODEL
+
+    settings = RunSettings(
+        model=args.model or DEFAULT_MODEL, dtype=args.dtype,
+        data=data_info(loaded, args.data, args.question_field, args.answer_field, args.limit, args.offset,
+                       args.sample, args.seed),
+        generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, stop_strings=args.stop if args.stop else DEFAULT_STOP_STRINGS,
+        system=args.system, extract_mode=args.extract, refine_iters=args.iters, refine_k_samples=args.k_samples,
+        seed=args.seed, command=command)
+    stored = RunDir(args.out).read_settings()
+    if stored is not None:  # refuse before spending time on the model
+        merge_settings(stored, settings.to_dict(specs), str(args.out))
+    for spec in specs:
+        if spec.oracle:
+            print(f"note: {spec.name} is an ORACLE method (uses the gold answer at test time)", file=sys.stderr)
+    model, tok = load(args)
+    print(f"model: {settings.model} loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s",
+          file=sys.stderr)
+    try:
+        run_evaluation(model, tok, loaded.items, specs, args.out, settings, batch_size=args.batch_size,
+                       progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are in {args.out / RESULTS_FILE}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return report(args.out)
+
+
+def run(args: argparse.Namespace) -> int:
+    specs = [] if args.report_only else parse_methods(args.methods, args)
+    return execute(args, specs, "eval")

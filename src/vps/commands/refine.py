@@ -1,0 +1,67 @@
+"""``vps refine``: iterative refinement of one answer with the verifier in the loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..patching import patch
+from ..prompting import chat_prompt
+from ..refine import refine
+from .common import add_config_arguments, add_model_arguments, config_from_args, load
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question")
+    add_model_arguments(p)
+    p.add_argument("--gold", default=None, help="the gold answer (used by --mode oracle; else only reported)")
+    p.add_argument("--mode", choices=["self", "oracle"], default="self",
+                   help="self: gold-free (default); oracle: the gold answer is the target and reference")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--k-samples", type=int, default=4, help="sampled answers for self-consistency / majority")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the whole trace as JSON")
+    add_config_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tok = load(args)
+    patch(model, config_from_args(args))
+    prompt = chat_prompt(tok, args.question)
+    result = refine(model, tok, prompt, gold=args.gold, iters=args.iters, mode=args.mode, k_samples=args.k_samples,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        print()
+        return 0
+    label = "ORACLE (uses the gold answer it is scored on)" if result.oracle else "self (gold-free)"
+    print(f"mode: {label}; reference answer: {result.reference}; samples: {result.samples}")
+    print(format_table(result.trace))
+    print(f"best: iteration {result.best_index}, answer {result.best_answer.text if result.best_answer else None}"
+          f"{'  [ORACLE]' if result.oracle else ''}  ({result.tokens} tokens, {result.seconds:.1f} s)")
+    if args.gold is not None and not result.oracle:
+        print(f"gold (not used by the loop): {args.gold}")
+    return 0
+
+
+def format_table(trace: list[dict]) -> str:
+    """One line per iteration: answer, loss components, policy summary, timing."""
+    head = (f"{'it':>2} {'answer':>10} {'total':>6} {'numeric':>7} {'units':>5} {'self_c':>6} {'alg':>5} "
+            f"{'sigma':>6} {'gamma':>6} {'rank':>5} {'sc':>4} {'gain':>6} {'H':>5} {'sec':>6}")
+    lines = [head, "-" * len(head)]
+
+    def f(v: float | None, w: int, p: int = 3) -> str:
+        return f"{'-':>{w}}" if v is None or v != v else f"{v:>{w}.{p}f}"
+
+    for row in trace:
+        c = row["loss"]["components"]
+        pol = row["policy"]
+        lines.append(
+            f"{row['iter']:>2} {str(row['answer'])[:10]:>10} {f(row['loss']['total'], 6)} {f(c.get('numeric'), 7)} "
+            f"{f(c.get('units'), 5, 2)} {f(c.get('self_consistency'), 6)} {f(c.get('algebraic'), 5, 2)} "
+            f"{f(pol.get('sigma'), 6)} {f(pol.get('gamma'), 6)} {f(pol.get('rank'), 5, 2)} "
+            f"{pol.get('builders', {}).get('sc', 0):>4} {f(row['mean_gain'], 6, 4)} {f(row['entropy'], 5, 2)} "
+            f"{f(row['seconds'], 6, 1)}")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Ablation grids: named configurations written as overrides of `VPSConfig`.
+
+A grid file (YAML or JSON) is either a mapping ``name -> overrides`` or a list of mappings that each
+carry a ``name``. Besides `VPSConfig` fields an entry may set ``method`` (``vps`` by default, or
+``base``, ``refine-self``, ``refine-oracle``). A ``base`` entry takes no overrides: it is the
+unpatched model. Every error names the file, the configuration and the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, VPSConfig
+
+__all__ = ["METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path", "load_grid", "parse_grid"]
+
+METHODS = ("base", "vps", "refine-self", "refine-oracle")
+
+
+class GridError(ConfigError):
+    """A grid file cannot be read or one of its configurations is invalid."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One thing to evaluate: a label, how it runs, and its VPS configuration.
+
+    ``name`` labels the rows (unique within a run); ``method`` is one of `METHODS`; ``config`` is
+    the VPS configuration for every method except ``base``. ``refine-oracle`` reads the gold answer
+    at test time, so it is an *oracle* method and every output says so.
+    """
+
+    name: str
+    method: str
+    config: VPSConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "base" and self.config is not None:
+            raise ValueError(f"{self.name!r}: method 'base' is the unpatched model and takes no VPS config")
+        if self.method != "base" and self.config is None:
+            object.__setattr__(self, "config", VPSConfig())
+
+    @property
+    def oracle(self) -> bool:
+        """Whether the method uses the gold answer at test time."""
+        return self.method == "refine-oracle"
+
+    @property
+    def patched(self) -> bool:
+        return self.method != "base"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "oracle": self.oracle,
+                "config": None if self.config is None else self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> MethodSpec:
+        cfg = data.get("config")
+        return cls(name, data["method"], None if cfg is None else VPSConfig.from_dict(cfg))
+
+
+GridEntry = MethodSpec
+
+
+def default_grid_path() -> Path:
+    """The seed's ablation grid shipped with the package (``vps/grids/seed.yaml``)."""
+    return Path(str(resources.files("vps").joinpath("grids", "seed.yaml")))
+
+
+def load_grid(path: str | Path | None = None, base: VPSConfig | None = None) -> list[MethodSpec]:
+    """Read a grid file (None = the shipped seed grid); overrides apply on top of ``base``."""
+    path = default_grid_path() if path is None else Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GridError(f"grid file {path} does not exist") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise GridError(f"grid file {path} cannot be parsed: {exc}") from None
+    return parse_grid(data, base=base, source=str(path))
+
+
+def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid") -> list[MethodSpec]:
+    """Named configurations from parsed grid data (see the module docstring for the shape)."""
+    base = base if base is not None else VPSConfig()
+    entries: list[tuple[str, Any]] = []
+    if isinstance(data, dict):
+        entries = [(str(name), body) for name, body in data.items()]
+    elif isinstance(data, list):
+        for pos, body in enumerate(data):
+            if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"].strip():
+                raise GridError(f"{source}: entry {pos} must be a mapping with a non-empty string 'name'")
+            rest = {k: v for k, v in body.items() if k != "name"}
+            entries.append((body["name"], rest))
+    else:
+        raise GridError(f"{source}: a grid must be a mapping of name -> overrides or a list of entries with "
+                        f"'name', got {type(data).__name__}")
+    if not entries:
+        raise GridError(f"{source}: the grid has no configurations")
+
+    specs: list[MethodSpec] = []
+    seen: set[str] = set()
+    for name, body in entries:
+        where = f"{source}: configuration {name!r}"
+        if name in seen:
+            raise GridError(f"{where}: duplicate name")
+        seen.add(name)
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise GridError(f"{where}: overrides must be a mapping, got {type(body).__name__}")
+        overrides = dict(body)
+        method = overrides.pop("method", "vps")
+        if method not in METHODS:
+            raise GridError(f"{where}: key 'method' must be one of {METHODS}, got {method!r}")
+        if method == "base":
+            if overrides:
+                raise GridError(f"{where}: method 'base' is the unpatched model and takes no VPS overrides, "
+                                f"got key(s) {sorted(overrides)}")
+            specs.append(MethodSpec(name, "base"))
+            continue
+        known = set(VPSConfig.__dataclass_fields__)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method')")
+        try:
+            cfg = base.replace(**overrides)
+        except ConfigError as exc:
+            raise GridError(f"{where}: {exc}") from None
+        specs.append(MethodSpec(name, method, cfg))
+    return specs

@@ -1,0 +1,132 @@
+"""Teacher-forced negative log-likelihood of a gold solution given the prompt.
+
+The metric is the mean NLL per token (nats) of the solution's tokens, each predicted from the
+prompt and the solution tokens before it. It moves with small changes to the model that accuracy
+on a weak model cannot show.
+
+Honesty for a patched model: generation builds each layer's selectors from the *prompt* (the
+prefill) and keeps them while decoding. Scoring the gold solution must do the same, or the
+selectors would be built from the very tokens being scored. So a patched model is run twice: once
+on the prompts alone (the prefill stores each layer's plan, per row), then on prompt + solution
+inside `vps.reuse_selection`, which keeps those plans. ``selection="joint"`` builds the selectors
+from prompt + solution instead; it exists only to measure the difference and is not used by the
+harness.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..patching import get_context, is_patched, reuse_selection
+
+__all__ = ["NLLResult", "solution_nll"]
+
+SELECTIONS = ("prompt", "joint")
+
+
+@dataclass(frozen=True)
+class NLLResult:
+    """Mean NLL per solution token (None when the solution has no tokens) and the token count."""
+
+    nll: float | None
+    tokens: int
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    # Same call as prompting.encode, so the prompt tokens equal the ones generation sees.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded ids, mask and per-row positions (counted from each row's first valid token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    # As generate() does: positions from the mask, so padding never shifts a row's positions.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _logits(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all positions when the model cannot trim them)."""
+    kwargs: dict[str, Any] = dict(batch, use_cache=False)
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -keep:]
+
+
+def solution_nll(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    solutions: Sequence[str],
+    selection: str = "prompt",
+) -> list[NLLResult]:
+    """Mean NLL per token of each ``solutions[i]`` after ``prompts[i]``, teacher-forced, in one batch.
+
+    An unpatched model (or one inside `vps.disabled`) is scored with one forward. A patched,
+    enabled model gets a prompt-only prefill first and the scoring forward inside
+    `vps.reuse_selection` (``selection="prompt"``, the default), see the module docstring.
+    Rows are left padded with per-row positions, so a row's result does not depend on its batch.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if len(prompts) != len(solutions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(solutions)} solutions")
+    if not prompts:
+        return []
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    device = next(model.parameters()).device
+    prompt_ids = [_token_ids(tokenizer, p) for p in prompts]
+    solution_ids = [_token_ids(tokenizer, s) for s in solutions]
+    if any(not p for p in prompt_ids):
+        raise ValueError("a prompt encodes to no tokens; the first solution token would have no context")
+    lengths = [len(s) for s in solution_ids]
+    keep = max(lengths) + 1
+    joint = _left_padded([p + s for p, s in zip(prompt_ids, solution_ids, strict=True)], pad_id, device)
+    patched = is_patched(model) and get_context(model).enabled
+
+    with torch.no_grad():
+        if patched and selection == "prompt":
+            # Prefill on the prompts alone stores each layer's per-row plan, as generation does...
+            _logits(model, _left_padded(prompt_ids, pad_id, device), 1)
+            # ...and the scoring pass keeps those plans instead of reading the solution tokens.
+            with reuse_selection(model):
+                logits = _logits(model, joint, keep)
+        else:
+            logits = _logits(model, joint, keep)
+
+    results: list[NLLResult] = []
+    targets = joint["input_ids"][:, -keep:]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            results.append(NLLResult(None, 0))
+            continue
+        # Position j of the window predicts token j + 1: the solution's n tokens are the last n,
+        # predicted by the n positions before the window's last one.
+        row = logits[i, keep - 1 - n: keep - 1].float()
+        logp = torch.log_softmax(row, dim=-1)
+        tgt = targets[i, keep - n:]
+        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).mean()
+        results.append(NLLResult(float(nll), n))
+    return results

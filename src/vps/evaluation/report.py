@@ -1,0 +1,330 @@
+"""Statistics and the written report of an evaluation directory: report.md, report.png, summary.json.
+
+Every configuration is compared with the baseline on the items both have finished: accuracy with a
+Wilson 95% interval, the accuracy difference with a paired bootstrap 95% interval, the exact
+McNemar p-value, the flips, the mean gold-solution NLL difference with a paired bootstrap interval,
+and the cost as the ratio of seconds per item to the baseline's (all from `compare_paired`).
+Oracle configurations (gold answer used at test time) are labelled ORACLE wherever they appear.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .harness import RESULTS_FILE, RunDir
+from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
+
+__all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]
+
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+SUMMARY_JSON = "summary.json"
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = 10000  # compare_paired's default
+
+
+def load_run(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """run.json and every complete row of ``out_dir``."""
+    run = RunDir(out_dir)
+    settings = run.read_settings()
+    if settings is None:
+        raise FileNotFoundError(f"{run.run_file} not found: {out_dir} is not an evaluation directory")
+    return settings, run.read_rows()
+
+
+def _all_present(rows: Sequence[dict[str, Any]], key: str) -> bool:
+    return bool(rows) and all(r.get(key) is not None for r in rows)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def pair_stats(base_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
+               seed: int = BOOTSTRAP_SEED) -> dict[str, Any] | None:
+    """`compare_paired` on the items both row sets hold (paired by id, in item order), or None.
+
+    Accuracy statistics need ``correct`` on every paired row; NLL needs ``nll``; the cost ratio
+    needs ``seconds``. An NLL-only pair gets the same keys with the accuracy ones set to None and
+    the NLL difference from `paired_bootstrap_diff` (what `compare_paired` uses).
+    """
+    base_by_id = {r["id"]: r for r in base_rows}
+    pairs = sorted(((base_by_id[r["id"]], r) for r in rows if r["id"] in base_by_id),
+                   key=lambda p: (p[0].get("index", 0), str(p[0]["id"])))
+    if not pairs:
+        return None
+    b, m = [p[0] for p in pairs], [p[1] for p in pairs]
+    nll = (([r["nll"] for r in b], [r["nll"] for r in m])
+           if _all_present(b, "nll") and _all_present(m, "nll") else (None, None))
+    secs = (([r["seconds"] for r in b], [r["seconds"] for r in m])
+            if _all_present(b, "seconds") and _all_present(m, "seconds") and sum(r["seconds"] for r in b) > 0
+            else (None, None))
+    if _all_present(b, "correct") and _all_present(m, "correct"):
+        out = compare_paired([r["correct"] for r in b], [r["correct"] for r in m], nll[0], nll[1],
+                             secs[0], secs[1], seed=seed)
+    else:
+        out = {key: None for key in ("base_accuracy", "base_accuracy_ci", "method_accuracy", "method_accuracy_ci",
+                                     "accuracy_diff", "accuracy_diff_ci", "flips_to_correct", "flips_to_wrong",
+                                     "mcnemar_p", "nll_diff", "nll_diff_ci", "base_seconds_mean",
+                                     "method_seconds_mean", "cost_ratio")}
+        out["n"] = len(pairs)
+        if nll[0] is not None:
+            diff, low, high = paired_bootstrap_diff(nll[0], nll[1], seed=seed)
+            out.update(nll_diff=diff, nll_diff_ci=(low, high))
+        if secs[0] is not None:
+            base_mean, method_mean = _mean(secs[0]), _mean(secs[1])
+            out.update(base_seconds_mean=base_mean, method_seconds_mean=method_mean,
+                       cost_ratio=method_mean / base_mean)
+    return out
+
+
+def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
+                  seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Per-configuration numbers and comparisons with the baseline (the content of summary.json)."""
+    configs = settings.get("configs", {})
+    by_config: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    for row in rows:
+        by_config.setdefault(row["config"], []).append(row)
+    n_items = settings.get("data", {}).get("n_items")
+    baseline = settings.get("baseline")
+    if baseline is None:
+        baseline = next((n for n, s in configs.items() if s.get("method") == "base"), None)
+    entries = []
+    for name, crow in by_config.items():
+        spec = configs.get(name, {})
+        oracle = bool(spec.get("oracle")) or any(r.get("oracle") for r in crow)
+        scored = [r for r in crow if r.get("correct") is not None]
+        correct = sum(bool(r["correct"]) for r in scored)
+        nlls = [r["nll"] for r in crow if r.get("nll") is not None]
+        entry: dict[str, Any] = {
+            "name": name, "method": spec.get("method", crow[0]["method"] if crow else None), "oracle": oracle,
+            "rows": len(crow), "complete": n_items is None or len(crow) >= n_items,
+            "n_scored": len(scored), "correct": correct if scored else None,
+            "accuracy": correct / len(scored) if scored else None,
+            "accuracy_ci": list(wilson_interval(correct, len(scored))) if scored else None,
+            "nll_mean": _mean(nlls), "n_nll": len(nlls),
+            "seconds_mean": _mean([r["seconds"] for r in crow if r.get("seconds") is not None]),
+            "tokens_mean": _mean([r["tokens"] for r in crow if r.get("tokens") is not None]),
+            "nll_seconds_mean": _mean([r["nll_seconds"] for r in crow if r.get("nll_seconds") is not None]),
+            "vs_baseline": None,
+        }
+        if baseline is not None and name != baseline and by_config.get(baseline):
+            stats = pair_stats(by_config[baseline], crow, seed=seed)
+            if stats is not None:
+                entry["vs_baseline"] = {k: list(v) if isinstance(v, tuple) else v for k, v in stats.items()}
+        entries.append(entry)
+    return {
+        "model": settings.get("model"), "dtype": settings.get("dtype"), "data": settings.get("data", {}),
+        "n_items": n_items, "generate": settings.get("generate"), "nll": settings.get("nll"),
+        "max_new_tokens": settings.get("max_new_tokens"), "temperature": settings.get("temperature"),
+        "stop_strings": settings.get("stop_strings"), "extract_mode": settings.get("extract_mode"),
+        "baseline": baseline, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
+        "configs": entries,
+    }
+
+
+# -- formatting ------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _pp(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f} pp"
+
+
+def _ci(ci: Sequence[float] | None, fmt: str) -> str:
+    if ci is None:
+        return "—"
+    lo, hi = ci
+    if fmt == "pct":
+        return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+    if fmt == "pp":
+        return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _p(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3g}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def _label(entry: dict[str, Any], markdown: bool = True) -> str:
+    name = f"`{entry['name']}`" if markdown else entry["name"]
+    if entry["oracle"]:
+        name += " **ORACLE**" if markdown else " ORACLE"
+    return name
+
+
+def _n(entry: dict[str, Any], key: str, n_items: int | None) -> str:
+    n = entry[key]
+    return f"{n}/{n_items} (incomplete)" if n_items is not None and n < n_items else str(n)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """report.md: the run's description, then one table per metric."""
+    data = summary["data"]
+    n_items = summary["n_items"]
+    entries = summary["configs"]
+    base = summary["baseline"]
+    others = [e for e in entries if e["name"] != base]
+    sample = (f"seeded sample of {data.get('sample')} (seed {data.get('seed')})" if data.get("sample") is not None
+              else "no sampling (file order)")
+    lines = ["# Evaluation report", "",
+             f"- **Model**: `{summary['model']}` ({summary['dtype']})",
+             f"- **Data**: `{data.get('source')}` ({data.get('path')}), n = {n_items} items; {sample}; "
+             f"offset {data.get('offset')}, limit {data.get('limit')}; {data.get('skipped', 0)} malformed "
+             f"line(s) skipped",
+             ]
+    if summary["generate"]:
+        stops = ", ".join(json.dumps(s) for s in summary.get("stop_strings") or []) or "none"
+        decoding = "greedy" if not summary.get("temperature") else f"temperature {summary['temperature']}"
+        lines.append(f"- **Decoding**: {decoding}, at most {summary['max_new_tokens']} new tokens, stop at "
+                     f"{stops}; answers extracted in {summary['extract_mode']} mode")
+    else:
+        lines.append("- **NLL only**: no generation (accuracy not measured)")
+    if summary["nll"]:
+        lines.append("- **NLL**: mean negative log-likelihood (nats/token) of the gold solution text given the "
+                     "prompt, teacher-forced; patched models use selectors built from the prompt only")
+    boot = summary["bootstrap"]
+    lines.append(f"- **Statistics**: baseline `{base}`; 95% intervals: Wilson for accuracy, paired bootstrap "
+                 f"({boot['resamples']:,} resamples, seed {boot['seed']}) for differences; exact two-sided "
+                 f"McNemar p on the discordant pairs; cost ratio = seconds per item / baseline's"
+                 if base else "- **Statistics**: no baseline (method `base`) in this run; no comparisons")
+    if any(e["oracle"] for e in entries):
+        names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
+        lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "
+                     f"their numbers are an upper bound, not comparable with gold-free methods")
+    lines.append("")
+
+    if summary["generate"]:
+        lines += ["## Accuracy", ""]
+        lines += _table(["config", "method", "n", "correct", "accuracy", "95% CI (Wilson)"], [
+            [_label(e), e["method"] or "", _n(e, "n_scored", n_items), _num(e["correct"], "d"),
+             _pct(e["accuracy"]), _ci(e["accuracy_ci"], "pct")] for e in entries])
+        if base and others:
+            lines += ["## Accuracy difference vs baseline", ""]
+            rows = []
+            for e in others:
+                v = e["vs_baseline"] or {}
+                rows.append([_label(e), e["method"] or "", _num(v.get("n"), "d"), _pp(v.get("accuracy_diff")),
+                             _ci(v.get("accuracy_diff_ci"), "pp"), _p(v.get("mcnemar_p")),
+                             _num(v.get("flips_to_correct"), "d"), _num(v.get("flips_to_wrong"), "d")])
+            lines += _table(["config", "method", "n paired", "diff", "95% CI (bootstrap)", "McNemar p",
+                             "flips to correct", "flips to wrong"], rows)
+    if summary["nll"]:
+        lines += ["## Gold-solution NLL (nats/token, lower is better)", ""]
+        rows = []
+        for e in entries:
+            v = e["vs_baseline"] or {}
+            rows.append([_label(e), e["method"] or "", _n(e, "n_nll", n_items), _num(e["nll_mean"]),
+                         _num(v.get("nll_diff"), "+.4f"), _ci(v.get("nll_diff_ci"), "nll")])
+        lines += _table(["config", "method", "n", "mean NLL", "diff vs baseline", "95% CI (bootstrap)"], rows)
+    lines += ["## Cost", ""]
+    what = "generation" if summary["generate"] else "NLL pass"
+    rows = []
+    for e in entries:
+        v = e["vs_baseline"] or {}
+        rows.append([_label(e), e["method"] or "", _num(e["seconds_mean"], ".3f"), _num(e["tokens_mean"], ".1f"),
+                     _num(e["nll_seconds_mean"], ".3f"), _num(v.get("cost_ratio"), ".2f")])
+    lines += _table(["config", "method", f"s/item ({what})", "tokens/item", "NLL s/item", "cost ratio"], rows)
+    lines.append(f"Seconds are each batch's wall time divided among its items. Plot: `{REPORT_PNG}`; "
+                 f"per-item rows: `{RESULTS_FILE}`.")
+    return "\n".join(lines) + "\n"
+
+
+def format_console(summary: dict[str, Any]) -> str:
+    """A compact plain-text table for the terminal; oracle configurations say ORACLE."""
+    header = ["config", "n", "accuracy [95% CI]", "diff [95% CI]", "McNemar p", "NLL", "NLL diff [95% CI]", "cost"]
+    rows = []
+    for e in summary["configs"]:
+        v = e["vs_baseline"] or {}
+        acc = "—" if e["accuracy"] is None else f"{_pct(e['accuracy'])} {_ci(e['accuracy_ci'], 'pct')}"
+        diff = ("—" if v.get("accuracy_diff") is None
+                else f"{_pp(v['accuracy_diff'])} {_ci(v['accuracy_diff_ci'], 'pp')}")
+        nll_diff = "—" if v.get("nll_diff") is None else f"{v['nll_diff']:+.4f} {_ci(v['nll_diff_ci'], 'nll')}"
+        cost = "—" if v.get("cost_ratio") is None else f"{v['cost_ratio']:.2f}x"
+        rows.append([_label(e, markdown=False), str(e["rows"]), acc, diff, _p(v.get("mcnemar_p")),
+                     _num(e["nll_mean"]), nll_diff, cost])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def plot(summary: dict[str, Any], path: str | Path) -> None:
+    """report.png: accuracy difference (and NLL difference) vs the baseline, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compared = [e for e in summary["configs"] if e["vs_baseline"]]
+    panels = []
+    if summary["generate"] and any(e["vs_baseline"].get("accuracy_diff") is not None for e in compared):
+        panels.append(("accuracy_diff", "accuracy_diff_ci", 100.0, "accuracy − baseline (percentage points)"))
+    if summary["nll"] and any(e["vs_baseline"].get("nll_diff") is not None for e in compared):
+        panels.append(("nll_diff", "nll_diff_ci", 1.0, "gold-solution NLL − baseline (nats/token)"))
+    height = max(2.5, 0.35 * len(compared) + 1.5)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.0 * max(1, len(panels)), height), squeeze=False)
+    title = (f"{summary['model']} on {summary['data'].get('source')}, n = {summary['n_items']}"
+             + (f" (sample seed {summary['data'].get('seed')})" if summary["data"].get("sample") else "")
+             + f"; baseline: {summary['baseline']}")
+    if not panels:
+        ax = axes[0][0]
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no comparison with a baseline in this run", ha="center", va="center")
+    labels = [e["name"] + (" (ORACLE)" if e["oracle"] else "") for e in compared]
+    ys = list(range(len(compared)))[::-1]
+    for ax, (key, ci_key, scale, xlabel) in zip(axes[0], panels, strict=False):
+        for y, e in zip(ys, compared, strict=True):
+            v = e["vs_baseline"]
+            if v.get(key) is None:
+                continue
+            x = v[key] * scale
+            lo, hi = (c * scale for c in v[ci_key])
+            ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", capsize=3,
+                        color="tab:red" if e["oracle"] else "tab:blue")
+        ax.axvline(0.0, color="0.5", lw=1, ls="--")
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        for tick, e in zip(ax.get_yticklabels(), compared, strict=True):
+            if e["oracle"]:
+                tick.set_color("tab:red")
+    fig.suptitle(title + "\n95% paired bootstrap intervals", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path) -> dict[str, Any]:
+    """Write report.md, report.png and summary.json into ``out_dir`` from its rows; returns the summary."""
+    out_dir = Path(out_dir)
+    settings, rows = load_run(out_dir)
+    summary = summarize_run(settings, rows)
+    (out_dir / REPORT_MD).write_text(render_markdown(summary), encoding="utf-8")
+    (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=_nan_safe) + "\n", encoding="utf-8")
+    plot(summary, out_dir / REPORT_PNG)
+    return summary
+
+
+def _nan_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

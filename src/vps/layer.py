@@ -80,6 +80,7 @@ class VPSLinear(nn.Module):
         if cfg.max_rank > smallest:
             raise ValueError(f"rank {cfg.max_rank} exceeds min(d_in, d_out) = {smallest} of layer {name or '?'}")
         self.topk = min(cfg.max_topk, smallest)
+        self._can_perturb = cfg.resolved_gamma_bounds[1] > 0
         self.policy = LayerPolicy(cfg)
         self.builder = make_builder(cfg.builder, cfg)
         self.pair: Any = None  # QKPair when Q/K coupling applies
@@ -131,7 +132,7 @@ class VPSLinear(nn.Module):
         if x.dim() == 2:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         ctx = self.ctx
-        active = ctx.enabled and self.cfg.resolved_gamma_bounds[1] > 0
+        active = ctx.enabled and self._can_perturb
         reuse = active and ctx.reuses_plan(self.cfg.decode_mode) and self._plan_fits(x.shape[0])
         coupled = self.pair is not None and active and not reuse
         cached = self.pair.take(self, x) if coupled else None

@@ -209,12 +209,12 @@ def _prepare_for_generation(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars while VPS_QUIET is set."""
+def _quiet_transformers(always: bool = False) -> Iterator[None]:
+    """Silence transformers' own progress bars while VPS_QUIET is set (or ``always``)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if _quiet():
+    if always or _quiet():
         hf_logging.disable_progress_bar()
     try:
         yield
@@ -231,7 +231,7 @@ def _load_saved(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(always=True):  # a cached load takes well under a second: no bar
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:

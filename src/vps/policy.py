@@ -48,6 +48,7 @@ class LayerPolicy:
     def __init__(self, cfg: VPSConfig) -> None:
         self.cfg = cfg
         self.history: deque[tuple[bool, float]] = deque(maxlen=cfg.history_size)
+        self._bounds_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- improvement history --------------------------------------------------------------------
     def update_outcome(self, improved: bool, loss_delta: float = 0.0) -> None:
@@ -92,24 +93,21 @@ class LayerPolicy:
 
     def decide(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> Decision:
         """The decision for one forward; ``energy`` and ``entropy`` are (B,) tensors."""
-        cfg = self.cfg
         sig = self.sigma(energy, entropy)
-        return Decision(
-            sigma=sig,
-            rank=_interp_int(cfg.resolved_rank_bounds, sig),
-            topk=_interp_int(cfg.resolved_topk_bounds, sig),
-            gamma=_interp(cfg.resolved_gamma_bounds, sig),
-            order=_interp_int(cfg.resolved_order_bounds, sig),
-            energy=energy,
-            entropy=entropy,
-        )
+        lo, span = self._bounds(sig.device)
+        # One product for all four knobs: columns are rank, top-k, gamma, order.
+        values = torch.addcmul(lo, span, sig.unsqueeze(-1))
+        ints = torch.round(values).long()
+        return Decision(sigma=sig, rank=ints[:, 0], topk=ints[:, 1], gamma=values[:, 2], order=ints[:, 3],
+                        energy=energy, entropy=entropy)
 
-
-def _interp(bounds: tuple[float, float], sigma: torch.Tensor) -> torch.Tensor:
-    lo, hi = bounds
-    return lo + (hi - lo) * sigma
-
-
-def _interp_int(bounds: tuple[int, int], sigma: torch.Tensor) -> torch.Tensor:
-    lo, hi = bounds
-    return torch.round(_interp((float(lo), float(hi)), sigma)).long().clamp(lo, hi)
+    def _bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._bounds_cache
+        if cached is None or cached[0].device != device:
+            cfg = self.cfg
+            pairs = [cfg.resolved_rank_bounds, cfg.resolved_topk_bounds, cfg.resolved_gamma_bounds,
+                     cfg.resolved_order_bounds]
+            lo = torch.tensor([float(p[0]) for p in pairs], device=device)
+            span = torch.tensor([float(p[1]) - float(p[0]) for p in pairs], device=device)
+            cached = self._bounds_cache = (lo, span)
+        return cached

@@ -14,9 +14,10 @@ Iteration 0 decodes. Every later iteration
 4. decodes again (greedy).
 
 Targets and references. ``mode="self"`` (default) is gold-free: k sampled answers from the patched
-model give a majority answer; the surrogate target is that answer written as ``#### <answer>`` and the
-verifier scores candidates against it (plus self-consistency with the samples). Without a majority
-answer the target is the prompt's own tokens (a test-time language-modelling loss, as SLOT adapts).
+model give a majority answer (at least two must agree); the surrogate target is that answer written
+as ``#### <answer>`` and the verifier scores candidates against it (plus self-consistency with the
+samples). Without a majority answer the target is the prompt's own tokens (a test-time
+language-modelling loss, as SLOT adapts).
 ``mode="oracle"`` uses the gold answer as target and reference: an *oracle* run, labelled so in
 every output, because it uses the label it is scored on.
 
@@ -99,7 +100,9 @@ def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | No
     if mode == "oracle":
         reference: Answer | None = gold if isinstance(gold, Answer) else parse_gold(str(gold))
     else:
-        reference = majority_answer(samples, verifier.rel_tol)[0] if len(samples) >= 2 else None
+        majority, count = majority_answer(samples, verifier.rel_tol) if len(samples) >= 2 else (None, 0)
+        # One vote is not a majority: without agreement the target falls back to the prompt's own tokens.
+        reference = majority if count >= 2 else None
     target_ids = _target_ids(tokenizer, prompt, reference)
 
     trace: list[dict[str, Any]] = []

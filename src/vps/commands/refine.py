@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 def format_table(trace: list[dict]) -> str:
     """One line per iteration: answer, loss components, policy summary, timing."""
     head = (f"{'it':>2} {'answer':>10} {'total':>6} {'numeric':>7} {'units':>5} {'self_c':>6} {'alg':>5} "
-            f"{'sigma':>6} {'gamma':>6} {'rank':>5} {'sc':>4} {'gain':>6} {'H':>5} {'sec':>6}")
+            f"{'sigma':>6} {'gamma':>6} {'rank':>5} {'sc':>4} {'gain-1':>8} {'H':>5} {'sec':>6}")
     lines = [head, "-" * len(head)]
 
     def f(v: float | None, w: int, p: int = 3) -> str:
@@ -62,6 +62,6 @@ def format_table(trace: list[dict]) -> str:
             f"{row['iter']:>2} {str(row['answer'])[:10]:>10} {f(row['loss']['total'], 6)} {f(c.get('numeric'), 7)} "
             f"{f(c.get('units'), 5, 2)} {f(c.get('self_consistency'), 6)} {f(c.get('algebraic'), 5, 2)} "
             f"{f(pol.get('sigma'), 6)} {f(pol.get('gamma'), 6)} {f(pol.get('rank'), 5, 2)} "
-            f"{pol.get('builders', {}).get('sc', 0):>4} {f(row['mean_gain'], 6, 4)} {f(row['entropy'], 5, 2)} "
+            f"{pol.get('builders', {}).get('sc', 0):>4} {row['mean_gain'] - 1:>8.1e} {f(row['entropy'], 5, 2)} "
             f"{f(row['seconds'], 6, 1)}")
     return "\n".join(lines)

@@ -110,32 +110,29 @@ def get_context(model: nn.Module) -> VPSContext:
     return _state(model).ctx
 
 
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
+def disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Inside the block the model computes exactly its base outputs; VPS is back afterwards."""
-    ctx = _state(model).ctx
-    previous = ctx.enabled
-    ctx.enabled = False
-    try:
-        yield model
-    finally:
-        ctx.enabled = previous
+    return _context_flag(model, "enabled", False)
 
 
-@contextlib.contextmanager
-def reuse_selection(model: nn.Module) -> Iterator[nn.Module]:
+def reuse_selection(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Forwards inside the block keep each layer's stored selectors and decisions.
 
     A full recompute of prompt + generated tokens inside this block reproduces what frozen KV-cached
     decoding computed after the prompt's prefill.
     """
+    return _context_flag(model, "reuse_selection", True)
+
+
+@contextlib.contextmanager
+def _context_flag(model: nn.Module, name: str, value: bool) -> Iterator[nn.Module]:
     ctx = _state(model).ctx
-    previous = ctx.reuse_selection
-    ctx.reuse_selection = True
+    previous = getattr(ctx, name)
+    setattr(ctx, name, value)
     try:
         yield model
     finally:
-        ctx.reuse_selection = previous
+        setattr(ctx, name, previous)
 
 
 def set_entropy_hint(model: nn.Module, entropy: torch.Tensor | float | None) -> None:

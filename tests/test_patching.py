@@ -176,3 +176,17 @@ def test_failed_solve_falls_back(monkeypatch):
                         lambda a: (real(a)[0], torch.ones(a.shape[0], dtype=torch.int32)))
     assert torch.equal(logits(model, x), base)
     assert layer.fallbacks == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("builder", ["sk", "sc"])
+def test_low_precision_models_patch_and_generate(dtype, builder):
+    model = tiny_qwen2().to(dtype)
+    x = ids(2, 6)
+    base = logits(model, x)
+    vps.patch(model, cfg(builder=builder))
+    out = logits(model, x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert not torch.equal(out, base)
+    model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert vps.summarize(model)["fallbacks"] == 0

@@ -40,8 +40,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, type=Path,
-                   help="output directory: run.json, results.jsonl, report.md, report.png; rerun to resume")
+    g.add_argument("--out", type=Path, default=None,
+                   help="output directory (required): run.json, results.jsonl, report.md, report.png; "
+                        "rerun the same command to resume")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -55,6 +56,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods)")
     g.add_argument("--k-samples", type=int, default=4, help="samples for self-consistency (refine methods)")
     g.add_argument("--report-only", action="store_true", help="only rewrite the report from --out's rows")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); on a shared machine 1 avoids the large slowdown of "
+                        "oversubscribed cores")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -87,6 +91,8 @@ def report(out: Path) -> int:
 
 def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> int:
     """Load data, check the output directory, load the model once, run every spec, write the report."""
+    if args.out is None:
+        raise ValueError("--out DIR is required (the run's directory; rerun with the same DIR to resume)")
     if args.report_only:
         return report(args.out)
     if args.nll_only and any(s.method.startswith("refine") for s in specs):
@@ -115,6 +121,12 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
     for spec in specs:
         if spec.oracle:
             print(f"note: {spec.name} is an ORACLE method (uses the gold answer at test time)", file=sys.stderr)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok = load(args)
     print(f"model: {settings.model} loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s",
           file=sys.stderr)

@@ -101,7 +101,7 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
         correct = sum(bool(r["correct"]) for r in scored)
         nlls = [r["nll"] for r in crow if r.get("nll") is not None]
         entry: dict[str, Any] = {
-            "name": name, "method": spec.get("method", crow[0]["method"] if crow else None), "oracle": oracle,
+            "name": name, "method": spec.get("method") or (crow[0].get("method") if crow else None), "oracle": oracle,
             "rows": len(crow), "complete": n_items is None or len(crow) >= n_items,
             "n_scored": len(scored), "correct": correct if scored else None,
             "accuracy": correct / len(scored) if scored else None,
@@ -201,10 +201,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append("- **NLL**: mean negative log-likelihood (nats/token) of the gold solution text given the "
                      "prompt, teacher-forced; patched models use selectors built from the prompt only")
     boot = summary["bootstrap"]
-    lines.append(f"- **Statistics**: baseline `{base}`; 95% intervals: Wilson for accuracy, paired bootstrap "
-                 f"({boot['resamples']:,} resamples, seed {boot['seed']}) for differences; exact two-sided "
-                 f"McNemar p on the discordant pairs; cost ratio = seconds per item / baseline's"
-                 if base else "- **Statistics**: no baseline (method `base`) in this run; no comparisons")
+    if not base:
+        lines.append("- **Statistics**: no baseline (method `base`) in this run; no comparisons")
+    elif summary["generate"]:
+        lines.append(f"- **Statistics**: baseline `{base}`; 95% intervals: Wilson for accuracy, paired bootstrap "
+                     f"({boot['resamples']:,} resamples, seed {boot['seed']}) for differences; exact two-sided "
+                     f"McNemar p on the discordant pairs; cost ratio = seconds per item / baseline's")
+    else:
+        lines.append(f"- **Statistics**: baseline `{base}`; 95% paired bootstrap intervals ({boot['resamples']:,} "
+                     f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's")
     if any(e["oracle"] for e in entries):
         names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
         lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "
@@ -235,15 +240,25 @@ def render_markdown(summary: dict[str, Any]) -> str:
                          _num(v.get("nll_diff"), "+.4f"), _ci(v.get("nll_diff_ci"), "nll")])
         lines += _table(["config", "method", "n", "mean NLL", "diff vs baseline", "95% CI (bootstrap)"], rows)
     lines += ["## Cost", ""]
-    what = "generation" if summary["generate"] else "NLL pass"
     rows = []
     for e in entries:
         v = e["vs_baseline"] or {}
-        rows.append([_label(e), e["method"] or "", _num(e["seconds_mean"], ".3f"), _num(e["tokens_mean"], ".1f"),
-                     _num(e["nll_seconds_mean"], ".3f"), _num(v.get("cost_ratio"), ".2f")])
-    lines += _table(["config", "method", f"s/item ({what})", "tokens/item", "NLL s/item", "cost ratio"], rows)
-    lines.append(f"Seconds are each batch's wall time divided among its items. Plot: `{REPORT_PNG}`; "
-                 f"per-item rows: `{RESULTS_FILE}`.")
+        if summary["generate"]:
+            cells = [_num(e["seconds_mean"], ".3f"), _num(e["tokens_mean"], ".1f")]
+            cells += [_num(e["nll_seconds_mean"], ".3f")] if summary["nll"] else []
+        else:
+            cells = [_num(e["seconds_mean"], ".3f")]
+        rows.append([_label(e), e["method"] or "", *cells, _num(v.get("cost_ratio"), ".2f")])
+    if summary["generate"]:
+        header = ["s/item (generation)", "tokens/item", *(["NLL s/item"] if summary["nll"] else [])]
+    else:
+        header = ["s/item (NLL pass)"]
+    lines += _table(["config", "method", *header, "cost ratio"], rows)
+    lines.append("Seconds are each batch's wall time divided among its items; the cost ratio compares "
+                 + ("generation" if summary["generate"] else "the NLL pass") + " time per item with the baseline's."
+                 + (" The NLL pass of a patched configuration includes its prompt-only prefill (one more forward "
+                    "over the prompt than the baseline)." if summary["nll"] else "")
+                 + f" Plot: `{REPORT_PNG}`; per-item rows: `{RESULTS_FILE}`.")
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +275,10 @@ def format_console(summary: dict[str, Any]) -> str:
         cost = "—" if v.get("cost_ratio") is None else f"{v['cost_ratio']:.2f}x"
         rows.append([_label(e, markdown=False), str(e["rows"]), acc, diff, _p(v.get("mcnemar_p")),
                      _num(e["nll_mean"]), nll_diff, cost])
+    # drop columns with nothing in them (accuracy in NLL-only runs, NLL without --nll)
+    keep = [i for i in range(len(header)) if i < 2 or any(r[i] not in ("—", "") for r in rows)]
+    header = [header[i] for i in keep]
+    rows = [[r[i] for i in keep] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

@@ -1,0 +1,107 @@
+"""report.md / summary.json numbers are `compare_paired` on the JSONL rows; labels and partial runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tiny_eval import SPECS, Clock, fake_generate, settings_for, tiny_model, tiny_tokenizer, write_data
+from vps.evaluation import MethodSpec, RunDir, compare_paired, paired_bootstrap_diff, run_evaluation, write_report
+from vps.evaluation.report import REPORT_MD, REPORT_PNG, format_console, pair_stats
+
+TOK = tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine oversubscribed threads are slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(TOK)
+
+
+def _by_config(out) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for r in sorted(RunDir(out).read_rows(), key=lambda r: r["index"]):
+        rows.setdefault(r["config"], []).append(r)
+    return rows
+
+
+def test_report_numbers_are_compare_paired_on_the_rows(tmp_path, model):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data)
+    out = tmp_path / "out"
+    # base right on items 0,1,2; vps right on 1,2,3,4: two flips to correct, one to wrong
+    gen = fake_generate({"base": {0, 1, 2}, "vps": {1, 2, 3, 4}})
+    run_evaluation(model, TOK, items, SPECS, out, settings, batch_size=2, progress=False, generate_fn=gen,
+                   clock=Clock(), log=lambda _m: None)
+    summary = write_report(out)
+    rows = _by_config(out)
+    b, m = rows["base"], rows["vps"]
+    expected = compare_paired([r["correct"] for r in b], [r["correct"] for r in m], [r["nll"] for r in b],
+                              [r["nll"] for r in m], [r["seconds"] for r in b], [r["seconds"] for r in m])
+    entry = {e["name"]: e for e in summary["configs"]}
+    got = entry["vps"]["vs_baseline"]
+    for key, value in expected.items():
+        assert got[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert (got["flips_to_correct"], got["flips_to_wrong"], got["n"]) == (2, 1, 5)
+    assert entry["base"]["accuracy"] == expected["base_accuracy"] == 0.6
+    assert entry["vps"]["accuracy_ci"] == list(expected["method_accuracy_ci"])
+    assert entry["base"]["vs_baseline"] is None
+
+    report = (out / REPORT_MD).read_text()
+    lo, hi = expected["accuracy_diff_ci"]
+    assert f"| `vps` | vps | 5 | +20.0 pp | [{100 * lo:+.1f}, {100 * hi:+.1f}] | 1 | 2 | 1 |" in report
+    assert f"| `base` | base | 5 | 3 | 60.0% | [{100 * expected['base_accuracy_ci'][0]:.1f}," in report
+    assert f"{expected['nll_diff']:+.4f}" in report and f"{expected['cost_ratio']:.2f}" in report
+    assert "n = 5 items" in report and f"`{data}`" in report and "no sampling" in report
+    assert (out / REPORT_PNG).read_bytes()[:4] == b"\x89PNG"
+    console = format_console(summary)
+    assert "+20.0 pp" in console and "vps" in console
+
+
+def test_nll_only_pairs_use_the_bootstrap_of_compare_paired(tmp_path, model):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, generate=False)
+    out = tmp_path / "out"
+    specs = [MethodSpec("base", "base"), MethodSpec("vps", "vps")]
+    run_evaluation(model, TOK, items, specs, out, settings, batch_size=5, progress=False, clock=Clock(),
+                   log=lambda _m: None)
+    summary = write_report(out)
+    rows = _by_config(out)
+    diff, lo, hi = paired_bootstrap_diff([r["nll"] for r in rows["base"]], [r["nll"] for r in rows["vps"]])
+    got = {e["name"]: e for e in summary["configs"]}["vps"]["vs_baseline"]
+    assert (got["nll_diff"], got["nll_diff_ci"]) == (diff, [lo, hi])
+    assert got["accuracy_diff"] is None and got["mcnemar_p"] is None and got["cost_ratio"] == 1.0
+    assert all(r["correct"] is None and r["output"] is None for r in rows["vps"])
+
+
+def test_incomplete_configs_are_marked_and_paired_on_common_items(tmp_path):
+    settings = {"model": "m", "dtype": "float32", "generate": True, "nll": False, "baseline": "base",
+                "data": {"source": "x.jsonl", "n_items": 4, "sample": 4, "seed": 3},
+                "max_new_tokens": 8, "stop_strings": [], "extract_mode": "flexible",
+                "configs": {"base": {"method": "base", "oracle": False},
+                            "oracle": {"method": "refine-oracle", "oracle": True}}}
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    rows = [{"id": f"i{k}", "index": k, "config": "base", "correct": k < 2, "seconds": 1.0} for k in range(4)]
+    rows += [{"id": f"i{k}", "index": k, "config": "oracle", "correct": True, "seconds": 3.0, "oracle": True}
+             for k in (1, 2)]
+    RunDir(tmp_path).append(rows)
+    summary = write_report(tmp_path)
+    oracle = {e["name"]: e for e in summary["configs"]}["oracle"]
+    assert not oracle["complete"] and oracle["vs_baseline"]["n"] == 2
+    assert oracle["vs_baseline"] == {k: list(v) if isinstance(v, tuple) else v for k, v in compare_paired(
+        [True, False], [True, True], base_seconds=[1.0, 1.0], method_seconds=[3.0, 3.0]).items()}
+    assert pair_stats(rows[:4], rows[4:])["cost_ratio"] == 3.0
+    report = (tmp_path / REPORT_MD).read_text()
+    assert "| `oracle` **ORACLE** | refine-oracle | 2/4 (incomplete) |" in report
+    assert "seeded sample of 4 (seed 3)" in report and "**ORACLE**: `oracle` read the gold answer" in report
+    assert "oracle ORACLE" in format_console(summary)

@@ -53,8 +53,14 @@ class Selection:
 
 def rank_features(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, sorted by score; ties go to the lower index."""
-    # A stable descending sort keeps equal scores in index order; topk gives no such guarantee.
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    # topk gives no tie order and a stable sort of every row is ~10x slower, so rank an exact integer
+    # key instead: the float's bits made order-preserving, then the reversed index as tie-breaker.
+    s = scores.float().contiguous()
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    d = s.shape[-1]
+    tie = torch.arange(d - 1, -1, -1, device=s.device, dtype=torch.long)
+    return torch.topk(ordered * (1 << 32) + tie, k, dim=-1, sorted=True).indices
 
 
 class SKBuilder:

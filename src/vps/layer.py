@@ -29,7 +29,6 @@ from .builders import BuildInputs, Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import VPSContext
 from .policy import Decision, LayerPolicy
-from .spectral import clip_scales
 
 try:  # GPT-2 style layers store the weight transposed (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -210,21 +209,29 @@ class VPSLinear(nn.Module):
             rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
             cols = self._cols(sel.in_idx)  # W[:, in_idx]^T: (B, R, d_out)
             a = rows if sel.coef is None else sel.coef.transpose(1, 2) @ rows  # A^T: (B, R, d_in)
-            scale = clip_scales(torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(cols, dim=-1), cfg.tau)
-            scale = scale * (torch.arange(r, device=scale.device) < decision.rank.unsqueeze(-1))
-            eye = torch.eye(r, device=rows.device)
+            # Clipping scales A_c and B_c by s_c each, so term c is scaled by s_c^2 = min(1, tau / ||A_c|| ||B_c||).
+            norm_prod = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(cols, dim=-1)
+            keep = torch.arange(r, device=rows.device) < decision.rank.unsqueeze(-1)
+            s2 = torch.where(keep, (cfg.tau / norm_prod).clamp(max=1.0), 0.0)  # (B, R)
             second = None
             if cfg.resolved_order_bounds[1] == 2:
                 w_sub = torch.gather(rows, 2, sel.in_idx.unsqueeze(1).expand(-1, rows.shape[1], -1))
                 m = w_sub if sel.coef is None else sel.coef.transpose(1, 2) @ w_sub  # M[c, c'] = V_c^T W U_c'
-                second = (decision.order == 2).float()[:, None, None] * m.transpose(1, 2)
+                s = s2.sqrt()
+                second = ((decision.order == 2).float()[:, None, None] * s[:, :, None] * m.transpose(1, 2)
+                          * s[:, None, :])
+            ok = sel.ok & torch.isfinite(s2).all(dim=-1)
         # The gain may carry autograd (refinement optimises it); everything else is constant.
-        g = (decision.gamma.float() * self.gain.to(decision.gamma.device))[:, None, None]
-        core = g * eye if second is None else g * eye + g * g * second
-        core = scale.unsqueeze(-1) * core * scale.unsqueeze(-2)
-        q = core @ cols
-        ok = sel.ok & torch.isfinite(q.detach()).all(dim=(1, 2))
-        q = torch.where(ok[:, None, None], q, torch.zeros((), device=q.device))
+        g = decision.gamma.float() * self.gain.to(decision.gamma.device)
+        if second is None:  # order 1: a diagonal core, so Q is a row scaling of B^T
+            q = (g[:, None] * s2).unsqueeze(-1) * cols
+        else:
+            core = torch.diag_embed(g[:, None] * s2) + (g * g)[:, None, None] * second
+            q = core @ cols
+        if second is not None:
+            ok = ok & torch.isfinite(q.detach()).all(dim=(1, 2))
+        ok = ok & torch.isfinite(g.detach())
+        q = torch.where(ok[:, None, None], q, 0.0)
         self._fallbacks = self._fallbacks.to(ok.device) + (~ok).sum()
         bias = self.bias
         bias_sel = None if bias is None else bias.detach()[sel.out_idx]

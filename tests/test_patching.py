@@ -190,3 +190,17 @@ def test_low_precision_models_patch_and_generate(dtype, builder):
     assert not torch.equal(out, base)
     model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert vps.summarize(model)["fallbacks"] == 0
+
+
+def test_inference_mode_and_shared_input_scores():
+    model = tiny_llama()
+    x = ids(2, 6)
+    vps.patch(model, cfg())
+    with torch.no_grad():
+        expected = model(x).logits
+    with torch.inference_mode():
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    layers = vps.vps_layers(model)
+    q, v = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.self_attn.v_proj"]
+    assert torch.equal(q.plan.selection.in_idx, v.plan.selection.in_idx), "same input, same scores"

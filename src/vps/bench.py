@@ -18,7 +18,7 @@ Workloads (the defaults; ``BenchSettings.quick()`` shrinks them for smoke tests)
 - greedy decode: batch 1 and batch 8, a 32-token prompt (its prefill untimed), then 64 single-token
   forwards with the KV cache and an argmax; the figure is seconds per decode step (per token);
 - peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the prefill workloads, in process;
-  on CPU the process peak RSS (``ru_maxrss``) of a fresh subprocess per variant that loads the
+  on CPU the process peak RSS (``VmHWM``) of a fresh subprocess per variant that loads the
   model, patches it (or not) and runs the prefill workloads (``python -m vps.bench --memory-probe``).
 
 `run_benchmark` returns a JSON-ready dict; `format_report` renders it as text.
@@ -47,6 +47,7 @@ from .config import VPSConfig
 from .patching import is_patched, patch, unpatch
 
 SCHEMA = "vps-bench/1"
+MALLOC_MMAP_THRESHOLD = 128 * 1024  # bytes; see _run_probe
 
 # Named configurations: VPSConfig overrides on top of the seed defaults (rank 2, topk 32, ...).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -260,32 +261,79 @@ def run_memory_workload(model: nn.Module, shapes: Sequence[tuple[int, int]], see
 
 
 def _maxrss_mb() -> float:
+    """``ru_maxrss`` in MB. Beware: it is floored by the parent's RSS at fork (the kernel carries the forked
+    copy's high-water mark across exec), so in a subprocess of a big process it is not this program's own peak."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def _proc_status_mb(field_name: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: ``VmHWM`` where /proc has it (Linux), else ``ru_maxrss``."""
+    hwm = _proc_status_mb("VmHWM")
+    return hwm if hwm is not None else _maxrss_mb()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); False where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _current_rss_mb() -> float | None:
+    return _proc_status_mb("VmRSS")
+
+
 def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Body of the ``--memory-probe`` subprocess: load, maybe patch, run the prefills, report peak RSS."""
+    """Body of the ``--memory-probe`` subprocess: load, maybe patch, run the prefills, report peak RSS.
+
+    Loading a checkpoint briefly needs more memory than the loaded model holds, so the peak is reset
+    (Linux ``/proc/self/clear_refs``) after loading and patching; the reported ``peak_mb`` is then
+    the process peak RSS (``VmHWM``) while the prefills run (weights and runtime included). Without
+    the reset (``peak_reset`` false) it is the peak of the whole process, loading included.
+    ``ru_maxrss`` is reported too but not used: in a child of the benchmarking process it is floored
+    by the parent's RSS at fork time.
+    """
     from .models import load_model
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     model, _ = load_model(spec.get("model"), dtype=getattr(torch, spec.get("dtype", "float32")),
                           device=spec.get("device"))
-    after_load = _maxrss_mb()
+    load_peak = _peak_rss_mb()
     if spec.get("overrides") is not None:
         patch(model, make_config(spec["overrides"]))
-    after_setup = _maxrss_mb()
+    gc.collect()
+    reset = _reset_peak_rss()
+    before = _current_rss_mb() if reset else _peak_rss_mb()
     run_memory_workload(model, [tuple(s) for s in spec["shapes"]], int(spec.get("seed", 0)))
-    peak = _maxrss_mb()
-    return {"peak_mb": peak, "after_load_mb": after_load, "after_setup_mb": after_setup,
-            "workload_mb": peak - after_setup}
+    peak = _peak_rss_mb()
+    return {"peak_mb": peak, "after_setup_mb": before, "workload_mb": peak - (before or peak),
+            "load_peak_mb": load_peak, "peak_reset": reset, "ru_maxrss_mb": _maxrss_mb()}
 
 
 def _run_probe(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, VPS_QUIET="1", TQDM_DISABLE="1")
+    # glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay in the heap
+    # and the peak RSS of identical runs wanders by 10-30%. A fixed threshold returns every large tensor
+    # to the OS when it is freed, so the peak RSS follows the peak of live memory (repeatable to ~1 MB).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
     proc = subprocess.run([sys.executable, "-m", "vps.bench", "--memory-probe", json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -336,9 +384,33 @@ def machine_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def code_fingerprint() -> dict[str, Any]:
+    """Which VPS code was measured: a hash of the package's source files and, where available, the git commit."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    info: dict[str, Any] = {"source_sha256": digest.hexdigest()[:12], "git_commit": None, "git_dirty": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            info["git_commit"] = head.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=root, capture_output=True,
+                                   text=True, timeout=10)
+            info["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def model_info(model: nn.Module, name: str | None) -> dict[str, Any]:
     p = next(model.parameters())
-    return {"name": name, "class": type(model).__name__,
+    return {"name": name or getattr(model.config, "_name_or_path", None) or None, "class": type(model).__name__,
             "model_type": getattr(model.config, "model_type", None),
             "params": sum(x.numel() for x in model.parameters()), "dtype": str(p.dtype).removeprefix("torch.")}
 
@@ -356,7 +428,8 @@ def run_benchmark(
 
     ``configs``: names/specs (see `parse_config_spec`) or a ready {name: overrides} dict.
     ``model_spec``: how a fresh process loads the same model (``{"model", "dtype", "device"}`` for
-    `vps.load_model`); needed for the CPU memory figures, which are skipped without it.
+    `vps.load_model`, plus an optional display ``"label"``); needed for the CPU memory figures, which
+    are skipped without it.
     """
     from tqdm import tqdm
 
@@ -372,6 +445,7 @@ def run_benchmark(
     variants: list[str | None] = [None, *built]  # None = the unpatched model
     t_start = time.perf_counter()
     load_start = _loadavg()
+    code = code_fingerprint()  # taken now: the source the timed runs execute (probes re-import it later)
     load_samples: list[float] = []
 
     do_memory = settings.memory and (device.type == "cuda" or model_spec is not None)
@@ -392,6 +466,10 @@ def run_benchmark(
             bar.update(1)
 
     samples: dict[str, dict[str | None, list[float]]] = {}
+    # Each run starts after a garbage collection; freezing what exists now (model, libraries) keeps
+    # those collections cheap. Automatic collection stays on while timing, as in real use.
+    gc.collect()
+    gc.freeze()
     try:
         for w in workloads:
             bar.set_postfix_str(w.label)
@@ -433,12 +511,15 @@ def run_benchmark(
                     break
     finally:
         bar.close()
+        gc.unfreeze()
 
     if device.type == "cuda":
         mem_method = "torch.cuda.max_memory_allocated over the prefill workloads, in this process"
     else:
-        mem_method = ("process peak RSS (ru_maxrss) of a fresh subprocess per variant: load the model, patch "
-                      "(or not), run the prefill workloads; includes weights and the Python/torch runtime")
+        mem_method = ("CPU process peak RSS (VmHWM) of a fresh subprocess per variant that loads the model, "
+                      "patches it (or not), resets the peak, then runs the prefill workloads; weights and the "
+                      f"Python/torch runtime included; glibc MALLOC_MMAP_THRESHOLD_={MALLOC_MMAP_THRESHOLD} so "
+                      "freed tensors leave the RSS")
     base = {w.key: _summary(samples[w.key][None]) for w in workloads}
     for w in workloads:
         if w.kind == "decode":
@@ -447,7 +528,8 @@ def run_benchmark(
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(model),
-        "model": model_info(model, (model_spec or {}).get("model")),
+        "code": code,
+        "model": model_info(model, (model_spec or {}).get("label") or (model_spec or {}).get("model")),
         "settings": asdict(settings),
         "workloads": [dict(asdict(w), key=w.key, label=w.label) for w in workloads],
         "memory_method": mem_method if do_memory else None,
@@ -509,11 +591,21 @@ def format_report(result: dict[str, Any]) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}, vps {m['vps']}, python {m['python']}; "
         f"torch threads {m['threads']} of {m['cpu_count']} CPUs",
     ]
-    load = f"load average (1/5/15 min): start {_fmt_load(m.get('loadavg_start'))}, end {_fmt_load(m.get('loadavg_end'))}"
+    if code := result.get("code"):
+        lines.append(f"vps source {code['source_sha256']} (git {code['git_commit'] or 'n/a'}"
+                     f"{', uncommitted changes' if code['git_dirty'] else ''})")
+    load = (f"load average (1/5/15 min): start {_fmt_load(m.get('loadavg_start'))}, "
+            f"end {_fmt_load(m.get('loadavg_end'))}")
     if m.get("load_1m_during"):
         d = m["load_1m_during"]
         load += f"; 1-min during runs min/median/max {d['min']:.2f}/{d['median']:.2f}/{d['max']:.2f}"
     lines.append(load)
+    busy = (m.get("load_1m_during") or {}).get("median", 0.0)
+    if m.get("cpu_count") and busy > m["cpu_count"]:
+        lines.append(f"WARNING: machine busy (1-min load {busy:.1f} on {m['cpu_count']} CPUs): absolute times are "
+                     "inflated; trust the paired ratios more"
+                     + ("; with several torch threads, busy cores make OpenMP threads wait on each other and "
+                        "times jump erratically — --threads 1 is steadier" if m["threads"] > 1 else ""))
     lines.append(f"base (unpatched) measured in this same process, interleaved with every config in rotating order "
                  f"after {st['warmup']} warm-up run(s); medians of {st['prefill_repeats']} (prefill) / "
                  f"{st['decode_repeats']} (decode) rounds{' [--quick sizes]' if st['quick'] else ''}")
@@ -523,6 +615,10 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"peak mem: {result['memory_method']}")
     elif result.get("memory_skipped"):
         lines.append(f"peak mem: skipped ({result['memory_skipped']})")
+    if base_mem_info := result["base"].get("memory"):
+        if not base_mem_info.get("peak_reset", True):
+            lines.append("peak mem: WARNING: the peak RSS could not be reset after loading, so it includes the "
+                         "loading peak and the ratios understate the difference")
     if result.get("memory_error"):
         lines.append(f"peak mem: error: {result['memory_error']}")
     lines.append("")
@@ -575,7 +671,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append("noisy (median ratio and per-round paired ratio differ by > 5%): " + ", ".join(noisy))
     if base_mem:
         mems = [f"{n} +{e['memory']['workload_mb']:.0f} MB" for n, e in result["configs"].items() if e.get("memory")]
-        lines.append(f"memory above the loaded (and patched) model during the prefills: base "
+        lines.append(f"RSS growth during the prefills (includes paging in memory-mapped weights on first use): base "
                      f"+{base_mem['workload_mb']:.0f} MB; " + ", ".join(mems))
     lines.append(f"wall time {result['wall_s']:.0f} s")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ class VPSContext:
         self._warned_4d = False
         self._valid: tuple | None = None
         self._scores: tuple | None = None
+        self.in_forward = False
 
     # -- read by the layers -----------------------------------------------------------------------
     def valid_tokens(self, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -61,11 +62,15 @@ class VPSContext:
 
     def cached_input_scores(self, x: torch.Tensor, compute: Any) -> torch.Tensor:
         """Input scores of ``x``, computed once per forward for all layers that read this very tensor."""
+        if not self.in_forward:  # a standalone layer call: nothing to share
+            return compute()
+        # Inference tensors keep no version counter; elsewhere an in-place change invalidates.
+        version = None if x.is_inference() else x._version
         hit = self._scores
-        if hit is not None and hit[0] is x and hit[1] == x._version:  # an in-place change invalidates
+        if hit is not None and hit[0] is x and hit[1] == version:
             return hit[2]
         scores = compute()
-        self._scores = (x, x._version, scores)
+        self._scores = (x, version, scores)
         return scores
 
     def entropy_for(self, batch: int) -> torch.Tensor | None:
@@ -84,6 +89,7 @@ class VPSContext:
         """Start of a top-level forward: record the mask and the phase."""
         self.forward_count += 1
         self._valid = self._scores = None
+        self.in_forward = True
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.mask = attention_mask
         else:
@@ -101,6 +107,7 @@ class VPSContext:
         """End of a top-level forward: measure next-token entropy for the following step."""
         mask, self.mask = self.mask, None
         self._valid = self._scores = None
+        self.in_forward = False
         if not self.want_entropy or logits is None:
             self.entropy = None
             return

@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
               f"torch threads {torch.get_num_threads()}")
         print(profile_patched(model, overrides, settings))
         return 0
-    model_spec = {"model": args.model, "dtype": args.dtype, "device": args.device}
+    from ..models import DEFAULT_MODEL
+
+    model_spec = {"model": args.model, "dtype": args.dtype, "device": args.device,
+                  "label": args.model or f"{DEFAULT_MODEL} (default)"}
     result = run_benchmark(model, configs, settings, model_spec=model_spec, progress=not args.no_progress)
     if args.json:
         json.dump(result, sys.stdout, indent=2)

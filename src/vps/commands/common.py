@@ -53,4 +53,5 @@ def load(args: argparse.Namespace):
     from ..models import load_model
 
     dtype = getattr(torch, args.dtype)
-    return load_model(args.model, dtype=dtype, device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    return load_model(args.model, dtype=dtype, device=device)

@@ -1,0 +1,152 @@
+"""`vps bench` end to end on a tiny Llama built in code (tiny sizes; no timing assertions)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import vps
+from tiny import VOCAB, tiny_llama
+from vps.bench import (
+    DEFAULT_CONFIGS,
+    TARGET_DECODE_B1,
+    TARGET_MEMORY,
+    TARGET_PREFILL_BATCH,
+    TARGET_PREFILL_LONG,
+    BenchSettings,
+    format_report,
+    parse_config_spec,
+    resolve_configs,
+    run_benchmark,
+)
+from vps.cli import main
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models on a busy 2-core machine are otherwise slowed by thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_settings(**kw):
+    return BenchSettings.quick_settings(prefill_repeats=2, decode_repeats=1, warmup=1, **kw)
+
+
+def check_timing_fields(result, names):
+    keys = ["prefill_1x32", "prefill_2x16", "decode_b1", "decode_b2"]
+    assert [w["key"] for w in result["workloads"]] == keys
+    assert set(result["configs"]) == set(names)
+    for key in keys:
+        base = result["base"]["workloads"][key]
+        assert base["median_s"] > 0 and base["min_s"] <= base["median_s"] <= base["max_s"]
+    for entry in result["configs"].values():
+        for key in keys:
+            s = entry["workloads"][key]
+            assert math.isfinite(s["ratio"]) and s["ratio"] > 0
+            assert math.isfinite(s["paired_ratio"]) and s["paired_ratio"] > 0
+            assert s["ratio"] == pytest.approx(s["median_s"] / result["base"]["workloads"][key]["median_s"])
+            assert (s["pass"] is None) == (s["target"] is None)
+        assert entry["workloads"]["decode_b1"]["tokens_per_s"] > 0
+    m = result["machine"]
+    assert m["threads"] >= 1 and m["torch"] == torch.__version__
+    assert "loadavg_start" in m and "loadavg_end" in m and result["wall_s"] > 0
+
+
+def test_run_benchmark_in_memory_model(one_thread):
+    model = tiny_llama()
+    before = {n: m for n, m in model.named_modules()}
+    result = run_benchmark(model, "sk,sk-dynamic", tiny_settings(), progress=False)
+    check_timing_fields(result, ["sk", "sk-dynamic"])
+    sk, dyn = result["configs"]["sk"], result["configs"]["sk-dynamic"]
+    # targets follow the workload roles; the decode target is for frozen decoding only
+    assert sk["workloads"]["prefill_1x32"]["target"] == TARGET_PREFILL_LONG
+    assert sk["workloads"]["prefill_2x16"]["target"] == TARGET_PREFILL_BATCH
+    assert sk["workloads"]["decode_b1"]["target"] == TARGET_DECODE_B1
+    assert dyn["workloads"]["decode_b1"]["target"] is None and dyn["config"]["decode_mode"] == "dynamic"
+    assert sk["config"]["builder"] == "sk" and sk["config"]["rank"] == 2
+    # a model built in code cannot be reloaded in a subprocess: CPU memory is skipped, and says why
+    assert result["memory_method"] is None and "model_spec" in result["memory_skipped"]
+    # the model is handed back unpatched, with its original modules
+    assert not vps.is_patched(model)
+    assert all(before[n] is m for n, m in model.named_modules())
+    json.dumps(result)  # JSON-ready
+    report = format_report(result)
+    for text in ("sk-dynamic", "target", "prefill 2x16", "decode b1", "load average", "same process"):
+        assert text in report
+
+
+def test_run_benchmark_refuses_a_patched_model():
+    model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8))
+    with pytest.raises(ValueError, match="unpatched"):
+        run_benchmark(model, "sk", tiny_settings(), progress=False)
+
+
+def save_tiny_checkpoint(path):
+    """A tiny Llama plus a word-level tokenizer, loadable by `vps.load_model` (and so by a subprocess)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama().save_pretrained(path)
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w3"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w3", pad_token="w0", eos_token="w1",
+                            bos_token="w2").save_pretrained(path)
+
+
+def test_cli_end_to_end_with_memory_probes(tmp_path, capsys):
+    ckpt = tmp_path / "tiny"
+    save_tiny_checkpoint(ckpt)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(ckpt), "--quick", "--configs", "sk", "--repeats", "1", "--threads", "1",
+               "--json", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    check_timing_fields(result, ["sk"])
+    assert result["settings"]["prefill_repeats"] == result["settings"]["decode_repeats"] == 1
+    base_mem, mem = result["base"]["memory"], result["configs"]["sk"]["memory"]
+    assert "peak RSS" in result["memory_method"] and result["memory_error"] is None
+    assert base_mem["peak_mb"] > 0 and mem["peak_mb"] > 0
+    assert mem["ratio"] == pytest.approx(mem["peak_mb"] / base_mem["peak_mb"])
+    assert 0.5 < mem["ratio"] < 2 and mem["target"] == TARGET_MEMORY and isinstance(mem["pass"], bool)
+    assert result["model"]["name"] == str(ckpt)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("sk", {"builder": "sk"}),
+    ("sc", {"builder": "sc"}),
+    ("hybrid", {"builder": "hybrid"}),
+    ("sk-dynamic", {"builder": "sk", "decode_mode": "dynamic"}),
+    ("sk:rank=4:adaptive_rank=false", {"builder": "sk", "rank": 4, "adaptive_rank": False}),
+    ("sc:gamma=0.25:scope=batch", {"builder": "sc", "gamma": 0.25, "scope": "batch"}),
+])
+def test_parse_config_spec(spec, expected):
+    name, overrides = parse_config_spec(spec)
+    assert name == spec and overrides == expected
+
+
+@pytest.mark.parametrize("specs, message", [
+    ("bogus", "unknown bench config 'bogus'"),
+    ("sk:rank", "bad override 'rank'"),
+    ("sk:no_such_field=1", "no_such_field"),
+    ("sk:rank=0", "rank"),
+])
+def test_bad_configs_are_named(specs, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_configs(specs)
+
+
+def test_default_configs_and_sizes():
+    assert list(resolve_configs(None)) == list(DEFAULT_CONFIGS) == ["sk", "sc", "hybrid", "sk-dynamic"]
+    s = BenchSettings()
+    assert s.prefill_shapes == [(1, 512), (8, 128)] and s.decode_batches == [1, 8]
+    assert (s.prompt_tokens, s.new_tokens, s.prefill_repeats, s.decode_repeats) == (32, 64, 5, 3)
+    assert [w.key for w in s.workloads()] == ["prefill_1x512", "prefill_8x128", "decode_b1", "decode_b8"]
+    with pytest.raises(ValueError, match="new_tokens"):
+        BenchSettings(new_tokens=0).validate()

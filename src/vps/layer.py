@@ -155,13 +155,16 @@ class VPSLinear(nn.Module):
 
     def _apply(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
         b, t, _ = out.shape
-        idx = plan.out_idx.expand(b, -1)
-        h_sel = torch.gather(out, 2, idx.unsqueeze(1).expand(b, t, -1))
-        if plan.bias_sel is not None:
-            h_sel = h_sel - plan.bias_sel.expand(b, -1).unsqueeze(1)
-        if plan.coef is not None:
-            h_sel = (h_sel.float() @ plan.coef.expand(b, -1, -1)).to(out.dtype)
-        q = plan.q.expand(b, -1, -1)
+        idx, q, bias_sel, coef = plan.out_idx, plan.q, plan.bias_sel, plan.coef
+        if plan.batch != b:  # one plan shared by the whole batch (scope="batch")
+            idx, q = idx.expand(b, -1), q.expand(b, -1, -1)
+            bias_sel = None if bias_sel is None else bias_sel.expand(b, -1)
+            coef = None if coef is None else coef.expand(b, -1, -1)
+        h_sel = torch.gather(out, 2, idx.unsqueeze(1).expand(b, t, idx.shape[1]))
+        if bias_sel is not None:
+            h_sel = h_sel - bias_sel.unsqueeze(1)
+        if coef is not None:
+            h_sel = (h_sel.float() @ coef).to(out.dtype)
         if torch.is_grad_enabled():
             return torch.baddbmm(out, h_sel, q)
         return out.baddbmm_(h_sel, q)  # the base output is ours alone: update it in place

@@ -18,7 +18,6 @@ from tiny_eval import (
     FakeRefine,
     fake_generate,
     settings_for,
-    tiny_model,
     tiny_tokenizer,
     write_data,
 )
@@ -40,18 +39,7 @@ from vps.evaluation.report import REPORT_MD, SUMMARY_JSON
 TOK = tiny_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine oversubscribed threads are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(TOK)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(out: Path) -> list[dict]:

@@ -5,27 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tiny_eval import SPECS, Clock, fake_generate, settings_for, tiny_model, tiny_tokenizer, write_data
+from tiny_eval import SPECS, Clock, fake_generate, settings_for, tiny_tokenizer, write_data
 from vps.evaluation import MethodSpec, RunDir, compare_paired, paired_bootstrap_diff, run_evaluation, write_report
 from vps.evaluation.report import REPORT_MD, REPORT_PNG, format_console, pair_stats
 
 TOK = tiny_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine oversubscribed threads are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(TOK)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _by_config(out) -> dict[str, list[dict]]:

@@ -19,6 +19,7 @@ compute ``A = W^T V`` and ``x A = (W x)[out_idx] @ coef`` with gathers instead o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,13 @@ def rank_features(scores: torch.Tensor, k: int) -> torch.Tensor:
     s = scores.float().contiguous()
     bits = s.view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    d = s.shape[-1]
-    tie = torch.arange(d - 1, -1, -1, device=s.device, dtype=torch.long)
-    return torch.topk(ordered * (1 << 32) + tie, k, dim=-1, sorted=True).indices
+    return torch.topk(ordered * (1 << 32) + _tie_breaker(s.shape[-1], s.device), k, dim=-1, sorted=True).indices
+
+
+@functools.lru_cache(maxsize=64)
+def _tie_breaker(d: int, device: torch.device) -> torch.Tensor:
+    """d-1, ..., 0: the lower index wins a tie (cached: it is the same for every forward)."""
+    return torch.arange(d - 1, -1, -1, device=device, dtype=torch.long)
 
 
 class SKBuilder:

@@ -68,3 +68,13 @@ def test_prefill_never_depends_on_earlier_calls():
         first = model(x).logits
         model(ids(1, 9, seed=5))  # an unrelated call leaves an entropy behind
         assert torch.equal(model(x).logits, first)
+
+
+def test_a_plan_for_one_sequence_is_not_broadcast_to_a_batch():
+    model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8))
+    layer = vps.vps_layers(model)["model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        model(ids(1, 5))
+        with vps.reuse_selection(model):
+            model(ids(3, 5))
+    assert layer.plan.batch == 3, "a mismatched plan is rebuilt, not shared"

@@ -151,7 +151,10 @@ class VPSLinear(nn.Module):
         return y
 
     def _plan_fits(self, batch: int) -> bool:
-        return self.plan is not None and self.plan.batch in (1, batch)
+        # Only a batch-scope plan is shared by every row; a per-sequence plan must match row for row.
+        if self.plan is None:
+            return False
+        return self.plan.batch == batch or (self.cfg.scope == "batch" and self.plan.batch == 1)
 
     def _apply(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
         b, t, _ = out.shape

@@ -23,15 +23,6 @@ from vps.bench import (
 from vps.cli import main
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: tiny models on a busy 2-core machine are otherwise slowed by thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_settings(**kw):
     return BenchSettings.quick_settings(prefill_repeats=2, decode_repeats=1, warmup=1, **kw)
 

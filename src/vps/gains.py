@@ -60,7 +60,11 @@ class GainOptimizer:
         if self.cfg.lbfgs_enabled:
             if self._prev is not None:
                 stored = self.lbfgs.update(x - self._prev[0], g - self._prev[1])
-            direction = self.lbfgs.two_loop(g) if torch.isfinite(g).all() else torch.zeros_like(g)
+            try:
+                direction = self.lbfgs.two_loop(g) if torch.isfinite(g).all() else torch.zeros_like(g)
+            except FloatingPointError:  # curvature memory gone bad: forget it, take a plain step
+                self.lbfgs.reset()
+                direction = g
         else:
             direction = g
         new = (x - self.cfg.lbfgs_scale * direction).clamp(0.0, self.max_gain)

@@ -6,22 +6,22 @@ import pytest
 import torch
 
 import vps
-from tiny import tiny_llama, tiny_tokenizer
+from tiny_eval import tiny_model, tiny_tokenizer
 from vps.prompting import chat_prompt
 from vps.refine import refine
 
 
 @pytest.fixture
 def setup():
-    model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8))
     tok = tiny_tokenizer()
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
     return model, tok, chat_prompt(tok, "What is 3 + 4?", system=None)
 
 
 def test_self_mode_trace_and_adaptation(setup):
     _, tok, prompt = setup
     # A fixed, large gamma and step scale make the tiny model's gain steps visible in float32.
-    model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8, gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0))
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8, gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = refine(model, tok, prompt, iters=3, k_samples=3, max_new_tokens=8, seed=1)
     assert not result.oracle and result.mode == "self"
@@ -67,4 +67,4 @@ def test_bad_arguments(setup, kwargs, match):
 
 def test_unpatched_model_is_refused():
     with pytest.raises(ValueError, match="patched"):
-        refine(tiny_llama(), tiny_tokenizer(), "q")
+        refine(tiny_model(tiny_tokenizer()), tiny_tokenizer(), "q")

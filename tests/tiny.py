@@ -62,17 +62,3 @@ def logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     with torch.no_grad():
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
-
-def tiny_tokenizer():
-    """A character-level tokenizer over printable ASCII (97 ids with <pad> and <eos>) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}a:{% endif %}")
-    tok.padding_side = "left"
-    return tok

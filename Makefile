@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 bench: install
 	$(BIN)/python benchmarks/bench_overhead.py

@@ -32,6 +32,26 @@ def encode(tokenizer: Any, texts: Sequence[str], device: torch.device | str | No
             if k in ("input_ids", "attention_mask")}
 
 
+def generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float) -> dict[str, Any]:
+    """``generate()`` arguments for greedy decoding (``temperature == 0``) or plain sampling."""
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def decode_new_tokens(tokenizer: Any, new: torch.Tensor) -> tuple[list[str], list[int]]:
+    """Text (padding and special tokens dropped) and token count of each row of generated ids."""
+    texts, counts = [], []
+    for row in new:
+        keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else row
+        texts.append(tokenizer.decode(keep, skip_special_tokens=True))
+        counts.append(int(keep.numel()))
+    return texts, counts
+
+
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256,
                    temperature: float = 0.0, seed: int | None = None, streamer: Any = None,
                    stop_strings: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
@@ -43,25 +63,17 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     if seed is not None:
         torch.manual_seed(seed)
     enc = encode(tokenizer, prompts, next(model.parameters()).device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  streamer=streamer)
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
+    kwargs["streamer"] = streamer
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
-    texts, counts = [], []
-    for row in new:
-        keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else row
-        text = tokenizer.decode(keep, skip_special_tokens=True)
+    texts, counts = decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:])
+    for i, text in enumerate(texts):
         for stop in stop_strings or ():
             cut = text.find(stop)
             if cut >= 0:
                 text = text[:cut]
-        texts.append(text.strip())
-        counts.append(int(keep.numel()))
+        texts[i] = text.strip()
     return texts, counts

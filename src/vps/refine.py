@@ -38,7 +38,7 @@ from torch import nn
 from .context import next_token_entropy
 from .gains import GainOptimizer
 from .patching import clear_gradients, is_patched, reset_state, set_entropy_hint, update_outcome
-from .prompting import encode
+from .prompting import decode_new_tokens, encode, generation_kwargs
 from .trace import summarize
 from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from .verify.consistency import majority_answer
@@ -152,21 +152,11 @@ def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens
             ) -> tuple[list[str], list[int], torch.Tensor]:
     """Generate; also return the first step's logits (the next-token distribution after the prompt)."""
     enc = encode(tokenizer, prompts, next(model.parameters()).device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  return_dict_in_generate=True, output_logits=True)
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
     with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    new = out.sequences[:, enc["input_ids"].shape[1]:]
-    texts, counts = [], []
-    for row in new:
-        keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else row
-        texts.append(tokenizer.decode(keep, skip_special_tokens=True).strip())
-        counts.append(int(keep.numel()))
-    return texts, counts, out.logits[0].float()
+        out = model.generate(**enc, **kwargs, return_dict_in_generate=True, output_logits=True)
+    texts, counts = decode_new_tokens(tokenizer, out.sequences[:, enc["input_ids"].shape[1]:])
+    return [t.strip() for t in texts], counts, out.logits[0].float()
 
 
 def _target_ids(tokenizer: Any, prompt: str, reference: Answer | None) -> torch.Tensor | None:

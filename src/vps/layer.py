@@ -29,6 +29,7 @@ from .builders import BuildInputs, Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import VPSContext
 from .policy import Decision, LayerPolicy
+from .spectral import squared_clip_scales
 
 try:  # GPT-2 style layers store the weight transposed (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -215,10 +216,10 @@ class VPSLinear(nn.Module):
             rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
             cols = self._cols(sel.in_idx)  # W[:, in_idx]^T: (B, R, d_out)
             a = rows if sel.coef is None else sel.coef.transpose(1, 2) @ rows  # A^T: (B, R, d_in)
-            # Clipping scales A_c and B_c by s_c each, so term c is scaled by s_c^2 = min(1, tau / ||A_c|| ||B_c||).
-            norm_prod = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(cols, dim=-1)
+            # Clipping scales A_c and B_c by s_c each, so term c is scaled by s_c^2.
+            norm_a, norm_b = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(cols, dim=-1)
             keep = torch.arange(r, device=rows.device) < decision.rank.unsqueeze(-1)
-            s2 = torch.where(keep, (cfg.tau / norm_prod).clamp(max=1.0), 0.0)  # (B, R)
+            s2 = torch.where(keep, squared_clip_scales(norm_a, norm_b, cfg.tau), 0.0)  # (B, R)
             second = None
             if cfg.resolved_order_bounds[1] == 2:
                 w_sub = torch.gather(rows, 2, sel.in_idx.unsqueeze(1).expand(-1, rows.shape[1], -1))
@@ -226,7 +227,7 @@ class VPSLinear(nn.Module):
                 s = s2.sqrt()
                 second = ((decision.order == 2).float()[:, None, None] * s[:, :, None] * m.transpose(1, 2)
                           * s[:, None, :])
-            ok = sel.ok & torch.isfinite(s2).all(dim=-1)
+            ok = sel.ok & ~torch.isnan(norm_a * norm_b).any(dim=-1)
         # The gain may carry autograd (refinement optimises it); everything else is constant.
         g = decision.gamma.float() * self.gain.to(decision.gamma.device)
         if second is None:  # order 1: a diagonal core, so Q is a row scaling of B^T
@@ -234,7 +235,6 @@ class VPSLinear(nn.Module):
         else:
             core = torch.diag_embed(g[:, None] * s2) + (g * g)[:, None, None] * second
             q = core @ cols
-        if second is not None:
             ok = ok & torch.isfinite(q.detach()).all(dim=(1, 2))
         ok = ok & torch.isfinite(g.detach())
         q = torch.where(ok[:, None, None], q, 0.0)

@@ -9,15 +9,20 @@ from __future__ import annotations
 import torch
 
 
-def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-component factor ``s_i`` such that ``(s_i A_i, s_i B_i)`` satisfies the clip bound.
+def squared_clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-component factor ``s_i^2`` by which clipping scales the rank-1 term ``A_i B_i^T``.
 
-    ``s_i = 1 / sqrt(||A_i|| ||B_i|| / tau)`` where the product exceeds ``tau``, else 1. Works on any
-    leading batch shape; zero-norm components keep factor 1.
+    ``s_i^2 = tau / (||A_i|| ||B_i||)`` where the product exceeds ``tau``, else 1 (zero-norm and NaN
+    products keep 1; callers that must detect NaN check the norms). Any leading batch shape.
     """
     prod = norm_a * norm_b
     # Dividing by the clamped product keeps zero and sub-threshold components at exactly 1.
-    return torch.where(prod > tau, torch.sqrt(tau / prod.clamp_min(tau)), torch.ones_like(prod))
+    return torch.where(prod > tau, tau / prod.clamp_min(tau), torch.ones_like(prod))
+
+
+def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-component factor ``s_i`` such that ``(s_i A_i, s_i B_i)`` satisfies the clip bound."""
+    return squared_clip_scales(norm_a, norm_b, tau).sqrt()
 
 
 def spectral_clip(A: torch.Tensor, B: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ def trace(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def summarize(model: nn.Module) -> dict[str, Any]:
     """Means over the patched layers (and sequences) of sigma, gamma and rank; builder counts."""
-    rows = [r for r in trace(model).values() if "sigma" in r]
+    every = list(trace(model).values())
+    rows = [r for r in every if "sigma" in r]
     if not rows:
         return {"layers": 0}
     def mean(key: str) -> float:
@@ -47,7 +48,7 @@ def summarize(model: nn.Module) -> dict[str, Any]:
     return {
         "layers": len(rows), "sigma": mean("sigma"), "gamma": mean("gamma"), "rank": mean("rank"),
         "order": mean("order"), "builders": builders,
-        "fallbacks": sum(r["fallbacks"] for r in trace(model).values()),
+        "fallbacks": sum(r["fallbacks"] for r in every),
     }
 
 

@@ -25,6 +25,15 @@ def test_rank_features_random_rows_match_stable_sort():
     got = rank_features(scores, 17)
     expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :17]
     assert torch.equal(got, expected)
+    assert torch.equal(rank_features(scores, 17, nonnegative=True), expected)
+
+
+def test_rank_features_nonnegative_key_differs_only_for_negative_scores():
+    scores = torch.tensor([[0.5, -1.0, -2.0, 0.0]])
+    assert rank_features(scores, 4)[0].tolist() == [0, 3, 1, 2]
+    # The fast key assumes no sign bit: negative scores then rank below every non-negative one, but
+    # in reverse order, which is why callers must promise non-negativity.
+    assert rank_features(scores, 4, nonnegative=True)[0].tolist() == [0, 3, 2, 1]
 
 
 def test_sc_solves_the_ridge_system():

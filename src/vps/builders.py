@@ -48,18 +48,24 @@ class Selection:
     in_idx: torch.Tensor  # (B, R)
     out_idx: torch.Tensor  # (B, K')
     coef: torch.Tensor | None  # (B, K', R) float32, None = identity (K' = R)
-    ok: torch.Tensor  # (B,) bool: False where the build failed (row falls back to the base output)
+    ok: torch.Tensor | None  # (B,) bool: False where the build failed (row falls back); None: cannot fail
     builder: str
 
 
-def rank_features(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row, sorted by score; ties go to the lower index."""
+def rank_features(scores: torch.Tensor, k: int, nonnegative: bool = False) -> torch.Tensor:
+    """Indices of the k largest scores per row, sorted by score; ties go to the lower index.
+
+    ``nonnegative=True`` promises scores >= 0 (or NaN), as every mean |activation| is, which skips
+    the sign fix-up of the sort key.
+    """
     # topk gives no tie order and a stable sort of every row is ~10x slower, so rank an exact integer
     # key instead: the float's bits made order-preserving, then the reversed index as tie-breaker.
     s = scores.float().contiguous()
     bits = s.view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    return torch.topk(ordered * (1 << 32) + _tie_breaker(s.shape[-1], s.device), k, dim=-1, sorted=True).indices
+    if not nonnegative:  # the bits of a negative float order backwards
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = torch.add(_tie_breaker(s.shape[-1], s.device), bits.long(), alpha=1 << 32)
+    return torch.topk(key, k, dim=-1, sorted=True).indices
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,8 +85,7 @@ class SKBuilder:
     def build(self, inp: BuildInputs) -> Selection:
         """One-hot selectors on the R best-scoring features."""
         r = self.cfg.max_rank
-        ok = torch.ones(inp.in_rank.shape[0], dtype=torch.bool, device=inp.in_rank.device)
-        return Selection(inp.in_rank[:, :r], inp.out_rank[:, :r], None, ok, self.name)
+        return Selection(inp.in_rank[:, :r], inp.out_rank[:, :r], None, None, self.name)
 
 
 class SCBuilder:

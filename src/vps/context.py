@@ -38,7 +38,8 @@ class VPSContext:
         self.forward_count = 0
         self._warned_4d = False
         self._valid: tuple | None = None
-        self._scores: tuple | None = None
+        self._ranking: tuple | None = None
+        self._scratch: torch.Tensor | None = None
         self.in_forward = False
 
     # -- read by the layers -----------------------------------------------------------------------
@@ -60,18 +61,32 @@ class VPSContext:
         self._valid = ((batch, tokens, device), valid, dense)
         return valid, dense
 
-    def cached_input_scores(self, x: torch.Tensor, compute: Any) -> torch.Tensor:
-        """Input scores of ``x``, computed once per forward for all layers that read this very tensor."""
+    def cached_input_ranking(self, x: torch.Tensor, k: int, compute: Any) -> torch.Tensor:
+        """The top-``k`` input ranking of ``x``, computed once per forward for all layers reading this tensor."""
         if not self.in_forward:  # a standalone layer call: nothing to share
             return compute()
         # Inference tensors keep no version counter; elsewhere an in-place change invalidates.
         version = None if x.is_inference() else x._version
-        hit = self._scores
-        if hit is not None and hit[0] is x and hit[1] == version:
-            return hit[2]
-        scores = compute()
-        self._scores = (x, version, scores)
-        return scores
+        hit = self._ranking
+        if hit is not None and hit[0] is x and hit[1] == version and hit[2] == k:
+            return hit[3]
+        ranking = compute()
+        self._ranking = (x, version, k, ranking)
+        return ranking
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like``, reused by every layer within one forward.
+
+        Each layer's statistics need one temporary the size of its output; handing out the same memory
+        saves the allocation and page faults of a fresh one per layer. Released when the forward ends.
+        """
+        if not self.in_forward:
+            return torch.empty_like(like)
+        buf = self._scratch
+        n = like.numel()
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(like.shape)
 
     def entropy_for(self, batch: int) -> torch.Tensor | None:
         """The entropy the policy may use for this forward, or None."""
@@ -88,7 +103,7 @@ class VPSContext:
     def begin(self, attention_mask: Any, past_key_values: Any) -> None:
         """Start of a top-level forward: record the mask and the phase."""
         self.forward_count += 1
-        self._valid = self._scores = None
+        self._valid = self._ranking = None
         self.in_forward = True
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.mask = attention_mask
@@ -106,7 +121,7 @@ class VPSContext:
     def end(self, logits: torch.Tensor | None) -> None:
         """End of a top-level forward: measure next-token entropy for the following step."""
         mask, self.mask = self.mask, None
-        self._valid = self._scores = None
+        self._valid = self._ranking = self._scratch = None
         self.in_forward = False
         if not self.want_entropy or logits is None:
             self.entropy = None

@@ -25,6 +25,7 @@ class _Pending:
     x: torch.Tensor
     out: torch.Tensor
     out_rank: torch.Tensor
+    energy: torch.Tensor  # the policy's energy statistic of ``out``
 
 
 class QKPair:
@@ -54,9 +55,10 @@ class QKPair:
         self.k.pair = None
         self._pending = None
 
-    def store(self, layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, out_rank: torch.Tensor) -> None:
-        """Hand ``layer`` its base output and output ranking for input ``x`` (its next call)."""
-        self._pending = _Pending(layer, x, out, out_rank)
+    def store(self, layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, out_rank: torch.Tensor,
+              energy: torch.Tensor) -> None:
+        """Hand ``layer`` its base output, output ranking and energy for input ``x`` (its next call)."""
+        self._pending = _Pending(layer, x, out, out_rank, energy)
 
     def take(self, layer: torch.nn.Module, x: torch.Tensor) -> _Pending | None:
         """What the partner computed for ``layer`` on this very input, if anything."""
@@ -80,7 +82,7 @@ class QKPair:
         q_heads = s_q.reshape(b, self.n_kv_heads, group, self.head_dim)
         best_q, best_head = q_heads.max(dim=2)  # (B, n_kv, head_dim)
         joint = s_k.reshape(b, self.n_kv_heads, self.head_dim) * best_q
-        k_rank = rank_features(joint.reshape(b, -1), min(k, joint[0].numel()))
+        k_rank = rank_features(joint.reshape(b, -1), min(k, joint[0].numel()), nonnegative=True)
         kv_head = torch.div(k_rank, self.head_dim, rounding_mode="floor")
         dim = k_rank % self.head_dim
         q_head = kv_head * group + torch.gather(best_head.reshape(b, -1), 1, k_rank)

@@ -12,12 +12,11 @@ import torch
 def squared_clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:
     """Per-component factor ``s_i^2`` by which clipping scales the rank-1 term ``A_i B_i^T``.
 
-    ``s_i^2 = tau / (||A_i|| ||B_i||)`` where the product exceeds ``tau``, else 1 (zero-norm and NaN
-    products keep 1; callers that must detect NaN check the norms). Any leading batch shape.
+    ``s_i^2 = tau / (||A_i|| ||B_i||)`` where the product exceeds ``tau``, else exactly 1 (zero norms
+    included); a NaN product gives NaN, so a broken component stays visible. Any leading batch shape.
     """
-    prod = norm_a * norm_b
-    # Dividing by the clamped product keeps zero and sub-threshold components at exactly 1.
-    return torch.where(prod > tau, tau / prod.clamp_min(tau), torch.ones_like(prod))
+    # max(prod, tau) turns every sub-threshold product into tau, and tau / tau is exactly 1.
+    return tau / (norm_a * norm_b).clamp_min(tau)
 
 
 def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:

@@ -39,7 +39,6 @@ class VPSContext:
         self._warned_4d = False
         self._valid: tuple | None = None
         self._ranking: tuple | None = None
-        self._scratch: torch.Tensor | None = None
         self.in_forward = False
 
     # -- read by the layers -----------------------------------------------------------------------
@@ -74,20 +73,6 @@ class VPSContext:
         self._ranking = (x, version, k, ranking)
         return ranking
 
-    def scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor shaped like ``like``, reused by every layer within one forward.
-
-        Each layer's statistics need one temporary the size of its output; handing out the same memory
-        saves the allocation and page faults of a fresh one per layer. Released when the forward ends.
-        """
-        if not self.in_forward:
-            return torch.empty_like(like)
-        buf = self._scratch
-        n = like.numel()
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._scratch = torch.empty(n, dtype=like.dtype, device=like.device)
-        return buf[:n].view(like.shape)
-
     def entropy_for(self, batch: int) -> torch.Tensor | None:
         """The entropy the policy may use for this forward, or None."""
         h = self.entropy
@@ -121,7 +106,7 @@ class VPSContext:
     def end(self, logits: torch.Tensor | None) -> None:
         """End of a top-level forward: measure next-token entropy for the following step."""
         mask, self.mask = self.mask, None
-        self._valid = self._ranking = self._scratch = None
+        self._valid = self._ranking = None
         self.in_forward = False
         if not self.want_entropy or logits is None:
             self.entropy = None

@@ -1,0 +1,164 @@
+"""RESULTS.md from evaluation directories: every number comes from a run's own rows.
+
+An index file (YAML or JSON) lists the runs to publish::
+
+    title: Results
+    intro: |
+      Free text (what was run, on what machine). No numbers: those come from the runs.
+    sections:
+      - title: Gold-solution NLL, SmolLM2-135M-Instruct, n = 250
+        dir: results/smollm2-nll-n250
+        command: vps eval --data gsm8k:test --sample 250 --seed 0 --methods base,vps --nll-only ...
+        preliminary: false
+        note: optional free text
+
+For each section the report is rewritten from the directory's rows (`write_report`), its status
+(complete, or how many rows each configuration still lacks) and one finding per configuration are
+derived from the statistics, and the run's ``report.md`` is embedded below the command. Run
+``python -m vps.evaluation.digest results/index.yaml -o RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .harness import RESULTS_FILE
+from .report import REPORT_MD, REPORT_PNG, write_report
+
+__all__ = ["ResultsIndexError", "build_results", "finding", "load_index"]
+
+
+class ResultsIndexError(ValueError):
+    """A malformed results index (the message names the file and the field)."""
+
+
+def load_index(path: str | Path) -> dict[str, Any]:
+    """The index at ``path`` (YAML or JSON), checked: a title and a list of sections with title, dir, command."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ResultsIndexError(f"{path}: cannot read the results index ({exc.strerror})") from None
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not isinstance(data.get("sections"), list):
+        raise ResultsIndexError(f"{path}: expected a mapping with a 'sections' list")
+    for i, sec in enumerate(data["sections"]):
+        if not isinstance(sec, dict):
+            raise ResultsIndexError(f"{path}: sections[{i}] must be a mapping")
+        for key in ("title", "dir", "command"):
+            if not isinstance(sec.get(key), str) or not sec[key].strip():
+                raise ResultsIndexError(f"{path}: sections[{i}].{key} must be a non-empty string")
+    return data
+
+
+def _ci(ci: Any, scale: float = 1.0, fmt: str = "+.4f") -> str:
+    return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
+
+
+def finding(entry: dict[str, Any], n_items: int) -> str | None:
+    """One sentence on a configuration against the baseline, from its statistics (None for the baseline)."""
+    vs = entry.get("vs_baseline")
+    if not vs:
+        return None
+    name = f"`{entry['name']}`" + (" (ORACLE)" if entry.get("oracle") else "")
+    scope = f"on {vs['n']} paired items" + ("" if vs["n"] >= n_items else f" of {n_items} (incomplete)")
+    parts = []
+    if vs.get("nll_diff") is not None:
+        lo, hi = vs["nll_diff_ci"]
+        verdict = ("lower NLL than the baseline (interval below 0)" if hi < 0 else
+                   "higher NLL than the baseline (interval above 0)" if lo > 0 else
+                   "no significant NLL difference (interval contains 0)")
+        parts.append(f"NLL {vs['nll_diff']:+.4f} nats/token {_ci(vs['nll_diff_ci'])}: {verdict}")
+    if vs.get("accuracy_diff") is not None:
+        p = vs.get("mcnemar_p")
+        sig = p is not None and p < 0.05
+        verdict = "significant at 5% (McNemar)" if sig else "no significant accuracy difference (McNemar)"
+        parts.append(f"accuracy {vs['accuracy_diff'] * 100:+.1f} pp {_ci(vs['accuracy_diff_ci'], 100, '+.1f')}, "
+                     f"McNemar p = {p:.3g}: {verdict}")
+    if not parts:
+        return None
+    return f"{name} {scope}: " + "; ".join(parts) + "."
+
+
+def _status(summary: dict[str, Any]) -> tuple[bool, str]:
+    n = summary["n_items"]
+    missing = [e for e in summary["configs"] if e["rows"] < n]
+    if not missing:
+        return True, f"complete: {len(summary['configs'])} configuration(s) x {n} items"
+    done = len(summary["configs"]) - len(missing)
+    left = ", ".join(f"`{e['name']}` {e['rows']}/{n}" for e in missing)
+    return False, f"partial: {done} of {len(summary['configs'])} configuration(s) complete; still running: {left}"
+
+
+def _embed(report_md: str, run_dir: str) -> str:
+    lines = report_md.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    out = []
+    for ln in lines:
+        if ln.startswith("#"):
+            ln = "#" + ln  # one level below the section heading
+        # The run's report names its files relative to the run directory.
+        out.append(ln.replace(f"`{REPORT_PNG}`", f"`{run_dir}/{REPORT_PNG}`")
+                   .replace(f"`{RESULTS_FILE}`", f"`{run_dir}/{RESULTS_FILE}`"))
+    return "\n".join(out).strip()
+
+
+def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
+    """The RESULTS.md text for ``index``; run directories are relative to ``root``."""
+    root = Path(root)
+    parts = [f"# {index.get('title', 'Results')}", ""]
+    if index.get("intro"):
+        parts += [str(index["intro"]).strip(), ""]
+    body, summary_lines = [], []
+    for sec in index["sections"]:
+        run_dir = sec["dir"].rstrip("/")
+        summary = write_report(root / run_dir)
+        complete, status = _status(summary)
+        title = sec["title"] + (" (preliminary)" if sec.get("preliminary") else "")
+        title += "" if complete else " (partial)"
+        findings = [f for f in (finding(e, summary["n_items"]) for e in summary["configs"]) if f]
+        summary_lines.append(f"- **{title}**" + ("" if findings else ": no comparison yet."))
+        summary_lines += [f"  - {f}" for f in findings]
+        body += [f"## {title}", "", f"Status: {status}.", "", "Command (rerun it to resume or re-report):", "",
+                 "    " + " ".join(sec["command"].split()), ""]
+        if sec.get("note"):
+            body += [str(sec["note"]).strip(), ""]
+        body += [_embed((root / run_dir / REPORT_MD).read_text(encoding="utf-8"), run_dir), ""]
+        if (root / run_dir / REPORT_PNG).exists():
+            body += [f"![{sec['title']}]({run_dir}/{REPORT_PNG})", ""]
+    parts += ["## Summary", "", "Each line is generated from the run's statistics (paired with the baseline "
+              "on the same items; 95% intervals).", "", *summary_lines, "", *body]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vps.evaluation.digest", description=__doc__.splitlines()[0])
+    p.add_argument("index", type=Path, help="results index (YAML or JSON)")
+    p.add_argument("-o", "--out", type=Path, default=None, help="write here (default: stdout)")
+    p.add_argument("--root", type=Path, default=Path("."), help="directory the run paths are relative to")
+    args = p.parse_args(argv)
+    try:
+        text = build_results(load_index(args.index), args.root)
+    except (ResultsIndexError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""RESULTS.md generation: status, findings and tables come from the run directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tiny_eval import SPECS, fake_generate, settings_for, tiny_tokenizer, write_data
+from vps.evaluation import run_evaluation
+from vps.evaluation.digest import ResultsIndexError, build_results, finding, load_index, main
+
+TOK = tiny_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(tmp_path, model, limit=None):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False)
+    items = items if limit is None else items[:limit]
+    gen = fake_generate({"base": {0, 1}, "vps": {1, 2, 3}})
+    run_evaluation(model, TOK, items, SPECS, tmp_path / "run", settings, batch_size=2, progress=False,
+                   generate_fn=gen, log=lambda _m: None)
+    return items
+
+
+def _index(tmp_path, **section):
+    sec = {"title": "Accuracy, tiny", "dir": "run", "command": "vps eval --out run", **section}
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps({"title": "Results", "intro": "Intro text.", "sections": [sec]}))
+    return path
+
+
+def test_results_are_built_from_the_run(tmp_path, model):
+    _run(tmp_path, model)
+    text = build_results(load_index(_index(tmp_path, preliminary=True)), tmp_path)
+    assert text.startswith("# Results\n\nIntro text.")
+    assert "## Accuracy, tiny (preliminary)\n" in text and "(partial)" not in text
+    assert "Status: complete: 2 configuration(s) x 5 items." in text
+    # base is right on items 0, 1 and vps on 1, 2, 3: +20 pp, 1 flip to wrong and 2 to correct
+    assert "`vps` on 5 paired items: accuracy +20.0 pp" in text
+    assert "no significant accuracy difference (McNemar)" in text
+    assert "| `vps` | vps | 5 | 3 | 60.0% |" in text  # the run's own accuracy table, embedded
+    assert "![Accuracy, tiny](run/report.png)" in text and "\n### Accuracy\n" in text
+    assert "`run/results.jsonl`" in text
+
+
+def test_an_incomplete_run_is_marked_partial(tmp_path, model):
+    items = _run(tmp_path, model, limit=3)
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert settings["data"]["n_items"] == 5 and len(items) == 3
+    text = build_results(load_index(_index(tmp_path)), tmp_path)
+    assert "## Accuracy, tiny (partial)" in text
+    assert "still running: `base` 3/5, `vps` 3/5" in text
+    assert "on 3 paired items of 5 (incomplete)" in text
+
+
+def test_nll_findings_follow_the_interval():
+    entry = {"name": "x", "vs_baseline": {"n": 10, "nll_diff": -0.1, "nll_diff_ci": [-0.2, -0.05]}}
+    assert "lower NLL than the baseline" in finding(entry, 10)
+    entry["vs_baseline"]["nll_diff_ci"] = [-0.2, 0.05]
+    assert "no significant NLL difference" in finding(entry, 10)
+    entry["vs_baseline"].update(nll_diff=0.1, nll_diff_ci=[0.05, 0.2])
+    assert "higher NLL than the baseline" in finding(entry, 10)
+    assert finding({"name": "base", "vs_baseline": None}, 10) is None
+    oracle = {"name": "o", "oracle": True, "vs_baseline": {"n": 4, "accuracy_diff": 0.5, "accuracy_diff_ci": [0.1, 0.9],
+                                                         "mcnemar_p": 0.01}}
+    assert finding(oracle, 4).startswith("`o` (ORACLE) on 4 paired items: accuracy +50.0 pp")
+    assert "significant at 5%" in finding(oracle, 4)
+
+
+def test_index_errors_name_the_file_and_field(tmp_path, capsys):
+    bad = tmp_path / "index.json"
+    bad.write_text(json.dumps({"sections": [{"title": "t", "dir": "d"}]}))
+    with pytest.raises(ResultsIndexError, match=r"index.json: sections\[0\].command must be a non-empty string"):
+        load_index(bad)
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: cannot read the results index" in capsys.readouterr().err

@@ -60,7 +60,8 @@ def rank_features(scores: torch.Tensor, k: int, nonnegative: bool = False) -> to
     """
     # topk gives no tie order and a stable sort of every row is ~10x slower, so rank an exact integer
     # key instead: the float's bits made order-preserving, then the reversed index as tie-breaker.
-    s = scores.float().contiguous()
+    s = scores if scores.dtype == torch.float32 else scores.float()
+    s = s if s.is_contiguous() else s.contiguous()
     bits = s.view(torch.int32)
     if not nonnegative:  # the bits of a negative float order backwards
         bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)

@@ -90,6 +90,7 @@ class VPSLinear(nn.Module):
         self.plan: Plan | None = None
         self._positions: torch.Tensor | None = None
         self._fallbacks = torch.zeros((), dtype=torch.long)
+        self._oks: list[torch.Tensor] = []  # ok flags of recent plans, not yet counted in _fallbacks
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
@@ -122,6 +123,7 @@ class VPSLinear(nn.Module):
     @property
     def fallbacks(self) -> int:
         """How many sequences fell back to the base output because the perturbation failed."""
+        self._fold_fallbacks()
         return int(self._fallbacks)
 
     def extra_repr(self) -> str:
@@ -183,7 +185,7 @@ class VPSLinear(nn.Module):
         with torch.no_grad():
             mask, dense = ctx.valid_tokens(x.shape[0], x.shape[1], x.device)
             key = x
-            x, h0 = x.detach(), self._without_bias(out.detach())
+            h0 = self._without_bias(out)  # no_grad: nothing here joins the autograd graph
             if batch_scope:
                 x, h0, mask = (t.reshape(1, -1, *t.shape[2:]) for t in (x, h0, mask))
             # Layers reading the same input (q/k/v, gate/up) share its ranking within one forward.
@@ -194,7 +196,7 @@ class VPSLinear(nn.Module):
             else:
                 s_out, energy = output_scores(h0, mask, dense)
                 if peer_out is not None:
-                    peer_h0 = self.pair.peer(self)._without_bias(peer_out.detach())
+                    peer_h0 = self.pair.peer(self)._without_bias(peer_out)
                     if batch_scope:
                         peer_h0 = peer_h0.reshape(1, -1, peer_h0.shape[-1])
                     peer_scores, peer_energy = output_scores(peer_h0, mask, dense)
@@ -231,20 +233,32 @@ class VPSLinear(nn.Module):
                 second = ((decision.order == 2).float()[:, None, None] * s[:, :, None] * m.transpose(1, 2)
                           * s[:, None, :])
         # The gain may carry autograd (refinement optimises it); everything else is constant.
-        g = decision.gamma.float() * self.gain.to(decision.gamma.device)
+        gain = self.gain if self.gain.device == decision.gamma.device else self.gain.to(decision.gamma.device)
+        g = decision.gamma * gain
         if second is None:  # order 1: a diagonal core, so Q is a row scaling of B^T
             q = (g[:, None] * s2).unsqueeze(-1) * cols
         else:
             q = (torch.diag_embed(g[:, None] * s2) + (g * g)[:, None, None] * second) @ cols
         # Every way the plan can break (a non-finite gain, norm, clip scale or weight) ends in Q.
-        ok = torch.isfinite(q.detach()).all(dim=-1).all(dim=-1)
-        if sel.ok is not None:
-            ok = ok & sel.ok
+        with torch.no_grad():
+            ok = torch.isfinite(q).all(dim=(1, 2))
+            if sel.ok is not None:
+                ok = ok & sel.ok
+            self._oks.append(ok)
+            if len(self._oks) >= 64:
+                self._fold_fallbacks()
+            bias = self.bias
+            bias_sel = None if bias is None else bias[sel.out_idx]
         q = torch.where(ok[:, None, None], q, 0.0)
-        self._fallbacks = self._fallbacks.to(ok.device) + (ok.numel() - ok.sum())
-        bias = self.bias
-        bias_sel = None if bias is None else bias.detach()[sel.out_idx]
-        return Plan(sel.out_idx, sel.coef, q.to(dtype), bias_sel, sel, decision)
+        return Plan(sel.out_idx, sel.coef, q if q.dtype == dtype else q.to(dtype), bias_sel, sel, decision)
+
+    def _fold_fallbacks(self) -> None:
+        # Plans record their (B,) ok flags and the count is folded in batches: counting on every
+        # forward would cost a few tensor ops per layer and forward.
+        oks, self._oks = self._oks, []
+        if oks:
+            failed = sum((~ok).sum() for ok in oks)
+            self._fallbacks = self._fallbacks.to(failed.device) + failed
 
     def _rank_positions(self, device: torch.device) -> torch.Tensor:
         pos = self._positions
@@ -255,19 +269,19 @@ class VPSLinear(nn.Module):
     # -- weight access without materialising anything of size d_out x d_in ----------------------
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``W[idx]`` for idx (B, K) -> (B, K, d_in), float32."""
-        w = self.base_layer.weight.detach()
+        w = self.base_layer.weight
         # Index the leading dimension of a (transposed) view: a contiguous row gather, far cheaper
         # than advanced indexing along the second dimension.
-        return (w.t() if self._transposed else w)[idx].float()
+        return _f32((w.t() if self._transposed else w)[idx])
 
     def _cols(self, idx: torch.Tensor) -> torch.Tensor:
         """Columns ``W[:, idx]`` for idx (B, R) -> (B, R, d_out), float32."""
-        w = self.base_layer.weight.detach()
-        return (w if self._transposed else w.t())[idx].float()
+        w = self.base_layer.weight
+        return _f32((w if self._transposed else w.t())[idx])
 
     def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        return out if bias is None else out - bias.detach()
+        return out if bias is None else out - bias
 
     # -- gradient capture ----------------------------------------------------------------------
     def _capture_gradient(self, y: torch.Tensor, mask: torch.Tensor) -> None:
@@ -324,6 +338,11 @@ def _masked_abs(t: torch.Tensor, mask: torch.Tensor, dense: bool) -> torch.Tenso
 
 def _valid_count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1).clamp_min(1).float()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    # A dtype check in Python is free; a no-op .float() is still a dispatched op, per layer and forward.
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -312,6 +312,45 @@ def test_nll_of_a_patched_model_uses_prompt_only_selectors(model):
     assert max(abs(a - b) for a, b in zip(prompt_only, base, strict=True)) > 1e-4  # VPS changed something
 
 
+@pytest.mark.parametrize("decode_mode", ["frozen", "dynamic"])
+def test_nll_cached_scoring_equals_recompute(model, decode_mode):
+    prompts, solutions = [*PROMPTS, PROMPTS[0]], [*SOLUTIONS, ""]  # an empty solution scores None
+    # Dynamic decoding would re-select on the chunk; cached scoring keeps the prompt's plans anyway.
+    vps.patch(model, vps.VPSConfig(decode_mode=decode_mode))
+    try:
+        cached = solution_nll(model, TOK, prompts, solutions, scoring="cached")
+        recompute = solution_nll(model, TOK, prompts, solutions, scoring="recompute")
+    finally:
+        vps.unpatch(model)
+    assert cached[-1].nll is None and recompute[-1].nll is None
+    assert [r.tokens for r in cached] == [r.tokens for r in recompute]
+    assert [r.nll for r in cached[:-1]] == pytest.approx([r.nll for r in recompute[:-1]], abs=1e-5)
+    with pytest.raises(ValueError, match="scoring"):
+        solution_nll(model, TOK, prompts, solutions, scoring="fast")
+
+
+def test_a_run_keeps_its_nll_scoring(tmp_path, model, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, generate=False, nll=True)
+    seen = []
+    real = harness_mod.solution_nll
+
+    def spy(*args, scoring, **kwargs):
+        seen.append(scoring)
+        return real(*args, scoring=scoring, **kwargs)
+
+    monkeypatch.setattr(harness_mod, "solution_nll", spy)
+    out = tmp_path / "out"
+    run_evaluation(model, TOK, items[:2], SPECS[:1], out, settings, batch_size=2, progress=False,
+                   log=lambda _m: None)
+    stored = json.loads((out / "run.json").read_text())
+    assert seen == ["cached"] and stored["nll_scoring"] == "cached"
+    del stored["nll_scoring"]  # a run from before the setting: it scored by recomputing
+    (out / "run.json").write_text(json.dumps(stored))
+    run_evaluation(model, TOK, items, SPECS[:1], out, settings, batch_size=8, progress=False, log=lambda _m: None)
+    assert seen == ["cached", "recompute"]
+
+
 # -- grids -------------------------------------------------------------------------------------------
 def test_seed_grid_loads():
     specs = load_grid()

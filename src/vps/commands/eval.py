@@ -47,6 +47,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-order", choices=["length", "input"], default="length",
                    help="length (default): batch items of similar token length, longest first, to waste little "
                         "on padding; input: the data's order. Changes no result; a resumed run keeps its own")
+    g.add_argument("--nll-scoring", choices=["cached", "recompute"], default="cached",
+                   help="cached (default): a patched model scores each gold solution from the prompt's KV cache, "
+                        "as generation decodes; recompute: rerun prompt + solution. Equal up to rounding; a resumed "
+                        "run keeps its own")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -117,7 +121,7 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, stop_strings=args.stop if args.stop else DEFAULT_STOP_STRINGS,
         system=args.system, extract_mode=args.extract, refine_iters=args.iters, refine_k_samples=args.k_samples,
-        seed=args.seed, command=command, batch_order=args.batch_order)
+        seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring)
     stored = RunDir(args.out).read_settings()
     if stored is not None:  # refuse before spending time on the model
         merge_settings(stored, settings.to_dict(specs), str(args.out))

@@ -39,7 +39,7 @@ from ..prompting import DEFAULT_SYSTEM, chat_prompt, generate_texts
 from ..verify import answers_match, extract_answer, parse_gold
 from .ablation import MethodSpec
 from .data import Item, LoadResult
-from .nll import solution_nll
+from .nll import SCORINGS, solution_nll
 
 __all__ = [
     "DEFAULT_STOP_STRINGS", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunMismatchError", "RunSettings", "data_info",
@@ -52,10 +52,11 @@ RUN_FORMAT = 1
 # The model's next turn, if it starts writing one: stop there and trim it.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 # Keys of run.json that describe the run but may differ between a run and its resumption.
-# batch_order changes no number, only which items share a batch (and so the per-item seconds): the
-# order stored by a run's first invocation is kept for the whole run, so cost ratios stay comparable.
+# batch_order and nll_scoring change no number beyond float rounding, only the batching and the
+# seconds: the value stored by a run's first invocation is kept for the whole run, so every row of a
+# run is computed the same way and its cost ratios stay comparable.
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
-                 "data.skipped", "batch_order"}
+                 "data.skipped", "batch_order", "nll_scoring"}
 BATCH_ORDERS = ("length", "input")
 
 
@@ -91,6 +92,7 @@ class RunSettings:
     is an NLL-only run. ``system`` None means the default tutoring prompt. ``batch_order="length"``
     batches items of similar token length together (longest first), which wastes far less compute on
     padding than the input order (~1.4x on GSM8K at batch 8); rows do not depend on their batch.
+    ``nll_scoring`` is `solution_nll`'s ``scoring`` ("cached" computes each prompt once).
     """
 
     model: str
@@ -108,8 +110,11 @@ class RunSettings:
     seed: int = 0
     command: str = "eval"
     batch_order: str = "length"
+    nll_scoring: str = "cached"
 
     def __post_init__(self) -> None:
+        if self.nll_scoring not in SCORINGS:
+            raise ValueError(f"nll_scoring must be one of {SCORINGS}, got {self.nll_scoring!r}")
         if self.batch_order not in BATCH_ORDERS:
             raise ValueError(f"batch_order must be one of {BATCH_ORDERS}, got {self.batch_order!r}")
         if not self.generate and not self.nll:
@@ -387,9 +392,13 @@ def run_evaluation(
     stored, added = run.prepare(settings.to_dict(specs))
     if added and run.results.exists():
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
-    order = stored.get("batch_order", "input")  # runs from before the setting used the input order
+    # Runs from before these settings existed used the input order and the recompute scoring.
+    order = stored.get("batch_order", "input")
     if order != settings.batch_order:
         log(f"keeping this run's stored batch order {order!r} (asked for {settings.batch_order!r})")
+    scoring = stored.get("nll_scoring", "recompute")
+    if settings.nll and scoring != settings.nll_scoring:
+        log(f"keeping this run's stored NLL scoring {scoring!r} (asked for {settings.nll_scoring!r})")
     done = {(str(r.get("id")), str(r.get("config"))) for r in run.read_rows(repair=True)}
     prompts = {item.id: chat_prompt(tokenizer, item.question, system=settings.system_prompt) for item in items}
     if order == "length":
@@ -418,7 +427,8 @@ def run_evaluation(
                     if spec.method.startswith("refine"):
                         rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock)
                     else:
-                        rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock)
+                        rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
+                                      scoring)
                     run.append(rows)
                     written[spec.name] += len(rows)
                     if bar is not None:
@@ -450,7 +460,8 @@ def _progress(enabled: bool, desc: str, total: int, initial: int) -> Any:
 
 
 def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
-           settings: RunSettings, generate_fn: Callable[..., Any], clock: Callable[[], float]) -> list[dict[str, Any]]:
+           settings: RunSettings, generate_fn: Callable[..., Any], clock: Callable[[], float],
+           scoring: str = "cached") -> list[dict[str, Any]]:
     """One batch of base or vps: batched generation, then the gold-solution NLL."""
     texts = [prompts[it.id] for it in batch]
     rows = [_base_row(it, spec, prompts[it.id], len(batch)) for it in batch]
@@ -469,7 +480,7 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
         if spec.patched:
             reset_state(model)
         start = clock()
-        scores = solution_nll(model, tokenizer, texts, [it.answer for it in batch])
+        scores = solution_nll(model, tokenizer, texts, [it.answer for it in batch], scoring=scoring)
         share = (clock() - start) / len(batch)
         for row, s in zip(rows, scores, strict=True):
             row.update(nll=_finite(s.nll), nll_tokens=s.tokens, nll_seconds=share)

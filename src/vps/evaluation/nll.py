@@ -11,6 +11,12 @@ on the prompts alone (the prefill stores each layer's plan, per row), then on pr
 inside `vps.reuse_selection`, which keeps those plans. ``selection="joint"`` builds the selectors
 from prompt + solution instead; it exists only to measure the difference and is not used by the
 harness.
+
+A patched model can be scored two ways, equal up to float rounding: ``scoring="cached"`` (the
+default) prefills the prompts with a KV cache and scores the solutions as one cached chunk, exactly
+as generation decodes, so the prompt is computed once (~1.3x faster on GSM8K with SmolLM2);
+``scoring="recompute"`` runs prompt + solution in one forward after the prompt-only prefill. An
+unpatched model is always scored with one forward over prompt + solution.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..patching import get_context, is_patched, reuse_selection
 __all__ = ["NLLResult", "solution_nll"]
 
 SELECTIONS = ("prompt", "joint")
+SCORINGS = ("cached", "recompute")
 
 
 @dataclass(frozen=True)
@@ -79,16 +86,18 @@ def solution_nll(
     prompts: Sequence[str],
     solutions: Sequence[str],
     selection: str = "prompt",
+    scoring: str = "cached",
 ) -> list[NLLResult]:
     """Mean NLL per token of each ``solutions[i]`` after ``prompts[i]``, teacher-forced, in one batch.
 
-    An unpatched model (or one inside `vps.disabled`) is scored with one forward. A patched,
-    enabled model gets a prompt-only prefill first and the scoring forward inside
-    `vps.reuse_selection` (``selection="prompt"``, the default), see the module docstring.
-    Rows are left padded with per-row positions, so a row's result does not depend on its batch.
+    A patched, enabled model keeps the selectors its prompt-only prefill built (``selection="prompt"``,
+    the default), see the module docstring; ``scoring`` picks the cached or the recompute path.
+    Rows are padded with per-row positions, so a row's result does not depend on its batch.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if len(prompts) != len(solutions):
         raise ValueError(f"got {len(prompts)} prompts but {len(solutions)} solutions")
     if not prompts:
@@ -102,31 +111,72 @@ def solution_nll(
     if any(not p for p in prompt_ids):
         raise ValueError("a prompt encodes to no tokens; the first solution token would have no context")
     lengths = [len(s) for s in solution_ids]
-    keep = max(lengths) + 1
-    joint = _left_padded([p + s for p, s in zip(prompt_ids, solution_ids, strict=True)], pad_id, device)
     patched = is_patched(model) and get_context(model).enabled
+    if not patched or selection == "joint" or max(lengths) == 0:
+        # One forward over prompt + solution: all an unpatched model needs (a cached pass would only
+        # add a second call), and what joint selection means.
+        scoring = "recompute"
 
     with torch.no_grad():
-        if patched and selection == "prompt":
-            # Prefill on the prompts alone stores each layer's per-row plan, as generation does...
-            _logits(model, _left_padded(prompt_ids, pad_id, device), 1)
-            # ...and the scoring pass keeps those plans instead of reading the solution tokens.
-            with reuse_selection(model):
-                logits = _logits(model, joint, keep)
+        if scoring == "cached":
+            logits, targets, starts = _cached_scores(model, prompt_ids, solution_ids, pad_id, device)
         else:
-            logits = _logits(model, joint, keep)
+            logits, targets, starts = _recompute_scores(model, prompt_ids, solution_ids, pad_id, device,
+                                                        patched and selection == "prompt")
 
     results: list[NLLResult] = []
-    targets = joint["input_ids"][:, -keep:]
     for i, n in enumerate(lengths):
         if n == 0:
             results.append(NLLResult(None, 0))
             continue
-        # Position j of the window predicts token j + 1: the solution's n tokens are the last n,
-        # predicted by the n positions before the window's last one.
-        row = logits[i, keep - 1 - n: keep - 1].float()
+        row = logits[i, starts[i]: starts[i] + n].float()
         logp = torch.log_softmax(row, dim=-1)
-        tgt = targets[i, keep - n:]
+        tgt = targets[i, starts[i] + 1: starts[i] + 1 + n]
         nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).mean()
         results.append(NLLResult(float(nll), n))
     return results
+
+
+# Both scorers return (logits, targets, starts): position starts[i] + j of row i predicts
+# targets[i, starts[i] + j + 1], the solution's token j.
+
+def _recompute_scores(model: Any, prompt_ids: list[list[int]], solution_ids: list[list[int]], pad_id: int,
+                      device: torch.device, prompt_selection: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    keep = max(len(s) for s in solution_ids) + 1
+    joint = _left_padded([p + s for p, s in zip(prompt_ids, solution_ids, strict=True)], pad_id, device)
+    if prompt_selection:
+        # Prefill on the prompts alone stores each layer's per-row plan, as generation does...
+        _logits(model, _left_padded(prompt_ids, pad_id, device), 1)
+        # ...and the scoring pass keeps those plans instead of reading the solution tokens.
+        with reuse_selection(model):
+            logits = _logits(model, joint, keep)
+    else:
+        logits = _logits(model, joint, keep)
+    # The window's last n + 1 positions: the last prompt token, then the solution's n tokens.
+    starts = [keep - 1 - len(s) for s in solution_ids]
+    return logits, joint["input_ids"][:, -keep:], starts
+
+
+def _cached_scores(model: Any, prompt_ids: list[list[int]], solution_ids: list[list[int]], pad_id: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    prompt = _left_padded(prompt_ids, pad_id, device)
+    out = model(**prompt, use_cache=True, **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}))
+    first = (out.logits if hasattr(out, "logits") else out[0])[:, -1:]  # predicts each solution's first token
+    width = max(len(s) for s in solution_ids)
+    # Solutions are right padded after the (left padded) prompts, so every row continues at its own
+    # next position; a padded tail is masked out and only ever follows the valid tokens.
+    chunk = torch.full((len(solution_ids), width), pad_id, dtype=torch.long)
+    chunk_mask = torch.zeros((len(solution_ids), width), dtype=torch.long)
+    for i, sol in enumerate(solution_ids):
+        chunk[i, :len(sol)] = torch.tensor(sol, dtype=torch.long)
+        chunk_mask[i, :len(sol)] = 1
+    chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
+    mask = torch.cat([prompt["attention_mask"], chunk_mask], dim=1)
+    positions = prompt["attention_mask"].sum(dim=1, keepdim=True) + torch.arange(width, device=device)
+    kwargs = dict(input_ids=chunk, attention_mask=mask, position_ids=positions,
+                  past_key_values=getattr(out, "past_key_values", None), use_cache=True)
+    with reuse_selection(model):  # the selectors stay those of the prompt, whatever the decode mode
+        rest = model(**kwargs)
+    logits = torch.cat([first, (rest.logits if hasattr(rest, "logits") else rest[0])], dim=1)
+    targets = torch.cat([torch.full((len(solution_ids), 1), pad_id, dtype=torch.long, device=device), chunk], dim=1)
+    return logits, targets, [0] * len(solution_ids)

@@ -141,3 +141,24 @@ def test_default_configs_and_sizes():
     assert [w.key for w in s.workloads()] == ["prefill_1x512", "prefill_8x128", "decode_b1", "decode_b8"]
     with pytest.raises(ValueError, match="new_tokens"):
         BenchSettings(new_tokens=0).validate()
+
+
+def test_profile_splits_the_forward_into_vps_parts(one_thread):
+    from vps import layer as layer_mod
+    from vps.profiling import profile_patched
+
+    model = tiny_llama()
+    originals = (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, layer_mod.output_scores)
+    text = profile_patched(model, {"builder": "sk"}, tiny_settings(), row_limit=5)
+    assert "patched prefill 2x16: VPS parts" in text and "patched decode step, batch 1: VPS parts" in text
+    prefill = text.split("=== patched prefill 2x16: torch ops")[0]
+    ms = {ln.split(":")[0].strip(): float(ln.split(":")[1].split("ms")[0]) for ln in prefill.splitlines()
+          if " ms" in ln}
+    whole, stats = ms["whole forward"], ms["of which statistics"]
+    plan = ms["plan building (selection, policy, clip, Q)"]
+    assert 0 < stats < plan < whole and ms["applying the perturbation"] > 0
+    # a decode step in frozen mode reuses the plans: no plan building at all
+    decode = text.split("=== patched decode step, batch 1: VPS parts")[1].split("\n===")[0]
+    assert "plan building (selection, policy, clip, Q): 0.0 ms" in decode
+    assert not vps.is_patched(model)
+    assert (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, layer_mod.output_scores) == originals

@@ -682,65 +682,6 @@ def _fmt_load(load: list[float] | None) -> str:
 
 
 # -- profiling ---------------------------------------------------------------------------------------------
-def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: BenchSettings | None = None,
-                    row_limit: int = 15) -> str:
-    """Profile ONE patched prefill (the batched shape) and ONE patched decode step (batch 1).
-
-    Returns the top ``row_limit`` torch ops by self CPU time (torch.profiler) and the top Python
-    functions by self time (cProfile) for each, as text. Each profiled call follows one untimed warm-up.
-    """
-    import cProfile
-    import io
-    import pstats
-
-    from torch.profiler import ProfilerActivity, profile
-
-    settings = settings if settings is not None else BenchSettings()
-    device = next(model.parameters()).device
-    kwargs = _forward_kwargs(model)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    b, t = settings.prefill_shapes[-1]
-    ids, mask = make_inputs(model, b, t, settings.seed)
-    dec_ids, dec_mask = make_inputs(model, settings.decode_batches[0], settings.prompt_tokens, settings.seed)
-    sections = []
-    patch(model, make_config(overrides))
-    try:
-        with torch.no_grad():
-            def prefill():
-                return model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
-
-            def decode_setup():
-                out = model(input_ids=dec_ids, attention_mask=dec_mask, use_cache=True, **kwargs)
-                nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-                full = torch.ones(dec_ids.shape[0], dec_ids.shape[1] + 1, dtype=dec_mask.dtype, device=device)
-                return lambda: model(input_ids=nxt, attention_mask=full, past_key_values=out.past_key_values,
-                                     use_cache=True, **kwargs)
-
-            for label, make in ((f"patched prefill {b}x{t}", lambda: prefill),
-                                (f"patched decode step, batch {dec_ids.shape[0]}", decode_setup)):
-                make()()  # warm-up; every measured call gets a fresh step (for decode: a fresh KV cache)
-                step = make()
-                with profile(activities=activities) as prof:
-                    step()
-                _sync(device)
-                ops = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
-                step = make()
-                pr = cProfile.Profile()
-                pr.enable()
-                step()
-                _sync(device)
-                pr.disable()
-                buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(row_limit)
-                py = "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip())
-                sections.append(f"=== {label}: torch ops by self time ===\n{ops}\n"
-                                f"=== {label}: Python functions by self time (cProfile) ===\n{py}\n")
-    finally:
-        unpatch(model)
-    return "\n".join(sections)
-
-
 # -- subprocess entry point ----------------------------------------------------------------------------
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vps.bench",

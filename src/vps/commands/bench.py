@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import BenchSettings, format_report, profile_patched, resolve_configs, run_benchmark
+    from ..bench import BenchSettings, format_report, resolve_configs, run_benchmark
+    from ..profiling import profile_patched
 
     configs = resolve_configs(args.configs)  # fail on a bad config before loading anything
     if args.repeats is not None and args.repeats < 1:

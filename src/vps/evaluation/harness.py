@@ -52,11 +52,13 @@ RUN_FORMAT = 1
 # The model's next turn, if it starts writing one: stop there and trim it.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 # Keys of run.json that describe the run but may differ between a run and its resumption.
-# batch_order and nll_scoring change no number beyond float rounding, only the batching and the
-# seconds: the value stored by a run's first invocation is kept for the whole run, so every row of a
-# run is computed the same way and its cost ratios stay comparable.
+# Settings that change no number beyond float rounding, only the batching and the seconds: the value
+# stored by a run's first invocation is kept for the whole run (so every row of a run is computed the
+# same way and its cost ratios stay comparable). The value is what runs written before the setting
+# existed did.
+_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute"}
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
-                 "data.skipped", "batch_order", "nll_scoring"}
+                 "data.skipped", *_KEPT_FROM_FIRST_RUN}
 BATCH_ORDERS = ("length", "input")
 
 
@@ -392,13 +394,11 @@ def run_evaluation(
     stored, added = run.prepare(settings.to_dict(specs))
     if added and run.results.exists():
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
-    # Runs from before these settings existed used the input order and the recompute scoring.
-    order = stored.get("batch_order", "input")
-    if order != settings.batch_order:
-        log(f"keeping this run's stored batch order {order!r} (asked for {settings.batch_order!r})")
-    scoring = stored.get("nll_scoring", "recompute")
-    if settings.nll and scoring != settings.nll_scoring:
-        log(f"keeping this run's stored NLL scoring {scoring!r} (asked for {settings.nll_scoring!r})")
+    kept = {key: stored.get(key, legacy) for key, legacy in _KEPT_FROM_FIRST_RUN.items()}
+    for key, value in kept.items():
+        if value != getattr(settings, key):
+            log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
+    order, scoring = kept["batch_order"], kept["nll_scoring"]
     done = {(str(r.get("id")), str(r.get("config"))) for r in run.read_rows(repair=True)}
     prompts = {item.id: chat_prompt(tokenizer, item.question, system=settings.system_prompt) for item in items}
     if order == "length":

@@ -70,14 +70,15 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-def _logits(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
-    """Logits of the last ``keep`` positions (all positions when the model cannot trim them)."""
-    kwargs: dict[str, Any] = dict(batch, use_cache=False)
-    if _accepts(model, "logits_to_keep"):
+def _forward(model: Any, inputs: dict[str, Any], keep: int | None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+    """Logits of the last ``keep`` positions (None: all; every position is computed when the model
+    cannot trim them), and the model's output (for its KV cache)."""
+    kwargs: dict[str, Any] = dict(inputs, use_cache=use_cache)
+    if keep is not None and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[:, -keep:]
+    return (logits if keep is None else logits[:, -keep:]), out
 
 
 def solution_nll(
@@ -146,12 +147,12 @@ def _recompute_scores(model: Any, prompt_ids: list[list[int]], solution_ids: lis
     joint = _left_padded([p + s for p, s in zip(prompt_ids, solution_ids, strict=True)], pad_id, device)
     if prompt_selection:
         # Prefill on the prompts alone stores each layer's per-row plan, as generation does...
-        _logits(model, _left_padded(prompt_ids, pad_id, device), 1)
+        _forward(model, _left_padded(prompt_ids, pad_id, device), 1)
         # ...and the scoring pass keeps those plans instead of reading the solution tokens.
         with reuse_selection(model):
-            logits = _logits(model, joint, keep)
+            logits = _forward(model, joint, keep)[0]
     else:
-        logits = _logits(model, joint, keep)
+        logits = _forward(model, joint, keep)[0]
     # The window's last n + 1 positions: the last prompt token, then the solution's n tokens.
     starts = [keep - 1 - len(s) for s in solution_ids]
     return logits, joint["input_ids"][:, -keep:], starts
@@ -160,8 +161,7 @@ def _recompute_scores(model: Any, prompt_ids: list[list[int]], solution_ids: lis
 def _cached_scores(model: Any, prompt_ids: list[list[int]], solution_ids: list[list[int]], pad_id: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     prompt = _left_padded(prompt_ids, pad_id, device)
-    out = model(**prompt, use_cache=True, **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}))
-    first = (out.logits if hasattr(out, "logits") else out[0])[:, -1:]  # predicts each solution's first token
+    first, out = _forward(model, prompt, 1, use_cache=True)  # predicts each solution's first token
     width = max(len(s) for s in solution_ids)
     # Solutions are right padded after the (left padded) prompts, so every row continues at its own
     # next position; a padded tail is masked out and only ever follows the valid tokens.
@@ -173,10 +173,10 @@ def _cached_scores(model: Any, prompt_ids: list[list[int]], solution_ids: list[l
     chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
     mask = torch.cat([prompt["attention_mask"], chunk_mask], dim=1)
     positions = prompt["attention_mask"].sum(dim=1, keepdim=True) + torch.arange(width, device=device)
-    kwargs = dict(input_ids=chunk, attention_mask=mask, position_ids=positions,
-                  past_key_values=getattr(out, "past_key_values", None), use_cache=True)
+    inputs = dict(input_ids=chunk, attention_mask=mask, position_ids=positions,
+                  past_key_values=getattr(out, "past_key_values", None))
     with reuse_selection(model):  # the selectors stay those of the prompt, whatever the decode mode
-        rest = model(**kwargs)
-    logits = torch.cat([first, (rest.logits if hasattr(rest, "logits") else rest[0])], dim=1)
+        rest = _forward(model, inputs, None, use_cache=True)[0]
+    logits = torch.cat([first, rest], dim=1)
     targets = torch.cat([torch.full((len(solution_ids), 1), pad_id, dtype=torch.long, device=device), chunk], dim=1)
     return logits, targets, [0] * len(solution_ids)

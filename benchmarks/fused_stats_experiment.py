@@ -107,7 +107,7 @@ def check_kernel(fused_in: Any, fused_out: Any) -> None:
     mask = torch.rand(3, 17, generator=gen) > 0.3
     for dense, m in ((True, torch.ones_like(mask)), (False, mask)):
         torch.testing.assert_close(fused_in(h, m, dense), layer_mod.input_scores(h, m, dense))
-        for got, want in zip(fused_out(h, m, dense), layer_mod.output_scores(h, m, dense)):
+        for got, want in zip(fused_out(h, m, dense), layer_mod.output_scores(h, m, dense), strict=True):
             torch.testing.assert_close(got, want)
 
 

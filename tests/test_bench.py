@@ -70,6 +70,33 @@ def test_run_benchmark_in_memory_model(one_thread):
         assert text in report
 
 
+def test_floor_reuses_the_plans_of_an_untimed_run(one_thread, monkeypatch):
+    from vps import layer as layer_mod
+
+    builds = {"n": 0}
+    original = layer_mod.VPSLinear._build_plan
+
+    def counting(self, *args, **kwargs):
+        builds["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_mod.VPSLinear, "_build_plan", counting)
+    model = tiny_llama()
+    counts = {}
+    for name in ("sk", "floor"):
+        builds["n"] = 0
+        result = run_benchmark(model, name, tiny_settings(), progress=False)
+        counts[name] = builds["n"]
+    check_timing_fields(result, ["floor"])
+    entry = result["configs"]["floor"]
+    assert entry["plan_reuse"] and entry["config"]["builder"] == "sk" and entry["memory"] is None
+    assert all(s["target"] is None and s["pass"] is None for s in entry["workloads"].values())
+    # every floor run builds its plans once (the untimed run); the timed run only reuses them
+    assert counts["floor"] == counts["sk"] > 0
+    assert "the rank-2 term alone" in format_report(result)
+    assert not vps.is_patched(model)
+
+
 def test_run_benchmark_refuses_a_patched_model():
     model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8))
     with pytest.raises(ValueError, match="unpatched"):
@@ -134,7 +161,7 @@ def test_bad_configs_are_named(specs, message):
 
 
 def test_default_configs_and_sizes():
-    assert list(resolve_configs(None)) == list(DEFAULT_CONFIGS) == ["sk", "sc", "hybrid", "sk-dynamic"]
+    assert list(resolve_configs(None)) == list(DEFAULT_CONFIGS) == ["sk", "sc", "hybrid", "sk-dynamic", "floor"]
     s = BenchSettings()
     assert s.prefill_shapes == [(1, 512), (8, 128)] and s.decode_batches == [1, 8]
     assert (s.prompt_tokens, s.new_tokens, s.prefill_repeats, s.decode_repeats) == (32, 64, 5, 3)

@@ -21,6 +21,11 @@ Workloads (the defaults; ``BenchSettings.quick()`` shrinks them for smoke tests)
   on CPU the process peak RSS (``VmHWM``) of a fresh subprocess per variant that loads the
   model, patches it (or not) and runs the prefill workloads (``python -m vps.bench --memory-probe``).
 
+The ``floor`` configuration is SK with its plans built by an untimed run of the same workload and then
+reused (`vps.reuse_selection`): the timed run adds only the rank-2 term itself — one gather and one
+``baddbmm`` per layer — to the base forward. It is what any dynamic selection costs at least, measured
+in the same run as the rest (no target applies to it, and it has no memory figure of its own).
+
 `run_benchmark` returns a JSON-ready dict; `format_report` renders it as text.
 """
 
@@ -44,7 +49,7 @@ import torch
 from torch import nn
 
 from .config import VPSConfig
-from .patching import is_patched, patch, unpatch
+from .patching import is_patched, patch, reuse_selection, unpatch
 
 SCHEMA = "vps-bench/1"
 MALLOC_MMAP_THRESHOLD = 128 * 1024  # bytes; see _run_probe
@@ -58,8 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sc-dynamic": {"builder": "sc", "decode_mode": "dynamic"},
     "hybrid-dynamic": {"builder": "hybrid", "decode_mode": "dynamic"},
     "sk-fixed": {"builder": "sk", "adaptive_rank": False, "adaptive_gamma": False},
+    "floor": {"builder": "sk"},  # plans reused from an untimed run: the rank-2 term alone
 }
-DEFAULT_CONFIGS = ("sk", "sc", "hybrid", "sk-dynamic")
+PLAN_REUSE_PRESETS = frozenset({"floor"})
+DEFAULT_CONFIGS = ("sk", "sc", "hybrid", "sk-dynamic", "floor")
 
 # Targets of issue 7 (ratios to the unpatched model). Prefill targets belong to workload roles so that
 # --quick sizes keep them: the first prefill shape is "one long sequence", the second "a batch".
@@ -161,6 +168,11 @@ def parse_config_spec(spec: str) -> tuple[str, dict[str, Any]]:
             value = raw
         overrides[key] = value
     return spec.strip(), overrides
+
+
+def is_floor(name: str) -> bool:
+    """Whether a config name (a spec as given) is a plan-reuse floor preset."""
+    return name.split(":")[0].strip() in PLAN_REUSE_PRESETS
 
 
 def make_config(overrides: dict[str, Any]) -> VPSConfig:
@@ -443,6 +455,7 @@ def run_benchmark(
     device = next(model.parameters()).device
     workloads = settings.workloads()
     variants: list[str | None] = [None, *built]  # None = the unpatched model
+    floors = {name for name in built if is_floor(name)}
     t_start = time.perf_counter()
     load_start = _loadavg()
     code = code_fingerprint()  # taken now: the source the timed runs execute (probes re-import it later)
@@ -451,13 +464,18 @@ def run_benchmark(
     do_memory = settings.memory and (device.type == "cuda" or model_spec is not None)
     shapes = list(settings.prefill_shapes)
     steps = sum((settings.warmup + w.repeats) * len(variants) for w in workloads)
-    steps += len(variants) if do_memory else 0
+    steps += len(variants) - len(floors) if do_memory else 0
     bar = tqdm(total=steps, desc="vps bench", unit="run", disable=not progress, file=sys.stderr, leave=False)
 
     def run_variant(name: str | None, fn: Callable[[], Any]) -> Any:
         if name is not None:
             patch(model, built[name])
         try:
+            if name in floors:
+                fn()  # untimed: builds the plans the timed run reuses
+                gc.collect()
+                with reuse_selection(model):
+                    return fn()
             gc.collect()
             return fn()
         finally:
@@ -498,6 +516,8 @@ def run_benchmark(
         if do_memory:
             bar.set_postfix_str("peak memory")
             for v in variants:
+                if v in floors:  # a floor runs SK's plans: its memory is SK's
+                    continue
                 try:
                     if device.type == "cuda":
                         memory[v] = run_variant(v, lambda: _cuda_peak(model, shapes, settings.seed, device))
@@ -541,7 +561,8 @@ def run_benchmark(
     }
     base_mem = memory.get(None)
     for name, cfg in built.items():
-        entry: dict[str, Any] = {"overrides": cfgs[name], "config": cfg.to_dict(), "workloads": {}}
+        entry: dict[str, Any] = {"overrides": cfgs[name], "config": cfg.to_dict(), "plan_reuse": name in floors,
+                                 "workloads": {}}
         for w in workloads:
             vps_s, base_s = samples[w.key][name], samples[w.key][None]
             s = _summary(vps_s)
@@ -549,7 +570,7 @@ def run_benchmark(
             s["paired_ratio"] = statistics.median(v / b for v, b in zip(vps_s, base_s, strict=True))
             if w.kind == "decode":
                 s["tokens_per_s"] = w.batch / s["median_s"]
-            target = w.target_for(cfg)
+            target = None if name in floors else w.target_for(cfg)
             s["target"] = target
             s["pass"] = None if target is None else bool(s["ratio"] <= target)
             entry["workloads"][w.key] = s
@@ -611,6 +632,9 @@ def format_report(result: dict[str, Any]) -> str:
                  f"{st['decode_repeats']} (decode) rounds{' [--quick sizes]' if st['quick'] else ''}")
     lines.append("cells: ratio vps/base (vps ms / base ms); decode = ms per token (decode steps only, "
                  f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill)")
+    if floors := [n for n, e in result["configs"].items() if e.get("plan_reuse")]:
+        lines.append(f"{', '.join(floors)}: SK plans built by an untimed run, then reused: the rank-2 term alone, "
+                     "the least any dynamic selection can cost (no target)")
     if result.get("memory_method"):
         lines.append(f"peak mem: {result['memory_method']}")
     elif result.get("memory_skipped"):

@@ -2,7 +2,7 @@
 """The standard VPS overhead benchmark (issue 7); ``make bench`` runs it.
 
 Runs ``vps bench`` with its defaults — the bundled model, builders sk / sc / hybrid (frozen decode)
-and sk with dynamic decode, prefill 1 x 512 and 8 x 128, greedy decode at batch 1 and 8, peak
+and sk with dynamic decode, the rank-2 floor, prefill 1 x 512 and 8 x 128, greedy decode at batch 1 and 8, peak
 memory — prints the table, writes the full JSON result to ``benchmarks/results/<UTC time>-<device>.json``
 and appends a one-line summary to ``benchmarks/results/history.jsonl``.
 

@@ -93,3 +93,40 @@ def test_incomplete_configs_are_marked_and_paired_on_common_items(tmp_path):
     assert "| `oracle` **ORACLE** | refine-oracle | 2/4 (incomplete) |" in report
     assert "seeded sample of 4 (seed 3)" in report and "**ORACLE**: `oracle` read the gold answer" in report
     assert "oracle ORACLE" in format_console(summary)
+
+
+def _nll_rows(values: dict[str, list[float]]) -> list[dict]:
+    return [{"id": f"q{i}", "index": i, "config": name, "nll": v} for name, vs in values.items()
+            for i, v in enumerate(vs)]
+
+
+def test_an_ablation_is_also_compared_with_its_default_configuration():
+    from vps.evaluation.digest import finding
+    from vps.evaluation.report import render_markdown, summarize_run
+
+    base = [1.0, 1.2, 0.9, 1.1, 1.3, 1.0]
+    default = [b - 0.05 for b in base]
+    values = {"baseline": base, "default": default, "better": [d - 0.1 for d in default],
+              "same": list(default)}
+    settings = {"configs": {"baseline": {"method": "base"}, **{n: {"method": "vps"} for n in values if n != "baseline"}},
+                "data": {"n_items": 6}, "generate": False, "nll": True}
+    summary = summarize_run(settings, _nll_rows(values))
+    entry = {e["name"]: e for e in summary["configs"]}
+    assert summary["reference"] == "default"
+    assert entry["better"]["vs_reference"]["nll_diff"] == pytest.approx(-0.1)
+    assert entry["better"]["vs_reference"]["nll_diff_ci"][1] < 0
+    assert entry["same"]["vs_reference"]["nll_diff"] == pytest.approx(0.0)
+    assert entry["better"]["vs_baseline"]["nll_diff"] == pytest.approx(-0.15)
+    # neither the baseline nor the reference is compared with the reference
+    assert entry["baseline"]["vs_reference"] is None and entry["default"]["vs_reference"] is None
+    assert entry["default"]["vs_baseline"]["nll_diff"] == pytest.approx(-0.05)
+    report = render_markdown(summary)
+    assert "## Difference vs `default`" in report and "| `better` | 6 | -0.1000 |" in report
+    assert "vs `default` -0.1000" in finding(entry["better"], 6, "default")
+    assert "(lower)" in finding(entry["better"], 6, "default")
+    assert "(no significant difference)" in finding(entry["same"], 6, "default")
+
+    # a run without a `default` configuration has no reference
+    plain = summarize_run({**settings, "configs": {"baseline": {"method": "base"}, "x": {"method": "vps"}}},
+                          _nll_rows({"baseline": base, "x": default}))
+    assert plain["reference"] is None and "Difference vs" not in render_markdown(plain)

@@ -64,8 +64,11 @@ def _ci(ci: Any, scale: float = 1.0, fmt: str = "+.4f") -> str:
     return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 
-def finding(entry: dict[str, Any], n_items: int) -> str | None:
-    """One sentence on a configuration against the baseline, from its statistics (None for the baseline)."""
+def finding(entry: dict[str, Any], n_items: int, reference: str | None = None) -> str | None:
+    """One sentence on a configuration against the baseline, from its statistics (None for the baseline).
+
+    With ``reference`` (a run's ``default`` configuration), the NLL difference against it is appended.
+    """
     vs = entry.get("vs_baseline")
     if not vs:
         return None
@@ -84,6 +87,11 @@ def finding(entry: dict[str, Any], n_items: int) -> str | None:
         verdict = "significant at 5% (McNemar)" if sig else "no significant accuracy difference (McNemar)"
         parts.append(f"accuracy {vs['accuracy_diff'] * 100:+.1f} pp {_ci(vs['accuracy_diff_ci'], 100, '+.1f')}, "
                      f"McNemar p = {p:.3g}: {verdict}")
+    ref = entry.get("vs_reference")
+    if ref and ref.get("nll_diff") is not None and reference:
+        lo, hi = ref["nll_diff_ci"]
+        verdict = "lower" if hi < 0 else "higher" if lo > 0 else "no significant difference"
+        parts.append(f"vs `{reference}` {ref['nll_diff']:+.4f} {_ci(ref['nll_diff_ci'])} ({verdict})")
     if not parts:
         return None
     return f"{name} {scope}: " + "; ".join(parts) + "."
@@ -126,7 +134,8 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
         complete, status = _status(summary)
         title = sec["title"] + (" (preliminary)" if sec.get("preliminary") else "")
         title += "" if complete else " (partial)"
-        findings = [f for f in (finding(e, summary["n_items"]) for e in summary["configs"]) if f]
+        findings = [f for f in (finding(e, summary["n_items"], summary.get("reference")) for e in summary["configs"])
+                    if f]
         summary_lines.append(f"- **{title}**" + ("" if findings else ": no comparison yet."))
         summary_lines += [f"  - {f}" for f in findings]
         body += [f"## {title}", "", f"Status: {status}.", "", "Command (rerun it to resume or re-report):", "",

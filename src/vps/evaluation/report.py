@@ -5,6 +5,10 @@ Wilson 95% interval, the accuracy difference with a paired bootstrap 95% interva
 McNemar p-value, the flips, the mean gold-solution NLL difference with a paired bootstrap interval,
 and the cost as the ratio of seconds per item to the baseline's (all from `compare_paired`).
 Oracle configurations (gold answer used at test time) are labelled ORACLE wherever they appear.
+
+Where a run also holds a configuration named ``default`` (an ablation grid's seed defaults), every
+other configuration is compared with it too, in the same way (``vs_reference``): an ablation asks
+whether a change beats the defaults, not only the unpatched model.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ REPORT_PNG = "report.png"
 SUMMARY_JSON = "summary.json"
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 10000  # compare_paired's default
+REFERENCE_CONFIG = "default"
 
 
 def load_run(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -93,6 +98,7 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
     baseline = settings.get("baseline")
     if baseline is None:
         baseline = next((n for n, s in configs.items() if s.get("method") == "base"), None)
+    reference = REFERENCE_CONFIG if by_config.get(REFERENCE_CONFIG) and baseline != REFERENCE_CONFIG else None
     entries = []
     for name, crow in by_config.items():
         spec = configs.get(name, {})
@@ -110,19 +116,20 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
             "seconds_mean": _mean([r["seconds"] for r in crow if r.get("seconds") is not None]),
             "tokens_mean": _mean([r["tokens"] for r in crow if r.get("tokens") is not None]),
             "nll_seconds_mean": _mean([r["nll_seconds"] for r in crow if r.get("nll_seconds") is not None]),
-            "vs_baseline": None,
+            "vs_baseline": None, "vs_reference": None,
         }
-        if baseline is not None and name != baseline and by_config.get(baseline):
-            stats = pair_stats(by_config[baseline], crow, seed=seed)
-            if stats is not None:
-                entry["vs_baseline"] = {k: list(v) if isinstance(v, tuple) else v for k, v in stats.items()}
+        for key, ref in (("vs_baseline", baseline), ("vs_reference", reference)):
+            if ref is not None and name not in (baseline, ref) and by_config.get(ref):
+                stats = pair_stats(by_config[ref], crow, seed=seed)
+                if stats is not None:
+                    entry[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in stats.items()}
         entries.append(entry)
     return {
         "model": settings.get("model"), "dtype": settings.get("dtype"), "data": settings.get("data", {}),
         "n_items": n_items, "generate": settings.get("generate"), "nll": settings.get("nll"),
         "max_new_tokens": settings.get("max_new_tokens"), "temperature": settings.get("temperature"),
         "stop_strings": settings.get("stop_strings"), "extract_mode": settings.get("extract_mode"),
-        "baseline": baseline, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
+        "baseline": baseline, "reference": reference, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
         "configs": entries,
     }
 
@@ -239,6 +246,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             rows.append([_label(e), e["method"] or "", _n(e, "n_nll", n_items), _num(e["nll_mean"]),
                          _num(v.get("nll_diff"), "+.4f"), _ci(v.get("nll_diff_ci"), "nll")])
         lines += _table(["config", "method", "n", "mean NLL", "diff vs baseline", "95% CI (bootstrap)"], rows)
+    lines += _reference_table(summary)
     lines += ["## Cost", ""]
     rows = []
     for e in entries:
@@ -260,6 +268,27 @@ def render_markdown(summary: dict[str, Any]) -> str:
                     "over the prompt than the baseline)." if summary["nll"] else "")
                  + f" Plot: `{REPORT_PNG}`; per-item rows: `{RESULTS_FILE}`.")
     return "\n".join(lines) + "\n"
+
+
+def _reference_table(summary: dict[str, Any]) -> list[str]:
+    ref = summary.get("reference")
+    compared = [e for e in summary["configs"] if e.get("vs_reference")]
+    if not ref or not compared:
+        return []
+    header, rows = ["config", "n paired"], []
+    if summary["nll"]:
+        header += ["NLL diff", "95% CI (bootstrap)"]
+    if summary["generate"]:
+        header += ["accuracy diff", "95% CI (bootstrap)", "McNemar p"]
+    for e in compared:
+        v = e["vs_reference"]
+        row = [_label(e), _num(v.get("n"), "d")]
+        if summary["nll"]:
+            row += [_num(v.get("nll_diff"), "+.4f"), _ci(v.get("nll_diff_ci"), "nll")]
+        if summary["generate"]:
+            row += [_pp(v.get("accuracy_diff")), _ci(v.get("accuracy_diff_ci"), "pp"), _p(v.get("mcnemar_p"))]
+        rows.append(row)
+    return [f"## Difference vs `{ref}` (same statistics, `{ref}` as the reference)", "", *_table(header, rows)]
 
 
 def format_console(summary: dict[str, Any]) -> str:

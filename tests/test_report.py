@@ -108,7 +108,8 @@ def test_an_ablation_is_also_compared_with_its_default_configuration():
     default = [b - 0.05 for b in base]
     values = {"baseline": base, "default": default, "better": [d - 0.1 for d in default],
               "same": list(default)}
-    settings = {"configs": {"baseline": {"method": "base"}, **{n: {"method": "vps"} for n in values if n != "baseline"}},
+    configs = {"baseline": {"method": "base"}, **{n: {"method": "vps"} for n in values if n != "baseline"}}
+    settings = {"configs": configs,
                 "data": {"n_items": 6}, "generate": False, "nll": True}
     summary = summarize_run(settings, _nll_rows(values))
     entry = {e["name"]: e for e in summary["configs"]}

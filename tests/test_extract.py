@@ -101,6 +101,13 @@ CASES = [
     ("latex_degrees", "It is 30^\\circ C today", "flexible", 30, "°C", "last_number"),
     ("glued_unit", "The rope is 5km long", "flexible", 5, "km", "last_number"),
     ("hash_no_space", "####18", "strict", 18, None, "hash"),
+    # Markdown headings are not answer lines (Qwen2.5 writes "#### 1. Compute ..." / "#### Step 2")
+    ("heading_numbered", "#### 1. Calculate the total\n2 + 3 = 5\n#### 36", "flexible", 36, None, "hash"),
+    ("heading_step_then_box", "#### Step 1: Add\n2 + 3 = 5, so \\boxed{36}", "flexible", 36, None, "boxed"),
+    ("heading_final_answer", "#### Final Answer\nThe final answer is 36.", "flexible", 36, None, "answer_is"),
+    ("heading_only_strict", "#### Step 1: Add them up", "strict", NONE, None, None),
+    ("hash_number_then_unit_word", "#### 18 dollars", "flexible", 18, "USD", "hash"),
+    ("hash_decimal_is_not_a_list", "#### 1.5", "strict", 1.5, None, "hash"),
     ("glued_letter_is_algebra", "\\boxed{0.5x}", "flexible", None, None, "boxed"),
     # strict mode
     ("strict_hash", "work...\n#### 1,234", "strict", 1234, None, "hash"),

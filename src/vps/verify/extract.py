@@ -87,6 +87,10 @@ _QUANTITY_PREFIX_RE = re.compile(
 _TRAILING_PUNCT = ".,;:!?*'\"` \t\n"
 
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
+# "#### 1. Compute the total", "#### Step 2: ..." and "#### Final Answer" are Markdown headings, not
+# GSM8K answer lines (chat models such as Qwen2.5 write them); an answer line holds a quantity.
+_HEADING_RE = re.compile(r"\s*(?:\d+\.\s+[^\W\d_]|(?:step|part|case)\s*\d|[^\W\d_]{2,}[ \t]+[^\W\d_]{2,})",
+                         re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS_RE = re.compile(r"\b(?:final\s+)?answer\s*(?:is\b\s*:?|:|=)", re.IGNORECASE)
 # A sentence ends at a full stop followed by space or end of text; a decimal point never is.
@@ -252,6 +256,8 @@ def _from_hash(text: str) -> Answer | None:
     # The first marker wins, as in lm-eval's strict-match: a model that keeps generating
     # after its answer tends to invent a further "Question: ... #### n".
     for m in _HASH_RE.finditer(text):
+        if _HEADING_RE.match(m.group(1)):
+            continue
         found = parse_quantity(m.group(1), "hash", whole=False)
         if found is not None:
             return found

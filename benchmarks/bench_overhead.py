@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """The standard VPS overhead benchmark (issue 7); ``make bench`` runs it.
 
-Runs ``vps bench`` with its defaults — the bundled model, builders sk / sc / hybrid (frozen decode)
-and sk with dynamic decode, the rank-2 floor, prefill 1 x 512 and 8 x 128, greedy decode at batch 1 and 8, peak
-memory — prints the table, writes the full JSON result to ``benchmarks/results/<UTC time>-<device>.json``
-and appends a one-line summary to ``benchmarks/results/history.jsonl``.
+Runs ``vps bench`` with its defaults — the bundled model, builders sk / sc / hybrid (frozen decode),
+sk with dynamic decode and the rank-2 floor; prefill 1 x 512 and 8 x 128, greedy decode at batch 1
+and 8, peak memory — prints the table, writes the full JSON result to
+``benchmarks/results/<UTC time>-<device>.json`` and its chart next to it (``.png``, see
+`vps.bench_plot`), and appends a one-line summary to ``benchmarks/results/history.jsonl``.
 
 Every ``vps bench`` option passes through, e.g.::
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         device = (args.device or "auto").replace(":", "")
         args.out = str(RESULTS / f"{stamp}-{device}{'-quick' if args.quick else ''}.json")
+    if args.plot is None:
+        args.plot = str(Path(args.out).with_suffix(".png"))
     rc = bench_command.run(args)
     if rc == 0:
         result = json.loads(Path(args.out).read_text())

@@ -122,8 +122,9 @@ def test_cli_end_to_end_with_memory_probes(tmp_path, capsys):
     save_tiny_checkpoint(ckpt)
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(ckpt), "--quick", "--configs", "sk", "--repeats", "1", "--threads", "1",
-               "--json", "--out", str(out), "--no-progress"])
+               "--json", "--out", str(out), "--no-progress", "--plot", str(tmp_path / "bench.png")])
     assert rc == 0
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result
     check_timing_fields(result, ["sk"])
@@ -189,3 +190,20 @@ def test_profile_splits_the_forward_into_vps_parts(one_thread):
     assert "plan building (selection, policy, clip, Q): 0.0 ms" in decode
     assert not vps.is_patched(model)
     assert (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, layer_mod.output_scores) == originals
+
+
+def test_plot_of_a_result_and_from_its_json(tmp_path, one_thread):
+    from vps.bench_plot import main as plot_main
+    from vps.bench_plot import plot_benchmark
+
+    result = run_benchmark(tiny_llama(), "sk,floor", tiny_settings(), progress=False)
+    png = plot_benchmark(result, tmp_path / "a" / "bench.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(result))
+    assert plot_main([str(saved)]) == 0 and saved.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text('{"configs": {}}')
+    assert plot_main([str(tmp_path / "bad.json")]) == 2
+    assert plot_main([str(tmp_path / "missing.json")]) == 2
+    with pytest.raises(ValueError, match="no configuration"):
+        plot_benchmark(dict(result, configs={}), tmp_path / "empty.png")

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead of the table")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the ratios (per workload, with targets and round-to-round spread) to this PNG")
     p.add_argument("--profile", action="store_true",
                    help="instead of benchmarking: profile one patched prefill (the batched shape) and one patched "
                         "decode step (batch 1) with the first config; top 15 torch ops and Python functions")
@@ -72,4 +74,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
+    if args.plot:
+        from ..bench_plot import plot_benchmark
+
+        print(f"wrote {plot_benchmark(result, args.plot)}", file=sys.stderr)
     return 0

@@ -229,10 +229,10 @@ def test_oracle_label_in_every_output(tmp_path, model, monkeypatch, capsys):
 
 def test_default_refine_is_the_library_function(monkeypatch):
     fake = types.ModuleType("vps.refine")
-    fake.refine = lambda *a, **k: None
+    fake.refine_many = lambda *a, **k: None
     monkeypatch.setitem(sys.modules, "vps.refine", fake)
     monkeypatch.setattr(vps, "refine", fake, raising=False)
-    assert harness_mod._default_refine() is fake.refine
+    assert harness_mod._default_refine() is fake.refine_many
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -433,3 +433,24 @@ def test_refine_methods_with_the_library_refine(tmp_path, model):
         assert r["refine"]["oracle"] is r["oracle"] and len(r["refine"]["trace"]) == 2
         assert r["tokens"] > 0 and isinstance(r["correct"], bool)
     assert not vps.is_patched(model)
+
+
+def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching(tmp_path, model):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False)
+    spec = [MethodSpec("refine-self", "refine-self")]
+    fake = FakeRefine()
+    out = tmp_path / "out"
+    run_evaluation(model, TOK, items[:3], spec, out, settings, batch_size=2, progress=False, refine_fn=fake,
+                   log=lambda _m: None)
+    stored = json.loads((out / "run.json").read_text())
+    assert stored["refine_batching"] == "batch" and fake.batches == [2, 1]
+    rows = RunDir(out).read_rows()
+    assert [r["batch_size"] for r in rows] == [2, 2, 1]
+    del stored["refine_batching"]  # a run from before the setting: it refined one item at a time
+    (out / "run.json").write_text(json.dumps(stored))
+    logs: list[str] = []
+    run_evaluation(model, TOK, items, spec, out, settings, batch_size=2, progress=False, refine_fn=fake,
+                   log=logs.append)
+    assert fake.batches == [2, 1, 1, 1]
+    assert any("keeping this run's stored refine batching 'item'" in m for m in logs)

@@ -86,3 +86,26 @@ def test_policy_differs_between_layers_and_prompts_and_trace_shows_it():
     assert set(row) >= {"sigma", "rank", "gamma", "topk", "order", "builder", "in_idx", "out_idx", "fallbacks"}
     assert len(row["in_idx"]) == 2 and row["builder"] == "sk"
     assert "sigma=" in vps.format_summary(model)
+
+
+def test_per_sequence_history():
+    p = policy(history_step=0.1)
+    for _ in range(2):
+        p.update_outcome([True, False, True], [0.1, -0.1, 0.0])
+    p.update_outcome([True, False, False], 0.0)
+    assert p.streaks == [3, -3, -1]
+    torch.testing.assert_close(p.bias_for(3), torch.tensor([0.3, -0.3, 0.0]))
+    assert p.bias_for(2) == 0.0  # a forward of other sequences gets no history
+    sig = p.sigma(torch.tensor([0.5, 0.5, 0.5]))
+    base = 1 - math.exp(-0.5)
+    torch.testing.assert_close(sig, torch.tensor([base + 0.3, base - 0.3, base]))
+    with pytest.raises(ValueError, match="streaks"):
+        _ = p.streak
+    with pytest.raises(ValueError, match="records 3 sequence"):
+        p.update_outcome(True)
+    with pytest.raises(ValueError, match="loss delta"):
+        p.update_outcome([True, True], [0.1])
+    p.reset()
+    p.update_outcome(True)
+    p.update_outcome(True)
+    assert p.bias_for(5) == pytest.approx(0.2)  # a one-sequence history applies to every sequence

@@ -68,3 +68,46 @@ def test_bad_arguments(setup, kwargs, match):
 def test_unpatched_model_is_refused():
     with pytest.raises(ValueError, match="patched"):
         refine(tiny_model(tiny_tokenizer()), tiny_tokenizer(), "q")
+
+
+@pytest.mark.parametrize("mode", ["self", "oracle"])
+def test_refine_many_equals_one_refine_per_prompt(mode):
+    from vps.refine import refine_many
+
+    tok = tiny_tokenizer()
+    # Large, fixed gamma and step scale: the gains, the history rule and SC all visibly act.
+    cfg = vps.VPSConfig(topk=8, gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0)
+    model = vps.patch(tiny_model(tok), cfg)
+    questions = ["What is 3 + 4?", "What is 12 - 5 + 2?", "Add 1 and 1."]  # different lengths: padding
+    prompts = [chat_prompt(tok, q, system=None) for q in questions]
+    golds = ["#### 7", "#### 9", "#### 2"] if mode == "oracle" else None
+    kw = dict(iters=4, mode=mode, k_samples=3, max_new_tokens=8, seed=1)  # 4: the history rule can act
+    together = refine_many(model, tok, prompts, golds, **kw)
+    alone = [refine(model, tok, p, gold=None if golds is None else golds[i], **kw) for i, p in enumerate(prompts)]
+    assert len(together) == 3
+    for t, a in zip(together, alone, strict=True):
+        assert t.samples == a.samples and t.reference == a.reference and t.best_index == a.best_index
+        assert [r["text"] for r in t.trace] == [r["text"] for r in a.trace]
+        for rt, ra in zip(t.trace[1:], a.trace[1:], strict=True):
+            assert rt["improved"] == ra["improved"] and rt["surrogate"]["target"] == ra["surrogate"]["target"]
+            assert rt["surrogate"]["loss"] == pytest.approx(ra["surrogate"]["loss"], rel=1e-4)
+            assert rt["mean_gain"] == pytest.approx(ra["mean_gain"], rel=1e-4)
+            assert rt["policy"]["sigma"] == pytest.approx(ra["policy"]["sigma"], rel=1e-4)
+        assert t.trace[3]["mean_gain"] != 1.0
+    # every prompt kept its own gains: they differ between prompts
+    assert len({round(t.trace[3]["mean_gain"], 6) for t in together}) > 1
+
+
+def test_refine_many_needs_per_sequence_selectors_and_matching_golds():
+    from vps.refine import refine_many
+
+    tok = tiny_tokenizer()
+    prompts = [chat_prompt(tok, q, system=None) for q in ("1 + 1?", "2 + 2?")]
+    batch_scope = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8, scope="batch"))
+    with pytest.raises(ValueError, match="scope='sequence'"):
+        refine_many(batch_scope, tok, prompts, iters=1, k_samples=0, max_new_tokens=2)
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
+    with pytest.raises(ValueError, match="golds"):
+        refine_many(model, tok, prompts, ["#### 2"], mode="oracle", iters=1, k_samples=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        refine_many(model, tok, [], iters=1)

@@ -116,19 +116,25 @@ class FakeRefineResult:
 
 
 class FakeRefine:
-    """Records its calls; the oracle mode answers with the gold it was given, self mode with 999."""
+    """Records its calls (one per prompt); the oracle mode answers with the gold it was given, self mode with 999."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.batches: list[int] = []
 
-    def __call__(self, model, tokenizer, prompt, gold=None, iters=3, mode="self", k_samples=4,
+    def __call__(self, model, tokenizer, prompts, golds=None, iters=3, mode="self", k_samples=4,
                  max_new_tokens=256, seed=0, verifier=None):
-        self.calls.append({"prompt": prompt, "gold": gold, "mode": mode, "iters": iters})
-        if mode == "oracle" and gold is None:
-            raise ValueError("oracle mode needs gold")
-        text = f"#### {gold:g}" if mode == "oracle" else "#### 999"
-        return FakeRefineResult(oracle=mode == "oracle", mode=mode, best_text=text,
-                                best_answer=extract_answer(text), trace=[{"iter": 0, "text": text}])
+        self.batches.append(len(prompts))
+        out = []
+        for i, prompt in enumerate(prompts):
+            gold = None if golds is None else golds[i]
+            self.calls.append({"prompt": prompt, "gold": gold, "mode": mode, "iters": iters})
+            if mode == "oracle" and gold is None:
+                raise ValueError("oracle mode needs gold")
+            text = f"#### {gold:g}" if mode == "oracle" else "#### 999"
+            out.append(FakeRefineResult(oracle=mode == "oracle", mode=mode, best_text=text,
+                                        best_answer=extract_answer(text), trace=[{"iter": 0, "text": text}]))
+        return out
 
 
 SPECS = [MethodSpec("base", "base"), MethodSpec("vps", "vps")]

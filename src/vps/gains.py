@@ -23,18 +23,43 @@ from .patching import get_config, vps_layers
 
 
 class GainOptimizer:
-    """L-BFGS-preconditioned (or plain) gradient steps on a patched model's per-layer gains."""
+    """L-BFGS-preconditioned (or plain) gradient steps on a patched model's per-layer gains.
 
-    def __init__(self, model: nn.Module, max_gain: float = 4.0) -> None:
+    By default every layer has one scalar gain. With ``batch=B`` each layer holds one gain per
+    sequence of a batch refined together (shape (B,), set to 1 here), each sequence with its own
+    L-BFGS memory: sequences of a batch are independent, so the gradient of the summed loss with
+    respect to sequence b's gains is that of sequence b's own loss.
+    """
+
+    def __init__(self, model: nn.Module, max_gain: float = 4.0, batch: int | None = None) -> None:
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         self.cfg = get_config(model)
         self.layers = list(vps_layers(model).values())
         self.max_gain = max_gain
-        self.lbfgs = EphemeralLBFGS(m=self.cfg.lbfgs_m)
-        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.batch = batch
+        columns = 1 if batch is None else batch
+        self._lbfgs = [EphemeralLBFGS(m=self.cfg.lbfgs_m) for _ in range(columns)]
+        self._prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * columns
+        if batch is not None:
+            for layer in self.layers:
+                layer.gain = torch.ones(batch, dtype=torch.float32)
+
+    @property
+    def lbfgs(self) -> EphemeralLBFGS:
+        """The curvature memory (of the first sequence, with ``batch``)."""
+        return self._lbfgs[0]
+
+    def _columns(self, values: list[torch.Tensor]) -> torch.Tensor:
+        # (L, C): one column per sequence (C = 1 for scalar gains)
+        return torch.stack([v.detach().float().cpu().reshape(-1) for v in values])
+
+    def _shaped(self, mat: torch.Tensor) -> torch.Tensor:
+        return mat[:, 0] if self.batch is None else mat
 
     def gains(self) -> torch.Tensor:
-        """Current gains, one per patched layer (float32)."""
-        return torch.stack([layer.gain.detach().float().cpu() for layer in self.layers])
+        """Current gains (float32): (layers,), or (layers, batch) with per-sequence gains."""
+        return self._shaped(self._columns([layer.gain for layer in self.layers]))
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
@@ -47,42 +72,62 @@ class GainOptimizer:
             for layer in self.layers:
                 layer.gain.requires_grad_(False)
 
+    def _gradient(self) -> torch.Tensor:
+        grads = [layer.gain.grad if layer.gain.grad is not None else torch.zeros_like(layer.gain)
+                 for layer in self.layers]
+        return torch.nan_to_num(self._columns(grads))
+
     def gradient(self) -> torch.Tensor:
         """The gains' gradients from the last backward pass (0 for a layer the loss did not reach)."""
-        grads = [layer.gain.grad if layer.gain.grad is not None else torch.zeros(()) for layer in self.layers]
-        return torch.nan_to_num(torch.stack([g.detach().float().cpu() for g in grads]))
+        return self._shaped(self._gradient())
 
-    def step(self) -> dict[str, Any]:
-        """Apply one update from the last gradient; returns a summary for the refinement trace."""
-        x = self.gains()
-        g = self.gradient()
+    def step(self) -> dict[str, Any] | list[dict[str, Any]]:
+        """Apply one update from the last gradient; returns a summary for the refinement trace.
+
+        With per-sequence gains, one summary per sequence.
+        """
+        x_all = self._columns([layer.gain for layer in self.layers])
+        g_all = self._gradient()
+        new_all = torch.empty_like(x_all)
+        infos = []
+        for c in range(x_all.shape[1]):
+            new_all[:, c], info = self._step_column(c, x_all[:, c], g_all[:, c])
+            infos.append(info)
+        for i, layer in enumerate(self.layers):
+            value = new_all[i, 0] if self.batch is None else new_all[i]
+            layer.gain = value.detach().to(layer.gain.device).clone()
+            layer.gain.grad = None
+        return infos[0] if self.batch is None else infos
+
+    def _step_column(self, c: int, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        lbfgs = self._lbfgs[c]
         stored = False
         if self.cfg.lbfgs_enabled:
-            if self._prev is not None:
-                stored = self.lbfgs.update(x - self._prev[0], g - self._prev[1])
+            prev = self._prev[c]
+            if prev is not None:
+                stored = lbfgs.update(x - prev[0], g - prev[1])
             try:
-                direction = self.lbfgs.two_loop(g) if torch.isfinite(g).all() else torch.zeros_like(g)
+                direction = lbfgs.two_loop(g) if torch.isfinite(g).all() else torch.zeros_like(g)
             except FloatingPointError:  # curvature memory gone bad: forget it, take a plain step
-                self.lbfgs.reset()
+                lbfgs.reset()
                 direction = g
         else:
             direction = g
         new = (x - self.cfg.lbfgs_scale * direction).clamp(0.0, self.max_gain)
-        self._prev = (x, g)
-        for layer, value in zip(self.layers, new, strict=True):
-            layer.gain = value.detach().to(layer.gain.device).clone()
-            layer.gain.grad = None
-        return {
+        self._prev[c] = (x, g)
+        return new, {
             "grad_norm": float(g.norm()),
             "step_norm": float((new - x).norm()),
             "mean_gain": float(new.mean()),
-            "lbfgs_pairs": len(self.lbfgs),
+            "lbfgs_pairs": len(lbfgs),
             "pair_stored": stored,
         }
 
     def reset(self) -> None:
         """Gains back to 1 and the curvature memory emptied."""
-        self.lbfgs.reset()
-        self._prev = None
+        for lbfgs in self._lbfgs:
+            lbfgs.reset()
+        self._prev = [None] * len(self._prev)
         for layer in self.layers:
-            layer.gain = torch.ones((), dtype=torch.float32)
+            layer.gain = (torch.ones((), dtype=torch.float32) if self.batch is None
+                          else torch.ones(self.batch, dtype=torch.float32))

@@ -234,6 +234,9 @@ class VPSLinear(nn.Module):
                           * s[:, None, :])
         # The gain may carry autograd (refinement optimises it); everything else is constant.
         gain = self.gain if self.gain.device == decision.gamma.device else self.gain.to(decision.gamma.device)
+        if gain.dim() and gain.shape[0] != decision.gamma.shape[0]:
+            raise ValueError(f"{self.layer_name or 'layer'}: per-sequence gains for {gain.shape[0]} sequences, but "
+                             f"this forward plans for {decision.gamma.shape[0]}")
         g = decision.gamma * gain
         if second is None:  # order 1: a diagonal core, so Q is a row scaling of B^T
             q = (g[:, None] * s2).unsqueeze(-1) * cols

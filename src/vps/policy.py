@@ -11,7 +11,8 @@ One `LayerPolicy` per patched layer. Each forward it turns per-sequence statisti
    outcomes. The trailing *streak* s counts consecutive equal outcomes at the end of the history
    (+n for n improvements in a row, -n for n failures). From two in a row on,
    ``sigma += history_step * s`` (clamped to [0, 1]): repeated improvement raises sigma, repeated
-   failure lowers it, one outcome alone does nothing;
+   failure lowers it, one outcome alone does nothing. Sequences refined together as one batch
+   (`vps.refine_many`) each keep their own history and streak;
 4. interpolation: ``value = lo + (hi - lo) * sigma`` within the config's bounds for rank, top-k,
    gamma and order, where the matching ``adaptive_*`` flag is on (integers are rounded to nearest).
 
@@ -22,6 +23,7 @@ is always finite.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,36 +49,71 @@ class LayerPolicy:
 
     def __init__(self, cfg: VPSConfig) -> None:
         self.cfg = cfg
-        self.history: deque[tuple[bool, float]] = deque(maxlen=cfg.history_size)
+        self.history: deque[tuple[tuple[bool, ...], tuple[float, ...]]] = deque(maxlen=cfg.history_size)
         self._bounds_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- improvement history --------------------------------------------------------------------
-    def update_outcome(self, improved: bool, loss_delta: float = 0.0) -> None:
-        """Record whether the last refinement step improved the verifier loss (and by how much)."""
-        self.history.append((bool(improved), float(loss_delta)))
+    def update_outcome(self, improved: bool | Sequence[bool], loss_delta: float | Sequence[float] = 0.0) -> None:
+        """Record whether the last refinement step improved the verifier loss (and by how much).
+
+        One value for one sequence (or for every sequence alike); a sequence of values records one
+        outcome per sequence of a batch refined together. Every entry of a history has the same width.
+        """
+        flags = (bool(improved),) if isinstance(improved, (bool, int)) else tuple(bool(v) for v in improved)
+        deltas = ((float(loss_delta),) * len(flags) if isinstance(loss_delta, (int, float))
+                  else tuple(float(v) for v in loss_delta))
+        if len(deltas) != len(flags) or not flags:
+            raise ValueError(f"update_outcome: {len(flags)} outcome(s) but {len(deltas)} loss delta(s)")
+        if self.history and len(self.history[-1][0]) != len(flags):
+            raise ValueError(f"update_outcome: this history records {len(self.history[-1][0])} sequence(s), "
+                             f"got {len(flags)} outcome(s); reset() first")
+        self.history.append((flags, deltas))
 
     def reset(self) -> None:
         """Forget the improvement history."""
         self.history.clear()
 
     @property
-    def streak(self) -> int:
-        """Signed length of the trailing run of equal outcomes (+ improvements, - failures)."""
+    def streaks(self) -> list[int]:
+        """Per sequence, the signed length of the trailing run of equal outcomes (+ improvements, - failures)."""
         if not self.history:
-            return 0
-        last = self.history[-1][0]
-        n = 0
-        for improved, _ in reversed(self.history):
-            if improved != last:
-                break
-            n += 1
-        return n if last else -n
+            return []
+        out = []
+        for i, last in enumerate(self.history[-1][0]):
+            n = 0
+            for flags, _ in reversed(self.history):
+                if flags[i] != last:
+                    break
+                n += 1
+            out.append(n if last else -n)
+        return out
+
+    @property
+    def streak(self) -> int:
+        """The trailing run of a one-sequence history (see `streaks`); 0 when empty."""
+        s = self.streaks
+        if len(s) > 1:
+            raise ValueError(f"this history records {len(s)} sequences; use streaks")
+        return s[0] if s else 0
 
     @property
     def history_bias(self) -> float:
-        """Additive change to sigma from the improvement history (0 until an outcome repeats)."""
+        """Additive change to sigma from a one-sequence history (0 until an outcome repeats)."""
         s = self.streak
         return self.cfg.history_step * s if abs(s) >= 2 else 0.0
+
+    def bias_for(self, batch: int) -> float | torch.Tensor:
+        """The history's change to sigma for a forward of ``batch`` sequences.
+
+        A one-sequence history applies to every sequence; a per-sequence history to the batch it was
+        recorded for, row by row. Sequences it was not recorded for (another batch size) get none.
+        """
+        streaks = self.streaks
+        if len(streaks) <= 1:
+            return self.history_bias
+        if len(streaks) != batch:
+            return 0.0
+        return torch.tensor([self.cfg.history_step * s if abs(s) >= 2 else 0.0 for s in streaks])
 
     # -- decisions --------------------------------------------------------------------------------
     def sigma(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,8 +124,10 @@ class LayerPolicy:
         if entropy is not None and self.cfg.use_entropy:
             h = torch.nan_to_num(entropy.float(), nan=0.0, posinf=3.0, neginf=0.0).clamp_min(0.0)
             sig = torch.maximum(sig, torch.clamp(h / 3.0, max=1.0))
-        bias = self.history_bias
-        if bias:
+        bias = self.bias_for(sig.shape[0])
+        if isinstance(bias, torch.Tensor):
+            sig = sig + bias.to(sig.device)
+        elif bias:
             sig = sig + bias
         return sig.clamp(0.0, 1.0)
 

@@ -23,12 +23,18 @@ every output, because it uses the label it is scored on.
 
 Model weights never change; only the ephemeral policy state, captured gradients and gains do, and
 they are reset at the start of every call.
+
+`refine_many` runs the loop for several prompts as one batch: the greedy decodes and the surrogate
+steps are batched, while every prompt keeps its own samples, policy history, gains and L-BFGS memory,
+so its result matches a lone `refine` call up to floating-point rounding (tested), at a fraction of
+the time on hardware where a batch of B costs far less than B single decodes.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +43,7 @@ from torch import nn
 
 from .context import next_token_entropy
 from .gains import GainOptimizer
-from .patching import clear_gradients, is_patched, reset_state, set_entropy_hint, update_outcome
+from .patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
 from .prompting import decode_new_tokens, encode, generation_kwargs
 from .trace import summarize
 from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
@@ -72,75 +78,120 @@ def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | No
            mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
            verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7) -> RefineResult:
     """Refine one answer to ``prompt`` (already formatted, e.g. by `chat_prompt`) over ``iters`` decodes."""
+    return refine_many(model, tokenizer, [prompt], None if gold is None else [gold], iters=iters, mode=mode,
+                       k_samples=k_samples, max_new_tokens=max_new_tokens, seed=seed, verifier=verifier,
+                       sample_temperature=sample_temperature)[0]
+
+
+def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds: Sequence[Any] | None = None,
+                iters: int = 3, mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
+                verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7) -> list[RefineResult]:
+    """`refine` for several prompts at once: each keeps its own loop, decoded and stepped as one batch.
+
+    Every prompt's self-consistency samples are drawn on their own, seeded with ``seed`` (as a lone
+    `refine` call draws them); its policy history, gains and L-BFGS memory are its own (per-sequence
+    state), so a prompt's result does not depend on the others beyond floating-point rounding. The
+    greedy decodes and the surrogate steps run as one batch, which is what makes this faster.
+    """
     if not is_patched(model):
         raise ValueError("refine needs a model patched with vps.patch(model, cfg)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "oracle" and gold is None:
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("refine_many needs at least one prompt")
+    if golds is not None and len(golds) != len(prompts):
+        raise ValueError(f"golds: {len(golds)} given for {len(prompts)} prompts")
+    if mode == "oracle" and (golds is None or any(g is None for g in golds)):
         raise ValueError("mode='oracle' needs gold (the label it is scored on)")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if k_samples < 0:
         raise ValueError(f"k_samples must be >= 0, got {k_samples}")
+    b = len(prompts)
+    if b > 1 and get_config(model).scope != "sequence":
+        raise ValueError("refining several prompts together needs scope='sequence' (per-sequence selectors)")
     verifier = verifier if verifier is not None else CompositeVerifier()
     start = time.perf_counter()
-    reset_state(model)
-    gains = GainOptimizer(model)
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
 
-    samples: list[Answer | None] = []
-    sample_texts: list[str | None] = []
-    tokens = 0
-    if k_samples:
-        texts, n, _ = _decode(model, tokenizer, [prompt] * k_samples, max_new_tokens, sample_temperature)
-        tokens += sum(n)
-        samples = [extract_answer(t) for t in texts]
-        sample_texts = [None if a is None else a.text for a in samples]
-    if mode == "oracle":
-        reference: Answer | None = gold if isinstance(gold, Answer) else parse_gold(str(gold))
-    else:
-        majority, count = majority_answer(samples, verifier.rel_tol) if len(samples) >= 2 else (None, 0)
-        # One vote is not a majority: without agreement the target falls back to the prompt's own tokens.
-        reference = majority if count >= 2 else None
-    target_ids = _target_ids(tokenizer, prompt, reference)
+    samples: list[list[Answer | None]] = []
+    sample_texts: list[list[str | None]] = []
+    tokens = [0] * b
+    for i, prompt in enumerate(prompts):
+        reset_state(model)  # each prompt's samples start from a fresh state, as in a lone call
+        torch.manual_seed(seed)
+        found: list[Answer | None] = []
+        if k_samples:
+            texts, n, _ = _decode(model, tokenizer, [prompt] * k_samples, max_new_tokens, sample_temperature)
+            tokens[i] += sum(n)
+            found = [extract_answer(t) for t in texts]
+        samples.append(found)
+        sample_texts.append([None if a is None else a.text for a in found])
+    reset_state(model)
+    gains = GainOptimizer(model, batch=None if b == 1 else b)
 
-    trace: list[dict[str, Any]] = []
-    prev_loss = math.inf
+    references: list[Answer | None] = []
+    for i in range(b):
+        if mode == "oracle":
+            gold = golds[i]
+            references.append(gold if isinstance(gold, Answer) else parse_gold(str(gold)))
+        else:
+            majority, count = (majority_answer(samples[i], verifier.rel_tol) if len(samples[i]) >= 2
+                               else (None, 0))
+            # One vote is not a majority: without agreement the target falls back to the prompt's own tokens.
+            references.append(majority if count >= 2 else None)
+    targets = [_target_ids(tokenizer, p, r) for p, r in zip(prompts, references, strict=True)]
+
+    traces: list[list[dict[str, Any]]] = [[] for _ in range(b)]
+    prev_loss = [math.inf] * b
     for it in range(iters):
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"iter": it, "oracle": mode == "oracle"}
-        if it > 0:
-            row["surrogate"] = _surrogate_step(model, tokenizer, prompt, target_ids, gains, device)
-        texts, n, first_logits = _decode(model, tokenizer, [prompt], max_new_tokens, 0.0)
-        tokens += n[0]
-        answer = extract_answer(texts[0])
-        loss = verifier.compute_loss(answer, reference, samples if len(samples) >= 2 else None)
-        total = _comparable(loss["total"])
-        if it > 0:
-            improved = total < prev_loss
-            update_outcome(model, improved, prev_loss - total if math.isfinite(prev_loss - total) else 0.0)
-            row["improved"] = improved
-        entropy = float(next_token_entropy(first_logits[:, None, :])[0])
+        surrogate = _surrogate_step(model, tokenizer, prompts, targets, gains, device) if it > 0 else None
+        texts, n, first_logits = _decode(model, tokenizer, prompts, max_new_tokens, 0.0)
+        entropy = next_token_entropy(first_logits[:, None, :])
+        totals, improved, rows = [], [], []
+        for i in range(b):
+            tokens[i] += n[i]
+            answer = extract_answer(texts[i])
+            loss = verifier.compute_loss(answer, references[i], samples[i] if len(samples[i]) >= 2 else None)
+            total = _comparable(loss["total"])
+            row: dict[str, Any] = {"iter": it, "oracle": mode == "oracle"}
+            if surrogate is not None:
+                row["surrogate"] = surrogate[i]
+                improved.append(total < prev_loss[i])
+                row["improved"] = improved[-1]
+            totals.append(total)
+            row.update(text=texts[i], answer=None if answer is None else answer.text,
+                       number=None if answer is None else answer.number, tokens=n[i], entropy=float(entropy[i]),
+                       loss={"total": loss["total"], "components": loss["components"],
+                             "no_evidence": loss["no_evidence"]})
+            rows.append(row)
+        if surrogate is not None:
+            deltas = [p - t if math.isfinite(p - t) else 0.0 for p, t in zip(prev_loss, totals, strict=True)]
+            update_outcome(model, improved if b > 1 else improved[0], deltas if b > 1 else deltas[0])
         set_entropy_hint(model, entropy)
-        prev_loss = total
-        row.update(
-            text=texts[0], answer=None if answer is None else answer.text,
-            number=None if answer is None else answer.number, tokens=n[0], entropy=entropy,
-            loss={"total": loss["total"], "components": loss["components"], "no_evidence": loss["no_evidence"]},
-            policy=summarize(model), mean_gain=float(gains.gains().mean()), seconds=time.perf_counter() - t0,
-        )
-        trace.append(row)
+        prev_loss = totals
+        mean_gains = gains.gains().reshape(len(gains.layers), -1).mean(dim=0)
+        took = time.perf_counter() - t0
+        for i, row in enumerate(rows):
+            row.update(policy=summarize(model, None if b == 1 else i), mean_gain=float(mean_gains[i]), seconds=took)
+            traces[i].append(row)
     clear_gradients(model)
     set_entropy_hint(model, None)
 
-    best = min(range(len(trace)), key=lambda i: (_comparable(trace[i]["loss"]["total"]), i))
-    return RefineResult(
-        mode=mode, oracle=mode == "oracle", best_index=best, best_text=trace[best]["text"],
-        best_answer=extract_answer(trace[best]["text"]), trace=trace,
-        reference=None if reference is None else reference.text, samples=sample_texts,
-        seconds=time.perf_counter() - start, tokens=tokens,
-    )
+    seconds = time.perf_counter() - start
+    results = []
+    for i in range(b):
+        trace = traces[i]
+        best = min(range(len(trace)), key=lambda j: (_comparable(trace[j]["loss"]["total"]), j))
+        results.append(RefineResult(
+            mode=mode, oracle=mode == "oracle", best_index=best, best_text=trace[best]["text"],
+            best_answer=extract_answer(trace[best]["text"]), trace=trace,
+            reference=None if references[i] is None else references[i].text, samples=sample_texts[i],
+            seconds=seconds / b, tokens=tokens[i],
+        ))
+    return results
 
 
 def _comparable(total: float) -> float:
@@ -167,28 +218,48 @@ def _target_ids(tokenizer: Any, prompt: str, reference: Answer | None) -> torch.
     return ids if ids.numel() else None
 
 
-def _surrogate_step(model: nn.Module, tokenizer: Any, prompt: str, target_ids: torch.Tensor | None,
-                    gains: GainOptimizer, device: torch.device) -> dict[str, Any]:
-    """Teacher-forced CE on the target (or the prompt itself), backward, then one gain step."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if target_ids is None:
-        seq, first = prompt_ids, 1  # every prompt token after the first predicts the next one
-    else:
-        seq, first = torch.cat([prompt_ids, target_ids]), prompt_ids.numel()
-    seq = seq.to(device)[None]
+def _surrogate_step(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                    targets: Sequence[torch.Tensor | None], gains: GainOptimizer, device: torch.device
+                    ) -> list[dict[str, Any]]:
+    """Teacher-forced CE on each target (or the prompt itself), backward, then one gain step per sequence.
+
+    The sequences are right-padded into one batch: padding comes after every real token, so no real
+    token attends to it, and the VPS statistics skip it through the attention mask. The loss is the sum
+    of the sequences' mean cross-entropies, so each sequence's gains get its own loss's gradient.
+    """
+    seqs, firsts = [], []
+    for prompt, target_ids in zip(prompts, targets, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if target_ids is None:
+            seqs.append(prompt_ids)
+            firsts.append(1)  # every prompt token after the first predicts the next one
+        else:
+            seqs.append(torch.cat([prompt_ids, target_ids]))
+            firsts.append(prompt_ids.numel())
+    width = max(s.numel() for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : seq.numel()] = seq
+        mask[i, : seq.numel()] = 1
+    ids, mask = ids.to(device), mask.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # gradients are needed for activations and gains only, never for weights
         p.requires_grad_(False)
     try:
         with gains.tracking(), torch.enable_grad():
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
-            pred = logits[0, first - 1: seq.shape[1] - 1].float()
-            loss = torch.nn.functional.cross_entropy(pred, seq[0, first:])
-            loss.backward()
-        info = gains.step()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            losses = []
+            for i, (seq, first) in enumerate(zip(seqs, firsts, strict=True)):
+                pred = logits[i, first - 1: seq.numel() - 1].float()
+                losses.append(torch.nn.functional.cross_entropy(pred, ids[i, first: seq.numel()]))
+            torch.stack(losses).sum().backward()
+        steps = gains.step()
     finally:
         for p in params:
             p.requires_grad_(True)
-    info.update(loss=float(loss.detach()), target="answer" if target_ids is not None else "prompt",
-                target_tokens=int(seq.shape[1] - first))
-    return info
+    steps = steps if isinstance(steps, list) else [steps]
+    for info, loss, seq, first, target_ids in zip(steps, losses, seqs, firsts, targets, strict=True):
+        info.update(loss=float(loss.detach()), target="answer" if target_ids is not None else "prompt",
+                    target_tokens=int(seq.numel() - first))
+    return steps

@@ -13,12 +13,13 @@ def trace(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per patched layer, the last decision as plain Python values.
 
     Keys: sigma, rank, topk, gamma, order, energy, entropy (per sequence lists), builder,
-    in_idx, out_idx (selected features per sequence), gain and fallbacks. Layers that have not
-    run yet report only gain and fallbacks.
+    in_idx, out_idx (selected features per sequence), gain (a list with per-sequence gains) and
+    fallbacks. Layers that have not run yet report only gain and fallbacks.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, layer in vps_layers(model).items():
-        row: dict[str, Any] = {"gain": float(layer.gain), "fallbacks": layer.fallbacks}
+        gain = layer.gain.detach()
+        row: dict[str, Any] = {"gain": float(gain) if gain.dim() == 0 else gain.tolist(), "fallbacks": layer.fallbacks}
         plan = layer.plan
         if plan is not None:
             d = plan.decision
@@ -33,14 +34,17 @@ def trace(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summarize(model: nn.Module) -> dict[str, Any]:
-    """Means over the patched layers (and sequences) of sigma, gamma and rank; builder counts."""
+def summarize(model: nn.Module, sequence: int | None = None) -> dict[str, Any]:
+    """Means over the patched layers (and sequences) of sigma, gamma and rank; builder counts.
+
+    With ``sequence``, only that row of each layer's last plan counts (a batch refined together).
+    """
     every = list(trace(model).values())
     rows = [r for r in every if "sigma" in r]
     if not rows:
         return {"layers": 0}
     def mean(key: str) -> float:
-        vals = [v for r in rows for v in r[key]]
+        vals = [v for r in rows for v in (r[key] if sequence is None else r[key][sequence: sequence + 1])]
         return sum(vals) / len(vals)
     builders: dict[str, int] = {}
     for r in rows:

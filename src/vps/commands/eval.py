@@ -51,6 +51,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="cached (default): a patched model scores each gold solution from the prompt's KV cache, "
                         "as generation decodes; recompute: rerun prompt + solution. Equal up to rounding; a resumed "
                         "run keeps its own")
+    g.add_argument("--refine-batching", choices=["batch", "item"], default="batch",
+                   help="batch (default): refine a batch of items together, each with its own loop and state "
+                        "(decodes and surrogate steps batched); item: one at a time. A resumed run keeps its own")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -121,7 +124,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, stop_strings=args.stop if args.stop else DEFAULT_STOP_STRINGS,
         system=args.system, extract_mode=args.extract, refine_iters=args.iters, refine_k_samples=args.k_samples,
-        seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring)
+        seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
+        refine_batching=args.refine_batching)
     stored = RunDir(args.out).read_settings()
     if stored is not None:  # refuse before spending time on the model
         merge_settings(stored, settings.to_dict(specs), str(args.out))

@@ -56,10 +56,11 @@ DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 # stored by a run's first invocation is kept for the whole run (so every row of a run is computed the
 # same way and its cost ratios stay comparable). The value is what runs written before the setting
 # existed did.
-_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute"}
+_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item"}
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
                  "data.skipped", *_KEPT_FROM_FIRST_RUN}
 BATCH_ORDERS = ("length", "input")
+REFINE_BATCHINGS = ("batch", "item")
 
 
 class RunMismatchError(ValueError):
@@ -95,6 +96,8 @@ class RunSettings:
     batches items of similar token length together (longest first), which wastes far less compute on
     padding than the input order (~1.4x on GSM8K at batch 8); rows do not depend on their batch.
     ``nll_scoring`` is `solution_nll`'s ``scoring`` ("cached" computes each prompt once).
+    ``refine_batching="batch"`` refines a batch of items together (`vps.refine.refine_many`: each item
+    keeps its own loop and state; decodes and surrogate steps are batched); "item" refines one at a time.
     """
 
     model: str
@@ -113,8 +116,11 @@ class RunSettings:
     command: str = "eval"
     batch_order: str = "length"
     nll_scoring: str = "cached"
+    refine_batching: str = "batch"
 
     def __post_init__(self) -> None:
+        if self.refine_batching not in REFINE_BATCHINGS:
+            raise ValueError(f"refine_batching must be one of {REFINE_BATCHINGS}, got {self.refine_batching!r}")
         if self.nll_scoring not in SCORINGS:
             raise ValueError(f"nll_scoring must be one of {SCORINGS}, got {self.nll_scoring!r}")
         if self.batch_order not in BATCH_ORDERS:
@@ -347,10 +353,10 @@ def _activated(model: Any, spec: MethodSpec) -> Iterator[None]:
 
 def _default_refine() -> Callable[..., Any]:
     try:
-        from ..refine import refine
+        from ..refine import refine_many
     except ImportError as exc:
         raise RuntimeError(f"refine methods need vps.refine, which cannot be imported: {exc}") from None
-    return refine
+    return refine_many
 
 
 def run_evaluation(
@@ -375,8 +381,8 @@ def run_evaluation(
     its own run and unpatches it afterwards. Rows already in ``out_dir`` are skipped. Patched state
     (policy history, stored plans) is reset before every batch, so a row does not depend on which
     batches ran before it. ``generate_fn`` (default `vps.prompting.generate_texts`) and
-    ``refine_fn`` (default `vps.refine.refine`) can be replaced, e.g. in tests; ``on_batch`` is called
-    after each batch is on disk.
+    ``refine_fn`` (default `vps.refine.refine_many`, called with a list of prompts) can be replaced,
+    e.g. in tests; ``on_batch`` is called after each batch is on disk.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -416,7 +422,7 @@ def run_evaluation(
             continue
         if len(pending) < len(items):
             log(f"{spec.name}{tag}: resuming, {len(items) - len(pending)} of {len(items)} items already done")
-        step = 1 if spec.method.startswith("refine") else batch_size
+        step = 1 if spec.method.startswith("refine") and kept["refine_batching"] == "item" else batch_size
         bar = _progress(progress, spec.name + tag, len(items), len(items) - len(pending))
         written[spec.name] = 0
         try:
@@ -492,25 +498,29 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
 def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
                   settings: RunSettings, refine_fn: Callable[..., Any],
                   clock: Callable[[], float]) -> list[dict[str, Any]]:
-    """Refinement runs one item at a time; the oracle mode alone receives the gold answer."""
+    """Refine the batch's items together; the oracle mode alone receives the gold answers."""
+    golds = [_gold(it)[0] for it in batch]
+    if spec.oracle:
+        for it, gold in zip(batch, golds, strict=True):
+            if gold is None:
+                raise ValueError(f"item {it.id}: refine-oracle needs a gold answer and this item has none")
+    reset_state(model)
+    start = clock()
+    results = refine_fn(model, tokenizer, [prompts[it.id] for it in batch], golds if spec.oracle else None,
+                        iters=settings.refine_iters, mode="oracle" if spec.oracle else "self",
+                        k_samples=settings.refine_k_samples, max_new_tokens=settings.max_new_tokens,
+                        seed=settings.seed)
+    share = (clock() - start) / len(batch)  # the batch's wall time divided among its items
+    if len(results) != len(batch):
+        raise RuntimeError(f"{spec.name}: refine returned {len(results)} results for {len(batch)} items")
     rows = []
-    for it in batch:
-        row = _base_row(it, spec, prompts[it.id], 1)
-        reset_state(model)
-        gold_value = _gold(it)[0]
-        if spec.oracle and gold_value is None:
-            raise ValueError(f"item {it.id}: refine-oracle needs a gold answer and this item has none")
-        start = clock()
-        result = refine_fn(model, tokenizer, prompts[it.id], gold=gold_value if spec.oracle else None,
-                           iters=settings.refine_iters, mode="oracle" if spec.oracle else "self",
-                           k_samples=settings.refine_k_samples, max_new_tokens=settings.max_new_tokens,
-                           seed=settings.seed)
-        took = clock() - start
+    for it, result in zip(batch, results, strict=True):
         if bool(getattr(result, "oracle", False)) != spec.oracle:
             raise RuntimeError(f"{spec.name}: refine returned oracle={getattr(result, 'oracle', None)} for a "
                                f"{'oracle' if spec.oracle else 'gold-free'} run")
+        row = _base_row(it, spec, prompts[it.id], len(batch))
         _score(row, it, result.best_text, result.best_answer)
-        row.update(tokens=int(result.tokens), seconds=took, refine=result.to_dict())
+        row.update(tokens=int(result.tokens), seconds=share, refine=result.to_dict())
         row["oracle"] = spec.oracle
         rows.append(row)
     return rows

@@ -43,7 +43,7 @@ class GainOptimizer:
         self._prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * columns
         if batch is not None:
             for layer in self.layers:
-                layer.gain = torch.ones(batch, dtype=torch.float32)
+                layer.gain = self._ones()
 
     @property
     def lbfgs(self) -> EphemeralLBFGS:
@@ -129,5 +129,7 @@ class GainOptimizer:
             lbfgs.reset()
         self._prev = [None] * len(self._prev)
         for layer in self.layers:
-            layer.gain = (torch.ones((), dtype=torch.float32) if self.batch is None
-                          else torch.ones(self.batch, dtype=torch.float32))
+            layer.gain = self._ones()
+
+    def _ones(self) -> torch.Tensor:
+        return torch.ones(() if self.batch is None else (self.batch,), dtype=torch.float32)

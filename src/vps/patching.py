@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,8 +142,9 @@ def set_entropy_hint(model: nn.Module, entropy: torch.Tensor | float | None) -> 
     _state(model).ctx.entropy_hint = entropy
 
 
-def update_outcome(model: nn.Module, improved: bool, loss_delta: float = 0.0) -> None:
-    """Report a refinement outcome to every patched layer's policy."""
+def update_outcome(model: nn.Module, improved: bool | Sequence[bool],
+                   loss_delta: float | Sequence[float] = 0.0) -> None:
+    """Report a refinement outcome (or one per sequence of a batch refined together) to every layer's policy."""
     for layer in _state(model).layers.values():
         layer.policy.update_outcome(improved, loss_delta)
 

@@ -99,7 +99,9 @@ class LayerPolicy:
     @property
     def history_bias(self) -> float:
         """Additive change to sigma from a one-sequence history (0 until an outcome repeats)."""
-        s = self.streak
+        return self._streak_bias(self.streak)
+
+    def _streak_bias(self, s: int) -> float:
         return self.cfg.history_step * s if abs(s) >= 2 else 0.0
 
     def bias_for(self, batch: int) -> float | torch.Tensor:
@@ -113,7 +115,7 @@ class LayerPolicy:
             return self.history_bias
         if len(streaks) != batch:
             return 0.0
-        return torch.tensor([self.cfg.history_step * s if abs(s) >= 2 else 0.0 for s in streaks])
+        return torch.tensor([self._streak_bias(s) for s in streaks])
 
     # -- decisions --------------------------------------------------------------------------------
     def sigma(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> torch.Tensor:

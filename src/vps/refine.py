@@ -45,7 +45,7 @@ from .context import next_token_entropy
 from .gains import GainOptimizer
 from .patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
 from .prompting import decode_new_tokens, encode, generation_kwargs
-from .trace import summarize
+from .trace import summarize, summarize_sequences
 from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from .verify.consistency import majority_answer
 
@@ -169,13 +169,14 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
             rows.append(row)
         if surrogate is not None:
             deltas = [p - t if math.isfinite(p - t) else 0.0 for p, t in zip(prev_loss, totals, strict=True)]
-            update_outcome(model, improved if b > 1 else improved[0], deltas if b > 1 else deltas[0])
+            update_outcome(model, improved, deltas)
         set_entropy_hint(model, entropy)
         prev_loss = totals
         mean_gains = gains.gains().reshape(len(gains.layers), -1).mean(dim=0)
+        policies = [summarize(model)] if b == 1 else summarize_sequences(model, b)
         took = time.perf_counter() - t0
         for i, row in enumerate(rows):
-            row.update(policy=summarize(model, None if b == 1 else i), mean_gain=float(mean_gains[i]), seconds=took)
+            row.update(policy=policies[i], mean_gain=float(mean_gains[i]), seconds=took)
             traces[i].append(row)
     clear_gradients(model)
     set_entropy_hint(model, None)

@@ -34,12 +34,18 @@ def trace(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summarize(model: nn.Module, sequence: int | None = None) -> dict[str, Any]:
-    """Means over the patched layers (and sequences) of sigma, gamma and rank; builder counts.
+def summarize(model: nn.Module) -> dict[str, Any]:
+    """Means over the patched layers (and sequences) of sigma, gamma and rank; builder counts."""
+    return _summary(list(trace(model).values()), None)
 
-    With ``sequence``, only that row of each layer's last plan counts (a batch refined together).
-    """
+
+def summarize_sequences(model: nn.Module, batch: int) -> list[dict[str, Any]]:
+    """`summarize` per sequence of the last ``batch``-sequence forward (a batch refined together), from one trace."""
     every = list(trace(model).values())
+    return [_summary(every, i) for i in range(batch)]
+
+
+def _summary(every: list[dict[str, Any]], sequence: int | None) -> dict[str, Any]:
     rows = [r for r in every if "sigma" in r]
     if not rows:
         return {"layers": 0}

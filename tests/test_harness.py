@@ -435,7 +435,7 @@ def test_refine_methods_with_the_library_refine(tmp_path, model):
     assert not vps.is_patched(model)
 
 
-def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching(tmp_path, model):
+def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching_and_sampling(tmp_path, model):
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False)
     spec = [MethodSpec("refine-self", "refine-self")]
@@ -445,12 +445,15 @@ def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching(tmp_path
                    log=lambda _m: None)
     stored = json.loads((out / "run.json").read_text())
     assert stored["refine_batching"] == "batch" and fake.batches == [2, 1]
+    assert stored["refine_sampling"] == "streams" and fake.samplings == ["streams"] * 2
     rows = RunDir(out).read_rows()
     assert [r["batch_size"] for r in rows] == [2, 2, 1]
-    del stored["refine_batching"]  # a run from before the setting: it refined one item at a time
+    # a run from before both settings: it refined one item at a time, sampling from the global generator
+    del stored["refine_batching"], stored["refine_sampling"]
     (out / "run.json").write_text(json.dumps(stored))
     logs: list[str] = []
     run_evaluation(model, TOK, items, spec, out, settings, batch_size=2, progress=False, refine_fn=fake,
                    log=logs.append)
-    assert fake.batches == [2, 1, 1, 1]
+    assert fake.batches == [2, 1, 1, 1] and fake.samplings[2:] == ["global", "global"]
     assert any("keeping this run's stored refine batching 'item'" in m for m in logs)
+    assert any("keeping this run's stored refine sampling 'global'" in m for m in logs)

@@ -57,7 +57,8 @@ def test_without_reference_the_surrogate_uses_the_prompt(setup):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(mode="oracle"), "gold"), (dict(mode="guess"), "mode"), (dict(iters=0), "iters"),
-    (dict(k_samples=-1), "k_samples"),
+    (dict(k_samples=-1), "k_samples"), (dict(sampling="dice"), "sampling"),
+    (dict(sample_temperature=0.0), "sample_temperature"),
 ])
 def test_bad_arguments(setup, kwargs, match):
     model, tok, prompt = setup
@@ -68,6 +69,51 @@ def test_bad_arguments(setup, kwargs, match):
 def test_unpatched_model_is_refused():
     with pytest.raises(ValueError, match="patched"):
         refine(tiny_model(tiny_tokenizer()), tiny_tokenizer(), "q")
+
+
+def test_stream_sampler_draws_from_the_tempered_softmax_and_keeps_each_groups_stream():
+    from vps.refine import StreamSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    temperature, draws = 0.7, 20000
+    # two groups of two rows; every step each row draws one token
+    sampler = StreamSampler(groups=2, group_size=2, temperature=temperature, seed=3)
+    picks = torch.stack([sampler(None, logits.repeat(4, 1)).argmax(-1) for _ in range(draws // 4)]).flatten()
+    freq = torch.bincount(picks, minlength=5).double() / picks.numel()
+    expected = torch.softmax(logits.double() / temperature, -1)
+    assert torch.allclose(freq, expected, atol=0.012), (freq, expected)
+    assert freq[4] == 0.0
+    # a group's draws are those of a lone sampler with the same seed, whatever the other group does
+    together = StreamSampler(groups=2, group_size=2, temperature=temperature, seed=3)
+    alone = StreamSampler(groups=1, group_size=2, temperature=temperature, seed=3)
+    other_logits = torch.randn(2, 5)
+    for _ in range(5):
+        both = together(None, torch.cat([other_logits, logits.repeat(2, 1)]))
+        assert torch.equal(both[2:], alone(None, logits.repeat(2, 1)))
+    assert not torch.equal(both[0], both[1]), "rows within a group draw different noise"
+    with pytest.raises(ValueError, match="built for 4 rows"):
+        sampler(None, logits.repeat(3, 1))
+    with pytest.raises(ValueError, match="temperature"):
+        StreamSampler(1, 1, 0.0, 0)
+
+
+def test_global_sampling_draws_one_prompt_at_a_time_from_the_global_generator(setup):
+    model, tok, _ = setup
+    prompt = chat_prompt(tok, "What is 12 - 5 + 2?", system=None)
+    kw = dict(iters=1, k_samples=4, max_new_tokens=8, seed=1)
+    first = refine(model, tok, prompt, sampling="global", **kw)
+    assert sum(s is not None for s in first.samples) >= 2, "the comparison needs answers to compare"
+    assert refine(model, tok, prompt, sampling="global", **kw).samples == first.samples
+    from vps.patching import reset_state
+    from vps.prompting import generate_texts
+    from vps.verify import extract_answer
+
+    reset_state(model)
+    texts, _ = generate_texts(model, tok, [prompt] * 4, max_new_tokens=8, temperature=0.7, seed=1)
+    assert first.samples == [None if (a := extract_answer(t)) is None else a.text for t in texts]
+    # torch.multinomial draws one sample by the same exponential race from the same generator, so a
+    # lone prompt's streams draws are the global ones: "streams" reproduces runs made with "global"
+    assert refine(model, tok, prompt, sampling="streams", **kw).samples == first.samples
 
 
 @pytest.mark.parametrize("mode", ["self", "oracle"])
@@ -85,6 +131,7 @@ def test_refine_many_equals_one_refine_per_prompt(mode):
     together = refine_many(model, tok, prompts, golds, **kw)
     alone = [refine(model, tok, p, gold=None if golds is None else golds[i], **kw) for i, p in enumerate(prompts)]
     assert len(together) == 3
+    assert sum(s is not None for t in together for s in t.samples) >= 3, "samples with answers to compare"
     for t, a in zip(together, alone, strict=True):
         assert t.samples == a.samples and t.reference == a.reference and t.best_index == a.best_index
         assert [r["text"] for r in t.trace] == [r["text"] for r in a.trace]

@@ -121,10 +121,12 @@ class FakeRefine:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self.batches: list[int] = []
+        self.samplings: list[str] = []
 
     def __call__(self, model, tokenizer, prompts, golds=None, iters=3, mode="self", k_samples=4,
-                 max_new_tokens=256, seed=0, verifier=None):
+                 max_new_tokens=256, seed=0, verifier=None, sampling="streams"):
         self.batches.append(len(prompts))
+        self.samplings.append(sampling)
         out = []
         for i, prompt in enumerate(prompts):
             gold = None if golds is None else golds[i]

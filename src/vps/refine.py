@@ -28,6 +28,15 @@ they are reset at the start of every call.
 steps are batched, while every prompt keeps its own samples, policy history, gains and L-BFGS memory,
 so its result matches a lone `refine` call up to floating-point rounding (tested), at a fraction of
 the time on hardware where a batch of B costs far less than B single decodes.
+
+Sampling. ``sampling="streams"`` (default) draws all prompts' self-consistency samples in one batch;
+each prompt's rows take their randomness from their own generator seeded with ``seed`` (Gumbel-max:
+the argmax of ``logits / T`` plus Gumbel noise is an exact draw from ``softmax(logits / T)``), so a
+prompt's samples are the same whether it is refined alone or with others. ``sampling="global"`` is the
+earlier scheme: one prompt at a time, ``torch.manual_seed(seed)`` and `generate`'s own sampler. With
+torch 2.13 the two give the same draws for a lone prompt (`torch.multinomial` draws one sample by the
+same exponential race from the same generator; tested), so "global" is kept only to reproduce earlier
+runs exactly should that ever change.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .context import next_token_entropy
 from .gains import GainOptimizer
@@ -50,6 +60,7 @@ from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from .verify.consistency import majority_answer
 
 MODES = ("self", "oracle")
+SAMPLINGS = ("streams", "global")
 
 
 @dataclass
@@ -76,22 +87,25 @@ class RefineResult:
 
 def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | None = None, iters: int = 3,
            mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-           verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7) -> RefineResult:
+           verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7,
+           sampling: str = "streams") -> RefineResult:
     """Refine one answer to ``prompt`` (already formatted, e.g. by `chat_prompt`) over ``iters`` decodes."""
     return refine_many(model, tokenizer, [prompt], None if gold is None else [gold], iters=iters, mode=mode,
                        k_samples=k_samples, max_new_tokens=max_new_tokens, seed=seed, verifier=verifier,
-                       sample_temperature=sample_temperature)[0]
+                       sample_temperature=sample_temperature, sampling=sampling)[0]
 
 
 def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds: Sequence[Any] | None = None,
                 iters: int = 3, mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-                verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7) -> list[RefineResult]:
+                verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7,
+                sampling: str = "streams") -> list[RefineResult]:
     """`refine` for several prompts at once: each keeps its own loop, decoded and stepped as one batch.
 
-    Every prompt's self-consistency samples are drawn on their own, seeded with ``seed`` (as a lone
-    `refine` call draws them); its policy history, gains and L-BFGS memory are its own (per-sequence
-    state), so a prompt's result does not depend on the others beyond floating-point rounding. The
-    greedy decodes and the surrogate steps run as one batch, which is what makes this faster.
+    Every prompt's self-consistency samples come from its own random stream seeded with ``seed`` (as a
+    lone `refine` call draws them; see the module docstring for ``sampling``); its policy history,
+    gains and L-BFGS memory are its own (per-sequence state), so a prompt's result does not depend on
+    the others beyond floating-point rounding. The samples, the greedy decodes and the surrogate steps
+    run as batches, which is what makes this faster.
     """
     if not is_patched(model):
         raise ValueError("refine needs a model patched with vps.patch(model, cfg)")
@@ -108,6 +122,10 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if k_samples < 0:
         raise ValueError(f"k_samples must be >= 0, got {k_samples}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if k_samples and not sample_temperature > 0:
+        raise ValueError(f"sample_temperature must be > 0 to draw samples, got {sample_temperature}")
     b = len(prompts)
     if b > 1 and get_config(model).scope != "sequence":
         raise ValueError("refining several prompts together needs scope='sequence' (per-sequence selectors)")
@@ -115,19 +133,8 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     start = time.perf_counter()
     device = next(model.parameters()).device
 
-    samples: list[list[Answer | None]] = []
-    sample_texts: list[list[str | None]] = []
-    tokens = [0] * b
-    for i, prompt in enumerate(prompts):
-        reset_state(model)  # each prompt's samples start from a fresh state, as in a lone call
-        torch.manual_seed(seed)
-        found: list[Answer | None] = []
-        if k_samples:
-            texts, n, _ = _decode(model, tokenizer, [prompt] * k_samples, max_new_tokens, sample_temperature)
-            tokens[i] += sum(n)
-            found = [extract_answer(t) for t in texts]
-        samples.append(found)
-        sample_texts.append([None if a is None else a.text for a in found])
+    samples, sample_texts, tokens = _draw_samples(model, tokenizer, prompts, k_samples, max_new_tokens,
+                                                  sample_temperature, seed, sampling)
     reset_state(model)
     gains = GainOptimizer(model, batch=None if b == 1 else b)
 
@@ -195,16 +202,73 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     return results
 
 
+def _draw_samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
+                  temperature: float, seed: int, sampling: str
+                  ) -> tuple[list[list[Answer | None]], list[list[str | None]], list[int]]:
+    """Each prompt's k self-consistency samples from a fresh state: answers, their texts, tokens per prompt."""
+    if not k:
+        return [[] for _ in prompts], [[] for _ in prompts], [0] * len(prompts)
+    if sampling == "streams":
+        reset_state(model)
+        rows = [p for p in prompts for _ in range(k)]
+        sampler = StreamSampler(len(prompts), k, temperature, seed, next(model.parameters()).device)
+        texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler)
+        per_prompt = [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(prompts))]
+    else:
+        per_prompt = []
+        for prompt in prompts:
+            reset_state(model)  # each prompt's samples start from a fresh state, as in a lone call
+            torch.manual_seed(seed)
+            texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature)
+            per_prompt.append((texts, n))
+    answers = [[extract_answer(t) for t in texts] for texts, _ in per_prompt]
+    return (answers, [[None if a is None else a.text for a in found] for found in answers],
+            [sum(n) for _, n in per_prompt])
+
+
+class StreamSampler(LogitsProcessor):
+    """Sampling at ``temperature`` with one random stream per group of ``group_size`` consecutive rows.
+
+    Used with greedy `generate`: the argmax of ``logits / T + Gumbel noise`` is an exact draw from
+    ``softmax(logits / T)``. Group g's noise comes from its own generator, seeded with ``seed`` and
+    consumed in the same order whatever the other groups do, so a group's draws do not depend on the
+    batch it is in. The noise is float64: an exponential draw of exactly 0 (an infinite Gumbel value
+    that would force its token) then has probability ~2**-53 instead of ~2**-24 per vocabulary entry.
+    """
+
+    def __init__(self, groups: int, group_size: int, temperature: float, seed: int,
+                 device: torch.device | str = "cpu") -> None:
+        if groups < 1 or group_size < 1:
+            raise ValueError(f"groups and group_size must be >= 1, got {groups} and {group_size}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.group_size, self.temperature = group_size, temperature
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(groups)]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = len(self.generators) * self.group_size
+        if scores.shape[0] != rows:
+            raise ValueError(f"StreamSampler was built for {rows} rows, got scores for {scores.shape[0]}")
+        noise = torch.cat([
+            torch.empty(self.group_size, scores.shape[-1], dtype=torch.float64, device=scores.device)
+            .exponential_(generator=g) for g in self.generators
+        ])
+        gumbel = -noise.clamp_min_(torch.finfo(torch.float64).tiny).log_()
+        return (scores.double() / self.temperature + gumbel).to(scores.dtype)
+
+
 def _comparable(total: float) -> float:
     # A loss without evidence is NaN; it must never count as an improvement or as the best.
     return total if isinstance(total, float) and math.isfinite(total) else math.inf
 
 
-def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float
-            ) -> tuple[list[str], list[int], torch.Tensor]:
+def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float,
+            processor: LogitsProcessor | None = None) -> tuple[list[str], list[int], torch.Tensor]:
     """Generate; also return the first step's logits (the next-token distribution after the prompt)."""
     enc = encode(tokenizer, prompts, next(model.parameters()).device)
     kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
+    if processor is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([processor])
     with torch.no_grad():
         out = model.generate(**enc, **kwargs, return_dict_in_generate=True, output_logits=True)
     texts, counts = decode_new_tokens(tokenizer, out.sequences[:, enc["input_ids"].shape[1]:])

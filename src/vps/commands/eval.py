@@ -54,6 +54,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-batching", choices=["batch", "item"], default="batch",
                    help="batch (default): refine a batch of items together, each with its own loop and state "
                         "(decodes and surrogate steps batched); item: one at a time. A resumed run keeps its own")
+    g.add_argument("--refine-sampling", choices=["streams", "global"], default="streams",
+                   help="streams (default): all items' self-consistency samples in one batch, each item with its own "
+                        "seeded random stream; global: one item at a time from torch's global generator (runs made "
+                        "before this option). A resumed run keeps its own")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
@@ -125,7 +129,7 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         temperature=args.temperature, stop_strings=args.stop if args.stop else DEFAULT_STOP_STRINGS,
         system=args.system, extract_mode=args.extract, refine_iters=args.iters, refine_k_samples=args.k_samples,
         seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
-        refine_batching=args.refine_batching)
+        refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
     stored = RunDir(args.out).read_settings()
     if stored is not None:  # refuse before spending time on the model
         merge_settings(stored, settings.to_dict(specs), str(args.out))

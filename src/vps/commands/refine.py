@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-samples", type=int, default=4, help="sampled answers for self-consistency / majority")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=["streams", "global"], default="streams",
+                   help="how the samples draw their randomness (see vps.refine); global reproduces older runs")
     p.add_argument("--json", action="store_true", help="print the whole trace as JSON")
     add_config_arguments(p)
 
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     patch(model, config_from_args(args))
     prompt = chat_prompt(tok, args.question)
     result = refine(model, tok, prompt, gold=args.gold, iters=args.iters, mode=args.mode, k_samples=args.k_samples,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         print()

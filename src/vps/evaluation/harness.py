@@ -52,15 +52,18 @@ RUN_FORMAT = 1
 # The model's next turn, if it starts writing one: stop there and trim it.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 # Keys of run.json that describe the run but may differ between a run and its resumption.
-# Settings that change no number beyond float rounding, only the batching and the seconds: the value
-# stored by a run's first invocation is kept for the whole run (so every row of a run is computed the
-# same way and its cost ratios stay comparable). The value is what runs written before the setting
-# existed did.
-_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item"}
+# Settings of how a run computes, not of what it measures: the value stored by a run's first invocation
+# is kept for the whole run, so every row of a run is computed the same way and its cost ratios stay
+# comparable. The value is what runs written before the setting existed did. All but refine_sampling
+# change no number beyond float rounding; refine_sampling changes which random draws the
+# self-consistency samples get (not their distribution), so a run keeps it to stay reproducible.
+_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item",
+                        "refine_sampling": "global"}
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
                  "data.skipped", *_KEPT_FROM_FIRST_RUN}
 BATCH_ORDERS = ("length", "input")
 REFINE_BATCHINGS = ("batch", "item")
+REFINE_SAMPLINGS = ("streams", "global")
 
 
 class RunMismatchError(ValueError):
@@ -98,6 +101,8 @@ class RunSettings:
     ``nll_scoring`` is `solution_nll`'s ``scoring`` ("cached" computes each prompt once).
     ``refine_batching="batch"`` refines a batch of items together (`vps.refine.refine_many`: each item
     keeps its own loop and state; decodes and surrogate steps are batched); "item" refines one at a time.
+    ``refine_sampling`` is `vps.refine.refine_many`'s ``sampling``: "streams" draws every item's
+    self-consistency samples in one batch from per-item random streams, "global" one item at a time.
     """
 
     model: str
@@ -117,8 +122,11 @@ class RunSettings:
     batch_order: str = "length"
     nll_scoring: str = "cached"
     refine_batching: str = "batch"
+    refine_sampling: str = "streams"
 
     def __post_init__(self) -> None:
+        if self.refine_sampling not in REFINE_SAMPLINGS:
+            raise ValueError(f"refine_sampling must be one of {REFINE_SAMPLINGS}, got {self.refine_sampling!r}")
         if self.refine_batching not in REFINE_BATCHINGS:
             raise ValueError(f"refine_batching must be one of {REFINE_BATCHINGS}, got {self.refine_batching!r}")
         if self.nll_scoring not in SCORINGS:
@@ -431,7 +439,8 @@ def run_evaluation(
                 for start in range(0, len(pending), step):
                     batch = pending[start:start + step]
                     if spec.method.startswith("refine"):
-                        rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock)
+                        rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock,
+                                             kept["refine_sampling"])
                     else:
                         rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
                                       scoring)
@@ -497,7 +506,7 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
 
 def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
                   settings: RunSettings, refine_fn: Callable[..., Any],
-                  clock: Callable[[], float]) -> list[dict[str, Any]]:
+                  clock: Callable[[], float], sampling: str) -> list[dict[str, Any]]:
     """Refine the batch's items together; the oracle mode alone receives the gold answers."""
     golds = [_gold(it)[0] for it in batch]
     if spec.oracle:
@@ -509,7 +518,7 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
     results = refine_fn(model, tokenizer, [prompts[it.id] for it in batch], golds if spec.oracle else None,
                         iters=settings.refine_iters, mode="oracle" if spec.oracle else "self",
                         k_samples=settings.refine_k_samples, max_new_tokens=settings.max_new_tokens,
-                        seed=settings.seed)
+                        seed=settings.seed, sampling=sampling)
     share = (clock() - start) / len(batch)  # the batch's wall time divided among its items
     if len(results) != len(batch):
         raise RuntimeError(f"{spec.name}: refine returned {len(results)} results for {len(batch)} items")

@@ -148,7 +148,10 @@ def test_a_run_keeps_the_batch_order_it_started_with(tmp_path, model):
                    generate_fn=_recording_generate([]), log=lambda _m: None)
     stored = json.loads((out / "run.json").read_text())
     assert stored["batch_order"] == "length"
-    del stored["batch_order"]  # as written before the setting existed: such runs used the input order
+    # as written before these settings existed: such runs used the input order (and legacy values of
+    # settings this run has no use for: no refine method, no NLL)
+    for key in ("batch_order", "refine_batching", "refine_sampling", "nll_scoring"):
+        del stored[key]
     (out / "run.json").write_text(json.dumps(stored))
     seen: list[list[int]] = []
     logs: list[str] = []
@@ -158,6 +161,7 @@ def test_a_run_keeps_the_batch_order_it_started_with(tmp_path, model):
                     ["input_ids"]) for it in items]
     assert [n for batch in seen for n in batch] == in_order
     assert any("keeping this run's stored batch order 'input'" in m for m in logs)
+    assert not any("refine" in m or "nll scoring" in m for m in logs), "settings that do not apply are not logged"
 
 
 def test_partial_final_line_is_dropped_and_a_bad_middle_line_is_an_error(tmp_path):
@@ -432,6 +436,12 @@ def test_refine_methods_with_the_library_refine(tmp_path, model):
     for r in rows:
         assert r["refine"]["oracle"] is r["oracle"] and len(r["refine"]["trace"]) == 2
         assert r["tokens"] > 0 and isinstance(r["correct"], bool)
+    # the oracle drew the same samples as refine-self, so it reused them and counts what they cost
+    by = {(r["config"], r["id"]): r for r in rows}
+    for it in items[:2]:
+        own, oracle = by["refine-self", it.id]["refine"], by["refine-oracle", it.id]["refine"]
+        assert not own["samples_reused"] and oracle["samples_reused"] and oracle["samples"] == own["samples"]
+        assert 0 < oracle["reused_seconds"] <= by["refine-oracle", it.id]["seconds"]
     assert not vps.is_patched(model)
 
 

@@ -145,6 +145,32 @@ def test_refine_many_equals_one_refine_per_prompt(mode):
     assert len({round(t.trace[3]["mean_gain"], 6) for t in together}) > 1
 
 
+def test_a_sample_cache_reuses_samples_drawn_with_the_same_settings_only():
+    from vps.refine import SampleCache, refine_many
+
+    tok = tiny_tokenizer()
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
+    prompts = [chat_prompt(tok, q, system=None) for q in ("What is 12 - 5 + 2?", "What is 3 + 4?")]
+    kw = dict(iters=2, k_samples=3, max_new_tokens=8, seed=1)
+    cache = SampleCache()
+    first = refine_many(model, tok, prompts, sample_cache=cache, **kw)
+    assert len(cache) == 2 and not any(r.samples_reused for r in first)
+    # the oracle mode reuses them; its results equal those of a call that draws its own
+    golds = ["#### 9", "#### 7"]
+    reused = refine_many(model, tok, prompts, golds, mode="oracle", sample_cache=cache, **kw)
+    fresh = refine_many(model, tok, prompts, golds, mode="oracle", **kw)
+    for r, f, a in zip(reused, fresh, first, strict=True):
+        assert r.samples_reused and r.reused_seconds > 0 and not f.samples_reused and f.reused_seconds == 0
+        assert r.samples == f.samples == a.samples and r.tokens == f.tokens
+        assert [t["text"] for t in r.trace] == [t["text"] for t in f.trace]
+    # another seed, another prompt or another configuration draws anew
+    assert not any(r.samples_reused for r in refine_many(model, tok, prompts, sample_cache=cache, **{**kw, "seed": 2}))
+    mixed = refine_many(model, tok, [prompts[0], "user: 1 + 1?\nassistant:"], sample_cache=cache, **kw)
+    assert [r.samples_reused for r in mixed] == [True, False]
+    other = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8, rank=1))
+    assert not any(r.samples_reused for r in refine_many(other, tok, prompts, sample_cache=cache, **kw))
+
+
 def test_refine_many_needs_per_sequence_selectors_and_matching_golds():
     from vps.refine import refine_many
 

@@ -124,7 +124,7 @@ class FakeRefine:
         self.samplings: list[str] = []
 
     def __call__(self, model, tokenizer, prompts, golds=None, iters=3, mode="self", k_samples=4,
-                 max_new_tokens=256, seed=0, verifier=None, sampling="streams"):
+                 max_new_tokens=256, seed=0, verifier=None, sampling="streams", sample_cache=None):
         self.batches.append(len(prompts))
         self.samplings.append(sampling)
         out = []

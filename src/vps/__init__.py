@@ -30,14 +30,14 @@ from .patching import (
     vps_layers,
 )
 from .policy import LayerPolicy
-from .refine import RefineResult, refine, refine_many
+from .refine import RefineResult, SampleCache, refine, refine_many
 from .spectral import spectral_clip
 from .trace import format_summary, summarize, trace
 from .verify import Answer, CompositeVerifier, extract_answer
 
 __all__ = [
     "__version__", "Answer", "CompositeVerifier", "ModelLoadError", "RefineResult", "extract_answer",
-    "load_model", "refine", "refine_many",
+    "load_model", "refine", "refine_many", "SampleCache",
     "ConfigError", "EphemeralLBFGS", "HybridBuilder", "LayerPolicy", "PatchError", "QKPair",
     "SCBuilder", "SKBuilder", "VPSConfig", "VPSLinear", "clear_gradients", "disabled", "format_summary",
     "get_config", "is_patched", "make_builder", "patch", "reset_state", "reuse_selection", "set_entropy_hint",

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,7 +65,12 @@ SAMPLINGS = ("streams", "global")
 
 @dataclass
 class RefineResult:
-    """Outcome of `refine`: the best candidate by verifier loss and the per-iteration trace."""
+    """Outcome of `refine`: the best candidate by verifier loss and the per-iteration trace.
+
+    ``seconds`` is this call's wall time (its share, from `refine_many`); ``tokens`` counts every
+    token generated for the prompt, its samples included. ``samples_reused`` says the samples came from
+    a `SampleCache`; ``reused_seconds`` is what drawing them cost then, which ``seconds`` excludes.
+    """
 
     mode: str
     oracle: bool
@@ -77,6 +82,8 @@ class RefineResult:
     samples: list[str | None] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    samples_reused: bool = False
+    reused_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the answer as a dict)."""
@@ -98,14 +105,15 @@ def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | No
 def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds: Sequence[Any] | None = None,
                 iters: int = 3, mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
                 verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7,
-                sampling: str = "streams") -> list[RefineResult]:
+                sampling: str = "streams", sample_cache: SampleCache | None = None) -> list[RefineResult]:
     """`refine` for several prompts at once: each keeps its own loop, decoded and stepped as one batch.
 
     Every prompt's self-consistency samples come from its own random stream seeded with ``seed`` (as a
     lone `refine` call draws them; see the module docstring for ``sampling``); its policy history,
     gains and L-BFGS memory are its own (per-sequence state), so a prompt's result does not depend on
     the others beyond floating-point rounding. The samples, the greedy decodes and the surrogate steps
-    run as batches, which is what makes this faster.
+    run as batches, which is what makes this faster. With a ``sample_cache``, a prompt's samples
+    drawn by an earlier call with the same settings are reused (see `SampleCache`).
     """
     if not is_patched(model):
         raise ValueError("refine needs a model patched with vps.patch(model, cfg)")
@@ -133,8 +141,10 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     start = time.perf_counter()
     device = next(model.parameters()).device
 
-    samples, sample_texts, tokens = _draw_samples(model, tokenizer, prompts, k_samples, max_new_tokens,
-                                                  sample_temperature, seed, sampling)
+    drawn = _samples(model, tokenizer, prompts, k_samples, max_new_tokens, sample_temperature, seed, sampling,
+                     sample_cache if sample_cache is not None else SampleCache())
+    samples = [d.answers for d in drawn]
+    tokens = [d.tokens for d in drawn]
     reset_state(model)
     gains = GainOptimizer(model, batch=None if b == 1 else b)
 
@@ -196,34 +206,82 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
         results.append(RefineResult(
             mode=mode, oracle=mode == "oracle", best_index=best, best_text=trace[best]["text"],
             best_answer=extract_answer(trace[best]["text"]), trace=trace,
-            reference=None if references[i] is None else references[i].text, samples=sample_texts[i],
-            seconds=seconds / b, tokens=tokens[i],
+            reference=None if references[i] is None else references[i].text,
+            samples=[None if a is None else a.text for a in samples[i]], seconds=seconds / b, tokens=tokens[i],
+            samples_reused=drawn[i].reused, reused_seconds=drawn[i].seconds if drawn[i].reused else 0.0,
         ))
     return results
 
 
-def _draw_samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
-                  temperature: float, seed: int, sampling: str
-                  ) -> tuple[list[list[Answer | None]], list[list[str | None]], list[int]]:
-    """Each prompt's k self-consistency samples from a fresh state: answers, their texts, tokens per prompt."""
+@dataclass
+class DrawnSamples:
+    """One prompt's self-consistency samples: answers, tokens generated, seconds spent drawing them."""
+
+    answers: list[Answer | None]
+    tokens: int
+    seconds: float
+    reused: bool = False
+
+
+class SampleCache:
+    """Self-consistency samples kept by prompt and settings, for calls that would draw the same ones.
+
+    A prompt's samples depend only on the prompt, the patched configuration and the sampling
+    settings: they are drawn from a fresh state from a stream seeded with ``seed``. ``refine-self``
+    and ``refine-oracle`` on the same items therefore draw identical samples; with one cache the second
+    reuses them. Use one cache per model.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[Any, ...], DrawnSamples] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, key: tuple[Any, ...]) -> DrawnSamples | None:
+        """The samples stored under ``key``, marked reused, or None."""
+        found = self._store.get(key)
+        return None if found is None else replace(found, reused=True)
+
+    def put(self, key: tuple[Any, ...], drawn: DrawnSamples) -> None:
+        """Store one prompt's samples."""
+        self._store[key] = drawn
+
+
+def _samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
+             temperature: float, seed: int, sampling: str, cache: SampleCache) -> list[DrawnSamples]:
+    """Each prompt's k self-consistency samples, drawn from a fresh state or taken from ``cache``."""
     if not k:
-        return [[] for _ in prompts], [[] for _ in prompts], [0] * len(prompts)
+        return [DrawnSamples([], 0, 0.0) for _ in prompts]
+    settings = (k, max_new_tokens, temperature, seed, sampling, repr(get_config(model)))
+    found = {i: cache.get((p, *settings)) for i, p in enumerate(prompts)}
+    missing = [i for i, hit in found.items() if hit is None]
+    if missing:
+        start = time.perf_counter()
+        texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, max_new_tokens, temperature, seed, sampling)
+        share = (time.perf_counter() - start) / len(missing)
+        for i, (t, n) in zip(missing, texts, strict=True):
+            found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share)
+            cache.put((prompts[i], *settings), found[i])
+    return [found[i] for i in range(len(prompts))]
+
+
+def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
+          seed: int, sampling: str) -> list[tuple[list[str], list[int]]]:
+    """Each prompt's k sampled texts and token counts."""
     if sampling == "streams":
         reset_state(model)
         rows = [p for p in prompts for _ in range(k)]
         sampler = StreamSampler(len(prompts), k, temperature, seed, next(model.parameters()).device)
         texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler)
-        per_prompt = [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(prompts))]
-    else:
-        per_prompt = []
-        for prompt in prompts:
-            reset_state(model)  # each prompt's samples start from a fresh state, as in a lone call
-            torch.manual_seed(seed)
-            texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature)
-            per_prompt.append((texts, n))
-    answers = [[extract_answer(t) for t in texts] for texts, _ in per_prompt]
-    return (answers, [[None if a is None else a.text for a in found] for found in answers],
-            [sum(n) for _, n in per_prompt])
+        return [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(prompts))]
+    out = []
+    for prompt in prompts:
+        reset_state(model)  # each prompt's samples start from a fresh state, as in a lone call
+        torch.manual_seed(seed)
+        texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature)
+        out.append((texts, n))
+    return out
 
 
 class StreamSampler(LogitsProcessor):

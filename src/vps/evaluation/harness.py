@@ -359,6 +359,12 @@ def _activated(model: Any, spec: MethodSpec) -> Iterator[None]:
         unpatch(model)
 
 
+def _new_sample_cache() -> Any:
+    from ..refine import SampleCache
+
+    return SampleCache()
+
+
 def _default_refine() -> Callable[..., Any]:
     try:
         from ..refine import refine_many
@@ -409,8 +415,10 @@ def run_evaluation(
     if added and run.results.exists():
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
     kept = {key: stored.get(key, legacy) for key, legacy in _KEPT_FROM_FIRST_RUN.items()}
+    refines = any(s.method.startswith("refine") for s in specs)
     for key, value in kept.items():
-        if value != getattr(settings, key):
+        applies = refines if key.startswith("refine") else settings.nll if key == "nll_scoring" else True
+        if applies and value != getattr(settings, key):
             log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
     order, scoring = kept["batch_order"], kept["nll_scoring"]
     done = {(str(r.get("id")), str(r.get("config"))) for r in run.read_rows(repair=True)}
@@ -418,6 +426,7 @@ def run_evaluation(
     if order == "length":
         items = _by_length(tokenizer, items, prompts, with_answer=settings.nll)
     written: dict[str, int] = {}
+    sample_cache = _new_sample_cache() if refines else None
 
     for spec in specs:
         pending = [it for it in items if (it.id, spec.name) not in done]
@@ -440,7 +449,7 @@ def run_evaluation(
                     batch = pending[start:start + step]
                     if spec.method.startswith("refine"):
                         rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock,
-                                             kept["refine_sampling"])
+                                             kept["refine_sampling"], sample_cache)
                     else:
                         rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
                                       scoring)
@@ -506,8 +515,13 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
 
 def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
                   settings: RunSettings, refine_fn: Callable[..., Any],
-                  clock: Callable[[], float], sampling: str) -> list[dict[str, Any]]:
-    """Refine the batch's items together; the oracle mode alone receives the gold answers."""
+                  clock: Callable[[], float], sampling: str, sample_cache: Any) -> list[dict[str, Any]]:
+    """Refine the batch's items together; the oracle mode alone receives the gold answers.
+
+    Methods that draw the same self-consistency samples (refine-self and refine-oracle of one
+    configuration) share them through ``sample_cache``; a row that reuses samples adds what drawing
+    them cost to its seconds, so its cost stays that of the whole method.
+    """
     golds = [_gold(it)[0] for it in batch]
     if spec.oracle:
         for it, gold in zip(batch, golds, strict=True):
@@ -518,7 +532,7 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
     results = refine_fn(model, tokenizer, [prompts[it.id] for it in batch], golds if spec.oracle else None,
                         iters=settings.refine_iters, mode="oracle" if spec.oracle else "self",
                         k_samples=settings.refine_k_samples, max_new_tokens=settings.max_new_tokens,
-                        seed=settings.seed, sampling=sampling)
+                        seed=settings.seed, sampling=sampling, sample_cache=sample_cache)
     share = (clock() - start) / len(batch)  # the batch's wall time divided among its items
     if len(results) != len(batch):
         raise RuntimeError(f"{spec.name}: refine returned {len(results)} results for {len(batch)} items")
@@ -529,7 +543,8 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
                                f"{'oracle' if spec.oracle else 'gold-free'} run")
         row = _base_row(it, spec, prompts[it.id], len(batch))
         _score(row, it, result.best_text, result.best_answer)
-        row.update(tokens=int(result.tokens), seconds=share, refine=result.to_dict())
+        row.update(tokens=int(result.tokens), seconds=share + float(getattr(result, "reused_seconds", 0.0)),
+                   refine=result.to_dict())
         row["oracle"] = spec.oracle
         rows.append(row)
     return rows

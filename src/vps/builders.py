@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import VPSConfig
+from .dtypes import as_float32
 from .policy import Decision
 
 
@@ -60,7 +61,7 @@ def rank_features(scores: torch.Tensor, k: int, nonnegative: bool = False) -> to
     """
     # topk gives no tie order and a stable sort of every row is ~10x slower, so rank an exact integer
     # key instead: the float's bits made order-preserving, then the reversed index as tie-breaker.
-    s = scores if scores.dtype == torch.float32 else scores.float()
+    s = as_float32(scores)
     s = s if s.is_contiguous() else s.contiguous()
     bits = s.view(torch.int32)
     if not nonnegative:  # the bits of a negative float order backwards

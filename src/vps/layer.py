@@ -28,6 +28,7 @@ from torch import nn
 from .builders import BuildInputs, Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import VPSContext
+from .dtypes import as_float32
 from .policy import Decision, LayerPolicy
 from .spectral import squared_clip_scales
 
@@ -275,12 +276,12 @@ class VPSLinear(nn.Module):
         w = self.base_layer.weight
         # Index the leading dimension of a (transposed) view: a contiguous row gather, far cheaper
         # than advanced indexing along the second dimension.
-        return _f32((w.t() if self._transposed else w)[idx])
+        return as_float32((w.t() if self._transposed else w)[idx])
 
     def _cols(self, idx: torch.Tensor) -> torch.Tensor:
         """Columns ``W[:, idx]`` for idx (B, R) -> (B, R, d_out), float32."""
         w = self.base_layer.weight
-        return _f32((w if self._transposed else w.t())[idx])
+        return as_float32((w if self._transposed else w.t())[idx])
 
     def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -343,9 +344,6 @@ def _valid_count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1).clamp_min(1).float()
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    # A dtype check in Python is free; a no-op .float() is still a dispatched op, per layer and forward.
-    return t if t.dtype == torch.float32 else t.float()
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import VPSConfig
+from .dtypes import as_float32
 
 
 @dataclass
@@ -120,7 +121,7 @@ class LayerPolicy:
     # -- decisions --------------------------------------------------------------------------------
     def sigma(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> torch.Tensor:
         """sigma in [0, 1] per sequence from energy, entropy and the history rule."""
-        energy = energy if energy.dtype == torch.float32 else energy.float()
+        energy = as_float32(energy)
         energy = torch.nan_to_num(energy, nan=0.0, posinf=1e30, neginf=0.0).clamp_min(0.0)
         sig = 1.0 - torch.exp(-energy)
         if entropy is not None and self.cfg.use_entropy:

@@ -71,6 +71,19 @@ def test_unpatched_model_is_refused():
         refine(tiny_model(tiny_tokenizer()), tiny_tokenizer(), "q")
 
 
+def test_decode_returns_the_first_steps_logits_without_keeping_every_steps(setup):
+    from vps.refine import _decode
+
+    model, tok, prompt = setup
+    texts, counts, first = _decode(model, tok, [prompt, prompt + " 1"], max_new_tokens=5, temperature=0.0)
+    assert len(texts) == 2 and all(0 < n <= 5 for n in counts)
+    vps.reset_state(model)
+    enc = vps.prompting.encode(tok, [prompt, prompt + " 1"])
+    with torch.no_grad():
+        direct = model(**enc).logits[:, -1].float()
+    assert first.shape == direct.shape and torch.allclose(first, direct, atol=1e-5)
+
+
 def test_stream_sampler_draws_from_the_tempered_softmax_and_keeps_each_groups_stream():
     from vps.refine import StreamSampler
 

@@ -325,12 +325,26 @@ def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens
     """Generate; also return the first step's logits (the next-token distribution after the prompt)."""
     enc = encode(tokenizer, prompts, next(model.parameters()).device)
     kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
-    if processor is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([processor])
+    first = _FirstScores()
+    # generate's output_logits would keep every step's logits: 512 steps x 32 rows x a 152k vocabulary
+    # is 10 GB in float32, where only the first step is wanted.
+    kwargs["logits_processor"] = LogitsProcessorList([first] + ([processor] if processor is not None else []))
     with torch.no_grad():
-        out = model.generate(**enc, **kwargs, return_dict_in_generate=True, output_logits=True)
-    texts, counts = decode_new_tokens(tokenizer, out.sequences[:, enc["input_ids"].shape[1]:])
-    return [t.strip() for t in texts], counts, out.logits[0].float()
+        out = model.generate(**enc, **kwargs)
+    texts, counts = decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:])
+    return [t.strip() for t in texts], counts, first.scores
+
+
+class _FirstScores(LogitsProcessor):
+    """Keeps the logits of generate's first step and changes nothing."""
+
+    def __init__(self) -> None:
+        self.scores: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.scores is None:
+            self.scores = scores.detach().float().clone()
+        return scores
 
 
 def _target_ids(tokenizer: Any, prompt: str, reference: Answer | None) -> torch.Tensor | None:

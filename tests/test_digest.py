@@ -51,7 +51,7 @@ def test_an_incomplete_run_is_marked_partial(tmp_path, model):
     assert settings["data"]["n_items"] == 5 and len(items) == 3
     text = build_results(load_index(_index(tmp_path)), tmp_path)
     assert "## Accuracy, tiny (partial)" in text
-    assert "still running: `base` 3/5, `vps` 3/5" in text
+    assert "unfinished (rerun the command to resume): `base` 3/5, `vps` 3/5" in text
     assert "on 3 paired items of 5 (incomplete)" in text
 
 

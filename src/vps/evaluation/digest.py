@@ -104,7 +104,8 @@ def _status(summary: dict[str, Any]) -> tuple[bool, str]:
         return True, f"complete: {len(summary['configs'])} configuration(s) x {n} items"
     done = len(summary["configs"]) - len(missing)
     left = ", ".join(f"`{e['name']}` {e['rows']}/{n}" for e in missing)
-    return False, f"partial: {done} of {len(summary['configs'])} configuration(s) complete; still running: {left}"
+    return False, (f"partial: {done} of {len(summary['configs'])} configuration(s) complete; "
+                   f"unfinished (rerun the command to resume): {left}")
 
 
 def _embed(report_md: str, run_dir: str) -> str:

@@ -205,3 +205,18 @@ def test_inference_mode_and_shared_input_scores():
     q, v = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.self_attn.v_proj"]
     assert torch.equal(q.plan.selection.in_idx, v.plan.selection.in_idx), "same input, same scores"
 
+
+
+def test_a_patched_model_can_be_moved_and_cast():
+    # nn.Module.to / .double() / .float() go through Module._apply on every submodule, VPSLinear too
+    model = vps.patch(tiny_llama(), vps.VPSConfig())
+    x = ids(2, 8)
+    with torch.no_grad():
+        single = model(input_ids=x).logits
+        model.to(torch.float64)
+        double = model(input_ids=x).logits
+        model.float()
+        again = model(input_ids=x).logits
+    assert double.dtype == torch.float64 and torch.allclose(double.float(), single, atol=1e-4)
+    assert torch.equal(again, single)
+    assert vps.is_patched(model)

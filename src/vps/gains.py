@@ -38,6 +38,7 @@ class GainOptimizer:
         self.layers = list(vps_layers(model).values())
         self.max_gain = max_gain
         self.batch = batch
+        self._device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         columns = 1 if batch is None else batch
         self._lbfgs = [EphemeralLBFGS(m=self.cfg.lbfgs_m) for _ in range(columns)]
         self._prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * columns
@@ -132,4 +133,4 @@ class GainOptimizer:
             layer.gain = self._ones()
 
     def _ones(self) -> torch.Tensor:
-        return torch.ones(() if self.batch is None else (self.batch,), dtype=torch.float32)
+        return torch.ones(() if self.batch is None else (self.batch,), dtype=torch.float32, device=self._device)

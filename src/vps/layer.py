@@ -86,11 +86,11 @@ class VPSLinear(nn.Module):
         self.builder = make_builder(cfg.builder, cfg)
         self.pair: Any = None  # QKPair when Q/K coupling applies
         self._peer_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # partner's (out_rank, energy)
-        self.gain = torch.ones((), dtype=torch.float32)
+        self.gain = torch.ones((), dtype=torch.float32, device=base_layer.weight.device)
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
         self._positions: torch.Tensor | None = None
-        self._fallbacks = torch.zeros((), dtype=torch.long)
+        self._fallbacks = torch.zeros((), dtype=torch.long, device=base_layer.weight.device)
         self._oks: list[torch.Tensor] = []  # ok flags of recent plans, not yet counted in _fallbacks
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
@@ -150,7 +150,7 @@ class VPSLinear(nn.Module):
         if peer_out is not None:
             self.pair.store(self.pair.peer(self), x, peer_out, *self._peer_stats)
             self._peer_stats = None
-        y = self._apply(out, plan)
+        y = self._apply_plan(out, plan)
         if y.requires_grad and torch.is_grad_enabled():
             self._capture_gradient(y, ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
         return y
@@ -161,7 +161,7 @@ class VPSLinear(nn.Module):
             return False
         return self.plan.batch == batch or (self.cfg.scope == "batch" and self.plan.batch == 1)
 
-    def _apply(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _apply_plan(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
         b, t, _ = out.shape
         idx, q, bias_sel, coef = plan.out_idx, plan.q, plan.bias_sel, plan.coef
         if plan.batch != b:  # one plan shared by the whole batch (scope="batch")
@@ -234,7 +234,11 @@ class VPSLinear(nn.Module):
                 second = ((decision.order == 2).float()[:, None, None] * s[:, :, None] * m.transpose(1, 2)
                           * s[:, None, :])
         # The gain may carry autograd (refinement optimises it); everything else is constant.
-        gain = self.gain if self.gain.device == decision.gamma.device else self.gain.to(decision.gamma.device)
+        gain = self.gain
+        if gain.device != decision.gamma.device:
+            gain = gain.to(decision.gamma.device)
+            if not gain.requires_grad:  # the model moved after patching: move the gain once, not per forward
+                self.gain = gain
         if gain.dim() and gain.shape[0] != decision.gamma.shape[0]:
             raise ValueError(f"{self.layer_name or 'layer'}: per-sequence gains for {gain.shape[0]} sequences, but "
                              f"this forward plans for {decision.gamma.shape[0]}")
@@ -322,8 +326,10 @@ def output_scores(h0: torch.Tensor, mask: torch.Tensor, dense: bool) -> tuple[to
     """Per-sequence mean |W x| (B, d_out) and energy mean((W x)^2) (B,) over the valid tokens (float32)."""
     a = _masked_abs(h0, mask, dense)
     total = a.sum(dim=1, dtype=torch.float32)
-    # The norm reads |h| while it is still in cache: cheaper than a second pass over h itself.
-    squares = torch.linalg.vector_norm(a, ord=2, dim=(1, 2), dtype=torch.float32).square()
+    # The norm reads |h| while it is still in cache: cheaper than a second pass over h itself. It
+    # refuses to narrow, so a float64 model accumulates in float64.
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    squares = as_float32(torch.linalg.vector_norm(a, ord=2, dim=(1, 2), dtype=acc).square())
     if dense:
         return total / a.shape[1], squares / (a.shape[1] * a.shape[2])
     count = _valid_count(mask)

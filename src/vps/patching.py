@@ -156,7 +156,8 @@ def reset_state(model: nn.Module) -> None:
         layer.policy.reset()
         layer.clear_gradient()
         layer.plan = None
-        layer.gain = torch.ones((), dtype=torch.float32)
+        # on the weights' device: a gain elsewhere costs a blocking copy per layer and forward on a GPU
+        layer.gain = torch.ones((), dtype=torch.float32, device=layer.weight.device)
     state.ctx.entropy = state.ctx.entropy_hint = state.ctx.last_entropy = None
 
 

@@ -38,16 +38,16 @@ def _labelled_parts() -> Iterator[None]:
                 return fn(*args, **kwargs)
         return wrapped
 
-    saved = {"_build_plan": layer_mod.VPSLinear._build_plan, "_apply": layer_mod.VPSLinear._apply,
+    saved = {"_build_plan": layer_mod.VPSLinear._build_plan, "_apply_plan": layer_mod.VPSLinear._apply_plan,
              "input_scores": layer_mod.input_scores, "output_scores": layer_mod.output_scores}
     layer_mod.VPSLinear._build_plan = wrap(saved["_build_plan"], "vps::plan")
-    layer_mod.VPSLinear._apply = wrap(saved["_apply"], "vps::apply")
+    layer_mod.VPSLinear._apply_plan = wrap(saved["_apply_plan"], "vps::apply")
     layer_mod.input_scores = wrap(saved["input_scores"], "vps::statistics")
     layer_mod.output_scores = wrap(saved["output_scores"], "vps::statistics")
     try:
         yield
     finally:
-        layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply = saved["_build_plan"], saved["_apply"]
+        layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply_plan = saved["_build_plan"], saved["_apply_plan"]
         layer_mod.input_scores, layer_mod.output_scores = saved["input_scores"], saved["output_scores"]
 
 

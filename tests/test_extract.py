@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vps.verify import Answer, answers_match, extract_answer, parse_gold
+from vps.verify import EXTRACT_MODES, Answer, answers_match, extract_answer, parse_gold
 
 NONE = object()  # expected: extract_answer returns None
 
@@ -115,6 +115,17 @@ CASES = [
     ("strict_ignores_answer_is", "The answer is 18.", "strict", NONE, None, None),
     ("strict_ignores_last_number", "She has 3 apples", "strict", NONE, None, None),
     ("strict_non_numeric_hash", "#### seven", "strict", None, None, "hash"),
+    # "last" mode: the marker that comes last wins, whatever its kind
+    ("flexible_first_hash_beats_later_box", "#### 5\nLet me redo it: \\boxed{7}", "flexible", 5, None, "hash"),
+    ("last_later_box_beats_hash", "#### 5\nLet me redo it: \\boxed{7}", "last", 7, None, "boxed"),
+    ("last_later_hash_beats_box", "\\boxed{7}\nso\n#### 9", "last", 9, None, "hash"),
+    ("flexible_first_of_two_hashes", "#### 2\n#### 3", "flexible", 2, None, "hash"),
+    ("last_second_of_two_hashes", "#### 2\n#### 3", "last", 3, None, "hash"),
+    ("last_answer_is_after_hash", "#### 3\nChecking again, the answer is 4.", "last", 4, None, "answer_is"),
+    ("last_skips_a_heading_hash", "The answer is 4.\n#### Final Answer", "last", 4, None, "answer_is"),
+    ("last_skips_prose_answer_is", "#### 6\nThe answer is clear.", "last", 6, None, "hash"),
+    ("last_falls_back_to_last_number", "3 + 5 = 8", "last", 8, None, "last_number"),
+    ("last_no_answer", "I cannot solve this.", "last", NONE, None, None),
     # no answer
     ("empty", "", "flexible", NONE, None, None),
     ("no_number", "I cannot solve this.", "flexible", NONE, None, None),
@@ -227,14 +238,16 @@ def test_answers_match_respects_rel_tol() -> None:
     ).map("".join)
 )
 def test_extract_never_raises(text: str) -> None:
-    found = extract_answer(text)
-    if found is not None:
-        assert found.source in ("hash", "boxed", "answer_is", "last_number")
-        assert found.number is None or math.isfinite(found.number)
+    for mode in EXTRACT_MODES:
+        found = extract_answer(text, mode)
+        if found is not None:
+            assert found.source in ("hash", "boxed", "answer_is", "last_number")
+            assert found.number is None or math.isfinite(found.number)
 
 
 @pytest.mark.parametrize("text", ["\\boxed{" * 5000, "the answer is " * 5000, "1 " * 20000, "{" * 50000])
 def test_adversarial_text_is_linear(text: str) -> None:
-    start = time.monotonic()
-    extract_answer(text)
-    assert time.monotonic() - start < 1.0
+    for mode in EXTRACT_MODES:
+        start = time.monotonic()
+        extract_answer(text, mode)
+        assert time.monotonic() - start < 1.0, mode

@@ -12,6 +12,7 @@ COMMANDS = {
     "refine": "Refine one answer over several iterations with the verifier in the loop.",
     "info": "Versions, the model cache location and the cached models.",
     "eval": "Evaluate base / vps / refine methods on a dataset: resumable JSONL rows, report.md and report.png.",
+    "rescore": "Read a finished run's answers again in another extraction mode (no generation): rows and report.",
     "ablate": "Run a grid of VPS configurations (default: the seed's) against the baseline, model loaded once.",
     "bench": "VPS overhead vs the unpatched model: prefill, greedy decode and peak memory ratios.",
 }

@@ -21,6 +21,7 @@ from ..evaluation.harness import (
     run_evaluation,
 )
 from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+from ..verify import EXTRACT_MODES
 from .common import add_config_arguments, add_model_arguments, config_from_args, load
 
 
@@ -63,8 +64,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string (repeatable); default: " + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
     g.add_argument("--system", default=None, help="system prompt (default: step-by-step, '#### <answer>')")
-    g.add_argument("--extract", choices=["flexible", "strict"], default="flexible",
-                   help="answer extraction: flexible (#### / boxed / 'answer is' / last number) or strict (#### only)")
+    g.add_argument("--extract", choices=EXTRACT_MODES, default="flexible",
+                   help="answer extraction: flexible (first ####, else boxed / 'answer is' / last number), strict "
+                        "(#### only) or last (the last marker of any kind); see docs/verification.md")
     g.add_argument("--nll", action="store_true", help="also score the gold-solution NLL (one extra forward pair)")
     g.add_argument("--nll-only", action="store_true", help="only the gold-solution NLL, no generation (cheap)")
     g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods)")

@@ -36,7 +36,7 @@ from typing import Any
 from .._version import __version__
 from ..patching import is_patched, patch, reset_state, unpatch
 from ..prompting import DEFAULT_SYSTEM, chat_prompt, generate_texts
-from ..verify import answers_match, extract_answer, parse_gold
+from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
 from .ablation import MethodSpec
 from .data import Item, LoadResult
 from .nll import SCORINGS, solution_nll
@@ -139,8 +139,8 @@ class RunSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.extract_mode not in ("flexible", "strict"):
-            raise ValueError(f"extract_mode must be 'flexible' or 'strict', got {self.extract_mode!r}")
+        if self.extract_mode not in EXTRACT_MODES:
+            raise ValueError(f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
         self.stop_strings = list(self.stop_strings)
 
     @property

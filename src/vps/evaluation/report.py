@@ -130,7 +130,7 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
         "max_new_tokens": settings.get("max_new_tokens"), "temperature": settings.get("temperature"),
         "stop_strings": settings.get("stop_strings"), "extract_mode": settings.get("extract_mode"),
         "baseline": baseline, "reference": reference, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
-        "configs": entries,
+        "rescored_from": settings.get("rescored_from"), "configs": entries,
     }
 
 
@@ -217,12 +217,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
     else:
         lines.append(f"- **Statistics**: baseline `{base}`; 95% paired bootstrap intervals ({boot['resamples']:,} "
                      f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's")
+    rescored = summary.get("rescored_from")
+    if rescored:
+        lines.append(f"- **Rescored**: answers read again in {summary['extract_mode']} mode from the outputs stored in "
+                     f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
+                     f"again, and refine rows keep the candidate their loop chose")
     if any(e["oracle"] for e in entries):
         names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
         lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "
                      f"their numbers are an upper bound, not comparable with gold-free methods")
     lines.append("")
 
+    if rescored:
+        lines += _rescore_table(summary)
     if summary["generate"]:
         lines += ["## Accuracy", ""]
         lines += _table(["config", "method", "n", "correct", "accuracy", "95% CI (Wilson)"], [
@@ -268,6 +275,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
                     "over the prompt than the baseline)." if summary["nll"] else "")
                  + f" Plot: `{REPORT_PNG}`; per-item rows: `{RESULTS_FILE}`.")
     return "\n".join(lines) + "\n"
+
+
+def _rescore_table(summary: dict[str, Any]) -> list[str]:
+    rescored = summary["rescored_from"]
+    before, after = rescored["extract_mode"], summary["extract_mode"]
+    labels = {e["name"]: _label(e) for e in summary["configs"]}
+    rows = [[labels.get(name, f"`{name}`"), _num(c["rows"], "d"), _num(c["changed"], "d"),
+             _num(c["correct_before"], "d"), _num(c["correct_after"], "d")]
+            for name, c in rescored["configs"].items()]
+    return ["## Re-extraction", "", *_table(["config", "outputs", "answers changed", f"correct ({before})",
+                                             f"correct ({after})"], rows)]
 
 
 def _reference_table(summary: dict[str, Any]) -> list[str]:
@@ -331,7 +349,8 @@ def plot(summary: dict[str, Any], path: str | Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.0 * max(1, len(panels)), height), squeeze=False)
     title = (f"{summary['model']} on {summary['data'].get('source')}, n = {summary['n_items']}"
              + (f" (sample seed {summary['data'].get('seed')})" if summary["data"].get("sample") else "")
-             + f"; baseline: {summary['baseline']}")
+             + f"; baseline: {summary['baseline']}"
+             + (f"; answers re-read in {summary['extract_mode']} mode" if summary.get("rescored_from") else ""))
     if not panels:
         ax = axes[0][0]
         ax.axis("off")

@@ -4,6 +4,8 @@ See ``docs/verification.md`` for the extraction rules and how each loss componen
 """
 
 from vps.verify.composite import DEFAULT_WEIGHTS, CompositeVerifier
-from vps.verify.extract import Answer, answers_match, extract_answer, parse_gold
+from vps.verify.extract import EXTRACT_MODES, Answer, answers_match, extract_answer, parse_gold
 
-__all__ = ["Answer", "extract_answer", "answers_match", "parse_gold", "CompositeVerifier", "DEFAULT_WEIGHTS"]
+__all__ = [
+    "Answer", "EXTRACT_MODES", "extract_answer", "answers_match", "parse_gold", "CompositeVerifier", "DEFAULT_WEIGHTS",
+]

@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["Answer", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity"]
+__all__ = ["Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity"]
 
 #: Where an :class:`Answer` came from. ``literal`` is only produced by :func:`parse_gold`
 #: for a gold label given without a ``####`` marker.
@@ -231,8 +231,8 @@ def parse_quantity(segment: str, source: str, *, whole: bool) -> Answer | None:
     return Answer(text=raw, number=None, unit=None, source=source)
 
 
-def _boxed_bodies(text: str) -> list[str]:
-    """Contents of every ``\\boxed{...}`` in order of appearance, with nested braces matched.
+def _boxed_bodies(text: str) -> list[tuple[int, str]]:
+    """``(start, contents)`` of every ``\\boxed{...}`` in order of appearance, nested braces matched.
 
     One pass with a stack, so unbalanced input such as a thousand ``\\boxed{`` costs
     linear time, not one scan to the end of the text per box.
@@ -249,40 +249,40 @@ def _boxed_bodies(text: str) -> list[str]:
             start = stack.pop()
             if start is not None:
                 found.append((start, text[start:i]))
-    return [body for _, body in sorted(found)]
+    return sorted(found)
 
 
-def _from_hash(text: str) -> Answer | None:
-    # The first marker wins, as in lm-eval's strict-match: a model that keeps generating
-    # after its answer tends to invent a further "Question: ... #### n".
+def _hash_answers(text: str) -> list[tuple[int, Answer]]:
+    found = []
     for m in _HASH_RE.finditer(text):
         if _HEADING_RE.match(m.group(1)):
             continue
-        found = parse_quantity(m.group(1), "hash", whole=False)
-        if found is not None:
-            return found
-    return None
+        answer = parse_quantity(m.group(1), "hash", whole=False)
+        if answer is not None:
+            found.append((m.start(), answer))
+    return found
 
 
-def _from_boxed(text: str) -> Answer | None:
-    # The last box wins: models restate or correct themselves before the final box.
-    for body in reversed(_boxed_bodies(text)):
-        found = parse_quantity(body, "boxed", whole=True)
-        if found is not None:
-            return found
-    return None
+def _boxed_answers(text: str) -> list[tuple[int, Answer]]:
+    found = []
+    for start, body in _boxed_bodies(text):
+        answer = parse_quantity(body, "boxed", whole=True)
+        if answer is not None:
+            found.append((start, answer))
+    return found
 
 
-def _from_answer_is(text: str) -> Answer | None:
+def _answer_is_answers(text: str) -> list[tuple[int, Answer]]:
     # "The answer is" is often prose ("the answer is not obvious"), so only a segment
-    # that starts with a number counts, and the latest such statement wins.
-    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
+    # that starts with a number counts.
+    found = []
+    for m in _ANSWER_IS_RE.finditer(text):
         limit = min(len(text), m.end() + _MAX_SEGMENT_CHARS)
         end = _SENTENCE_END_RE.search(text, m.end(), limit)
-        found = parse_quantity(text[m.end() : end.start() if end else limit], "answer_is", whole=False)
-        if found is not None and found.number is not None:
-            return found
-    return None
+        answer = parse_quantity(text[m.end() : end.start() if end else limit], "answer_is", whole=False)
+        if answer is not None and answer.number is not None:
+            found.append((m.start(), answer))
+    return found
 
 
 def _from_last_number(text: str) -> Answer | None:
@@ -293,21 +293,41 @@ def _from_last_number(text: str) -> Answer | None:
     return _answer(last, "last_number") if last is not None else None
 
 
+def _first(found: list[tuple[int, Answer]]) -> Answer | None:
+    return found[0][1] if found else None
+
+
+def _last(found: list[tuple[int, Answer]]) -> Answer | None:
+    return found[-1][1] if found else None
+
+
+#: ``flexible``: the first ``####`` answer, else the last box, else the last "answer is", else the
+#: last number; ``strict``: the first ``####`` answer only; ``last``: whichever answer marker
+#: (``####``, box, "answer is") comes last in the text, else the last number.
+EXTRACT_MODES = ("flexible", "strict", "last")
+
+
 def extract_answer(text: str, mode: str = "flexible") -> Answer | None:
     """The final answer of a model's text, or None where it gives none.
 
-    Sources, in order of preference: ``#### x``, ``\\boxed{x}``, "the (final) answer is x",
-    then, in ``"flexible"`` mode only, the last number in the text. ``"strict"`` mode
-    accepts only ``#### x``.
+    ``"flexible"`` (the default) prefers, in order: the first ``#### x`` (as lm-eval's strict-match:
+    a model that keeps generating after its answer tends to invent a further "Question: ... #### n"),
+    the last ``\\boxed{x}`` (models correct themselves before the final box), the last "the (final)
+    answer is x", then the last number in the text. ``"strict"`` accepts only ``#### x``.
+    ``"last"`` takes whichever of those markers comes last in the text, then the last number: it
+    reads a model that states an answer early and then reasons to another one by its conclusion.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if mode not in ("flexible", "strict"):
-        raise ValueError(f"mode must be 'flexible' or 'strict', got {mode!r}")
-    found = _from_hash(text)
+    if mode not in EXTRACT_MODES:
+        raise ValueError(f"mode must be one of {EXTRACT_MODES}, got {mode!r}")
+    if mode == "last":
+        marked = sorted(_hash_answers(text) + _boxed_answers(text) + _answer_is_answers(text), key=lambda f: f[0])
+        return _last(marked) or _from_last_number(text)
+    found = _first(_hash_answers(text))
     if mode == "strict" or found is not None:
         return found
-    return _from_boxed(text) or _from_answer_is(text) or _from_last_number(text)
+    return _last(_boxed_answers(text)) or _last(_answer_is_answers(text)) or _from_last_number(text)
 
 
 def _normalise_text(text: str) -> str:

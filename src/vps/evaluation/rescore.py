@@ -1,0 +1,112 @@
+"""Re-read the answers of a finished run from its stored outputs, in another extraction mode.
+
+Accuracy depends on how an answer is read from the text as well as on the text. A run's rows keep
+every output, so the reading can change without generating again: `rescore_run` writes a new
+evaluation directory whose rows carry the new extraction and correctness, then its report. Nothing
+is generated again: a refine row keeps the candidate its loop chose; only that candidate's answer is
+read again. Rows without an output (NLL-only) are copied as they are.
+
+The rescored rows leave out the prompt, the output and the refine trace (they stay in the source
+run), and ``run.json`` records where the rows came from, so the report says so. Before rescoring,
+every row is read again in the run's own mode and must give its stored result: a run written by an
+extraction that has since changed is refused rather than compared across two rule sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
+from .harness import RESULTS_FILE, RUN_FILE, RunMismatchError
+from .report import load_run, write_report
+
+__all__ = ["RESCORED_FROM", "rescore_rows", "rescore_run"]
+
+RESCORED_FROM = "rescored_from"
+_LEFT_IN_SOURCE = ("prompt", "output", "refine")
+
+
+def _gold(row: dict[str, Any]) -> Any:
+    text = row.get("gold_text")
+    return parse_gold(str(text)) if text is not None else None
+
+
+def _read(row: dict[str, Any], mode: str) -> tuple[Any, bool]:
+    answer = extract_answer(row["output"], mode)
+    return answer, bool(answers_match(answer, _gold(row)))
+
+
+def rescore_rows(rows: Sequence[dict[str, Any]], mode: str, original_mode: str
+                 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """The rows with answers read in ``mode``, and per configuration: rows, answers changed, correct
+    before and after.
+
+    Raises RunMismatchError when a row read in ``original_mode`` does not give its stored answer and
+    correctness (the extraction rules changed since the run).
+    """
+    if mode not in EXTRACT_MODES:
+        raise ValueError(f"extract mode must be one of {EXTRACT_MODES}, got {mode!r}")
+    out: list[dict[str, Any]] = []
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        new = {k: v for k, v in row.items() if k not in _LEFT_IN_SOURCE}
+        out.append(new)
+        if row.get("output") is None or row.get("correct") is None:
+            continue
+        again, again_correct = _read(row, original_mode)
+        if again_correct != bool(row["correct"]) or (again.text if again else None) != row.get("pred"):
+            raise RunMismatchError(
+                f"item {row.get('id')!r} ({row.get('config')}): reading its output in the run's own "
+                f"{original_mode!r} mode gives {again.text if again else None!r} (correct={again_correct}), "
+                f"but the row says {row.get('pred')!r} (correct={row['correct']}); the extraction rules "
+                f"changed since this run, so its rows cannot be rescored against them")
+        answer, correct = _read(row, mode)
+        new.update(pred=answer.text if answer else None, pred_number=answer.number if answer else None,
+                   pred_source=answer.source if answer else None, correct=correct)
+        c = counts.setdefault(str(row["config"]), {"rows": 0, "changed": 0, "correct_before": 0,
+                                                   "correct_after": 0})
+        c["rows"] += 1
+        c["changed"] += int(new["pred"] != row.get("pred"))
+        c["correct_before"] += int(bool(row["correct"]))
+        c["correct_after"] += int(correct)
+    return out, counts
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def rescore_run(source: str | Path, out: str | Path, mode: str) -> dict[str, Any]:
+    """Write ``out`` (run.json, results.jsonl, report) with ``source``'s answers read in ``mode``.
+
+    Returns the report's summary. ``out`` is rewritten whole on every call (its rows are derived);
+    it must not be ``source`` nor any directory that holds a run of its own.
+    """
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve():
+        raise ValueError(f"--out must differ from the run directory {source}: rescoring never changes a run")
+    settings, rows = load_run(source)
+    if not settings.get("generate"):
+        raise ValueError(f"{source} is an NLL-only run: it holds no generated outputs to read answers from")
+    if settings.get(RESCORED_FROM):
+        raise ValueError(f"{source} is itself a rescored run; rescore the run it came from, "
+                         f"{settings[RESCORED_FROM].get('dir')}")
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        existing = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(existing, dict) or not existing.get(RESCORED_FROM):
+            raise RunMismatchError(f"{out} holds a run of its own; pick another --out")
+    original_mode = settings.get("extract_mode", "flexible")
+    new_rows, counts = rescore_rows(rows, mode, original_mode)
+    new_settings = dict(settings, extract_mode=mode)
+    new_settings[RESCORED_FROM] = {"dir": str(source), "extract_mode": original_mode, "configs": counts}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
+    _write_atomic(run_file, json.dumps(new_settings, indent=2) + "\n")
+    return write_report(out)

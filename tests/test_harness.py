@@ -16,6 +16,7 @@ from tiny_eval import (
     SYSTEM,
     Clock,
     FakeRefine,
+    FakeRefineResult,
     fake_generate,
     settings_for,
     tiny_tokenizer,
@@ -35,6 +36,7 @@ from vps.evaluation import (
 )
 from vps.evaluation import harness as harness_mod
 from vps.evaluation.report import REPORT_MD, SUMMARY_JSON
+from vps.verify import extract_answer
 
 TOK = tiny_tokenizer()
 
@@ -229,6 +231,30 @@ def test_oracle_label_in_every_output(tmp_path, model, monkeypatch, capsys):
     summary = json.loads((out / SUMMARY_JSON).read_text())
     assert {e["name"]: e["oracle"] for e in summary["configs"]}["refine-oracle"] is True
     assert json.loads((out / "run.json").read_text())["configs"]["refine-oracle"]["oracle"] is True
+
+
+def test_refine_rows_are_read_in_the_runs_extraction_mode(tmp_path, model):
+    # The loop reads its texts flexibly; a strict run must still score a boxed-only final text as
+    # giving no answer, as it scores a base output.
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, extract_mode="strict", nll=False)
+
+    def boxed_refine(model, tokenizer, prompts, golds=None, **kw):
+        out = []
+        for gold in golds:
+            text = f"so \\boxed{{{gold:g}}}"
+            out.append(FakeRefineResult(oracle=True, mode="oracle", best_text=text, best_answer=extract_answer(text)))
+        return out
+
+    spec = [MethodSpec("refine-oracle", "refine-oracle")]
+    run_evaluation(model, TOK, items[:2], spec, tmp_path / "strict", settings, batch_size=2, progress=False,
+                   refine_fn=boxed_refine, clock=Clock(), log=lambda _m: None)
+    rows = RunDir(tmp_path / "strict").read_rows()
+    assert [(r["correct"], r["pred"]) for r in rows] == [(False, None)] * 2
+    _, flexible = settings_for(data, nll=False)
+    run_evaluation(model, TOK, items[:2], spec, tmp_path / "flexible", flexible, batch_size=2, progress=False,
+                   refine_fn=boxed_refine, clock=Clock(), log=lambda _m: None)
+    assert [r["correct"] for r in RunDir(tmp_path / "flexible").read_rows()] == [True, True]
 
 
 def test_default_refine_is_the_library_function(monkeypatch):

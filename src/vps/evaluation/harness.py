@@ -10,8 +10,9 @@ configurations may be added to a directory.
 Row schema (keys always present; None where not applicable):
 ``id``, ``index`` (line in the source file), ``config`` (the row's label, unique in the run),
 ``method`` (base | vps | refine-self | refine-oracle), ``oracle`` (True when the gold answer was
-used at test time), ``prompt``, ``output``, ``pred`` / ``pred_number`` / ``pred_source`` (the
-extracted answer), ``gold`` (number, or text for a non-numeric gold) and ``gold_text``,
+used at test time), ``prompt``, ``output`` (for refine methods, the text the loop chose),
+``pred`` / ``pred_number`` / ``pred_source`` (the answer read from ``output`` in the run's
+extraction mode, for every method alike), ``gold`` (number, or text for a non-numeric gold) and ``gold_text``,
 ``correct``, ``tokens`` (generated), ``seconds`` (this item's share of its batch's wall time for
 generation, or for the NLL pass in NLL-only runs), ``nll`` (mean NLL per gold-solution token),
 ``nll_tokens``, ``nll_seconds``, ``batch_size``; refine rows add ``refine`` (the loop's trace).
@@ -542,7 +543,9 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
             raise RuntimeError(f"{spec.name}: refine returned oracle={getattr(result, 'oracle', None)} for a "
                                f"{'oracle' if spec.oracle else 'gold-free'} run")
         row = _base_row(it, spec, prompts[it.id], len(batch))
-        _score(row, it, result.best_text, result.best_answer)
+        # The final text is read as every method's output is, in the run's extraction mode; the
+        # loop's own reading (flexible) only chose which iteration's text that is.
+        _score(row, it, result.best_text, extract_answer(result.best_text, settings.extract_mode))
         row.update(tokens=int(result.tokens), seconds=share + float(getattr(result, "reused_seconds", 0.0)),
                    refine=result.to_dict())
         row["oracle"] = spec.oracle

@@ -471,6 +471,37 @@ def test_refine_methods_with_the_library_refine(tmp_path, model):
     assert not vps.is_patched(model)
 
 
+def test_a_resumed_run_reuses_the_samples_its_earlier_rows_recorded(tmp_path, model):
+    pytest.importorskip("vps.refine")
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False, max_new_tokens=3, refine_iters=2, refine_k_samples=2)
+    own, oracle = MethodSpec("refine-self", "refine-self"), MethodSpec("refine-oracle", "refine-oracle")
+    out, messages = tmp_path / "out", []
+    run_evaluation(model, TOK, items[:2], [own], out, settings, progress=False, log=lambda _m: None)
+    # a new process: nothing in memory, only the rows on disk
+    run_evaluation(model, TOK, items[:2], [own, oracle], out, settings, progress=False, log=messages.append)
+    assert any("samples of 2 item(s) restored" in m for m in messages)
+    by = {(r["config"], r["id"]): r for r in RunDir(out).read_rows()}
+    fresh_out = tmp_path / "fresh"
+    run_evaluation(model, TOK, items[:2], [oracle], fresh_out, settings, progress=False, log=lambda _m: None)
+    fresh = {r["id"]: r for r in RunDir(fresh_out).read_rows()}
+    for it in items[:2]:
+        mine, reused = by["refine-self", it.id]["refine"], by["refine-oracle", it.id]["refine"]
+        assert reused["samples_reused"] and not fresh[it.id]["refine"]["samples_reused"]
+        assert reused["reused_seconds"] == mine["sample_record"]["seconds"] > 0
+        assert reused["samples"] == mine["samples"] == fresh[it.id]["refine"]["samples"]
+        assert by["refine-oracle", it.id]["output"] == fresh[it.id]["output"]
+    # a damaged record is an error naming the item, not a silent redraw
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows[0]["refine"]["sample_record"]["tokens"] = "many"
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text((out / "run.json").read_text())
+    (damaged / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RunMismatchError, match=f"item {rows[0]['id']!r}.*'tokens'"):
+        run_evaluation(model, TOK, items[:3], [own, oracle], damaged, settings, progress=False, log=lambda _m: None)
+
+
 def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching_and_sampling(tmp_path, model):
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False)

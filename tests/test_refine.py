@@ -85,7 +85,7 @@ def test_decode_returns_the_first_steps_logits_without_keeping_every_steps(setup
 
 
 def test_stream_sampler_draws_from_the_tempered_softmax_and_keeps_each_groups_stream():
-    from vps.refine import StreamSampler
+    from vps.samples import StreamSampler
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
     temperature, draws = 0.7, 20000
@@ -159,7 +159,8 @@ def test_refine_many_equals_one_refine_per_prompt(mode):
 
 
 def test_a_sample_cache_reuses_samples_drawn_with_the_same_settings_only():
-    from vps.refine import SampleCache, refine_many
+    from vps.refine import refine_many
+    from vps.samples import SampleCache
 
     tok = tiny_tokenizer()
     model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
@@ -182,6 +183,37 @@ def test_a_sample_cache_reuses_samples_drawn_with_the_same_settings_only():
     assert [r.samples_reused for r in mixed] == [True, False]
     other = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8, rank=1))
     assert not any(r.samples_reused for r in refine_many(other, tok, prompts, sample_cache=cache, **kw))
+
+
+def test_a_results_sample_record_restores_its_samples_in_a_new_cache():
+    from vps.refine import refine_many
+    from vps.samples import SampleCache
+
+    tok = tiny_tokenizer()
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
+    prompts = [chat_prompt(tok, q, system=None) for q in ("What is 12 - 5 + 2?", "What is 3 + 4?")]
+    kw = dict(iters=2, k_samples=3, max_new_tokens=8, seed=1)
+    first = refine_many(model, tok, prompts, **kw)
+    records = [json.loads(json.dumps(r.to_dict()))["sample_record"] for r in first]  # as a row stores it
+    cache = SampleCache()
+    for p, rec in zip(prompts, records, strict=True):
+        cache.restore(p, rec)
+    golds = ["#### 9", "#### 7"]
+    restored = refine_many(model, tok, prompts, golds, mode="oracle", sample_cache=cache, **kw)
+    fresh = refine_many(model, tok, prompts, golds, mode="oracle", **kw)
+    for r, f, rec in zip(restored, fresh, records, strict=True):
+        assert r.samples_reused and r.reused_seconds == rec["seconds"] and not f.samples_reused
+        assert r.samples == f.samples and r.tokens == f.tokens and r.sample_record["answers"] == rec["answers"]
+        assert [t["text"] for t in r.trace] == [t["text"] for t in f.trace]
+        assert [t["loss"]["total"] for t in r.trace] == pytest.approx([t["loss"]["total"] for t in f.trace])
+    # a record drawn with other settings is kept but never matches
+    assert not any(r.samples_reused for r in refine_many(model, tok, prompts, sample_cache=cache, **{**kw, "seed": 2}))
+    with pytest.raises(ValueError, match="'tokens'"):
+        SampleCache().restore(prompts[0], {**records[0], "tokens": "many"})
+    with pytest.raises(ValueError, match="'answers' holds an invalid answer"):
+        SampleCache().restore(prompts[0], {**records[0], "answers": [{"text": "1", "number": 1.0, "unit": None,
+                                                                       "source": "guess"}]})
+    assert refine_many(model, tok, prompts[:1], k_samples=0, iters=1, max_new_tokens=4)[0].sample_record is None
 
 
 def test_refine_many_needs_per_sequence_selectors_and_matching_golds():

@@ -30,7 +30,8 @@ from .patching import (
     vps_layers,
 )
 from .policy import LayerPolicy
-from .refine import RefineResult, SampleCache, refine, refine_many
+from .refine import RefineResult, refine, refine_many
+from .samples import SampleCache
 from .spectral import spectral_clip
 from .trace import format_summary, summarize, trace
 from .verify import Answer, CompositeVerifier, extract_answer

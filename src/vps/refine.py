@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ from .context import next_token_entropy
 from .gains import GainOptimizer
 from .patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
 from .prompting import decode_new_tokens, encode, generation_kwargs
+from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
 from .trace import summarize, summarize_sequences
 from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from .verify.consistency import majority_answer
@@ -70,6 +71,8 @@ class RefineResult:
     ``seconds`` is this call's wall time (its share, from `refine_many`); ``tokens`` counts every
     token generated for the prompt, its samples included. ``samples_reused`` says the samples came from
     a `SampleCache`; ``reused_seconds`` is what drawing them cost then, which ``seconds`` excludes.
+    ``sample_record`` holds the samples in full (`DrawnSamples.to_record`), so a later run can restore
+    them into a cache (`SampleCache.restore`); None without samples.
     """
 
     mode: str
@@ -84,6 +87,7 @@ class RefineResult:
     tokens: int = 0
     samples_reused: bool = False
     reused_seconds: float = 0.0
+    sample_record: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the answer as a dict)."""
@@ -141,8 +145,8 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     start = time.perf_counter()
     device = next(model.parameters()).device
 
-    drawn = _samples(model, tokenizer, prompts, k_samples, max_new_tokens, sample_temperature, seed, sampling,
-                     sample_cache if sample_cache is not None else SampleCache())
+    fingerprint, drawn = _samples(model, tokenizer, prompts, k_samples, max_new_tokens, sample_temperature, seed,
+                                  sampling, sample_cache if sample_cache is not None else SampleCache())
     samples = [d.answers for d in drawn]
     tokens = [d.tokens for d in drawn]
     reset_state(model)
@@ -209,52 +213,19 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
             reference=None if references[i] is None else references[i].text,
             samples=[None if a is None else a.text for a in samples[i]], seconds=seconds / b, tokens=tokens[i],
             samples_reused=drawn[i].reused, reused_seconds=drawn[i].seconds if drawn[i].reused else 0.0,
+            sample_record=drawn[i].to_record(fingerprint) if k_samples else None,
         ))
     return results
 
 
-@dataclass
-class DrawnSamples:
-    """One prompt's self-consistency samples: answers, tokens generated, seconds spent drawing them."""
-
-    answers: list[Answer | None]
-    tokens: int
-    seconds: float
-    reused: bool = False
-
-
-class SampleCache:
-    """Self-consistency samples kept by prompt and settings, for calls that would draw the same ones.
-
-    A prompt's samples depend only on the prompt, the patched configuration and the sampling
-    settings: they are drawn from a fresh state from a stream seeded with ``seed``. ``refine-self``
-    and ``refine-oracle`` on the same items therefore draw identical samples; with one cache the second
-    reuses them. Use one cache per model.
-    """
-
-    def __init__(self) -> None:
-        self._store: dict[tuple[Any, ...], DrawnSamples] = {}
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def get(self, key: tuple[Any, ...]) -> DrawnSamples | None:
-        """The samples stored under ``key``, marked reused, or None."""
-        found = self._store.get(key)
-        return None if found is None else replace(found, reused=True)
-
-    def put(self, key: tuple[Any, ...], drawn: DrawnSamples) -> None:
-        """Store one prompt's samples."""
-        self._store[key] = drawn
-
-
 def _samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
-             temperature: float, seed: int, sampling: str, cache: SampleCache) -> list[DrawnSamples]:
-    """Each prompt's k self-consistency samples, drawn from a fresh state or taken from ``cache``."""
+             temperature: float, seed: int, sampling: str, cache: SampleCache) -> tuple[str, list[DrawnSamples]]:
+    """The settings' fingerprint, and each prompt's k self-consistency samples, drawn from a fresh
+    state or taken from ``cache``."""
+    fingerprint = settings_fingerprint(k, max_new_tokens, temperature, seed, sampling, get_config(model))
     if not k:
-        return [DrawnSamples([], 0, 0.0) for _ in prompts]
-    settings = (k, max_new_tokens, temperature, seed, sampling, repr(get_config(model)))
-    found = {i: cache.get((p, *settings)) for i, p in enumerate(prompts)}
+        return fingerprint, [DrawnSamples([], 0, 0.0) for _ in prompts]
+    found = {i: cache.get(p, fingerprint) for i, p in enumerate(prompts)}
     missing = [i for i, hit in found.items() if hit is None]
     if missing:
         start = time.perf_counter()
@@ -262,8 +233,8 @@ def _samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_n
         share = (time.perf_counter() - start) / len(missing)
         for i, (t, n) in zip(missing, texts, strict=True):
             found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share)
-            cache.put((prompts[i], *settings), found[i])
-    return [found[i] for i in range(len(prompts))]
+            cache.put(prompts[i], fingerprint, found[i])
+    return fingerprint, [found[i] for i in range(len(prompts))]
 
 
 def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
@@ -282,37 +253,6 @@ def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_
         texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature)
         out.append((texts, n))
     return out
-
-
-class StreamSampler(LogitsProcessor):
-    """Sampling at ``temperature`` with one random stream per group of ``group_size`` consecutive rows.
-
-    Used with greedy `generate`: the argmax of ``logits / T + Gumbel noise`` is an exact draw from
-    ``softmax(logits / T)``. Group g's noise comes from its own generator, seeded with ``seed`` and
-    consumed in the same order whatever the other groups do, so a group's draws do not depend on the
-    batch it is in. The noise is float64: an exponential draw of exactly 0 (an infinite Gumbel value
-    that would force its token) then has probability ~2**-53 instead of ~2**-24 per vocabulary entry.
-    """
-
-    def __init__(self, groups: int, group_size: int, temperature: float, seed: int,
-                 device: torch.device | str = "cpu") -> None:
-        if groups < 1 or group_size < 1:
-            raise ValueError(f"groups and group_size must be >= 1, got {groups} and {group_size}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.group_size, self.temperature = group_size, temperature
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(groups)]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        rows = len(self.generators) * self.group_size
-        if scores.shape[0] != rows:
-            raise ValueError(f"StreamSampler was built for {rows} rows, got scores for {scores.shape[0]}")
-        noise = torch.cat([
-            torch.empty(self.group_size, scores.shape[-1], dtype=torch.float64, device=scores.device)
-            .exponential_(generator=g) for g in self.generators
-        ])
-        gumbel = -noise.clamp_min_(torch.finfo(torch.float64).tiny).log_()
-        return (scores.double() / self.temperature + gumbel).to(scores.dtype)
 
 
 def _comparable(total: float) -> float:

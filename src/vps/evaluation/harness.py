@@ -360,10 +360,20 @@ def _activated(model: Any, spec: MethodSpec) -> Iterator[None]:
         unpatch(model)
 
 
-def _new_sample_cache() -> Any:
-    from ..refine import SampleCache
+def _sample_cache(rows: Sequence[dict[str, Any]]) -> Any:
+    """A cache holding the samples recorded in the run's finished refine rows: a resumed run reuses
+    what an earlier process drew (refine-oracle after refine-self) as an uninterrupted one does."""
+    from ..samples import SampleCache
 
-    return SampleCache()
+    cache = SampleCache()
+    for row in rows:
+        record = row.get("refine", {}).get("sample_record") if isinstance(row.get("refine"), dict) else None
+        if record is not None and isinstance(row.get("prompt"), str):
+            try:
+                cache.restore(row["prompt"], record)
+            except ValueError as exc:
+                raise RunMismatchError(f"item {row.get('id')!r} ({row.get('config')}): {exc}") from None
+    return cache
 
 
 def _default_refine() -> Callable[..., Any]:
@@ -422,12 +432,15 @@ def run_evaluation(
         if applies and value != getattr(settings, key):
             log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
     order, scoring = kept["batch_order"], kept["nll_scoring"]
-    done = {(str(r.get("id")), str(r.get("config"))) for r in run.read_rows(repair=True)}
+    finished = run.read_rows(repair=True)
+    done = {(str(r.get("id")), str(r.get("config"))) for r in finished}
     prompts = {item.id: chat_prompt(tokenizer, item.question, system=settings.system_prompt) for item in items}
     if order == "length":
         items = _by_length(tokenizer, items, prompts, with_answer=settings.nll)
     written: dict[str, int] = {}
-    sample_cache = _new_sample_cache() if refines else None
+    sample_cache = _sample_cache(finished) if refines else None
+    if sample_cache is not None and len(sample_cache):
+        log(f"refine: samples of {len(sample_cache)} item(s) restored from earlier rows, to be reused where they apply")
 
     for spec in specs:
         pending = [it for it in items if (it.id, spec.name) not in done]

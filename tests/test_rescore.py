@@ -79,6 +79,7 @@ def test_last_mode_reads_the_conclusion_and_reports_against_the_baseline(run_dir
 
     report = (out / REPORT_MD).read_text()
     assert "answers extracted in last mode" in report and f"outputs stored in `{run_dir}`" in report
+    assert "refine rows keep the candidate their loop chose" in report
     assert "| `vps` | 5 | 2 | 3 | 5 |" in report
     assert "`refine-oracle` **ORACLE**" in report
     assert (out / REPORT_PNG).read_bytes()[:4] == b"\x89PNG"

@@ -219,9 +219,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                      f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's")
     rescored = summary.get("rescored_from")
     if rescored:
+        refines = any((e["method"] or "").startswith("refine") for e in entries)
         lines.append(f"- **Rescored**: answers read again in {summary['extract_mode']} mode from the outputs stored in "
                      f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
-                     f"again, and refine rows keep the candidate their loop chose")
+                     f"again" + ("; refine rows keep the candidate their loop chose" if refines else ""))
     if any(e["oracle"] for e in entries):
         names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
         lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "

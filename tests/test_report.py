@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tiny_eval import SPECS, Clock, fake_generate, settings_for, tiny_tokenizer, write_data
+from tiny_eval import SPECS, Clock, fake_generate, rows_by_config, settings_for, tiny_tokenizer, write_data
 from vps.evaluation import MethodSpec, RunDir, compare_paired, paired_bootstrap_diff, run_evaluation, write_report
 from vps.evaluation.report import REPORT_MD, REPORT_PNG, format_console, pair_stats
 
@@ -14,13 +14,6 @@ TOK = tiny_tokenizer()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _by_config(out) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    for r in sorted(RunDir(out).read_rows(), key=lambda r: r["index"]):
-        rows.setdefault(r["config"], []).append(r)
-    return rows
 
 
 def test_report_numbers_are_compare_paired_on_the_rows(tmp_path, model):
@@ -32,7 +25,7 @@ def test_report_numbers_are_compare_paired_on_the_rows(tmp_path, model):
     run_evaluation(model, TOK, items, SPECS, out, settings, batch_size=2, progress=False, generate_fn=gen,
                    clock=Clock(), log=lambda _m: None)
     summary = write_report(out)
-    rows = _by_config(out)
+    rows = rows_by_config(out)
     b, m = rows["base"], rows["vps"]
     expected = compare_paired([r["correct"] for r in b], [r["correct"] for r in m], [r["nll"] for r in b],
                               [r["nll"] for r in m], [r["seconds"] for r in b], [r["seconds"] for r in m])
@@ -64,7 +57,7 @@ def test_nll_only_pairs_use_the_bootstrap_of_compare_paired(tmp_path, model):
     run_evaluation(model, TOK, items, specs, out, settings, batch_size=5, progress=False, clock=Clock(),
                    log=lambda _m: None)
     summary = write_report(out)
-    rows = _by_config(out)
+    rows = rows_by_config(out)
     diff, lo, hi = paired_bootstrap_diff([r["nll"] for r in rows["base"]], [r["nll"] for r in rows["vps"]])
     got = {e["name"]: e for e in summary["configs"]}["vps"]["vs_baseline"]
     assert (got["nll_diff"], got["nll_diff_ci"]) == (diff, [lo, hi])

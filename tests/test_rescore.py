@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from tiny_eval import QUESTIONS, Clock, FakeRefine, settings_for, tiny_tokenizer, write_data
+from tiny_eval import QUESTIONS, Clock, FakeRefine, rows_by_config, settings_for, tiny_tokenizer, write_data
 from vps.cli import main
-from vps.evaluation import MethodSpec, RunDir, RunMismatchError, compare_paired, rescore_run, run_evaluation
+from vps.evaluation import MethodSpec, RunMismatchError, compare_paired, rescore_run, run_evaluation
 from vps.evaluation.report import REPORT_MD, REPORT_PNG
 from vps.patching import is_patched
 
@@ -46,20 +46,13 @@ def _digest(path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
-def _by_config(path) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    for r in sorted(RunDir(path).read_rows(), key=lambda r: r["index"]):
-        rows.setdefault(r["config"], []).append(r)
-    return rows
-
-
 def test_last_mode_reads_the_conclusion_and_reports_against_the_baseline(run_dir, tmp_path):
     before = _digest(run_dir)
     out = tmp_path / "last"
     summary = rescore_run(run_dir, out, "last")
     assert _digest(run_dir) == before  # the source run is never touched
 
-    original, rescored = _by_config(run_dir), _by_config(out)
+    original, rescored = rows_by_config(run_dir), rows_by_config(out)
     assert [r["correct"] for r in original["vps"]] == [False, False, True, True, True]
     assert [r["correct"] for r in rescored["vps"]] == [True] * 5
     assert [r["pred_source"] for r in rescored["vps"]][:2] == ["boxed", "boxed"]

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vps.evaluation import MethodSpec, RunSettings, data_info, load_items
+from vps.evaluation import MethodSpec, RunDir, RunSettings, data_info, load_items
 from vps.verify import extract_answer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -140,3 +140,11 @@ class FakeRefine:
 
 
 SPECS = [MethodSpec("base", "base"), MethodSpec("vps", "vps")]
+
+
+def rows_by_config(out: Path) -> dict[str, list[dict]]:
+    """A run directory's rows per configuration, in item order."""
+    rows: dict[str, list[dict]] = {}
+    for r in sorted(RunDir(out).read_rows(), key=lambda r: r["index"]):
+        rows.setdefault(r["config"], []).append(r)
+    return rows

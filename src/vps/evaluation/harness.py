@@ -207,6 +207,13 @@ def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> d
 
 
 # -- the output directory --------------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class RunDir:
     """``run.json`` and the append-only ``results.jsonl`` of one output directory."""
 
@@ -238,9 +245,7 @@ class RunDir:
             merged = merge_settings(stored, settings, str(self.path))
             added = [n for n in settings.get("configs", {}) if n not in stored.get("configs", {})]
         if merged != stored:
-            tmp = self.run_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, self.run_file)
+            write_atomic(self.run_file, json.dumps(merged, indent=2) + "\n")
         return merged, added
 
     def read_rows(self, repair: bool = False) -> list[dict[str, Any]]:

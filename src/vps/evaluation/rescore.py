@@ -15,13 +15,12 @@ extraction that has since changed is refused rather than compared across two rul
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
-from .harness import RESULTS_FILE, RUN_FILE, RunMismatchError
+from .harness import RESULTS_FILE, RUN_FILE, RunMismatchError, write_atomic
 from .report import load_run, write_report
 
 __all__ = ["RESCORED_FROM", "rescore_rows", "rescore_run"]
@@ -76,12 +75,6 @@ def rescore_rows(rows: Sequence[dict[str, Any]], mode: str, original_mode: str
     return out, counts
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def rescore_run(source: str | Path, out: str | Path, mode: str) -> dict[str, Any]:
     """Write ``out`` (run.json, results.jsonl, report) with ``source``'s answers read in ``mode``.
 
@@ -107,6 +100,6 @@ def rescore_run(source: str | Path, out: str | Path, mode: str) -> dict[str, Any
     new_settings = dict(settings, extract_mode=mode)
     new_settings[RESCORED_FROM] = {"dir": str(source), "extract_mode": original_mode, "configs": counts}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
-    _write_atomic(run_file, json.dumps(new_settings, indent=2) + "\n")
+    write_atomic(out / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
+    write_atomic(run_file, json.dumps(new_settings, indent=2) + "\n")
     return write_report(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = ["Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity"]
@@ -252,37 +253,36 @@ def _boxed_bodies(text: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _hash_answers(text: str) -> list[tuple[int, Answer]]:
-    found = []
-    for m in _HASH_RE.finditer(text):
+# Each reader yields (position, answer) lazily, in text order or from the end, so a caller that wants
+# only the first or the last valid answer parses no more markers than it must.
+def _hash_answers(text: str, from_end: bool = False) -> Iterator[tuple[int, Answer]]:
+    matches = list(_HASH_RE.finditer(text))
+    for m in reversed(matches) if from_end else matches:
         if _HEADING_RE.match(m.group(1)):
             continue
         answer = parse_quantity(m.group(1), "hash", whole=False)
         if answer is not None:
-            found.append((m.start(), answer))
-    return found
+            yield m.start(), answer
 
 
-def _boxed_answers(text: str) -> list[tuple[int, Answer]]:
-    found = []
-    for start, body in _boxed_bodies(text):
+def _boxed_answers(text: str, from_end: bool = False) -> Iterator[tuple[int, Answer]]:
+    bodies = _boxed_bodies(text)
+    for start, body in reversed(bodies) if from_end else bodies:
         answer = parse_quantity(body, "boxed", whole=True)
         if answer is not None:
-            found.append((start, answer))
-    return found
+            yield start, answer
 
 
-def _answer_is_answers(text: str) -> list[tuple[int, Answer]]:
+def _answer_is_answers(text: str, from_end: bool = False) -> Iterator[tuple[int, Answer]]:
     # "The answer is" is often prose ("the answer is not obvious"), so only a segment
     # that starts with a number counts.
-    found = []
-    for m in _ANSWER_IS_RE.finditer(text):
+    matches = list(_ANSWER_IS_RE.finditer(text))
+    for m in reversed(matches) if from_end else matches:
         limit = min(len(text), m.end() + _MAX_SEGMENT_CHARS)
         end = _SENTENCE_END_RE.search(text, m.end(), limit)
         answer = parse_quantity(text[m.end() : end.start() if end else limit], "answer_is", whole=False)
         if answer is not None and answer.number is not None:
-            found.append((m.start(), answer))
-    return found
+            yield m.start(), answer
 
 
 def _from_last_number(text: str) -> Answer | None:
@@ -293,12 +293,9 @@ def _from_last_number(text: str) -> Answer | None:
     return _answer(last, "last_number") if last is not None else None
 
 
-def _first(found: list[tuple[int, Answer]]) -> Answer | None:
-    return found[0][1] if found else None
-
-
-def _last(found: list[tuple[int, Answer]]) -> Answer | None:
-    return found[-1][1] if found else None
+def _first(found: Iterator[tuple[int, Answer]]) -> Answer | None:
+    hit = next(found, None)
+    return None if hit is None else hit[1]
 
 
 #: ``flexible``: the first ``####`` answer, else the last box, else the last "answer is", else the
@@ -322,12 +319,15 @@ def extract_answer(text: str, mode: str = "flexible") -> Answer | None:
     if mode not in EXTRACT_MODES:
         raise ValueError(f"mode must be one of {EXTRACT_MODES}, got {mode!r}")
     if mode == "last":
-        marked = sorted(_hash_answers(text) + _boxed_answers(text) + _answer_is_answers(text), key=lambda f: f[0])
-        return _last(marked) or _from_last_number(text)
+        # The last marker overall is the latest of each kind's last valid one.
+        lasts = [hit for read in (_hash_answers, _boxed_answers, _answer_is_answers)
+                 if (hit := next(read(text, from_end=True), None)) is not None]
+        return max(lasts, key=lambda hit: hit[0])[1] if lasts else _from_last_number(text)
     found = _first(_hash_answers(text))
     if mode == "strict" or found is not None:
         return found
-    return _last(_boxed_answers(text)) or _last(_answer_is_answers(text)) or _from_last_number(text)
+    return (_first(_boxed_answers(text, from_end=True)) or _first(_answer_is_answers(text, from_end=True))
+            or _from_last_number(text))
 
 
 def _normalise_text(text: str) -> str:

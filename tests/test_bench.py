@@ -28,7 +28,7 @@ def tiny_settings(**kw):
 
 
 def check_timing_fields(result, names):
-    keys = ["prefill_1x32", "prefill_2x16", "decode_b1", "decode_b2"]
+    keys = ["prefill_1x32", "prefill_2x16", "decode_b1", "decode_b2", "generate_b1", "generate_b2"]
     assert [w["key"] for w in result["workloads"]] == keys
     assert set(result["configs"]) == set(names)
     for key in keys:
@@ -42,6 +42,7 @@ def check_timing_fields(result, names):
             assert s["ratio"] == pytest.approx(s["median_s"] / result["base"]["workloads"][key]["median_s"])
             assert (s["pass"] is None) == (s["target"] is None)
         assert entry["workloads"]["decode_b1"]["tokens_per_s"] > 0
+        assert entry["workloads"]["generate_b1"]["tokens_per_s"] > 0
     m = result["machine"]
     assert m["threads"] >= 1 and m["torch"] == torch.__version__
     assert "loadavg_start" in m and "loadavg_end" in m and result["wall_s"] > 0
@@ -57,6 +58,8 @@ def test_run_benchmark_in_memory_model(one_thread):
     assert sk["workloads"]["prefill_1x32"]["target"] == TARGET_PREFILL_LONG
     assert sk["workloads"]["prefill_2x16"]["target"] == TARGET_PREFILL_BATCH
     assert sk["workloads"]["decode_b1"]["target"] == TARGET_DECODE_B1
+    assert sk["workloads"]["generate_b1"]["target"] == TARGET_DECODE_B1
+    assert sk["workloads"]["generate_b2"]["target"] is None
     assert dyn["workloads"]["decode_b1"]["target"] is None and dyn["config"]["decode_mode"] == "dynamic"
     assert sk["config"]["builder"] == "sk" and sk["config"]["rank"] == 2
     # a model built in code cannot be reloaded in a subprocess: CPU memory is skipped, and says why
@@ -66,7 +69,7 @@ def test_run_benchmark_in_memory_model(one_thread):
     assert all(before[n] is m for n, m in model.named_modules())
     json.dumps(result)  # JSON-ready
     report = format_report(result)
-    for text in ("sk-dynamic", "target", "prefill 2x16", "decode b1", "load average", "same process"):
+    for text in ("sk-dynamic", "target", "prefill 2x16", "decode b1", "generate() b1", "load average", "same process"):
         assert text in report
 
 
@@ -166,9 +169,26 @@ def test_default_configs_and_sizes():
     s = BenchSettings()
     assert s.prefill_shapes == [(1, 512), (8, 128)] and s.decode_batches == [1, 8]
     assert (s.prompt_tokens, s.new_tokens, s.prefill_repeats, s.decode_repeats) == (32, 64, 5, 3)
-    assert [w.key for w in s.workloads()] == ["prefill_1x512", "prefill_8x128", "decode_b1", "decode_b8"]
+    assert [w.key for w in s.workloads()] == ["prefill_1x512", "prefill_8x128", "decode_b1", "decode_b8",
+                                              "generate_b1", "generate_b8"]
+    assert [w.key for w in BenchSettings(kinds=("generate",)).workloads()] == ["generate_b1", "generate_b8"]
     with pytest.raises(ValueError, match="new_tokens"):
         BenchSettings(new_tokens=0).validate()
+    with pytest.raises(ValueError, match="workload kinds"):
+        BenchSettings(kinds=("decode", "beam")).validate()
+
+
+def test_generate_workload_makes_exactly_the_asked_tokens(one_thread):
+    from vps.bench import make_inputs, time_generate
+
+    model = tiny_llama()
+    model.generation_config.eos_token_id = 1
+    ids, mask = make_inputs(model, 2, 8, 0)
+    calls = []
+    original = model.generate
+    model.generate = lambda **kw: calls.append(kw) or original(**kw)
+    assert time_generate(model, ids, mask, 6) > 0
+    assert calls[0]["min_new_tokens"] == calls[0]["max_new_tokens"] == 6 and calls[0]["do_sample"] is False
 
 
 def test_profile_splits_the_forward_into_vps_parts(one_thread):

@@ -5,6 +5,7 @@ import torch
 import vps
 from tiny import ids, tiny_llama, tiny_qwen2
 from vps.context import next_token_entropy
+from vps.kv_cache import cache_argument, output_cache
 
 
 def greedy_recompute(model, prompt, steps):
@@ -38,7 +39,7 @@ def step_selections(model, prompt, steps):
     for _ in range(steps):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         prev_logits = out.logits
-        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(nxt, use_cache=True, **{cache_argument(model): output_cache(out)})
         seen.append(layer.plan.selection.in_idx.clone())
         entropies.append((next_token_entropy(prev_logits), layer.plan.decision.entropy))
     return seen, entropies

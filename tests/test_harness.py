@@ -36,6 +36,7 @@ from vps.evaluation import (
 )
 from vps.evaluation import harness as harness_mod
 from vps.evaluation.report import REPORT_MD, SUMMARY_JSON
+from vps.kv_cache import cache_argument, output_cache
 from vps.verify import extract_answer
 
 TOK = tiny_tokenizer()
@@ -307,7 +308,8 @@ def _cached_decode_nll(model, prompt: str, solution: str) -> float:
     s = TOK(solution, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         first = model(input_ids=torch.tensor([p]), use_cache=True)
-        rest = model(input_ids=torch.tensor([s[:-1]]), past_key_values=first.past_key_values, use_cache=True)
+        rest = model(input_ids=torch.tensor([s[:-1]]), use_cache=True,
+                     **{cache_argument(model): output_cache(first)})
     logits = torch.cat([first.logits[0, -1:], rest.logits[0]]).float()
     logp = torch.log_softmax(logits, dim=-1)
     return float(-logp.gather(-1, torch.tensor(s).unsqueeze(-1)).mean())

@@ -17,6 +17,11 @@ Workloads (the defaults; ``BenchSettings.quick()`` shrinks them for smoke tests)
   what ``generate()`` does before its first token;
 - greedy decode: batch 1 and batch 8, a 32-token prompt (its prefill untimed), then 64 single-token
   forwards with the KV cache and an argmax; the figure is seconds per decode step (per token);
+- ``generate()``: batch 1 and batch 8, the same 32-token prompt, one ``model.generate`` call with
+  greedy search and exactly 64 new tokens (``min_new_tokens`` keeps an end-of-sequence token from
+  stopping it); the figure is the call's seconds per new token, its prefill included. This is what
+  users run, so it catches what a hand-written loop cannot (the loop above names the cache argument
+  itself; ``generate()`` uses whatever the installed transformers passes);
 - peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the prefill workloads, in process;
   on CPU the process peak RSS (``VmHWM``) of a fresh subprocess per variant that loads the
   model, patches it (or not) and runs the prefill workloads (``python -m vps.bench --memory-probe``).
@@ -49,6 +54,7 @@ import torch
 from torch import nn
 
 from .config import VPSConfig
+from .kv_cache import cache_argument, forward_accepts, output_cache
 from .patching import is_patched, patch, reuse_selection, unpatch
 
 SCHEMA = "vps-bench/1"
@@ -72,8 +78,11 @@ DEFAULT_CONFIGS = ("sk", "sc", "hybrid", "sk-dynamic", "floor")
 # --quick sizes keep them: the first prefill shape is "one long sequence", the second "a batch".
 TARGET_PREFILL_LONG = 1.10  # batch 1 x 512
 TARGET_PREFILL_BATCH = 1.05  # batch 8 x 128
-TARGET_DECODE_B1 = 1.15  # frozen decode, time per token at batch 1
+TARGET_DECODE_B1 = 1.15  # frozen decode, time per token at batch 1 (the decode loop and generate() alike)
 TARGET_MEMORY = 1.02  # peak memory
+
+
+WORKLOAD_KINDS = ("prefill", "decode", "generate")
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -81,7 +90,7 @@ TARGET_MEMORY = 1.02  # peak memory
 class Workload:
     """One thing to time: a prefill of ``batch x tokens``, or ``new_tokens`` decode steps after a prompt."""
 
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "generate"
     batch: int
     tokens: int  # prefill length, or the decode prompt's length
     new_tokens: int = 0
@@ -91,11 +100,18 @@ class Workload:
 
     @property
     def key(self) -> str:
-        return f"prefill_{self.batch}x{self.tokens}" if self.kind == "prefill" else f"decode_b{self.batch}"
+        return f"prefill_{self.batch}x{self.tokens}" if self.kind == "prefill" else f"{self.kind}_b{self.batch}"
 
     @property
     def label(self) -> str:
-        return f"prefill {self.batch}x{self.tokens}" if self.kind == "prefill" else f"decode b{self.batch}"
+        if self.kind == "prefill":
+            return f"prefill {self.batch}x{self.tokens}"
+        return f"{'generate()' if self.kind == 'generate' else 'decode'} b{self.batch}"
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the figure is seconds per new token (and tokens/s is reported beside it)."""
+        return self.kind != "prefill"
 
     def target_for(self, cfg: VPSConfig) -> float | None:
         if self.frozen_only and cfg.decode_mode != "frozen":
@@ -109,6 +125,7 @@ class BenchSettings:
 
     prefill_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(1, 512), (8, 128)])
     decode_batches: list[int] = field(default_factory=lambda: [1, 8])
+    generate_batches: list[int] = field(default_factory=lambda: [1, 8])
     prompt_tokens: int = 32
     new_tokens: int = 64
     prefill_repeats: int = 5
@@ -117,11 +134,13 @@ class BenchSettings:
     seed: int = 0
     memory: bool = True
     quick: bool = False
+    kinds: tuple[str, ...] = WORKLOAD_KINDS  # which workload kinds run
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> BenchSettings:
         """Tiny sizes: for smoke tests and tiny models (positions stay below 64)."""
-        values: dict[str, Any] = dict(prefill_shapes=[(1, 32), (2, 16)], decode_batches=[1, 2], prompt_tokens=8,
+        values: dict[str, Any] = dict(prefill_shapes=[(1, 32), (2, 16)], decode_batches=[1, 2],
+                                      generate_batches=[1, 2], prompt_tokens=8,
                                       new_tokens=4, prefill_repeats=2, decode_repeats=2, warmup=1, quick=True)
         values.update(overrides)
         return cls(**values)
@@ -130,9 +149,14 @@ class BenchSettings:
         for name in ("prompt_tokens", "new_tokens", "prefill_repeats", "decode_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = [k for k in self.kinds if k not in WORKLOAD_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"workload kinds must be a non-empty subset of {', '.join(WORKLOAD_KINDS)}, "
+                             f"got {', '.join(self.kinds) or 'none'}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if any(b < 1 or t < 1 for b, t in self.prefill_shapes) or any(b < 1 for b in self.decode_batches):
+        if any(b < 1 or t < 1 for b, t in self.prefill_shapes) or any(
+                b < 1 for b in [*self.decode_batches, *self.generate_batches]):
             raise ValueError("batch sizes and token counts must be >= 1")
 
     def workloads(self) -> list[Workload]:
@@ -143,7 +167,10 @@ class BenchSettings:
         for i, b in enumerate(self.decode_batches):
             out.append(Workload("decode", b, self.prompt_tokens, self.new_tokens, repeats=self.decode_repeats,
                                 target=TARGET_DECODE_B1 if i == 0 else None, frozen_only=True))
-        return out
+        for i, b in enumerate(self.generate_batches):
+            out.append(Workload("generate", b, self.prompt_tokens, self.new_tokens, repeats=self.decode_repeats,
+                                target=TARGET_DECODE_B1 if i == 0 else None, frozen_only=True))
+        return [w for w in out if w.kind in self.kinds]
 
 
 # -- configurations ----------------------------------------------------------------------------------
@@ -207,10 +234,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
 
 
 def make_inputs(model: nn.Module, batch: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,24 +268,43 @@ def time_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tok
     """
     device = ids.device
     kwargs = _forward_kwargs(model)
+    cache_kw = cache_argument(model)
     b, t = ids.shape
     full_mask = torch.ones(b, t + new_tokens, dtype=mask.dtype, device=device)
     full_mask[:, :t] = mask
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
-        past = out.past_key_values
+        past = output_cache(out)
         nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         del out
         _sync(device)
         start = time.perf_counter()
         for i in range(new_tokens):
-            out = model(input_ids=nxt, attention_mask=full_mask[:, : t + i + 1], past_key_values=past,
-                        use_cache=True, **kwargs)
-            past = out.past_key_values
+            out = model(input_ids=nxt, attention_mask=full_mask[:, : t + i + 1], use_cache=True,
+                        **{cache_kw: past}, **kwargs)
+            past = output_cache(out)
             nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         _sync(device)
         took = time.perf_counter() - start
     del out, past
+    return took / new_tokens
+
+
+def time_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per new token of one greedy ``model.generate`` call producing exactly ``new_tokens`` tokens."""
+    device = ids.device
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0 if pad is None else pad)
+        _sync(device)
+        took = time.perf_counter() - start
+    if out.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError(f"generate() made {out.shape[1] - ids.shape[1]} new tokens, expected {new_tokens}")
     return took / new_tokens
 
 
@@ -496,8 +539,10 @@ def run_benchmark(
                 def fn(ids=ids, mask=mask):
                     return time_prefill(model, ids, mask)
             else:
-                def fn(ids=ids, mask=mask, n=w.new_tokens):
-                    return time_decode(model, ids, mask, n)
+                timer = time_generate if w.kind == "generate" else time_decode
+
+                def fn(ids=ids, mask=mask, n=w.new_tokens, timer=timer):
+                    return timer(model, ids, mask, n)
             for _ in range(settings.warmup):
                 for v in variants:
                     run_variant(v, fn)
@@ -542,7 +587,7 @@ def run_benchmark(
                       "freed tensors leave the RSS")
     base = {w.key: _summary(samples[w.key][None]) for w in workloads}
     for w in workloads:
-        if w.kind == "decode":
+        if w.per_token:
             base[w.key]["tokens_per_s"] = w.batch / base[w.key]["median_s"]
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -568,7 +613,7 @@ def run_benchmark(
             s = _summary(vps_s)
             s["ratio"] = s["median_s"] / base[w.key]["median_s"]
             s["paired_ratio"] = statistics.median(v / b for v, b in zip(vps_s, base_s, strict=True))
-            if w.kind == "decode":
+            if w.per_token:
                 s["tokens_per_s"] = w.batch / s["median_s"]
             target = None if name in floors else w.target_for(cfg)
             s["target"] = target
@@ -631,7 +676,9 @@ def format_report(result: dict[str, Any]) -> str:
                  f"after {st['warmup']} warm-up run(s); medians of {st['prefill_repeats']} (prefill) / "
                  f"{st['decode_repeats']} (decode) rounds{' [--quick sizes]' if st['quick'] else ''}")
     lines.append("cells: ratio vps/base (vps ms / base ms); decode = ms per token (decode steps only, "
-                 f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill)")
+                 f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill); "
+                 f"generate() = ms per new token of one greedy generate() call ({st['new_tokens']} new tokens, "
+                 "its prefill included)")
     if floors := [n for n, e in result["configs"].items() if e.get("plan_reuse")]:
         lines.append(f"{', '.join(floors)}: SK plans built by an untimed run, then reused: the rank-2 term alone, "
                      "the least any dynamic selection can cost (no target)")
@@ -657,7 +704,7 @@ def format_report(result: dict[str, Any]) -> str:
     base_row = ["base"]
     for w in workloads:
         s = base["workloads"][w["key"]]
-        base_row.append(f"{_ms(s['median_s'])} ms" + ("/tok" if w["kind"] == "decode" else "")
+        base_row.append(f"{_ms(s['median_s'])} ms" + ("/tok" if w["kind"] != "prefill" else "")
                         + f" [{_ms(s['min_s'])}-{_ms(s['max_s'])}]")
     base_mem = base.get("memory")
     base_row.append(f"{base_mem['peak_mb']:.0f} MB" if base_mem else "-")
@@ -682,7 +729,7 @@ def format_report(result: dict[str, Any]) -> str:
 
     lines.append("")
     for w in workloads:
-        if w["kind"] == "decode":
+        if w["kind"] != "prefill":
             s = base["workloads"][w["key"]]
             lines.append(f"base {w['label']}: {s['tokens_per_s']:.1f} tokens/s")
     noisy = []

@@ -2,8 +2,9 @@
 
 `vps.patch` installs a forward pre-hook and a forward hook on the top-level model. The pre-hook
 reads the call's ``attention_mask`` (so padding never counts in any statistic) and whether a
-non-empty KV cache was passed (prefill vs decode). The forward hook computes the model's own
-next-token entropy H at the last valid position of each sequence.
+non-empty KV cache was passed (prefill vs decode; the cache is found by type, see `vps.kv_cache`).
+The forward hook computes the model's own next-token entropy H at the last valid position of each
+sequence, and warns when a forward continued a cache that the pre-hook did not see.
 
 Entropy feedback: H from one forward is used by the *next* forward's policy decisions, and only when
 that next forward continues the same sequences from a KV cache (a decode step). Every prefill starts
@@ -16,11 +17,16 @@ entropy to the next prefill explicitly.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any
 
 import torch
+
+from .kv_cache import ForwardCall, cache_length, output_cache
+
+
+class HiddenCacheWarning(UserWarning):
+    """A forward continued a KV cache that vps did not find among its arguments (decode taken for prefill)."""
 
 
 class VPSContext:
@@ -37,6 +43,8 @@ class VPSContext:
         self.last_entropy: torch.Tensor | None = None
         self.forward_count = 0
         self._warned_4d = False
+        self._warned_hidden_cache = False
+        self._tokens: int | None = None
         self._valid: tuple | None = None
         self._ranking: tuple | None = None
         self.in_forward = False
@@ -85,8 +93,10 @@ class VPSContext:
         return self.reuse_selection or (self.phase == "decode" and decode_mode == "frozen")
 
     # -- driven by the model hooks -----------------------------------------------------------------
-    def begin(self, attention_mask: Any, past_key_values: Any) -> None:
+    def begin(self, call: ForwardCall) -> None:
         """Start of a top-level forward: record the mask and the phase."""
+        attention_mask = call.attention_mask
+        self._tokens = call.tokens
         self.forward_count += 1
         self._valid = self._ranking = None
         self.in_forward = True
@@ -98,13 +108,16 @@ class VPSContext:
                               stacklevel=3)
                 self._warned_4d = True
             self.mask = None
-        self.phase = "decode" if _cache_length(past_key_values) > 0 else "prefill"
+        self.phase = "decode" if cache_length(call.cache) > 0 else "prefill"
         if self.phase == "prefill":
             self.entropy = self.entropy_hint
             self.entropy_hint = None
 
-    def end(self, logits: torch.Tensor | None) -> None:
-        """End of a top-level forward: measure next-token entropy for the following step."""
+    def end(self, output: Any) -> None:
+        """End of a top-level forward: check the phase, measure next-token entropy for the following step."""
+        if self.phase == "prefill" and not self._warned_hidden_cache:
+            self._check_no_hidden_cache(output)
+        logits = _logits_of(output)
         mask, self.mask = self.mask, None
         self._valid = self._ranking = None
         self.in_forward = False
@@ -115,6 +128,20 @@ class VPSContext:
             h = next_token_entropy(logits, mask)
         self.entropy = h
         self.last_entropy = h
+
+    def _check_no_hidden_cache(self, output: Any) -> None:
+        # A forward taken for a prefill that returns a cache longer than its own input continued a
+        # cache the pre-hook could not see: the layers rebuilt their plans from the new tokens alone.
+        # Checked on prefills only, so a decode step pays nothing.
+        held = cache_length(output_cache(output))
+        if self._tokens is not None and held > self._tokens:
+            self._warned_hidden_cache = True
+            warnings.warn(
+                f"vps: a forward of {self._tokens} new token(s) continued a KV cache of {held - self._tokens} "
+                "token(s) that vps did not find among the forward's arguments, so it was treated as a prefill "
+                "and the selectors were rebuilt from the new tokens (frozen decoding is not frozen). The cache "
+                "argument is likely passed in a form this vps version does not recognise; please report it "
+                "with your transformers version.", HiddenCacheWarning, stacklevel=3)
 
 
 def next_token_entropy(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,29 +164,8 @@ def next_token_entropy(logits: torch.Tensor, attention_mask: torch.Tensor | None
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def _cache_length(past_key_values: Any) -> int:
-    if past_key_values is None:
-        return 0
-    get_len = getattr(past_key_values, "get_seq_length", None)
-    if callable(get_len):
-        return int(get_len())
-    try:  # legacy tuple-of-tuples caches
-        return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
-    except (TypeError, IndexError, AttributeError):
-        return 0
-
-
-def bind_forward_arguments(model: torch.nn.Module) -> Any:
-    """A function mapping a forward call's (args, kwargs) to (attention_mask, past_key_values)."""
-    params = list(inspect.signature(model.forward).parameters)
-
-    def pick(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        found = {}
-        for name in ("attention_mask", "past_key_values"):
-            if name in kwargs:
-                found[name] = kwargs[name]
-            elif name in params and params.index(name) < len(args):
-                found[name] = args[params.index(name)]
-        return found.get("attention_mask"), found.get("past_key_values")
-
-    return pick
+def _logits_of(output: Any) -> torch.Tensor | None:
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    return logits if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .config import VPSConfig
-from .context import VPSContext, bind_forward_arguments
+from .context import VPSContext
 from .coupling import QKPair
+from .kv_cache import forward_call_reader
 from .layer import Conv1D, VPSLinear
 
 _DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,10 +69,10 @@ def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
     state = PatchState(cfg, ctx, layers)
     if cfg.qk_coupling:
         state.pairs = _couple_qk(model, layers)
-    pick = bind_forward_arguments(model)
+    read = forward_call_reader(model)
     state.handles.append(model.register_forward_pre_hook(
-        lambda _m, args, kwargs: ctx.begin(*pick(args, kwargs)), with_kwargs=True))
-    state.handles.append(model.register_forward_hook(lambda _m, _a, output: ctx.end(_logits_of(output))))
+        lambda _m, args, kwargs: ctx.begin(read(args, kwargs)), with_kwargs=True))
+    state.handles.append(model.register_forward_hook(lambda _m, _a, output: ctx.end(output)))
     model._vps_state = state
     return model
 
@@ -242,10 +243,3 @@ def _state(model: nn.Module) -> PatchState:
     if state is None:
         raise PatchError("model is not patched with VPS; call vps.patch(model, cfg) first")
     return state
-
-
-def _logits_of(output: Any) -> torch.Tensor | None:
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    return logits if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from . import layer as layer_mod
 from .bench import BenchSettings, _forward_kwargs, _sync, make_config, make_inputs
+from .kv_cache import cache_argument, output_cache
 from .patching import patch, unpatch
 
 __all__ = ["profile_patched", "vps_breakdown"]
@@ -88,8 +89,8 @@ def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: Bench
                 out = model(input_ids=dec_ids, attention_mask=dec_mask, use_cache=True, **kwargs)
                 nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
                 full = torch.ones(dec_ids.shape[0], dec_ids.shape[1] + 1, dtype=dec_mask.dtype, device=device)
-                return lambda: model(input_ids=nxt, attention_mask=full, past_key_values=out.past_key_values,
-                                     use_cache=True, **kwargs)
+                cache = {cache_argument(model): output_cache(out)}
+                return lambda: model(input_ids=nxt, attention_mask=full, use_cache=True, **cache, **kwargs)
 
             for label, make in ((f"patched prefill {b}x{t}", lambda: prefill),
                                 (f"patched decode step, batch {dec_ids.shape[0]}", decode_setup)):

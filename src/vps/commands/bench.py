@@ -11,7 +11,7 @@ from .common import add_model_arguments, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..bench import DEFAULT_CONFIGS, PRESETS
+    from ..bench import DEFAULT_CONFIGS, PRESETS, WORKLOAD_KINDS
 
     add_model_arguments(p)
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "VPSConfig overrides, e.g. sk:rank=4:adaptive_rank=false (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed rounds per workload for prefill and decode alike (default: 5 prefill, 3 decode)")
+    p.add_argument("--workloads", default=",".join(WORKLOAD_KINDS),
+                   help="comma-separated workload kinds to time: prefill, decode (a cached single-token loop), "
+                        "generate (model.generate itself) (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
@@ -37,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import BenchSettings, format_report, resolve_configs, run_benchmark
+    from ..bench import WORKLOAD_KINDS, BenchSettings, format_report, resolve_configs, run_benchmark
     from ..profiling import profile_patched
 
     configs = resolve_configs(args.configs)  # fail on a bad config before loading anything
@@ -48,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     make = BenchSettings.quick_settings if args.quick else BenchSettings
-    settings = make(warmup=args.warmup, seed=args.seed, memory=not args.no_memory)
+    kinds = tuple(k.strip() for k in args.workloads.split(",") if k.strip())
+    bad = [k for k in kinds if k not in WORKLOAD_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"--workloads: expected a comma-separated subset of {', '.join(WORKLOAD_KINDS)}, "
+                         f"got {args.workloads!r}")
+    settings = make(warmup=args.warmup, seed=args.seed, memory=not args.no_memory, kinds=kinds)
     if args.repeats is not None:
         settings.prefill_repeats = settings.decode_repeats = args.repeats
     settings.validate()

@@ -21,13 +21,13 @@ unpatched model is always scored with one forward over prompt + solution.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..kv_cache import cache_argument, forward_accepts, output_cache
 from ..patching import get_context, is_patched, reuse_selection
 
 __all__ = ["NLLResult", "solution_nll"]
@@ -63,18 +63,11 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.devic
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
-def _accepts(model: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _forward(model: Any, inputs: dict[str, Any], keep: int | None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
     """Logits of the last ``keep`` positions (None: all; every position is computed when the model
     cannot trim them), and the model's output (for its KV cache)."""
     kwargs: dict[str, Any] = dict(inputs, use_cache=use_cache)
-    if keep is not None and _accepts(model, "logits_to_keep"):
+    if keep is not None and forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -173,8 +166,8 @@ def _cached_scores(model: Any, prompt_ids: list[list[int]], solution_ids: list[l
     chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
     mask = torch.cat([prompt["attention_mask"], chunk_mask], dim=1)
     positions = prompt["attention_mask"].sum(dim=1, keepdim=True) + torch.arange(width, device=device)
-    inputs = dict(input_ids=chunk, attention_mask=mask, position_ids=positions,
-                  past_key_values=getattr(out, "past_key_values", None))
+    inputs = dict(input_ids=chunk, attention_mask=mask, position_ids=positions)
+    inputs[cache_argument(model)] = output_cache(out)
     with reuse_selection(model):  # the selectors stay those of the prompt, whatever the decode mode
         rest = _forward(model, inputs, None, use_cache=True)[0]
     logits = torch.cat([first, rest], dim=1)

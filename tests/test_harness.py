@@ -37,6 +37,7 @@ from vps.evaluation import (
 from vps.evaluation import harness as harness_mod
 from vps.evaluation.report import REPORT_MD, SUMMARY_JSON
 from vps.kv_cache import cache_argument, output_cache
+from vps.prompting import chat_prompt
 from vps.verify import extract_answer
 
 TOK = tiny_tokenizer()
@@ -160,7 +161,7 @@ def test_a_run_keeps_the_batch_order_it_started_with(tmp_path, model):
     logs: list[str] = []
     run_evaluation(model, TOK, items, SPECS, out, settings, batch_size=2, progress=False,
                    generate_fn=_recording_generate(seen), log=logs.append)
-    in_order = [len(TOK(harness_mod.chat_prompt(TOK, it.question, system=SYSTEM), add_special_tokens=False)
+    in_order = [len(TOK(chat_prompt(TOK, it.question, system=SYSTEM), add_special_tokens=False)
                     ["input_ids"]) for it in items]
     assert [n for batch in seen for n in batch] == in_order
     assert any("keeping this run's stored batch order 'input'" in m for m in logs)

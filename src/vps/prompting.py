@@ -3,12 +3,66 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 DEFAULT_SYSTEM = ("You are a careful math tutor. Solve the problem step by step, then give the final answer "
                   "on its own line as '#### <number>'.")
+# The Qwen2.5 family's own chain-of-thought convention (its math evaluations use this system prompt).
+BOXED_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# "tutor" and "boxed" wrap the question in the tokenizer's chat template under a system prompt;
+# "fewshot" is lm-evaluation-harness's plain-text GSM8K format: k solved "Question: ... Answer: ..."
+# pairs, then the question and "Answer:", with no chat template.
+PROMPT_STYLES = ("tutor", "boxed", "fewshot")
+_STYLE_SYSTEMS: dict[str, str | None] = {"tutor": DEFAULT_SYSTEM, "boxed": BOXED_SYSTEM, "fewshot": None}
+
+
+def style_system(style: str, system: str | None = None) -> str | None:
+    """The system prompt a prompt style uses: ``system`` where given, else the style's own (fewshot: none)."""
+    return system if system is not None else _STYLE_SYSTEMS[style]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes a prompt: a style, its system prompt, and (fewshot) the solved examples."""
+
+    style: str = "tutor"
+    system: str | None = None  # chat styles: None means the style's own system prompt
+    shots: tuple[tuple[str, str], ...] = ()  # fewshot: a pool of (question, worked answer) pairs, in order
+    n_shots: int = 5  # fewshot: how many of the pool each prompt shows
+
+    def __post_init__(self) -> None:
+        if self.style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {self.style!r}")
+        if self.style == "fewshot" and self.system is not None:
+            raise ValueError("the fewshot prompt style has no system prompt (it uses no chat template)")
+        if self.n_shots < 0:
+            raise ValueError(f"n_shots must be >= 0, got {self.n_shots}")
+        if self.style == "fewshot" and self.n_shots and len(self.shots) < self.n_shots + 1:
+            raise ValueError(f"fewshot needs a pool of n_shots + 1 = {self.n_shots + 1} examples (one spare for "
+                             f"an item that is itself a shot), got {len(self.shots)}")
+
+    @property
+    def system_text(self) -> str | None:
+        """The system prompt the style uses (None for fewshot)."""
+        return style_system(self.style, self.system)
+
+    @property
+    def solution_prefix(self) -> str:
+        """What separates the prompt from a scored gold solution ("Answer:" is followed by a space)."""
+        return " " if self.style == "fewshot" else ""
+
+    def render(self, tokenizer: Any, question: str) -> str:
+        """The prompt for ``question``; fewshot shows the first ``n_shots`` examples of the pool that are
+        not this very question, so an item of the shots' own split never sees its own solution."""
+        if self.style != "fewshot":
+            return chat_prompt(tokenizer, question, system=self.system_text)
+        shots = [(q, a) for q, a in self.shots if q.strip() != question.strip()][:self.n_shots]
+        blocks = [f"Question: {q}\nAnswer: {a}" for q, a in shots]
+        return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
 
 
 def chat_prompt(tokenizer: Any, question: str, system: str | None = DEFAULT_SYSTEM) -> str:

@@ -21,6 +21,7 @@ from ..evaluation.harness import (
     run_evaluation,
 )
 from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+from ..prompting import PROMPT_STYLES
 from ..verify import EXTRACT_MODES
 from .common import add_config_arguments, add_model_arguments, config_from_args, load
 
@@ -63,7 +64,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string (repeatable); default: " + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
-    g.add_argument("--system", default=None, help="system prompt (default: step-by-step, '#### <answer>')")
+    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES,
+                   help="prompt style: tutor (chat template, step by step, '#### <answer>'), boxed (chat template, "
+                        "the Qwen family's 'reason step by step ... within \\boxed{}'), fewshot (lm-eval's plain-text "
+                        "'Question: ... Answer:' with --shots solved GSM8K train examples) (default: %(default)s)")
+    g.add_argument("--shots", type=int, default=5,
+                   help="solved examples in a --prompt fewshot prompt (the first of GSM8K train; default: %(default)s)")
+    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
     g.add_argument("--extract", choices=EXTRACT_MODES, default="flexible",
                    help="answer extraction: flexible (first ####, else boxed / 'answer is' / last number), strict "
                         "(#### only) or last (the last marker of any kind); see docs/verification.md")
@@ -129,7 +136,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
                        args.sample, args.seed),
         generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, stop_strings=args.stop if args.stop else DEFAULT_STOP_STRINGS,
-        system=args.system, extract_mode=args.extract, refine_iters=args.iters, refine_k_samples=args.k_samples,
+        system=args.system, prompt=args.prompt, shots=args.shots, extract_mode=args.extract,
+        refine_iters=args.iters, refine_k_samples=args.k_samples,
         seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
         refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
     stored = RunDir(args.out).read_settings()

@@ -36,10 +36,10 @@ from typing import Any
 
 from .._version import __version__
 from ..patching import is_patched, patch, reset_state, unpatch
-from ..prompting import DEFAULT_SYSTEM, chat_prompt, generate_texts
+from ..prompting import PROMPT_STYLES, PromptFormat, generate_texts, style_system
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
 from .ablation import MethodSpec
-from .data import Item, LoadResult
+from .data import Item, LoadResult, load_items
 from .nll import SCORINGS, solution_nll
 
 __all__ = [
@@ -60,6 +60,8 @@ DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 # self-consistency samples get (not their distribution), so a run keeps it to stay reproducible.
 _KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item",
                         "refine_sampling": "global"}
+# Compared settings that runs written before they existed lack; the value is what those runs did.
+_COMPARED_DEFAULTS = {"prompt": "tutor"}
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
                  "data.skipped", *_KEPT_FROM_FIRST_RUN}
 BATCH_ORDERS = ("length", "input")
@@ -96,7 +98,10 @@ class RunSettings:
     """Everything that decides a run's numbers; stored in ``run.json`` and checked on resume.
 
     ``seed`` seeds generation and refinement (greedy decoding does not use it). ``generate`` False
-    is an NLL-only run. ``system`` None means the default tutoring prompt. ``batch_order="length"``
+    is an NLL-only run. ``prompt`` is the prompt style (`vps.prompting.PROMPT_STYLES`): "tutor" (the
+    default), "boxed" (the Qwen family's own convention) or "fewshot" (lm-eval's plain-text format, with
+    ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt.
+    ``batch_order="length"``
     batches items of similar token length together (longest first), which wastes far less compute on
     padding than the input order (~1.4x on GSM8K at batch 8); rows do not depend on their batch.
     ``nll_scoring`` is `solution_nll`'s ``scoring`` ("cached" computes each prompt once).
@@ -115,6 +120,8 @@ class RunSettings:
     temperature: float = 0.0
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS
     system: str | None = None
+    prompt: str = "tutor"
+    shots: int = 5
     extract_mode: str = "flexible"
     refine_iters: int = 3
     refine_k_samples: int = 4
@@ -140,17 +147,28 @@ class RunSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
+        if self.prompt == "fewshot" and self.system is not None:
+            raise ValueError("the fewshot prompt uses no chat template, so it takes no system prompt")
+        if self.shots < 1:
+            raise ValueError(f"shots must be >= 1, got {self.shots}")
         if self.extract_mode not in EXTRACT_MODES:
             raise ValueError(f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
         self.stop_strings = list(self.stop_strings)
 
-    @property
-    def system_prompt(self) -> str:
-        return DEFAULT_SYSTEM if self.system is None else self.system
+    def prompt_format(self) -> PromptFormat:
+        """The run's `PromptFormat`; fewshot reads its examples from the start of GSM8K train."""
+        if self.prompt != "fewshot":
+            return PromptFormat(self.prompt, self.system)
+        pool = load_items("gsm8k:train", limit=self.shots + 1).items
+        return PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=self.shots)
 
     def to_dict(self, specs: Sequence[MethodSpec] = ()) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["system"] = self.system_prompt
+        out["system"] = style_system(self.prompt, self.system)
+        if self.prompt != "fewshot":
+            del out["shots"]
         base = next((s.name for s in specs if s.method == "base"), None)
         return {"format": RUN_FORMAT, "vps_version": __version__, **out, "baseline": base,
                 "configs": {s.name: s.to_dict() for s in specs}}
@@ -175,12 +193,12 @@ def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> dict[str, Any]:
     """``stored`` extended with ``new``'s configurations; raises `RunMismatchError` on any difference."""
-    old_flat, new_flat = _flatten(stored), _flatten(new)
+    old_flat, new_flat = _flatten({**_COMPARED_DEFAULTS, **stored}), _flatten(new)
     keys = {k for k in old_flat.keys() | new_flat.keys()
             if not any(k == skip or k.startswith(skip + ".") for skip in _NOT_COMPARED)}
     # Generation settings only matter when generating.
     if not new.get("generate") and not stored.get("generate"):
-        keys -= {"max_new_tokens", "temperature", "stop_strings", "system", "extract_mode"}
+        keys -= {"max_new_tokens", "temperature", "stop_strings", "extract_mode"}
     differ = sorted(k for k in keys if old_flat.get(k) != new_flat.get(k))
     problems = [f"{k}: stored {old_flat.get(k)!r}, now {new_flat.get(k)!r}" for k in differ]
     for name, spec in new.get("configs", {}).items():
@@ -439,9 +457,10 @@ def run_evaluation(
     order, scoring = kept["batch_order"], kept["nll_scoring"]
     finished = run.read_rows(repair=True)
     done = {(str(r.get("id")), str(r.get("config"))) for r in finished}
-    prompts = {item.id: chat_prompt(tokenizer, item.question, system=settings.system_prompt) for item in items}
+    fmt = settings.prompt_format()
+    prompts = {item.id: fmt.render(tokenizer, item.question) for item in items}
     if order == "length":
-        items = _by_length(tokenizer, items, prompts, with_answer=settings.nll)
+        items = _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
     written: dict[str, int] = {}
     sample_cache = _sample_cache(finished) if refines else None
     if sample_cache is not None and len(sample_cache):
@@ -471,7 +490,7 @@ def run_evaluation(
                                              kept["refine_sampling"], sample_cache)
                     else:
                         rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
-                                      scoring)
+                                      scoring, fmt.solution_prefix)
                     run.append(rows)
                     written[spec.name] += len(rows)
                     if bar is not None:
@@ -484,10 +503,11 @@ def run_evaluation(
     return written
 
 
-def _by_length(tokenizer: Any, items: Sequence[Item], prompts: dict[str, str], with_answer: bool) -> list[Item]:
+def _by_length(tokenizer: Any, items: Sequence[Item], prompts: dict[str, str], with_answer: bool,
+               prefix: str = "") -> list[Item]:
     """Items by descending token length (prompt, plus the gold solution when it is scored); stable."""
     def length(it: Item) -> int:
-        text = prompts[it.id] + (it.answer if with_answer else "")
+        text = prompts[it.id] + (prefix + it.answer if with_answer else "")
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     lengths = {it.id: length(it) for it in items}
@@ -504,7 +524,7 @@ def _progress(enabled: bool, desc: str, total: int, initial: int) -> Any:
 
 def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
            settings: RunSettings, generate_fn: Callable[..., Any], clock: Callable[[], float],
-           scoring: str = "cached") -> list[dict[str, Any]]:
+           scoring: str = "cached", solution_prefix: str = "") -> list[dict[str, Any]]:
     """One batch of base or vps: batched generation, then the gold-solution NLL."""
     texts = [prompts[it.id] for it in batch]
     rows = [_base_row(it, spec, prompts[it.id], len(batch)) for it in batch]
@@ -523,7 +543,8 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
         if spec.patched:
             reset_state(model)
         start = clock()
-        scores = solution_nll(model, tokenizer, texts, [it.answer for it in batch], scoring=scoring)
+        scores = solution_nll(model, tokenizer, texts, [solution_prefix + it.answer for it in batch],
+                              scoring=scoring)
         share = (clock() - start) / len(batch)
         for row, s in zip(rows, scores, strict=True):
             row.update(nll=_finite(s.nll), nll_tokens=s.tokens, nll_seconds=share)

@@ -62,6 +62,7 @@ from .verify.consistency import majority_answer
 
 MODES = ("self", "oracle")
 SAMPLINGS = ("streams", "global")
+SAMPLE_TEMPERATURE = 0.7  # of the self-consistency samples (and of the maj@k baselines that vote over them)
 
 
 @dataclass
@@ -98,7 +99,7 @@ class RefineResult:
 
 def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | None = None, iters: int = 3,
            mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-           verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7,
+           verifier: CompositeVerifier | None = None, sample_temperature: float = SAMPLE_TEMPERATURE,
            sampling: str = "streams") -> RefineResult:
     """Refine one answer to ``prompt`` (already formatted, e.g. by `chat_prompt`) over ``iters`` decodes."""
     return refine_many(model, tokenizer, [prompt], None if gold is None else [gold], iters=iters, mode=mode,
@@ -108,7 +109,7 @@ def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | No
 
 def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds: Sequence[Any] | None = None,
                 iters: int = 3, mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-                verifier: CompositeVerifier | None = None, sample_temperature: float = 0.7,
+                verifier: CompositeVerifier | None = None, sample_temperature: float = SAMPLE_TEMPERATURE,
                 sampling: str = "streams", sample_cache: SampleCache | None = None) -> list[RefineResult]:
     """`refine` for several prompts at once: each keeps its own loop, decoded and stepped as one batch.
 
@@ -145,8 +146,8 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     start = time.perf_counter()
     device = next(model.parameters()).device
 
-    fingerprint, drawn = _samples(model, tokenizer, prompts, k_samples, max_new_tokens, sample_temperature, seed,
-                                  sampling, sample_cache if sample_cache is not None else SampleCache())
+    fingerprint, drawn = draw_samples(model, tokenizer, prompts, k_samples, max_new_tokens, sample_temperature, seed,
+                                      sampling, sample_cache)
     samples = [d.answers for d in drawn]
     tokens = [d.tokens for d in drawn]
     reset_state(model)
@@ -218,11 +219,24 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     return results
 
 
-def _samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
-             temperature: float, seed: int, sampling: str, cache: SampleCache) -> tuple[str, list[DrawnSamples]]:
-    """The settings' fingerprint, and each prompt's k self-consistency samples, drawn from a fresh
-    state or taken from ``cache``."""
-    fingerprint = settings_fingerprint(k, max_new_tokens, temperature, seed, sampling, get_config(model))
+def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], k: int, max_new_tokens: int = 256,
+                 temperature: float = SAMPLE_TEMPERATURE, seed: int = 0, sampling: str = "streams",
+                 cache: SampleCache | None = None) -> tuple[str, list[DrawnSamples]]:
+    """The settings' fingerprint, and each prompt's ``k`` sampled completions, drawn from a fresh state
+    (patched or not) or taken from ``cache``.
+
+    These are the self-consistency samples of refinement: `refine_many` with the same settings on the same
+    patched model draws (or reuses) exactly these, which is what makes a majority vote over them
+    (``vps-maj@k``) a baseline at equal compute. On an unpatched model they are the base model's samples.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if k and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to draw samples, got {temperature}")
+    prompts = list(prompts)
+    cache = cache if cache is not None else SampleCache()
+    config = get_config(model) if is_patched(model) else None
+    fingerprint = settings_fingerprint(k, max_new_tokens, temperature, seed, sampling, config)
     if not k:
         return fingerprint, [DrawnSamples([], 0, 0.0) for _ in prompts]
     found = {i: cache.get(p, fingerprint) for i, p in enumerate(prompts)}
@@ -232,7 +246,7 @@ def _samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_n
         texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, max_new_tokens, temperature, seed, sampling)
         share = (time.perf_counter() - start) / len(missing)
         for i, (t, n) in zip(missing, texts, strict=True):
-            found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share)
+            found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share, texts=list(t))
             cache.put(prompts[i], fingerprint, found[i])
     return fingerprint, [found[i] for i in range(len(prompts))]
 
@@ -240,15 +254,16 @@ def _samples(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_n
 def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
           seed: int, sampling: str) -> list[tuple[list[str], list[int]]]:
     """Each prompt's k sampled texts and token counts."""
+    fresh = reset_state if is_patched(model) else (lambda _m: None)
     if sampling == "streams":
-        reset_state(model)
+        fresh(model)
         rows = [p for p in prompts for _ in range(k)]
         sampler = StreamSampler(len(prompts), k, temperature, seed, next(model.parameters()).device)
         texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler)
         return [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(prompts))]
     out = []
     for prompt in prompts:
-        reset_state(model)  # each prompt's samples start from a fresh state, as in a lone call
+        fresh(model)  # each prompt's samples start from a fresh state, as in a lone call
         torch.manual_seed(seed)
         texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature)
         out.append((texts, n))

@@ -36,11 +36,15 @@ class DrawnSamples:
     tokens: int
     seconds: float
     reused: bool = False
+    texts: list[str] | None = None  # the completions themselves (records written before they were kept lack them)
 
     def to_record(self, fingerprint: str) -> dict[str, Any]:
         """JSON-ready form, tagged with the `settings_fingerprint` the samples were drawn with."""
-        return {"settings": fingerprint, "answers": [None if a is None else asdict(a) for a in self.answers],
-                "tokens": self.tokens, "seconds": self.seconds}
+        record = {"settings": fingerprint, "answers": [None if a is None else asdict(a) for a in self.answers],
+                  "tokens": self.tokens, "seconds": self.seconds}
+        if self.texts is not None:
+            record["texts"] = list(self.texts)
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> tuple[str, DrawnSamples]:
@@ -54,7 +58,11 @@ class DrawnSamples:
             answers = [None if a is None else Answer(**a) for a in record["answers"]]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"sample record field 'answers' holds an invalid answer: {exc}") from None
-        return record["settings"], cls(answers, record["tokens"], float(record["seconds"]))
+        texts = record.get("texts")
+        if texts is not None and (not isinstance(texts, list) or len(texts) != len(answers)
+                                  or not all(isinstance(t, str) for t in texts)):
+            raise ValueError(f"sample record field 'texts' must be a list of {len(answers)} strings")
+        return record["settings"], cls(answers, record["tokens"], float(record["seconds"]), texts=texts)
 
 
 class SampleCache:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation.ablation import METHODS, MethodSpec
+from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
 from ..evaluation.harness import (
     DEFAULT_STOP_STRINGS,
@@ -95,14 +95,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
+    """``--methods`` -> specs; ``maj@K`` / ``vps-maj@K`` are majority votes over K sampled completions."""
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    choices = ", ".join(m + "@K" if m in VOTE_METHODS else m for m in METHODS)
+    parsed = []
+    for name in names:
+        method, at, k = name.partition("@")
+        if method not in METHODS or bool(at) != (method in VOTE_METHODS) or (at and not k.isdigit()):
+            raise ValueError(f"--methods: unknown method {name!r}; choose from {choices} (K a whole number)")
+        parsed.append((name, method, int(k) if at else None))
+    if not names:
+        raise ValueError(f"--methods: no method given; choose from {choices}")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {names}")
     cfg = config_from_args(args)
-    return [MethodSpec(m, m, None if m == "base" else cfg) for m in names]
+    return [MethodSpec(name, method, None if method in ("base", "maj") else cfg, votes=k)
+            for name, method, k in parsed]
 
 
 def report(out: Path) -> int:
@@ -118,8 +126,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         raise ValueError("--out DIR is required (the run's directory; rerun with the same DIR to resume)")
     if args.report_only:
         return report(args.out)
-    if args.nll_only and any(s.method.startswith("refine") for s in specs):
-        raise ValueError("--nll-only cannot run refine methods (they are scored by generation)")
+    if args.nll_only and any(s.samples for s in specs):
+        raise ValueError("--nll-only cannot run refine or majority-vote methods (they are scored by generation)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = load_items(args.data, question_field=args.question_field, answer_field=args.answer_field,

@@ -2,8 +2,9 @@
 
 A grid file (YAML or JSON) is either a mapping ``name -> overrides`` or a list of mappings that each
 carry a ``name``. Besides `VPSConfig` fields an entry may set ``method`` (``vps`` by default, or
-``base``, ``refine-self``, ``refine-oracle``). A ``base`` entry takes no overrides: it is the
-unpatched model. Every error names the file, the configuration and the offending key.
+``base``, ``refine-self``, ``refine-oracle``, ``maj``, ``vps-maj``) and, for the two majority-vote
+methods, ``votes`` (k). A ``base`` or ``maj`` entry takes no VPS overrides: it is the unpatched model.
+Every error names the file, the configuration and the offending key.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import yaml
 
 from ..config import ConfigError, VPSConfig
 
-__all__ = ["METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path", "load_grid", "parse_grid"]
+__all__ = ["METHODS", "VOTE_METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path", "load_grid",
+           "parse_grid"]
 
-METHODS = ("base", "vps", "refine-self", "refine-oracle")
+METHODS = ("base", "vps", "refine-self", "refine-oracle", "maj", "vps-maj")
+VOTE_METHODS = ("maj", "vps-maj")  # majority vote over k sampled completions (unpatched / patched)
+_UNPATCHED = ("base", "maj")
 
 
 class GridError(ConfigError):
@@ -32,21 +36,28 @@ class MethodSpec:
     """One thing to evaluate: a label, how it runs, and its VPS configuration.
 
     ``name`` labels the rows (unique within a run); ``method`` is one of `METHODS`; ``config`` is
-    the VPS configuration for every method except ``base``. ``refine-oracle`` reads the gold answer
-    at test time, so it is an *oracle* method and every output says so.
+    the VPS configuration for every method except ``base`` and ``maj`` (the unpatched model).
+    ``refine-oracle`` reads the gold answer at test time, so it is an *oracle* method and every output
+    says so. ``votes`` is k of the majority-vote methods (``maj@k``, ``vps-maj@k``), and only theirs.
     """
 
     name: str
     method: str
     config: VPSConfig | None = None
+    votes: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "base" and self.config is not None:
-            raise ValueError(f"{self.name!r}: method 'base' is the unpatched model and takes no VPS config")
-        if self.method != "base" and self.config is None:
+        if self.method in _UNPATCHED and self.config is not None:
+            raise ValueError(f"{self.name!r}: method {self.method!r} runs the unpatched model and takes no VPS config")
+        if self.method not in _UNPATCHED and self.config is None:
             object.__setattr__(self, "config", VPSConfig())
+        if self.method in VOTE_METHODS:
+            if isinstance(self.votes, bool) or not isinstance(self.votes, int) or self.votes < 1:
+                raise ValueError(f"{self.name!r}: method {self.method!r} needs votes (k) >= 1, got {self.votes!r}")
+        elif self.votes is not None:
+            raise ValueError(f"{self.name!r}: only {' and '.join(VOTE_METHODS)} take votes")
 
     @property
     def oracle(self) -> bool:
@@ -55,16 +66,29 @@ class MethodSpec:
 
     @property
     def patched(self) -> bool:
-        return self.method != "base"
+        return self.method not in _UNPATCHED
+
+    @property
+    def refines(self) -> bool:
+        """Whether the method is the refinement loop (self or oracle)."""
+        return self.method.startswith("refine")
+
+    @property
+    def samples(self) -> bool:
+        """Whether the method draws sampled completions (refinement's self-consistency samples, votes)."""
+        return self.refines or self.method in VOTE_METHODS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "oracle": self.oracle,
-                "config": None if self.config is None else self.config.to_dict()}
+        out = {"method": self.method, "oracle": self.oracle,
+               "config": None if self.config is None else self.config.to_dict()}
+        if self.votes is not None:
+            out["votes"] = self.votes
+        return out
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> MethodSpec:
         cfg = data.get("config")
-        return cls(name, data["method"], None if cfg is None else VPSConfig.from_dict(cfg))
+        return cls(name, data["method"], None if cfg is None else VPSConfig.from_dict(cfg), data.get("votes"))
 
 
 GridEntry = MethodSpec
@@ -122,19 +146,29 @@ def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid") -
         method = overrides.pop("method", "vps")
         if method not in METHODS:
             raise GridError(f"{where}: key 'method' must be one of {METHODS}, got {method!r}")
-        if method == "base":
+        votes = overrides.pop("votes", None)
+        if (votes is None) != (method not in VOTE_METHODS):
+            raise GridError(f"{where}: key 'votes' (k >= 1) is required by methods {', '.join(VOTE_METHODS)} "
+                            f"and only by them (method {method!r}, votes {votes!r})")
+        if method in _UNPATCHED:
             if overrides:
-                raise GridError(f"{where}: method 'base' is the unpatched model and takes no VPS overrides, "
+                raise GridError(f"{where}: method {method!r} runs the unpatched model and takes no VPS overrides, "
                                 f"got key(s) {sorted(overrides)}")
-            specs.append(MethodSpec(name, "base"))
+            try:
+                specs.append(MethodSpec(name, method, votes=votes))
+            except ValueError as exc:
+                raise GridError(f"{where}: {exc}") from None
             continue
         known = set(VPSConfig.__dataclass_fields__)
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method')")
+            raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method' / 'votes')")
         try:
             cfg = base.replace(**overrides)
         except ConfigError as exc:
             raise GridError(f"{where}: {exc}") from None
-        specs.append(MethodSpec(name, method, cfg))
+        try:
+            specs.append(MethodSpec(name, method, cfg, votes=votes))
+        except ValueError as exc:
+            raise GridError(f"{where}: {exc}") from None
     return specs

@@ -38,7 +38,7 @@ from .._version import __version__
 from ..patching import is_patched, patch, reset_state, unpatch
 from ..prompting import PROMPT_STYLES, PromptFormat, generate_texts, style_system
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
-from .ablation import MethodSpec
+from .ablation import VOTE_METHODS, MethodSpec
 from .data import Item, LoadResult, load_items
 from .nll import SCORINGS, solution_nll
 
@@ -188,7 +188,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = spec.get("config")
     cfg = None if cfg is None else {k: v for k, v in cfg.items() if k != "version"}
-    return {"method": spec.get("method"), "config": cfg}
+    return {"method": spec.get("method"), "config": cfg, "votes": spec.get("votes")}
 
 
 def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> dict[str, Any]:
@@ -384,13 +384,15 @@ def _activated(model: Any, spec: MethodSpec) -> Iterator[None]:
 
 
 def _sample_cache(rows: Sequence[dict[str, Any]]) -> Any:
-    """A cache holding the samples recorded in the run's finished refine rows: a resumed run reuses
-    what an earlier process drew (refine-oracle after refine-self) as an uninterrupted one does."""
+    """A cache holding the samples recorded in the run's finished refine and vote rows: a resumed run
+    reuses what an earlier process drew (refine-oracle or vps-maj after refine-self) as an uninterrupted
+    one does."""
     from ..samples import SampleCache
 
     cache = SampleCache()
     for row in rows:
-        record = row.get("refine", {}).get("sample_record") if isinstance(row.get("refine"), dict) else None
+        holder = row.get("refine") if isinstance(row.get("refine"), dict) else row.get("vote")
+        record = holder.get("sample_record") if isinstance(holder, dict) else None
         if record is not None and isinstance(row.get("prompt"), str):
             try:
                 cache.restore(row["prompt"], record)
@@ -439,8 +441,8 @@ def run_evaluation(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique, got {names}")
-    if not settings.generate and any(s.method.startswith("refine") for s in specs):
-        raise ValueError("refine methods generate; they cannot run in an NLL-only run")
+    if not settings.generate and any(s.samples for s in specs):
+        raise ValueError("refine and majority-vote methods generate; they cannot run in an NLL-only run")
     log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     generate_fn = generate_fn if generate_fn is not None else generate_texts
 
@@ -449,9 +451,11 @@ def run_evaluation(
     if added and run.results.exists():
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
     kept = {key: stored.get(key, legacy) for key, legacy in _KEPT_FROM_FIRST_RUN.items()}
-    refines = any(s.method.startswith("refine") for s in specs)
+    refines = any(s.refines for s in specs)
+    samples = any(s.samples for s in specs)
     for key, value in kept.items():
-        applies = refines if key.startswith("refine") else settings.nll if key == "nll_scoring" else True
+        applies = (samples if key == "refine_sampling" else refines if key.startswith("refine")
+                   else settings.nll if key == "nll_scoring" else True)
         if applies and value != getattr(settings, key):
             log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
     order, scoring = kept["batch_order"], kept["nll_scoring"]
@@ -462,7 +466,7 @@ def run_evaluation(
     if order == "length":
         items = _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
     written: dict[str, int] = {}
-    sample_cache = _sample_cache(finished) if refines else None
+    sample_cache = _sample_cache(finished) if samples else None
     if sample_cache is not None and len(sample_cache):
         log(f"refine: samples of {len(sample_cache)} item(s) restored from earlier rows, to be reused where they apply")
 
@@ -477,17 +481,20 @@ def run_evaluation(
             continue
         if len(pending) < len(items):
             log(f"{spec.name}{tag}: resuming, {len(items) - len(pending)} of {len(items)} items already done")
-        step = 1 if spec.method.startswith("refine") and kept["refine_batching"] == "item" else batch_size
+        step = 1 if spec.refines and kept["refine_batching"] == "item" else batch_size
         bar = _progress(progress, spec.name + tag, len(items), len(items) - len(pending))
         written[spec.name] = 0
         try:
             with _activated(model, spec):
-                refine = _default_refine() if spec.method.startswith("refine") and refine_fn is None else refine_fn
+                refine = _default_refine() if spec.refines and refine_fn is None else refine_fn
                 for start in range(0, len(pending), step):
                     batch = pending[start:start + step]
-                    if spec.method.startswith("refine"):
+                    if spec.refines:
                         rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock,
                                              kept["refine_sampling"], sample_cache)
+                    elif spec.method in VOTE_METHODS:
+                        rows = _vote_batch(model, tokenizer, batch, spec, prompts, settings, kept["refine_sampling"],
+                                           sample_cache)
                     else:
                         rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
                                       scoring, fmt.solution_prefix)
@@ -588,5 +595,44 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
         row.update(tokens=int(result.tokens), seconds=share + float(getattr(result, "reused_seconds", 0.0)),
                    refine=result.to_dict())
         row["oracle"] = spec.oracle
+        rows.append(row)
+    return rows
+
+
+# The stated, deterministic tie rule of the majority-vote methods.
+VOTE_TIE_RULE = "most votes (answers equal within the verifier's tolerance); a tie goes to the answer sampled first"
+
+
+def _vote_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
+                settings: RunSettings, sampling: str, sample_cache: Any) -> list[dict[str, Any]]:
+    """``maj@k`` / ``vps-maj@k``: a majority vote over k sampled completions per item.
+
+    The samples are refinement's self-consistency samples (same temperature, seed, streams and cache),
+    so next to ``refine-self`` with k samples, ``vps-maj@k`` votes over exactly the samples refinement
+    drew and costs nothing more; a row's seconds are what drawing its samples cost, reused or not.
+    The row's output is the first sample carrying the winning answer, read in the run's extraction mode.
+    """
+    from ..refine import SAMPLE_TEMPERATURE, draw_samples
+    from ..verify import CompositeVerifier
+    from ..verify.consistency import majority_answer
+
+    fingerprint, drawn = draw_samples(model, tokenizer, [prompts[it.id] for it in batch], spec.votes,
+                                      settings.max_new_tokens, SAMPLE_TEMPERATURE, settings.seed, sampling,
+                                      sample_cache)
+    rel_tol = CompositeVerifier().rel_tol
+    rows = []
+    for it, d in zip(batch, drawn, strict=True):
+        winner, count = majority_answer(d.answers, rel_tol)
+        row = _base_row(it, spec, prompts[it.id], len(batch))
+        if winner is None:
+            _score(row, it, d.texts[0] if d.texts else "", None)
+        elif d.texts is not None:
+            chosen = d.texts[d.answers.index(winner)]
+            _score(row, it, chosen, extract_answer(chosen, settings.extract_mode))
+        else:  # samples restored from a record written before texts were kept
+            _score(row, it, winner.text, winner)
+        row.update(tokens=int(d.tokens), seconds=float(d.seconds), vote={
+            "k": spec.votes, "winner_votes": count, "answers": [None if a is None else a.text for a in d.answers],
+            "tie_rule": VOTE_TIE_RULE, "samples_reused": d.reused, "sample_record": d.to_record(fingerprint)})
         rows.append(row)
     return rows

@@ -220,9 +220,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
     rescored = summary.get("rescored_from")
     if rescored:
         refines = any((e["method"] or "").startswith("refine") for e in entries)
+        votes = any(e["method"] in ("maj", "vps-maj") for e in entries)
         lines.append(f"- **Rescored**: answers read again in {summary['extract_mode']} mode from the outputs stored in "
                      f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
-                     f"again" + ("; refine rows keep the candidate their loop chose" if refines else ""))
+                     f"again" + ("; refine rows keep the candidate their loop chose" if refines else "")
+                     + ("; vote rows keep the sample their vote chose" if votes else ""))
+    if voters := [e for e in entries if e["method"] in ("maj", "vps-maj")]:
+        names = ", ".join(f"`{e['name']}`" for e in voters)
+        lines.append(f"- **Majority vote**: {names} answer with the majority of k completions sampled at "
+                     "refinement's temperature and seeds (`maj` unpatched, `vps-maj` patched; next to `refine-self` "
+                     "the same samples, reused); a tie goes to the answer sampled first; compare them at equal "
+                     "compute by tokens/item below")
     if any(e["oracle"] for e in entries):
         names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
         lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "

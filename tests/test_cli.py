@@ -18,6 +18,34 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
         main(["generate", "hi", "--builder", "magic"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
+    (["generate", "hi", "--device", "cuda"], "--device cuda: "),
+    (["generate", "hi", "--device", "tpu:x"], "--device: 'tpu:x' is not a torch device"),
+    (["generate", "hi", "--gamma", "2"], "gamma must be a finite number in [0.0, 1.0]"),
+    (["generate", "hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
+])
+def test_user_errors_end_in_one_named_line_before_loading(argv, message, capsys, monkeypatch):
+    import torch
+
+    import vps.models
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    monkeypatch.setattr(vps.models, "load_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vps {argv[0]}: error: ") and message in err[0]
+
+
+def test_version(capsys):
+    from vps import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"vps {__version__}"
+
+
 @pytest.mark.real_model
 def test_generate_compare_on_default_model(capsys):
     assert main(["generate", "What is 17 * 23?", "--compare", "--max-new-tokens", "8"]) == 0
@@ -26,6 +54,10 @@ def test_generate_compare_on_default_model(capsys):
     off, on = captured.out.split("--- VPS on ---")
     assert off.split("--- VPS off ---")[1].strip() and on.strip(), "both answers are non-empty"
     assert "210 layers" in captured.err
+    # what a person needs to read the run: the answer found, the token limit, the policy in words
+    assert captured.err.count("[answer: ") == 2 and "stopped at --max-new-tokens" in captured.err
+    assert "hybrid uses sc only where a gradient was captured" in captured.err
+    assert "(of at most 0.5)" in captured.err
 
 
 @pytest.mark.real_model

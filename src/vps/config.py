@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,16 @@ from ._version import __version__
 BUILDERS = ("sk", "sc", "hybrid")
 SCOPES = ("sequence", "batch")
 DECODE_MODES = ("frozen", "dynamic")
+# The seed specification's range of gamma: beyond it the rank-r term swamps W x and outputs degenerate
+# (gamma 1e9 gave blank text) while every forward still looks finite.
+GAMMA_MAX = 1.0
 
 
 class ConfigError(ValueError):
     """A `VPSConfig` field holds a value outside its allowed range."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class VPSConfig:
     """Configuration of a VPS patch.
 
@@ -47,6 +51,10 @@ class VPSConfig:
     (lo, hi) pairs used when the matching ``adaptive_*`` flag is on; None means (1, rank),
     (0, gamma), (topk, topk) and (1, order). ``use_entropy`` feeds the model's next-token entropy
     to the policy; ``history_size`` and ``history_step`` set the improvement-history rule.
+
+    The config is frozen: patched layers cache values derived from it, so a change after `vps.patch`
+    would apply by halves; use `replace` for a changed copy. ``version`` records the library that wrote
+    it and takes no part in equality.
 
     Gradient and L-BFGS: ``grad_eta`` is how far (relative to the target's RMS) the SC regression
     target moves against a captured gradient; ``lbfgs_m`` memory pairs; ``lbfgs_scale`` step scale
@@ -85,7 +93,7 @@ class VPSConfig:
     lbfgs_m: int = 5
     lbfgs_scale: float = 1e-3
 
-    version: str = field(default=__version__)
+    version: str = field(default=__version__, compare=False)
 
     def __post_init__(self) -> None:
         # JSON turns tuples into lists; accept both so save/load round-trips.
@@ -94,9 +102,9 @@ class VPSConfig:
             if value is not None:
                 if not isinstance(value, (list, tuple)) or len(value) != 2:
                     raise ConfigError(f"{name} must be a (lo, hi) pair, got {value!r}")
-                setattr(self, name, tuple(value))
+                object.__setattr__(self, name, tuple(value))
         if isinstance(self.layers, tuple):
-            self.layers = list(self.layers)
+            object.__setattr__(self, "layers", list(self.layers))
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -107,7 +115,7 @@ class VPSConfig:
         if self.topk < self.rank:
             raise ConfigError(f"topk must be >= rank (the candidate pool holds the rank), got topk={self.topk}"
                               f" < rank={self.rank}")
-        _finite_at_least("gamma", self.gamma, 0.0)
+        _finite_in("gamma", self.gamma, 0.0, GAMMA_MAX)
         _finite_positive("tau", self.tau)
         _finite_positive("alpha", self.alpha)
         if self.builder not in BUILDERS:
@@ -139,8 +147,8 @@ class VPSConfig:
         _int_at_least("rank_bounds[0]", r_lo, 1)
         _ordered("rank_bounds", r_lo, r_hi)
         g_lo, g_hi = self.resolved_gamma_bounds
-        _finite_at_least("gamma_bounds[0]", g_lo, 0.0)
-        _finite_at_least("gamma_bounds[1]", g_hi, 0.0)
+        _finite_in("gamma_bounds[0]", g_lo, 0.0, GAMMA_MAX)
+        _finite_in("gamma_bounds[1]", g_hi, 0.0, GAMMA_MAX)
         _ordered("gamma_bounds", g_lo, g_hi)
         k_lo, k_hi = self.resolved_topk_bounds
         _ordered("topk_bounds", k_lo, k_hi)
@@ -248,6 +256,12 @@ def _finite_at_least(name: str, value: Any, lo: float) -> None:
         raise ConfigError(f"{name} must be a finite number >= {lo}, got {value!r}")
 
 
+def _finite_in(name: str, value: Any, lo: float, hi: float) -> None:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not lo <= value <= hi):
+        raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}] (the seed's range), got {value!r}")
+
+
 def _finite_positive(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
@@ -259,7 +273,13 @@ def _ordered(name: str, lo: float, hi: float) -> None:
 
 
 def _check_targets(name: str, value: Any) -> None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(f"{name} is not a valid regular expression ({exc}): {value!r}") from None
         return
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{name} must be None, a regex string, or a non-empty list of names, got {value!r}")

@@ -180,10 +180,14 @@ def select_targets(model: nn.Module, cfg: VPSConfig) -> list[str]:
         targets = DEFAULT_TARGETS[model_type]
     chosen: list[str] = []
     hit: set[str] = set()
+    blocks: set[int] = set()  # block indices of the modules the targets match
     for name, module in model.named_modules():
         matched = _matches(name, targets)
         if matched is None:
             continue
+        found = _LAYER_INDEX.search(name)
+        if found is not None:
+            blocks.add(int(found.group(1)))
         if cfg.exclude_modules is not None and _matches(name, cfg.exclude_modules) is not None:
             hit.add(matched)
             continue
@@ -197,6 +201,9 @@ def select_targets(model: nn.Module, cfg: VPSConfig) -> list[str]:
                              "VPS wraps nn.Linear and Conv1D layers only")
         hit.add(matched)
         chosen.append(name)
+    if cfg.layers is not None and (absent := sorted(set(cfg.layers) - blocks)):
+        have = f"blocks {min(blocks)}..{max(blocks)}" if blocks else "no numbered blocks"
+        raise PatchError(f"layers {absent} are not in {type(model).__name__} (its target modules are in {have})")
     wanted = [targets] if isinstance(targets, str) else list(targets)
     missing = [t for t in wanted if t not in hit]
     if missing:

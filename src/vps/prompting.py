@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,25 @@ def encode(tokenizer: Any, texts: Sequence[str], device: torch.device | str | No
             if k in ("input_ids", "attention_mask")}
 
 
+class ContextLengthWarning(UserWarning):
+    """A prompt (plus the tokens asked for) is longer than the model's context window."""
+
+
+def check_context(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Warn when prompt + ``max_new_tokens`` exceeds the model's ``max_position_embeddings``: past it the
+    positions are ones the model never saw, and its output is unreliable (transformers says nothing)."""
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    need = int(input_ids.shape[-1]) + max_new_tokens
+    if need > limit:
+        warnings.warn(f"vps: the prompt ({int(input_ids.shape[-1])} tokens, padded) plus max_new_tokens "
+                      f"({max_new_tokens}) needs {need} positions, more than the model's context of {limit}; "
+                      "outputs past it are unreliable", ContextLengthWarning, stacklevel=3)
+
+
 def generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float) -> dict[str, Any]:
     """``generate()`` arguments for greedy decoding (``temperature == 0``) or plain sampling."""
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -117,6 +137,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     if seed is not None:
         torch.manual_seed(seed)
     enc = encode(tokenizer, prompts, next(model.parameters()).device)
+    check_context(model, enc["input_ids"], max_new_tokens)
     kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
     kwargs["streamer"] = streamer
     if stop_strings:

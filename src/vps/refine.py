@@ -54,7 +54,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .context import next_token_entropy
 from .gains import GainOptimizer
 from .patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
-from .prompting import decode_new_tokens, encode, generation_kwargs
+from .prompting import check_context, decode_new_tokens, encode, generation_kwargs
 from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
 from .trace import summarize, summarize_sequences
 from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
@@ -279,6 +279,7 @@ def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens
             processor: LogitsProcessor | None = None) -> tuple[list[str], list[int], torch.Tensor]:
     """Generate; also return the first step's logits (the next-token distribution after the prompt)."""
     enc = encode(tokenizer, prompts, next(model.parameters()).device)
+    check_context(model, enc["input_ids"], max_new_tokens)
     kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
     first = _FirstScores()
     # generate's output_logits would keep every step's logits: 512 steps x 32 rows x a 152k vocabulary

@@ -63,10 +63,19 @@ def _summary(every: list[dict[str, Any]], sequence: int | None) -> dict[str, Any
 
 
 def format_summary(model: nn.Module) -> str:
-    """One line a person can read: mean sigma / gamma / rank and builders used."""
+    """What the policy decided, in words a person can read: means over the patched layers' last plans."""
+    from .patching import get_config
+
     s = summarize(model)
     if not s["layers"]:
         return "vps: no layer has run yet"
-    builders = ", ".join(f"{k}={v}" for k, v in sorted(s["builders"].items()))
-    return (f"vps: {s['layers']} layers  sigma={s['sigma']:.3f}  gamma={s['gamma']:.3f}  rank={s['rank']:.2f}  "
-            f"order={s['order']:.2f}  builders[{builders}]  fallbacks={s['fallbacks']}")
+    cfg = get_config(model)
+    g_hi, r_hi = cfg.resolved_gamma_bounds[1], cfg.resolved_rank_bounds[1]
+    builders = ", ".join(f"{k} in {v}" for k, v in sorted(s["builders"].items()))
+    why = ""
+    if cfg.builder == "hybrid" and set(s["builders"]) == {"sk"}:
+        why = " (hybrid uses sc only where a gradient was captured; plain generation captures none)"
+    return (f"vps: {s['layers']} layers; policy strength sigma={s['sigma']:.3f} (0 = none, 1 = full); "
+            f"mean gamma={s['gamma']:.3f} (of at most {g_hi:g}), rank={s['rank']:.2f} (of at most {r_hi}), "
+            f"order={s['order']:.2f}; selectors built by {builders}{why}; fallbacks to the base output: "
+            f"{s['fallbacks']}")

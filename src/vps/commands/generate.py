@@ -9,38 +9,51 @@ import time
 from transformers import TextStreamer
 
 from ..patching import disabled, patch
-from ..prompting import chat_prompt, generate_texts
+from ..prompting import PromptFormat, generate_texts
 from ..trace import format_summary
-from .common import add_config_arguments, add_model_arguments, config_from_args, load
+from ..verify import extract_answer
+from .common import (
+    add_config_arguments,
+    add_model_arguments,
+    add_threads_argument,
+    config_from_args,
+    load,
+    set_threads,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     add_model_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of sampling (default 0)")
+    add_threads_argument(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--vps", dest="mode", action="store_const", const="vps", help="generate with VPS (default)")
     mode.add_argument("--no-vps", dest="mode", action="store_const", const="base", help="the unpatched model")
     mode.add_argument("--compare", dest="mode", action="store_const", const="compare",
                       help="the same question without and with VPS, one after the other")
     p.set_defaults(mode="vps")
-    p.add_argument("--system", default=None, help="system prompt (default: step-by-step, '#### <answer>')")
+    p.add_argument("--prompt", default="tutor", choices=("tutor", "boxed"),
+                   help="tutor: step by step, '#### <answer>'; boxed: the Qwen family's '\\boxed{}' convention "
+                        "(default: %(default)s)")
+    p.add_argument("--system", default=None, help="system prompt (default: the --prompt style's own)")
     add_config_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
+    cfg = config_from_args(args) if args.mode != "base" else None  # a bad VPS flag fails before loading
+    set_threads(args)
     model, tok = load(args)
     print(f"[model loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s]", file=sys.stderr)
-    kwargs = {} if args.system is None else {"system": args.system}
-    prompt = chat_prompt(tok, args.question, **kwargs)
-    if args.mode != "base":
-        patch(model, config_from_args(args))
+    prompt = PromptFormat(args.prompt, args.system).render(tok, args.question)
+    if cfg is not None:
+        patch(model, cfg)
     runs = {"base": ["base"], "vps": ["vps"], "compare": ["base", "vps"]}[args.mode]
     for label in runs:
         print(f"--- {'VPS off' if label == 'base' else 'VPS on'} ---", flush=True)
@@ -48,11 +61,16 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         if label == "base" and args.mode == "compare":
             with disabled(model):
-                _, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed, streamer)
+                texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed,
+                                          streamer)
         else:
-            _, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed, streamer)
+            texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed,
+                                      streamer)
         took = time.perf_counter() - start
-        print(f"[{n[0]} tokens in {took:.1f} s, {n[0] / took:.1f} tok/s]", file=sys.stderr)
+        answer = extract_answer(texts[0])
+        cut = " - stopped at --max-new-tokens, the answer may be cut off" if n[0] >= args.max_new_tokens else ""
+        print(f"[answer: {answer.text if answer is not None else 'none found'}; {n[0]} tokens in {took:.1f} s, "
+              f"{n[0] / took:.1f} tok/s{cut}]", file=sys.stderr)
         if label == "vps":
             print(f"[{format_summary(model)}]", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -108,18 +109,20 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
 
 
 def test_gold_parsing() -> None:
-    assert parse_gold("so\n#### 1,234") == 1234.0
-    assert parse_gold("#### -3") == -3.0
-    assert parse_gold("#### 2.5") == 2.5
-    assert parse_gold("text without marker") is None
-    assert parse_gold("#### 1\nthen\n#### 2") == 2.0
+    assert parse_gold("so\n#### 1,234").number == 1234.0
+    assert parse_gold("#### -3").number == -3.0
+    assert parse_gold("#### 2.5").number == 2.5
+    assert parse_gold("#### 1\nthen\n#### 2").number == 2.0
+    # No marker and no number: a text label, as the harness has always stored it (this loader said None).
+    assert (parse_gold("text without marker").number, parse_gold("text without marker").text) == (
+        None, "text without marker")
 
 
 def test_non_numeric_gold_is_kept_with_warning(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "g.jsonl", [record("q", "#### many")])
-    with pytest.warns(UserWarning, match=r"g.jsonl:1: .*no number"):
+    with pytest.warns(UserWarning, match=r"g.jsonl:1: .*not a number \('many'\)"):
         result = load_items(path)
-    assert result.items[0].gold is None and result.skipped == []
+    assert result.items[0].gold == "many" and result.skipped == []
 
 
 def test_field_mapping_and_id_field(tmp_path: Path) -> None:
@@ -134,7 +137,7 @@ def test_field_mapping_and_id_field(tmp_path: Path) -> None:
     )
     with pytest.warns(UserWarning):
         result = load_items(path, question_field="problem", answer_field="solution", id_field="uid")
-    assert [(i.id, i.question, i.gold) for i in result.items] == [("a", "p1", 10.0), ("7", "p2", None)]
+    assert [(i.id, i.question, i.gold) for i in result.items] == [("a", "p1", 10.0), ("7", "p2", "no gold")]
     reasons = dict(result.skipped)
     assert "duplicate id 'a'" in reasons[3] and "line 1" in reasons[3]
     assert "missing id field 'uid'" in reasons[4]
@@ -185,3 +188,51 @@ def test_item_is_frozen() -> None:
     item = Item(id="x-1", question="q", answer="#### 1", gold=1.0, index=0)
     with pytest.raises(AttributeError):
         item.gold = 2.0  # type: ignore[misc]
+
+
+# ---- one gold rule for the loader and the harness (issue #15) ----------------------------------
+
+# (name, the JSON value of "answer", Item.gold, Item.answer, a warning the loader gives or None)
+LOADER_GOLD_CASES = [
+    ("gsm8k", "work\n#### 1,234", 1234.0, "work\n#### 1,234", None),
+    ("hash_word", "#### six", "six", "#### six", r"after '####' is not a number \('six'\)"),
+    ("answer_is_sentence", "The answer is 5", 5.0, "The answer is 5", None),
+    ("boxed", "\\boxed{2}", 2.0, "\\boxed{2}", None),
+    ("hash_expression", "#### 2*x + 1", "2*x + 1", "#### 2*x + 1", r"not a number \('2\*x \+ 1'\)"),
+    ("bare_int", 4, 4.0, "4", None),
+    ("bare_float", 2.5, 2.5, "2.5", None),
+    ("hash_then_nothing", "work ####", None, "work ####", "no gold answer"),
+]
+
+
+@pytest.mark.parametrize("name,value,gold,answer,warning", LOADER_GOLD_CASES, ids=[c[0] for c in LOADER_GOLD_CASES])
+def test_loader_gold_is_the_harness_gold(tmp_path: Path, name: str, value: object, gold: object, answer: str,
+                                         warning: str | None) -> None:
+    from vps.evaluation.harness import _gold
+
+    path = write_jsonl(tmp_path / "g.jsonl", [json.dumps({"question": "q", "answer": value})])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = load_items(path)
+    messages = [str(w.message) for w in caught]
+    if warning is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(warning, messages[0]), messages
+    (item,) = result.items
+    assert (item.gold, item.answer) == (gold, answer)
+    assert _gold(item)[0] == item.gold  # what the harness writes into the row's "gold"
+
+
+def test_gold_parser_is_the_verify_one() -> None:
+    from vps import verify
+
+    assert parse_gold is verify.parse_gold
+
+
+@pytest.mark.parametrize("value", [True, None, [4], {"n": 4}, float("inf")])
+def test_answer_field_that_is_no_answer_is_skipped(tmp_path: Path, value: object) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "answer": value})])
+    with pytest.warns(UserWarning, match="'answer' must be a string or a number"):
+        result = load_items(path)
+    assert result.items == [] and len(result.skipped) == 1

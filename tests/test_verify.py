@@ -351,3 +351,25 @@ def test_components_stay_in_unit_interval(verifier: CompositeVerifier) -> None:
         for loss in result["components"].values():
             assert loss is None or 0.0 <= loss <= 1.0
         assert 0.0 <= result["total"] <= 1.0
+
+
+# ---- wrong verdicts of issue #15: expressions were cut to the number they start with -----------
+
+# (name, prediction, gold, component, expected loss of that component, expected total)
+EXPRESSION_LOSS_CASES = [
+    ("number_vs_symbolic_gold", "#### 2", "#### 2*x + 1", "algebraic", 1.0, 1.0),
+    ("commuted_symbolic_sum", "#### x + 1", "#### 1 + x", "algebraic", 0.0, 0.0),
+    ("constant_sum_vs_value", "#### 5 + 3", "#### 8", "numeric", 0.0, 0.0),
+    ("power_vs_value", "#### 2**10", "#### 1024", "numeric", 0.0, 0.0),
+    ("gold_answer_is_sentence", "#### 5", "The answer is 5", "numeric", 0.0, 0.0),
+    ("gold_boxed", "The answer is 2.", "\\boxed{2}", "numeric", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("name,pred,gold,component,loss,total", EXPRESSION_LOSS_CASES,
+                         ids=[c[0] for c in EXPRESSION_LOSS_CASES])
+def test_expression_answers_are_scored_whole(verifier: CompositeVerifier, name: str, pred: str, gold: str,
+                                             component: str, loss: float, total: float) -> None:
+    result = verifier.compute_loss(pred, gold)
+    assert result["components"][component] == loss
+    assert result["total"] == pytest.approx(total)

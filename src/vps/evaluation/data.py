@@ -8,6 +8,7 @@ named sources such as ``gsm8k:test`` resolve to a checked-in copy under
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -15,14 +16,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The one gold rule, shared with the harness and the verifier; re-exported here for older imports.
+from ..verify.extract import parse_gold
+
 __all__ = ["GSM8K_SPLITS", "Item", "LoadResult", "gsm8k_path", "load_items", "parse_gold"]
 
 GSM8K_SPLITS = ("test", "train")
 DATA_DIR_ENV = "VPS_DATA_DIR"
 
 _NAMED_SOURCE = re.compile(r"gsm8k(?::(?P<split>\w+))?", re.IGNORECASE)
-# GSM8K puts the final answer on a line of its own as "#### 1,234".
-_GOLD = re.compile(r"####\s*([-+]?(?:\d[\d,]*)?\.?\d+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,12 @@ class Item:
         id: ``id_field`` value when requested, else ``"<file stem>-<line>"``
             with the 1-based line number, stable across runs and subsets.
         question: The prompt text.
-        answer: The reference solution text.
-        gold: The number after ``####`` with thousands separators removed, or
-            ``None`` when the answer has no such marker.
+        answer: The reference solution text (a bare JSON number is kept as its
+            text, ``4`` -> ``"4"``).
+        gold: The gold answer read by :func:`vps.verify.parse_gold`, exactly as
+            the harness stores it in a row's ``gold``: its number (``1234.0``
+            for ``"#### 1,234"``), its text for a non-numeric gold (``"six"``,
+            ``"2*x + 1"``), or ``None`` when the answer gives none.
         index: 0-based line position in the source file (line number - 1), so
             it is unaffected by sampling, offset, limit or skipped lines.
     """
@@ -43,7 +48,7 @@ class Item:
     id: str
     question: str
     answer: str
-    gold: float | None
+    gold: float | str | None
     index: int
 
 
@@ -60,15 +65,13 @@ class LoadResult:
     path: Path | None = None
 
 
-def parse_gold(answer: str) -> float | None:
-    """Return the number after the final ``####`` marker, or ``None`` if absent or not numeric."""
-    marker = answer.rfind("####")
-    if marker < 0:
+def _gold_value(answer: str) -> float | str | None:
+    """The row value of a gold: its number, else its text; None where the answer gives no gold."""
+    try:
+        gold = parse_gold(answer)
+    except ValueError:
         return None
-    match = _GOLD.match(answer[marker:].strip())
-    if match is None:
-        return None
-    return float(match.group(1).replace(",", ""))
+    return gold.number if gold.number is not None else gold.text
 
 
 def _candidate_roots() -> list[Path]:
@@ -148,13 +151,17 @@ def _parse_line(
         return f"invalid JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
-    values: dict[str, str] = {}
     for name in (question_field, answer_field):
         if name not in record:
             return f"missing field {name!r}"
-        if not isinstance(record[name], str):
-            return f"field {name!r} must be a string, got {type(record[name]).__name__}"
-        values[name] = record[name]
+    question, answer = record[question_field], record[answer_field]
+    if not isinstance(question, str):
+        return f"field {question_field!r} must be a string, got {type(question).__name__}"
+    # A bare answer may be a JSON number ("answer": 4); it is kept as the text the gold rule reads back.
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
+        answer = parse_gold(answer).text
+    elif not isinstance(answer, str):
+        return f"field {answer_field!r} must be a string or a number, got {type(answer).__name__} {answer!r}"
     if id_field is None:
         item_id = f"{stem}-{line_no}"
     else:
@@ -165,14 +172,17 @@ def _parse_line(
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
             return f"id field {id_field!r} must be a string or integer, got {type(raw_id).__name__}"
         item_id = str(raw_id)
-    answer = values[answer_field]
-    return Item(
-        id=item_id,
-        question=values[question_field],
-        answer=answer,
-        gold=parse_gold(answer),
-        index=line_no - 1,
-    )
+    return Item(id=item_id, question=question, answer=answer, gold=_gold_value(answer), index=line_no - 1)
+
+
+def _gold_problem(item: Item) -> str | None:
+    """Why the item's gold deserves a warning, or None."""
+    if item.gold is None:
+        return "answer gives no gold answer (blank, or a marker with nothing after it); gold is None"
+    if isinstance(item.gold, str) and parse_gold(item.answer).source == "hash":
+        return (f"the gold after '####' is not a number ({item.gold!r}); only an answer with the same text "
+                f"or an equal expression matches it")
+    return None
 
 
 def load_items(
@@ -203,11 +213,16 @@ def load_items(
 
     Order of operations: parse every line -> ``sample`` -> ``offset`` -> ``limit``.
 
-    Blank lines are ignored.  Malformed lines (bad JSON, non-object, missing or
-    non-string field, bad or duplicate id) are skipped, recorded in
+    Blank lines are ignored.  Malformed lines (bad JSON, non-object, missing
+    field, a question that is not a string, an answer that is neither a string
+    nor a finite number, bad or duplicate id) are skipped, recorded in
     ``LoadResult.skipped`` and reported with ``warnings.warn`` as ``file:line``.
-    An answer containing ``####`` without a number is kept with ``gold=None``
-    and also warned about, since scoring it would silently count as wrong.
+    The gold is read by :func:`vps.verify.parse_gold`, the rule the harness
+    scores with. An answer that gives no gold (blank, or ``####`` with nothing
+    after it) is kept with ``gold=None`` and warned about, since it can never be
+    scored correct; so is a non-numeric gold after ``####`` (``#### six``),
+    which GSM8K-style data does not mean and which only an answer with the same
+    text (or, for the verifier, an equal expression) matches.
 
     Raises:
         FileNotFoundError: If ``source`` cannot be resolved to a local file.
@@ -236,11 +251,9 @@ def load_items(
                 skipped.append((line_no, parsed))
                 warnings.warn(f"{path}:{line_no}: {parsed}; line skipped", stacklevel=2)
                 continue
-            if parsed.gold is None and "####" in parsed.answer:
-                warnings.warn(
-                    f"{path}:{line_no}: answer has '####' but no number after it; gold is None",
-                    stacklevel=2,
-                )
+            problem = _gold_problem(parsed)
+            if problem is not None:
+                warnings.warn(f"{path}:{line_no}: {problem}", stacklevel=2)
             first_line_of_id[parsed.id] = line_no
             items.append(parsed)
 

@@ -6,15 +6,18 @@ written down in ``docs/verification.md``; keep the two in step.
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from vps.verify.arithmetic import NUMBER, read_expression
+
 __all__ = ["Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity"]
 
 #: Where an :class:`Answer` came from. ``literal`` is only produced by :func:`parse_gold`
-#: for a gold label given without a ``####`` marker.
+#: for a gold label given without any answer marker (``"72"``, ``"(x-1)(x+1)"``).
 SOURCES = ("hash", "boxed", "answer_is", "last_number", "literal")
 
 #: Absolute tolerance used next to the relative one, so 0 matches rounding noise like 1e-12.
@@ -46,7 +49,7 @@ _NOT_UNITS = frozenset(
     to too was we were which while who will with would you""".split()
 )
 
-_NUM = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d*)?|\.\d+"
+_NUM = NUMBER
 _VALUE = (
     r"(?:\\frac\{\s*(?P<fn>-?(?:" + _NUM + r"))\s*\}\{\s*(?P<fd>-?(?:" + _NUM + r"))\s*\}"
     r"|\\frac(?P<fn1>\d)(?P<fd1>\d)"
@@ -82,9 +85,9 @@ _QUANTITY = (
     + r")(?![\w]))?"
 )
 _QUANTITY_RE = re.compile(_QUANTITY)
-_QUANTITY_PREFIX_RE = re.compile(
-    r"\s*(?:(?:approximately|approx\.?|about|around|roughly|exactly|only|just|~|≈)\s*)?" + _QUANTITY
-)
+_APPROX = r"\s*(?:(?:approximately|approx\.?|about|around|roughly|exactly|only|just|~|≈)\s*)?"
+_APPROX_RE = re.compile(_APPROX)
+_QUANTITY_PREFIX_RE = re.compile(_APPROX + _QUANTITY)
 _TRAILING_PUNCT = ".,;:!?*'\"` \t\n"
 
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
@@ -101,6 +104,14 @@ _LATEX_WRAPPERS_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|ope
 # "30^\\circ C" is 30 °C: the space before C/F goes with the degree sign.
 _DEGREE_RE = re.compile(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)(?:\s*(?=[CF]\b))?")
 _LATEX_SPACING_RE = re.compile(r"\\[,;:! ]|\\quad|\\qquad|\\left|\\right|\\displaystyle")
+# "**" between two operands, glued ("2**10") or spaced on both sides ("2 ** 10"), is Python's power;
+# anywhere else it is markdown bold. Deleting every "**" read "2**10" as 210.
+_OPERAND_END = r"[\w)\]}]"
+_OPERAND_START = r"[\w(\[{.+-]"
+_STARS_RE = re.compile(
+    rf"(?P<power>(?<={_OPERAND_END})\*\*(?={_OPERAND_START})|(?<={_OPERAND_END}[ \t])\*\*(?=[ \t]{_OPERAND_START}))"
+    r"|\*\*"
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,7 @@ def _clean(text: str) -> str:
     text = _LATEX_WRAPPERS_RE.sub(r" \1", text)
     text = _LATEX_SPACING_RE.sub(" ", text)
     text = _DEGREE_RE.sub("°", text)
-    return text.replace("**", "")
+    return _STARS_RE.sub(lambda m: m.group("power") or "", text)
 
 
 def _to_float(s: str) -> float:
@@ -212,24 +223,54 @@ def _after_equals(segment: str) -> str:
     return segment.rsplit("=", 1)[-1] if "=" in segment else segment
 
 
+# An operator after a number continues an expression: "#### 2*x + 1" is not the answer 2.
+_CONTINUES_RE = re.compile(r"[ \t]*(?:[-+*/^×÷·]|\\(?:cdot|times|div)(?![A-Za-z]))")
+
+
+def _read_segment(segment: str, source: str, whole: bool) -> tuple[Answer | None, bool]:
+    """:func:`parse_quantity`, and whether the segment states a value: a quantity, or an expression
+    that starts with a number and has a written operator (``2*x + 1``), as opposed to prose
+    (``not obvious``) or a number glued to a letter (``6g``, read as before: not an answer statement)."""
+    raw = segment.strip().rstrip(_TRAILING_PUNCT).strip()
+    if not raw:
+        return None, False
+    # The lstrip takes the "*" that "***7***" (bold italic) leaves once its "**" are gone.
+    cleaned = _after_equals(_clean(raw)).strip().rstrip(_TRAILING_PUNCT).lstrip("*")
+    start = _APPROX_RE.match(cleaned).end()  # type: ignore[union-attr]  # it matches the empty string
+    m = _QUANTITY_PREFIX_RE.match(cleaned)
+    quantity = None if m is None else _answer(m, source)
+    if quantity is not None and quantity.number is None:
+        quantity = None  # x/0
+    operator_follows = (m is not None and not m.group("unit") and not m.group("pct")
+                        and _CONTINUES_RE.match(cleaned, m.end()) is not None)
+    if quantity is not None and not operator_follows and (not whole or not cleaned[m.end():].strip(_TRAILING_PUNCT)):
+        return quantity, True
+    expression = read_expression(cleaned[start:], whole=whole)
+    # An expression that ends where the first quantity does adds nothing to it ("1 1/2 + ..." stops
+    # after "1" because "1 1" is no expression): the quantity, the older and narrower reading, wins.
+    if expression is not None and (m is None or start + expression.end > m.end()):
+        if expression.value is not None:
+            return Answer(text=expression.text, number=expression.value, unit=None, source=source), True
+        covers_all = not cleaned[start + expression.end :].strip(_TRAILING_PUNCT)
+        text = raw if covers_all else expression.text
+        return (Answer(text=text, number=None, unit=None, source=source),
+                expression.starts_with_number and expression.has_operator)
+    if quantity is not None and not whole:
+        return quantity, True  # "#### 42 - done": an operator, but no expression after it
+    return Answer(text=raw, number=None, unit=None, source=source), False
+
+
 def parse_quantity(segment: str, source: str, *, whole: bool) -> Answer | None:
     """Read an answer segment (what follows ``####``, a ``\\boxed{}`` body, ...).
 
-    With ``whole`` the cleaned segment must be one quantity and nothing else, so that
-    ``2x+1`` is not read as 2; otherwise the quantity must start the segment and the
-    rest is ignored. A segment that is not numeric keeps its text with ``number=None``.
-    Returns None for an empty segment.
+    With ``whole`` the cleaned segment must be one quantity or one expression and nothing else,
+    so that ``2x+1`` is not read as 2; otherwise the quantity or expression must start the segment
+    and the rest is ignored (``18 dollars, as computed``). An expression is read whole, never cut to
+    the number it starts with: a constant one (``5 + 3``, ``2**10``) answers its value, one with
+    variables (``2*x + 1``) is non-numeric. A segment that is not numeric keeps its text with
+    ``number=None``. Returns None for an empty segment.
     """
-    raw = segment.strip().rstrip(_TRAILING_PUNCT).strip()
-    if not raw:
-        return None
-    cleaned = _after_equals(_clean(raw)).strip().rstrip(_TRAILING_PUNCT)
-    m = _QUANTITY_PREFIX_RE.match(cleaned)
-    if m is not None and (not whole or not cleaned[m.end() :].strip(_TRAILING_PUNCT)):
-        found = _answer(m, source)
-        if found is not None and found.number is not None:
-            return found
-    return Answer(text=raw, number=None, unit=None, source=source)
+    return _read_segment(segment, source, whole)[0]
 
 
 def _boxed_bodies(text: str) -> list[tuple[int, str]]:
@@ -275,13 +316,13 @@ def _boxed_answers(text: str, from_end: bool = False) -> Iterator[tuple[int, Ans
 
 def _answer_is_answers(text: str, from_end: bool = False) -> Iterator[tuple[int, Answer]]:
     # "The answer is" is often prose ("the answer is not obvious"), so only a segment
-    # that starts with a number counts.
+    # that starts with a number counts (a number, or an expression such as "2*x + 1").
     matches = list(_ANSWER_IS_RE.finditer(text))
     for m in reversed(matches) if from_end else matches:
         limit = min(len(text), m.end() + _MAX_SEGMENT_CHARS)
         end = _SENTENCE_END_RE.search(text, m.end(), limit)
-        answer = parse_quantity(text[m.end() : end.start() if end else limit], "answer_is", whole=False)
-        if answer is not None and answer.number is not None:
+        answer, states_value = _read_segment(text[m.end() : end.start() if end else limit], "answer_is", False)
+        if answer is not None and states_value:
             yield m.start(), answer
 
 
@@ -361,26 +402,51 @@ def answers_match(a: Answer | str | None, b: Answer | str | None, rel_tol: float
     return False
 
 
-def parse_gold(answer_field: str) -> Answer:
-    """The gold answer of a GSM8K solution (``"... #### 72"``).
+# Two adjacent words: the field is a sentence, not a label or an expression ("She has 18 left").
+_PROSE_RE = re.compile(r"[^\W\d_]{2,}[ \t]+[^\W\d_]{2,}")
 
-    The value after the last ``####`` is read (a gold solution has one). A field with no
-    marker is taken whole as an already-extracted label (source ``"literal"``), numeric or
-    not, so ``"72"`` and ``"(x-1)(x+1)"`` both work.
+
+def _number_text(value: int | float) -> str:
+    """A JSON number as plain decimal text that reads back as the same number (no ``1e+20``)."""
+    text = format(decimal.Decimal(repr(value)), "f")
+    return text[:-2] if text.endswith(".0") and isinstance(value, float) and value.is_integer() else text
+
+
+def parse_gold(answer_field: str | int | float) -> Answer:
+    """The gold answer of a reference solution, read with the same rules as a model's answer.
+
+    In order: the value after the **last** ``####`` (a GSM8K solution has one, and lm-eval takes
+    the last too), the last ``\\boxed{}``, the latest "the answer is"; then, for a field with no
+    marker, the field taken whole when it is one quantity or expression (source ``"literal"``:
+    ``"72"``, ``"$5.50"``, ``"2^10"``, ``"(x-1)(x+1)"``), the last number of a sentence (source
+    ``"last_number"``: ``"She has 18 apples left."``), and otherwise the text itself as a
+    non-numeric label (``"seven"``). An expression is kept whole (``#### 2*x + 1`` is not 2). A JSON
+    number (``4``, ``2.5``) is a literal answer of that value.
+
+    This is the one gold rule: the data loader and the harness both call it.
 
     Raises:
-        TypeError: ``answer_field`` is not a str.
-        ValueError: ``answer_field`` is blank, or its ``####`` is followed by nothing.
+        TypeError: ``answer_field`` is not a str, an int or a float (a bool is refused).
+        ValueError: ``answer_field`` is blank, not finite, or has a marker (``####``, a box) and
+            nothing after it.
     """
+    if isinstance(answer_field, bool) or not isinstance(answer_field, (str, int, float)):
+        raise TypeError(f"answer_field must be a str or a number, got {type(answer_field).__name__}")
     if not isinstance(answer_field, str):
-        raise TypeError(f"answer_field must be a str, got {type(answer_field).__name__}")
+        if not math.isfinite(answer_field):
+            raise ValueError(f"answer_field is not a finite number: {answer_field!r}")
+        return Answer(text=_number_text(answer_field), number=float(answer_field), unit=None, source="literal")
     if not answer_field.strip():
         raise ValueError("answer_field is empty")
-    if "####" in answer_field:
-        found = parse_quantity(answer_field.rsplit("####", 1)[1].split("\n", 1)[0], "hash", whole=False)
-        if found is None:
-            raise ValueError(f"answer_field has nothing after '####': {answer_field[-80:]!r}")
+    found = (_first(_hash_answers(answer_field, from_end=True)) or _first(_boxed_answers(answer_field, from_end=True))
+             or _first(_answer_is_answers(answer_field, from_end=True)))
+    if found is not None:
         return found
-    found = parse_quantity(answer_field, "literal", whole=True)
-    assert found is not None  # a non-blank segment always yields an Answer
-    return found
+    if "####" in answer_field or _BOXED_RE.search(answer_field):
+        # A marker says where the answer is; reading something else instead would invent a gold.
+        raise ValueError(f"answer_field has a '####' or box with no answer after it: {answer_field[-80:]!r}")
+    literal = parse_quantity(answer_field, "literal", whole=True)
+    assert literal is not None  # a non-blank segment always yields an Answer
+    if literal.number is None and _PROSE_RE.search(answer_field):
+        return _from_last_number(answer_field) or literal
+    return literal

@@ -345,6 +345,7 @@ def test_gold_uses_the_extraction_rules(name: str, field: object, number: float 
     "name,field,error",
     [
         ("blank", "   ", ValueError),
+        ("only_punctuation", ",", ValueError),  # raised AssertionError before
         ("hash_then_nothing", "work #### ", ValueError),
         ("empty_box", "\\boxed{}", ValueError),
         ("not_finite", float("nan"), ValueError),
@@ -372,3 +373,104 @@ GOLD_MATCH_CASES = [
 @pytest.mark.parametrize("name,pred,gold,correct", GOLD_MATCH_CASES, ids=[c[0] for c in GOLD_MATCH_CASES])
 def test_verdicts_against_gold(name: str, pred: str, gold: object, correct: bool) -> None:
     assert answers_match(extract_answer(pred), parse_gold(gold)) is correct  # type: ignore[arg-type]
+
+
+# ---- properties: accepted number styles round-trip; nothing raises or runs long ---------------
+
+@st.composite
+def written_numbers(draw: st.DrawFn) -> tuple[float, str]:
+    """A number and one accepted way of writing it: sign, thousands separators, decimals, "$", "." ."""
+    mantissa = draw(st.integers(min_value=-(10**12), max_value=10**12))
+    places = draw(st.integers(min_value=0, max_value=4))
+    value = mantissa / 10**places
+    magnitude = f"{abs(mantissa) / 10**places:{',' if draw(st.booleans()) else ''}.{places}f}"
+    sign = "-" if mantissa < 0 else ""
+    currency = draw(st.sampled_from(["", "$", "$-"]))
+    if currency == "$-":  # "-$5" and "$-5" are both negative five dollars
+        text = f"${sign}{magnitude}"
+    elif currency:
+        text = f"{sign}${magnitude}"
+    else:
+        text = f"{sign}{magnitude}"
+    return value, text
+
+
+STYLES = {
+    "plain": "{}",
+    "bold": "**{}**",
+    "boxed": "\\boxed{{{}}}",
+    "bold_boxed": "**\\boxed{{{}}}**",
+}
+CONTEXTS = {
+    "bare": "{}",
+    "hash": "She pays 3 + 4 = 7 first.\n#### {}",
+    "hash_no_space": "####{}",
+    "answer_is": "Adding it up, the answer is {}",
+    "final_answer": "**Final Answer:** {}\nCheck: 4*4 = 16",
+    "prose_end": "Working through 12 steps, she ends with {}",
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(written_numbers(), st.sampled_from(sorted(STYLES)), st.sampled_from(sorted(CONTEXTS)), st.booleans())
+def test_written_numbers_round_trip(number: tuple[float, str], style: str, context: str, full_stop: bool) -> None:
+    value, written = number
+    text = CONTEXTS[context].format(STYLES[style].format(written)) + ("." if full_stop else "")
+    found = extract_answer(text)
+    assert found is not None, text
+    assert found.number == pytest.approx(value, rel=1e-12, abs=1e-12), (text, found)
+    gold = parse_gold(text)
+    assert gold.number == pytest.approx(value, rel=1e-12, abs=1e-12), (text, gold)
+    assert answers_match(found, gold)
+
+
+_ADVERSARIAL_ALPHABET = (
+    list("0123456789 ,./-+$%€{}#kmx^=()*\n")
+    + ["\\boxed{", "\\frac", "answer is ", "####", "km", " per ", "dollars", "**", "\\cdot", "\\times",
+       "\\sqrt", "pi", "{}", "The answer is ", "9" * 30]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_ADVERSARIAL_ALPHABET), max_size=60).map("".join))
+def test_extraction_and_gold_never_raise_nor_stall(text: str) -> None:
+    start = time.monotonic()
+    for mode in EXTRACT_MODES:
+        found = extract_answer(text, mode)
+        if found is not None:
+            assert found.number is None or math.isfinite(found.number)
+    try:
+        gold = parse_gold(text)
+    except ValueError:
+        pass  # blank, or a marker with nothing after it: documented
+    else:
+        assert gold.number is None or math.isfinite(gold.number)
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "#### " + "1+" * 20000 + "1",
+        "#### " + "(" * 20000 + "1",
+        "#### 2" + "**2" * 10000,
+        "**" * 20000 + "5",
+        "\\boxed{" + "1*" * 5000 + "1}",
+        "the answer is 1 + " * 5000,
+        "#### " + "9" * 5000 + "^" + "9" * 5000,
+        "\\boxed{" + "\\frac{1}{" * 2000 + "2" + "}" * 2000 + "}",
+    ],
+    ids=["long_sum", "open_brackets", "power_chain", "stars", "long_product_box", "answer_is_sums", "huge_power",
+         "nested_fractions"],
+)
+def test_adversarial_expressions_are_bounded(text: str) -> None:
+    for mode in EXTRACT_MODES:
+        start = time.monotonic()
+        extract_answer(text, mode)
+        assert time.monotonic() - start < 1.0, mode
+    start = time.monotonic()
+    try:
+        parse_gold(text)
+    except ValueError:
+        pass
+    assert time.monotonic() - start < 1.0

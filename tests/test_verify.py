@@ -142,8 +142,11 @@ def test_algebraic_different(verifier: CompositeVerifier) -> None:
 
 def test_algebraic_latex_and_constants(verifier: CompositeVerifier) -> None:
     assert verifier.compute_loss("\\boxed{\\frac{x}{2}}", "0.5x")["components"]["algebraic"] == 0.0
-    assert verifier.compute_loss("\\boxed{\\sqrt{2}}", "1.41421356237")["components"]["algebraic"] == 0.0
-    assert verifier.compute_loss("\\boxed{\\sqrt{2}}", "1.414")["components"]["algebraic"] == 1.0
+    assert verifier.compute_loss("\\boxed{\\sqrt{2} + x}", "x + 1.41421356237")["components"]["algebraic"] == 0.0
+    assert verifier.compute_loss("\\boxed{\\sqrt{2} + x}", "x + 1.414")["components"]["algebraic"] == 1.0
+    # A constant root has a value of its own now (issue #15): the numeric component judges it.
+    assert verifier.compute_loss("\\boxed{\\sqrt{2}}", "1.41421356237")["components"]["numeric"] == 0.0
+    assert verifier.compute_loss("\\boxed{\\sqrt{2}}", "1.414")["components"]["numeric"] > 0.0
 
 
 def test_algebraic_no_evidence_cases(verifier: CompositeVerifier) -> None:

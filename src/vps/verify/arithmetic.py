@@ -13,12 +13,13 @@ costs more than linear time.
 from __future__ import annotations
 
 import math
+import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
-__all__ = ["NUMBER", "MAX_EXPRESSION_CHARS", "Expression", "read_expression"]
+__all__ = ["NUMBER", "MAX_EXPRESSION_CHARS", "Expression", "read_expression", "same_expression"]
 
 #: A written number: thousands separators only in groups of exactly three digits, ``.5`` and ``3.``.
 NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d*)?|\.\d+"
@@ -66,9 +67,11 @@ class Expression:
     Attributes:
         text: the expression as written (surrounding space removed).
         end: where it ends in the text it was read from.
-        value: its value; None when it has variables or functions (``2*x + 1``, ``\\sqrt{2}``), is
-            undefined (``1/0``) or is too large for a float (``10**10**10``).
+        value: its value (``\\sqrt{2}`` and ``\\pi`` to float precision); None when it has variables or
+            functions other than square roots (``2*x + 1``, ``\\ln 2``), is undefined (``1/0``,
+            ``\\sqrt{-1}``) or is too large for a float (``10**10**10``).
         starts_with_number: whether its first operand (after any sign) is a number.
+        variables: the single-letter variables it uses (``xy`` is ``x`` times ``y``).
         has_operator: whether it holds a written binary operator (``+ - * / ^``, ``\\cdot`` ...), not
             only a sign or a glued letter: in running text "6g" is more likely 6 grams than 6 times g.
     """
@@ -78,6 +81,7 @@ class Expression:
     value: float | None
     starts_with_number: bool
     has_operator: bool
+    variables: frozenset[str] = frozenset()
 
 
 def _tokens(text: str) -> Iterator[_Token]:
@@ -103,12 +107,12 @@ def _tokens(text: str) -> Iterator[_Token]:
 def _power(base: Fraction | None, exponent: Fraction | None) -> Fraction | None:
     if base is None or exponent is None:
         return None
+    if base == 0:
+        return None if exponent < 0 else Fraction(1) if exponent == 0 else Fraction(0)
     if exponent.denominator == 1:
         n = abs(exponent.numerator)
         bits = max(base.numerator.bit_length(), base.denominator.bit_length()) * n
         if bits > MAX_RESULT_BITS and abs(base) != 1:
-            return None
-        if base == 0 and exponent < 0:
             return None
         return base**exponent.numerator
     if base <= 0:
@@ -124,8 +128,10 @@ class _Parser:
     """expr := term (('+'|'-') term)*; term := unary (('*'|'/') unary | glued operand)*;
     unary := ('+'|'-') unary | power; power := primary (('^'|'**') unary)?"""
 
-    def __init__(self, tokens: Iterator[_Token]) -> None:
+    def __init__(self, tokens: Iterator[_Token], values: Mapping[str, Fraction] | None = None) -> None:
         self.tokens = tokens
+        self.values = values  # variable values to evaluate at; None: variables have no value
+        self.variables: set[str] = set()
         self.next: _Token | None = next(tokens, None)
         self.last: _Token | None = None  # the last token taken: where the expression ends
         self.first: _Token | None = None  # the first operand that is not a sign
@@ -245,13 +251,33 @@ class _Parser:
                 if numerator is None or denominator is None or denominator == 0:
                     return None
                 return numerator / denominator
+            if name == "sqrt":
+                return self.root()
+            if name == "pi":
+                return Fraction(math.pi)
             if name in _FUNCTIONS:
                 self.primary()  # the argument: checked, but the value stays symbolic
-            return None  # a variable, a constant such as pi, or a function value
+                return None
+            self.variables.update(name)
+            if self.values is None or any(letter not in self.values for letter in name):
+                return None
+            return math.prod((self.values[letter] for letter in name), start=Fraction(1))
         raise _NotArithmetic(f"unexpected {token.text!r}")
 
+    def root(self) -> Fraction | None:
+        """``\\sqrt{x}``, ``\\sqrt[n]{x}``, ``sqrt(x)``, ``\\sqrt 2``: a value to float precision, as
+        a numeric gold such as 1.41421356237 is compared within a tolerance anyway."""
+        index: Fraction | None = Fraction(2)
+        token = self.peek()
+        if token is not None and token.text == "[":
+            index = self.group()
+        radicand = self.primary()
+        if index is None or radicand is None or index == 0:
+            return None
+        return _power(radicand, 1 / index)
 
-def read_expression(text: str, *, whole: bool) -> Expression | None:
+
+def read_expression(text: str, *, whole: bool, values: Mapping[str, Fraction] | None = None) -> Expression | None:
     """The arithmetic expression that starts ``text``, or None where none does.
 
     Numbers, ``+ - * / ^ **``, ``× ÷ ·``, ``\\cdot \\times \\div``, brackets, ``\\frac{a}{b}``, implicit
@@ -259,10 +285,11 @@ def read_expression(text: str, *, whole: bool) -> Expression | None:
     to three letters: ``xy`` is ``x*y``), ``pi`` and ``sqrt sin cos tan ln log exp``. A word after a
     complete expression and a space ends it (``5 + 3 apples`` is ``5 + 3``); with ``whole`` the
     expression must be all of ``text``. Longer than :data:`MAX_EXPRESSION_CHARS`: None.
+    ``values`` gives variables a value (``{"x": Fraction(3)}``), for :func:`same_expression`.
     """
     if whole and len(text.strip()) > MAX_EXPRESSION_CHARS:
         return None
-    parser = _Parser(_tokens(text))
+    parser = _Parser(_tokens(text), values)
     if parser.peek() is None:
         return None
     start = parser.peek().start  # type: ignore[union-attr]
@@ -291,4 +318,37 @@ def read_expression(text: str, *, whole: bool) -> Expression | None:
         value=number,
         starts_with_number=first is not None and first.kind == "num",
         has_operator=parser.operators > 0,
+        variables=frozenset(parser.variables),
     )
+
+
+#: Points at which :func:`same_expression` evaluates; two different rational functions of low degree
+#: agree at all of them with negligible probability (Schwartz-Zippel), and exact arithmetic has no
+#: rounding to blur a real difference.
+PROBES = 4
+_MATHS_RE = re.compile(r"[\d+\-*/^×÷·]|\\(?:cdot|times|div|frac|sqrt)")
+
+
+def same_expression(a: str, b: str) -> bool | None:
+    """Whether two expressions with variables are the same function, decided in this process.
+
+    Both are evaluated exactly at :data:`PROBES` random rational points (a fixed seed, so verdicts
+    are reproducible). None when either is no expression this reader evaluates, has no variables,
+    or has no value at some point (a root, ``\\ln``, a pole): the caller keeps its other rule then.
+    Text with no number and no operator is words, not maths: "no" and "on" are not the product n*o.
+    """
+    if not (_MATHS_RE.search(a) and _MATHS_RE.search(b)):
+        return None
+    first, second = read_expression(a, whole=True), read_expression(b, whole=True)
+    if first is None or second is None or not (first.variables | second.variables):
+        return None
+    letters = sorted(first.variables | second.variables)
+    rng = random.Random(0)
+    for _ in range(PROBES):
+        point = {letter: Fraction(rng.randint(11, 97), rng.randint(7, 13)) for letter in letters}
+        x, y = read_expression(a, whole=True, values=point), read_expression(b, whole=True, values=point)
+        if x is None or y is None or x.value is None or y.value is None:
+            return None
+        if x.value != y.value:
+            return False
+    return True

@@ -12,9 +12,11 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vps.verify.arithmetic import NUMBER, read_expression
+from vps.verify.arithmetic import NUMBER, read_expression, same_expression
 
-__all__ = ["Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity"]
+__all__ = [
+    "Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity", "readings",
+]
 
 #: Where an :class:`Answer` came from. ``literal`` is only produced by :func:`parse_gold`
 #: for a gold label given without any answer marker (``"72"``, ``"(x-1)(x+1)"``).
@@ -100,7 +102,9 @@ _ANSWER_IS_RE = re.compile(r"\b(?:final\s+)?answer\s*(?:is\b\s*:?|:|=)", re.IGNO
 # A sentence ends at a full stop followed by space or end of text; a decimal point never is.
 _SENTENCE_END_RE = re.compile(r"[.!?;](?=\s|$)|\n")
 
-_LATEX_WRAPPERS_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+# A box inside a segment ("#### \\boxed{18}") is decoration too; the boxed reader finds boxes before this.
+_LATEX_WRAPPERS_RE = re.compile(
+    r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname|boxed|fbox)\s*\{([^{}]*)\}")
 # "30^\\circ C" is 30 °C: the space before C/F goes with the degree sign.
 _DEGREE_RE = re.compile(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)(?:\s*(?=[CF]\b))?")
 _LATEX_SPACING_RE = re.compile(r"\\[,;:! ]|\\quad|\\qquad|\\left|\\right|\\displaystyle")
@@ -139,7 +143,8 @@ class Answer:
 
 def _clean(text: str) -> str:
     """Strip the LaTeX and markdown decoration that sits between a number and its unit."""
-    text = text.replace("\u2212", "-").replace("\\$", "$").replace("\\%", "%")
+    # "{,}" is LaTeX's thousands separator (1{,}234), written so that no space follows the comma.
+    text = text.replace("\u2212", "-").replace("\\$", "$").replace("\\%", "%").replace("{,}", ",")
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     text = _LATEX_WRAPPERS_RE.sub(r" \1", text)
     text = _LATEX_SPACING_RE.sub(" ", text)
@@ -326,12 +331,24 @@ def _answer_is_answers(text: str, from_end: bool = False) -> Iterator[tuple[int,
             yield m.start(), answer
 
 
+# The number is a root's radicand: "$\\sqrt{4}$" ends in the answer 2, not 4.
+_RADICAND_RE = re.compile(r"(?:\\sqrt|\bsqrt)\s*(?:\[[^\]]{0,20}\]\s*)?[{(]?\s*$")
+
+
 def _from_last_number(text: str) -> Answer | None:
+    cleaned = _clean(text)
     last = None
-    for m in _QUANTITY_RE.finditer(_clean(text)):
+    for m in _QUANTITY_RE.finditer(cleaned):
         if _value(m) is not None:
             last = m
-    return _answer(last, "last_number") if last is not None else None
+    if last is None:
+        return None
+    root = _RADICAND_RE.search(cleaned, max(0, last.start() - 40), last.start())
+    if root is not None:
+        expression = read_expression(cleaned[root.start() :], whole=False)
+        if expression is not None and expression.value is not None and root.start() + expression.end >= last.end():
+            return Answer(text=expression.text, number=expression.value, unit=None, source="last_number")
+    return _answer(last, "last_number")
 
 
 def _first(found: Iterator[tuple[int, Answer]]) -> Answer | None:
@@ -384,22 +401,44 @@ def _coerce(answer: Answer | str | None) -> Answer | None:
     raise TypeError(f"expected Answer, str or None, got {type(answer).__name__}")
 
 
+def readings(a: Answer, b: Answer) -> list[tuple[float, float]]:
+    """The ``(a, b)`` number pairs that may be compared: as written, and where exactly one side is a
+    percentage, that side as a fraction too. GSM8K states "45%" as the gold 45, other data as 0.45,
+    and 45% is both; a percentage on both sides, or on neither, is compared as written."""
+    assert a.number is not None and b.number is not None
+    pairs = [(a.number, b.number)]
+    if (a.unit == "percent") != (b.unit == "percent"):
+        pairs.append((a.number / 100, b.number) if a.unit == "percent" else (a.number, b.number / 100))
+    return pairs
+
+
 def answers_match(a: Answer | str | None, b: Answer | str | None, rel_tol: float = 1e-6) -> bool:
     """Whether two answers agree, GSM8K-style: numbers within ``rel_tol`` (plus ``ABS_TOL``).
 
     Units are ignored (``"18 dollars"`` matches ``"18"``; ``"2 km"`` does not match
-    ``"2000 m"`` here, the verifier's unit-aware components handle that). Two non-numeric
-    answers match on normalised text; a numeric and a non-numeric answer never match.
+    ``"2000 m"`` here, the verifier's unit-aware components handle that), except that a
+    percentage also matches its fraction (``"45%"`` matches 45 and 0.45). Two non-numeric
+    answers match on normalised text, or when both are expressions with variables that agree
+    exactly at random rational points (``"x + 1"`` matches ``"1 + x"``); a numeric and a
+    non-numeric answer never match.
     Strings are read with :func:`extract_answer`; None matches nothing.
     """
     a, b = _coerce(a), _coerce(b)
     if a is None or b is None:
         return False
     if a.number is not None and b.number is not None:
-        return math.isclose(a.number, b.number, rel_tol=rel_tol, abs_tol=ABS_TOL)
+        return any(math.isclose(x, y, rel_tol=rel_tol, abs_tol=ABS_TOL) for x, y in readings(a, b))
     if a.number is None and b.number is None:
-        return _normalise_text(a.text) == _normalise_text(b.text)
+        if _normalise_text(a.text) == _normalise_text(b.text):
+            return True
+        # "x + 1" and "1 + x" are one answer; the exact probe needs no sympy (see arithmetic.py).
+        return bool(same_expression(_expression_text(a.text), _expression_text(b.text)))
     return False
+
+
+def _expression_text(text: str) -> str:
+    """An answer's text as the expression reader takes it: LaTeX decoration off, ``y = `` dropped."""
+    return _after_equals(_clean(text)).strip()
 
 
 # Two adjacent words: the field is a sentence, not a label or an expression ("She has 18 left").
@@ -427,8 +466,8 @@ def parse_gold(answer_field: str | int | float) -> Answer:
 
     Raises:
         TypeError: ``answer_field`` is not a str, an int or a float (a bool is refused).
-        ValueError: ``answer_field`` is blank, not finite, or has a marker (``####``, a box) and
-            nothing after it.
+        ValueError: ``answer_field`` is blank or only punctuation, not finite, or has a marker
+            (``####``, a box) and nothing after it.
     """
     if isinstance(answer_field, bool) or not isinstance(answer_field, (str, int, float)):
         raise TypeError(f"answer_field must be a str or a number, got {type(answer_field).__name__}")
@@ -446,7 +485,8 @@ def parse_gold(answer_field: str | int | float) -> Answer:
         # A marker says where the answer is; reading something else instead would invent a gold.
         raise ValueError(f"answer_field has a '####' or box with no answer after it: {answer_field[-80:]!r}")
     literal = parse_quantity(answer_field, "literal", whole=True)
-    assert literal is not None  # a non-blank segment always yields an Answer
+    if literal is None:
+        raise ValueError(f"answer_field holds only punctuation: {answer_field[:80]!r}")
     if literal.number is None and _PROSE_RE.search(answer_field):
         return _from_last_number(answer_field) or literal
     return literal

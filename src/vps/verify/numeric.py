@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vps.verify.extract import ABS_TOL, Answer
+from vps.verify.extract import ABS_TOL, Answer, readings
 
 __all__ = ["DEFAULT_REL_SCALE", "graded_error", "numeric_loss"]
 
@@ -41,7 +41,8 @@ def numeric_loss(
     No gold, or a non-numeric gold: no evidence (None). A gold number with no predicted
     number (no answer, or a non-numeric one) is a miss: 1.0. Where both answers carry
     units pint can convert between, the prediction is compared in the gold unit, so
-    "2 km" against "2000 m" scores 0; otherwise the raw numbers are compared.
+    "2 km" against "2000 m" scores 0; otherwise the raw numbers are compared, a percentage
+    on one side only also as its fraction (the closer reading counts, as in ``answers_match``).
     """
     if gold is None:
         return None, {"reason": "no gold"}
@@ -52,6 +53,10 @@ def numeric_loss(
     if pred.number is None:
         return 1.0, {"reason": "prediction is not numeric", "pred_text": pred.text, "gold": gold.number}
     value, extra = pred.number, {}
+    if (pred.unit == "percent") != (gold.unit == "percent"):
+        scored = [graded_error(p, g, rel_tol, rel_scale) for p, g in readings(pred, gold)]
+        loss, details = min(scored, key=lambda scored_pair: scored_pair[0])
+        return loss, details
     if pred.unit and gold.unit and pred.unit != gold.unit:
         # Imported here because units.py scores magnitudes with graded_error from this module.
         from vps.verify.units import convert

@@ -309,7 +309,9 @@ def check_equivalent(
     x, y = exprs
     if x == y:
         return {"status": "ok", "equal": True, "method": "structural"}
-    symbols = sorted((x - y).free_symbols, key=str)
+    # Both sides' symbols, not the difference's: in "sqrt(2) + x" vs "x + 1.41421356237" x cancels, and
+    # each side still needs a value for it before it can be evaluated.
+    symbols = sorted(x.free_symbols | y.free_symbols, key=str)
     if not symbols:
         vx, vy = _value(x), _value(y)
         if vx is None or vy is None:

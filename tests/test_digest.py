@@ -76,3 +76,34 @@ def test_index_errors_name_the_file_and_field(tmp_path, capsys):
         load_index(bad)
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: cannot read the results index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, vs, expected", [
+    ("accuracy up, significant", {"n": 50, "accuracy_diff": 0.1, "accuracy_diff_ci": [0.02, 0.2], "mcnemar_p": 0.01},
+     "accuracy: helps (+10.0 pp [+2.0, +20.0], McNemar p = 0.01, n = 50)"),
+    ("accuracy down, significant", {"n": 50, "accuracy_diff": -0.1, "accuracy_diff_ci": [-0.2, -0.02],
+                                    "mcnemar_p": 0.03}, "accuracy: hurts (-10.0 pp"),
+    ("accuracy down, not significant", {"n": 50, "accuracy_diff": -0.04, "accuracy_diff_ci": [-0.1, 0.0],
+                                        "mcnemar_p": 0.2}, "accuracy: no measurable effect (-4.0 pp"),
+    ("NLL lower", {"n": 9, "nll_diff": -0.01, "nll_diff_ci": [-0.02, -0.005]}, "gold-solution NLL: helps (-0.0100"),
+    ("NLL higher", {"n": 9, "nll_diff": 0.01, "nll_diff_ci": [0.005, 0.02]}, "gold-solution NLL: hurts (+0.0100"),
+    ("NLL unclear", {"n": 9, "nll_diff": 0.01, "nll_diff_ci": [-0.005, 0.02]}, "gold-solution NLL: no measurable"),
+])
+def test_the_per_model_verdict_follows_the_statistics(name, vs, expected):
+    from vps.evaluation.digest import verdict
+
+    assert expected in verdict("M", [("t", vs, vs["n"])]), name
+    assert "incomplete" in verdict("M", [("t", vs, vs["n"] + 1)])
+    assert verdict("M", []) == "**M**: no finished comparison yet."
+
+
+def test_marked_runs_feed_the_verdict_and_missing_runs_are_not_started(tmp_path, model):
+    _run(tmp_path, model)
+    index = json.loads(_index(tmp_path, verdict="Tiny-Llama").read_text())
+    index["sections"].append({"title": "Later run", "dir": "later", "command": "vps eval --out later"})
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    text = build_results(load_index(tmp_path / "index.json"), tmp_path)
+    head = text.split("## Summary")[0]
+    assert "## Does VPS help? (seed defaults, per model)" in head
+    assert "- **Tiny-Llama**: accuracy: no measurable effect (+20.0 pp" in head
+    assert "## Later run (not started)" in text and "Status: not started (run the command)." in text

@@ -11,10 +11,13 @@ An index file (YAML or JSON) lists the runs to publish::
         command: vps eval --data gsm8k:test --sample 250 --seed 0 --methods base,vps --nll-only ...
         preliminary: false
         note: optional free text
+        verdict: SmolLM2-135M-Instruct   # optional: this run's `vps` row is evidence for that model's verdict
 
 For each section the report is rewritten from the directory's rows (`write_report`), its status
 (complete, or how many rows each configuration still lacks) and one finding per configuration are
-derived from the statistics, and the run's ``report.md`` is embedded below the command. Run
+derived from the statistics, and the run's ``report.md`` is embedded below the command. Sections
+with a ``verdict`` (a model's name) feed the top of the file: per model, one sentence on whether VPS
+(its ``vps`` configuration) helps, hurts or does nothing measurable, from those runs' statistics. Run
 ``python -m vps.evaluation.digest results/index.yaml -o RESULTS.md``.
 """
 
@@ -26,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import RESULTS_FILE
+from .harness import RESULTS_FILE, RUN_FILE
 from .report import REPORT_MD, REPORT_PNG, write_report
 
 __all__ = ["ResultsIndexError", "build_results", "finding", "load_index"]
@@ -97,6 +100,35 @@ def finding(entry: dict[str, Any], n_items: int, reference: str | None = None) -
     return f"{name} {scope}: " + "; ".join(parts) + "."
 
 
+def _effect(lo: float, hi: float, better_below: bool) -> str:
+    if hi < 0:
+        return "helps" if better_below else "hurts"
+    if lo > 0:
+        return "hurts" if better_below else "helps"
+    return "no measurable effect"
+
+
+def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]]) -> str:
+    """One sentence per model from its ``vps``-vs-baseline statistics: ``evidence`` is (section title,
+    the ``vps`` entry's ``vs_baseline``, the run's item count) per run marked for this model."""
+    parts = []
+    for _title, vs, n_items in evidence:
+        scope = f"n = {vs['n']}" + ("" if vs["n"] >= n_items else f" of {n_items}, incomplete")
+        if vs.get("accuracy_diff") is not None:
+            p = vs.get("mcnemar_p")
+            lo, hi = vs["accuracy_diff_ci"]
+            effect = _effect(lo, hi, better_below=False) if p is not None and p < 0.05 else "no measurable effect"
+            parts.append(f"accuracy: {effect} ({vs['accuracy_diff'] * 100:+.1f} pp "
+                         f"{_ci(vs['accuracy_diff_ci'], 100, '+.1f')}, McNemar p = {p:.3g}, {scope})")
+        elif vs.get("nll_diff") is not None:
+            lo, hi = vs["nll_diff_ci"]
+            parts.append(f"gold-solution NLL: {_effect(lo, hi, better_below=True)} ({vs['nll_diff']:+.4f} "
+                         f"nats/token {_ci(vs['nll_diff_ci'])}, {scope})")
+    if not parts:
+        return f"**{model}**: no finished comparison yet."
+    return f"**{model}**: " + "; ".join(parts) + "."
+
+
 def _status(summary: dict[str, Any]) -> tuple[bool, str]:
     n = summary["n_items"]
     missing = [e for e in summary["configs"] if e["rows"] < n]
@@ -129,9 +161,21 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
     if index.get("intro"):
         parts += [str(index["intro"]).strip(), ""]
     body, summary_lines = [], []
+    evidence: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
     for sec in index["sections"]:
         run_dir = sec["dir"].rstrip("/")
+        if not (root / run_dir / RUN_FILE).exists():
+            title = sec["title"] + " (not started)"
+            summary_lines.append(f"- **{title}**: no rows yet.")
+            body += [f"## {title}", "", "Status: not started (run the command).", "", "Command:", "",
+                     "    " + " ".join(sec["command"].split()), ""]
+            continue
         summary = write_report(root / run_dir)
+        if sec.get("verdict"):
+            vps_entry = next((e for e in summary["configs"] if e["name"] == "vps" and e.get("vs_baseline")), None)
+            found = evidence.setdefault(str(sec["verdict"]), [])
+            if vps_entry is not None:
+                found.append((sec["title"], vps_entry["vs_baseline"], summary["n_items"]))
         complete, status = _status(summary)
         title = sec["title"] + (" (preliminary)" if sec.get("preliminary") else "")
         title += "" if complete else " (partial)"
@@ -146,6 +190,11 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
         body += [_embed((root / run_dir / REPORT_MD).read_text(encoding="utf-8"), run_dir), ""]
         if (root / run_dir / REPORT_PNG).exists():
             body += [f"![{sec['title']}]({run_dir}/{REPORT_PNG})", ""]
+    if evidence:
+        parts += ["## Does VPS help? (seed defaults, per model)", "",
+                  "Generated from the runs marked for each model below: an accuracy effect counts when McNemar's "
+                  "p < 0.05, an NLL effect when its 95% interval excludes 0.", "",
+                  *[f"- {verdict(m, ev)}" for m, ev in evidence.items()], ""]
     parts += ["## Summary", "", "Each line is generated from the run's statistics (paired with the baseline "
               "on the same items; 95% intervals).", "", *summary_lines, "", *body]
     return "\n".join(parts).rstrip() + "\n"

@@ -6,8 +6,12 @@ The data, run and output flags live here and are shared with ``vps ablate``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
@@ -15,12 +19,16 @@ from ..evaluation.harness import (
     DEFAULT_STOP_STRINGS,
     RESULTS_FILE,
     RunDir,
+    RunLockedError,
     RunSettings,
+    SettingError,
+    check_run,
     data_info,
     merge_settings,
     run_evaluation,
 )
 from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+from ..evaluation.rundir import check_directory
 from ..prompting import PROMPT_STYLES
 from ..verify import EXTRACT_MODES
 from .common import add_config_arguments, add_model_arguments, config_from_args, load
@@ -44,7 +52,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=None,
                    help="output directory (required): run.json, results.jsonl, report.md, report.png; "
-                        "rerun the same command to resume")
+                        "rerun the same command to resume. Locked while a run works in it (.lock)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
     g.add_argument("--batch-order", choices=["length", "input"], default="length",
                    help="length (default): batch items of similar token length, longest first, to waste little "
@@ -63,7 +71,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop string (repeatable); default: " + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
+                   help="stop string, non-empty (repeatable); default: "
+                        + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
     g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES,
                    help="prompt style: tutor (chat template, step by step, '#### <answer>'), boxed (chat template, "
                         "the Qwen family's 'reason step by step ... within \\boxed{}'), fewshot (lm-eval's plain-text "
@@ -76,8 +85,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(#### only) or last (the last marker of any kind); see docs/verification.md")
     g.add_argument("--nll", action="store_true", help="also score the gold-solution NLL (one extra forward pair)")
     g.add_argument("--nll-only", action="store_true", help="only the gold-solution NLL, no generation (cheap)")
-    g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods)")
-    g.add_argument("--k-samples", type=int, default=4, help="samples for self-consistency (refine methods)")
+    g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods; >= 1)")
+    g.add_argument("--k-samples", type=int, default=4,
+                   help="samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 would "
+                        "skip self-consistency)")
     g.add_argument("--report-only", action="store_true", help="only rewrite the report from --out's rows")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); on a shared machine 1 avoids the large slowdown of "
@@ -120,43 +131,127 @@ def report(out: Path) -> int:
     return 0
 
 
-def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> int:
-    """Load data, check the output directory, load the model once, run every spec, write the report."""
-    if args.out is None:
-        raise ValueError("--out DIR is required (the run's directory; rerun with the same DIR to resume)")
-    if args.report_only:
-        return report(args.out)
+# RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it.
+SETTING_FLAGS = {
+    "refine_iters": "--iters", "refine_k_samples": "--k-samples", "temperature": "--temperature",
+    "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", "shots": "--shots", "system": "--system",
+    "prompt": "--prompt", "extract_mode": "--extract", "batch_order": "--batch-order",
+    "nll_scoring": "--nll-scoring", "refine_batching": "--refine-batching", "refine_sampling": "--refine-sampling",
+    "seed": "--seed", "model": "--model", "dtype": "--dtype",
+}
+
+
+@contextlib.contextmanager
+def flag_errors() -> Iterator[None]:
+    """A `SettingError` re-raised as a ValueError naming the flag of its field."""
+    try:
+        yield
+    except SettingError as exc:
+        flag = SETTING_FLAGS.get(exc.field)
+        raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None
+
+
+def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
+    """The flags that need no data nor model, checked first."""
     if args.nll_only and any(s.samples for s in specs):
         raise ValueError("--nll-only cannot run refine or majority-vote methods (they are scored by generation)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_items(args.data, question_field=args.question_field, answer_field=args.answer_field,
-                        limit=args.limit, offset=args.offset, sample=args.sample, seed=args.seed)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--offset", args.offset)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+
+
+def check_out(out: Path) -> RunDir:
+    """``--out`` as a run directory this run may write to (ValueError naming --out otherwise)."""
+    run = RunDir(out)
+    try:
+        run.check_target()
+    except ValueError as exc:
+        raise type(exc)(f"--out {exc}") from None
+    return run
+
+
+def load_data(args: argparse.Namespace) -> Any:
+    """``--data`` with its selection; an empty selection is an error saying why."""
+    kw = dict(question_field=args.question_field, answer_field=args.answer_field)
+    try:
+        loaded = load_items(args.data, **kw, limit=args.limit, offset=args.offset, sample=args.sample,
+                            seed=args.seed)
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--data {args.data}: cannot be read as a JSONL file ({exc})") from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"--data: {exc}") from None
     print(f"data: {len(loaded.items)} items from {loaded.path}; {len(loaded.skipped)} malformed line(s) skipped"
           + (" (listed above)" if loaded.skipped else ""), file=sys.stderr)
-    if not loaded.items:
-        raise ValueError("no items to evaluate (check --offset / --limit)")
+    if loaded.items:
+        return loaded
+    where = loaded.path or args.data
+    chosen = [f"{flag} {value}" for flag, value in (("--sample", args.sample), ("--offset", args.offset or None),
+                                                     ("--limit", args.limit)) if value is not None]
+    if chosen:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            total = len(load_items(args.data, **kw).items)
+        if total:
+            raise ValueError(f"no items to evaluate: {' '.join(chosen)} select(s) none of the {total} items "
+                             f"of {where}")
+    malformed = f" ({len(loaded.skipped)} malformed line(s) skipped)" if loaded.skipped else ""
+    raise ValueError(f"--data: {where} has no items to evaluate{malformed}")
+
+
+def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> int:
+    """Check every flag, the data's items and the output directory, then lock the directory, load the
+    model once, run every spec and write the report. Nothing is written before every check passed."""
+    if args.out is None:
+        raise ValueError("--out DIR is required (the run's directory; rerun with the same DIR to resume)")
+    if args.report_only:
+        try:
+            check_directory(args.out)
+        except ValueError as exc:
+            raise type(exc)(f"--out {exc}") from None
+        return report(args.out)
+    check_flags(args, specs)
+    run = check_out(args.out)
+    loaded = load_data(args)
     from ..models import DEFAULT_MODEL
 
-    settings = RunSettings(
-        model=args.model or DEFAULT_MODEL, dtype=args.dtype,
-        data=data_info(loaded, args.data, args.question_field, args.answer_field, args.limit, args.offset,
-                       args.sample, args.seed),
-        generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, stop_strings=args.stop if args.stop else DEFAULT_STOP_STRINGS,
-        system=args.system, prompt=args.prompt, shots=args.shots, extract_mode=args.extract,
-        refine_iters=args.iters, refine_k_samples=args.k_samples,
-        seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
-        refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
-    stored = RunDir(args.out).read_settings()
+    with flag_errors():
+        settings = RunSettings(
+            model=args.model or DEFAULT_MODEL, dtype=args.dtype,
+            data=data_info(loaded, args.data, args.question_field, args.answer_field, args.limit, args.offset,
+                           args.sample, args.seed),
+            generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, stop_strings=args.stop if args.stop is not None else DEFAULT_STOP_STRINGS,
+            system=args.system, prompt=args.prompt, shots=args.shots, extract_mode=args.extract,
+            refine_iters=args.iters, refine_k_samples=args.k_samples,
+            seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
+            refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
+        check_run(loaded.items, specs, settings)
+    stored = run.read_settings()
     if stored is not None:  # refuse before spending time on the model
         merge_settings(stored, settings.to_dict(specs), str(args.out))
     for spec in specs:
         if spec.oracle:
             print(f"note: {spec.name} is an ORACLE method (uses the gold answer at test time)", file=sys.stderr)
+    with contextlib.ExitStack() as held:
+        try:  # held for the whole run, released however it ends
+            held.enter_context(run.lock())
+        except RunLockedError as exc:
+            raise RunLockedError(f"--out {exc}") from None
+        except ValueError as exc:
+            raise type(exc)(f"--out {exc}") from None
+        return _execute_locked(args, specs, run, loaded, settings)
+
+
+def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunDir, loaded: Any,
+                    settings: RunSettings) -> int:
+    stored = run.read_settings()  # again, under the lock: another run may have started here meanwhile
+    if stored is not None:
+        merge_settings(stored, settings.to_dict(specs), str(args.out))
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
+from ..evaluation.rundir import dumps_strict
 from ..patching import patch
 from ..prompting import chat_prompt
 from ..refine import refine
@@ -24,19 +23,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", choices=["streams", "global"], default="streams",
                    help="how the samples draw their randomness (see vps.refine); global reproduces older runs")
-    p.add_argument("--json", action="store_true", help="print the whole trace as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole trace as JSON (strict: a loss without evidence is null, not NaN)")
     add_config_arguments(p)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before the model is loaded."""
+    if args.iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {args.iters}")
+    if args.k_samples < 0:
+        raise ValueError(f"--k-samples must be >= 0, got {args.k_samples}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.mode == "oracle" and args.gold is None:
+        raise ValueError("--mode oracle needs --gold (the answer it is scored on)")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     model, tok = load(args)
     patch(model, config_from_args(args))
     prompt = chat_prompt(tok, args.question)
     result = refine(model, tok, prompt, gold=args.gold, iters=args.iters, mode=args.mode, k_samples=args.k_samples,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
     if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
-        print()
+        # Strict JSON: a number that is not finite is null - e.g. a loss "total" with no evidence.
+        print(dumps_strict(result.to_dict(), indent=2))
         return 0
     label = "ORACLE (uses the gold answer it is scored on)" if result.oracle else "self (gold-free)"
     print(f"mode: {label}; reference answer: {result.reference}; samples: {result.samples}")

@@ -5,7 +5,12 @@ one row per (item id, config name), written, flushed and fsynced as each batch c
 with the same directory skips the rows already there, so an interruption loses at most the batch
 in flight; a final line cut off mid-write is dropped with a warning. A rerun whose settings differ
 (model, data, sample, decoding, a config's overrides) is refused rather than mixing results; new
-configurations may be added to a directory.
+configurations may be added to a directory. One process at a time works in a directory: a run holds
+the lock ``<dir>/.lock`` (`RunDir.lock`) from start to finish, and a second is refused. Every setting
+and every item is checked (`RunSettings`, `check_run`) before anything is written.
+
+Every file is strict JSON: a number that is not finite (NaN, inf) is written as ``null``, which
+means "no value" - e.g. a refine trace's loss ``total`` when no verifier component had evidence.
 
 Row schema (keys always present; None where not applicable):
 ``id``, ``index`` (line in the source file), ``config`` (the row's label, unique in the run),
@@ -25,10 +30,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,36 +44,37 @@ from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
 from .ablation import VOTE_METHODS, MethodSpec
 from .data import Item, LoadResult, load_items
 from .nll import SCORINGS, solution_nll
+from .rundir import (  # noqa: F401  (re-exported: the run directory lived here)
+    _COMPARED_DEFAULTS,
+    _KEPT_FROM_FIRST_RUN,
+    _NOT_COMPARED,
+    LOCK_FILE,
+    RESULTS_FILE,
+    RUN_FILE,
+    RunDir,
+    RunLockedError,
+    RunMismatchError,
+    _comparable_spec,
+    _flatten,
+    _jsonable,
+    dumps_strict,
+    finite_json,
+    merge_settings,
+    write_atomic,
+)
 
 __all__ = [
-    "DEFAULT_STOP_STRINGS", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunMismatchError", "RunSettings", "data_info",
-    "oracle_tag", "run_evaluation",
+    "DEFAULT_STOP_STRINGS", "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunLockedError", "RunMismatchError",
+    "RunSettings", "SettingError", "check_items", "check_run", "data_info", "merge_settings", "oracle_tag",
+    "run_evaluation", "write_atomic",
 ]
 
-RESULTS_FILE = "results.jsonl"
-RUN_FILE = "run.json"
 RUN_FORMAT = 1
 # The model's next turn, if it starts writing one: stop there and trim it.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
-# Keys of run.json that describe the run but may differ between a run and its resumption.
-# Settings of how a run computes, not of what it measures: the value stored by a run's first invocation
-# is kept for the whole run, so every row of a run is computed the same way and its cost ratios stay
-# comparable. The value is what runs written before the setting existed did. All but refine_sampling
-# change no number beyond float rounding; refine_sampling changes which random draws the
-# self-consistency samples get (not their distribution), so a run keeps it to stay reproducible.
-_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item",
-                        "refine_sampling": "global"}
-# Compared settings that runs written before they existed lack; the value is what those runs did.
-_COMPARED_DEFAULTS = {"prompt": "tutor"}
-_NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
-                 "data.skipped", *_KEPT_FROM_FIRST_RUN}
 BATCH_ORDERS = ("length", "input")
 REFINE_BATCHINGS = ("batch", "item")
 REFINE_SAMPLINGS = ("streams", "global")
-
-
-class RunMismatchError(ValueError):
-    """The output directory holds a run with different settings."""
 
 
 def oracle_tag(oracle: bool) -> str:
@@ -93,6 +97,14 @@ def data_info(result: LoadResult, source: str, question_field: str = "question",
     }
 
 
+class SettingError(ValueError):
+    """A `RunSettings` value that is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class RunSettings:
     """Everything that decides a run's numbers; stored in ``run.json`` and checked on resume.
@@ -109,6 +121,10 @@ class RunSettings:
     keeps its own loop and state; decodes and surrogate steps are batched); "item" refines one at a time.
     ``refine_sampling`` is `vps.refine.refine_many`'s ``sampling``: "streams" draws every item's
     self-consistency samples in one batch from per-item random streams, "global" one item at a time.
+    ``refine_iters`` (>= 1) and ``refine_k_samples`` (>= 0) are the refine methods' iterations and
+    self-consistency samples; a run with a refine method needs ``refine_k_samples >= 1`` (`check_run`):
+    with none, self-consistency would be skipped without a word. Every float must be finite and every
+    stop string non-empty. An invalid value raises `SettingError` naming its field.
     """
 
     model: str
@@ -133,29 +149,46 @@ class RunSettings:
     refine_sampling: str = "streams"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a NaN would be stored, and then never equal itself on resume
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingError(f.name, f"{f.name} must be a finite number, got {value}")
         if self.refine_sampling not in REFINE_SAMPLINGS:
-            raise ValueError(f"refine_sampling must be one of {REFINE_SAMPLINGS}, got {self.refine_sampling!r}")
+            raise SettingError("refine_sampling",
+                               f"refine_sampling must be one of {REFINE_SAMPLINGS}, got {self.refine_sampling!r}")
         if self.refine_batching not in REFINE_BATCHINGS:
-            raise ValueError(f"refine_batching must be one of {REFINE_BATCHINGS}, got {self.refine_batching!r}")
+            raise SettingError("refine_batching",
+                               f"refine_batching must be one of {REFINE_BATCHINGS}, got {self.refine_batching!r}")
         if self.nll_scoring not in SCORINGS:
-            raise ValueError(f"nll_scoring must be one of {SCORINGS}, got {self.nll_scoring!r}")
+            raise SettingError("nll_scoring", f"nll_scoring must be one of {SCORINGS}, got {self.nll_scoring!r}")
         if self.batch_order not in BATCH_ORDERS:
-            raise ValueError(f"batch_order must be one of {BATCH_ORDERS}, got {self.batch_order!r}")
+            raise SettingError("batch_order", f"batch_order must be one of {BATCH_ORDERS}, got {self.batch_order!r}")
         if not self.generate and not self.nll:
-            raise ValueError("nothing to measure: enable generation, the NLL metric, or both")
+            raise SettingError("generate", "nothing to measure: enable generation, the NLL metric, or both")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise SettingError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SettingError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if self.refine_iters < 1:
+            raise SettingError("refine_iters", f"refine_iters must be >= 1, got {self.refine_iters}")
+        if self.refine_k_samples < 0:
+            raise SettingError("refine_k_samples", f"refine_k_samples must be >= 0, got {self.refine_k_samples}")
         if self.prompt not in PROMPT_STYLES:
-            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
+            raise SettingError("prompt", f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
         if self.prompt == "fewshot" and self.system is not None:
-            raise ValueError("the fewshot prompt uses no chat template, so it takes no system prompt")
+            raise SettingError("system", "the fewshot prompt uses no chat template, so it takes no system prompt")
         if self.shots < 1:
-            raise ValueError(f"shots must be >= 1, got {self.shots}")
+            raise SettingError("shots", f"shots must be >= 1, got {self.shots}")
         if self.extract_mode not in EXTRACT_MODES:
-            raise ValueError(f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
+            raise SettingError("extract_mode",
+                               f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
+        if isinstance(self.stop_strings, str):
+            raise SettingError("stop_strings", f"stop_strings must be a list of strings, got {self.stop_strings!r}")
         self.stop_strings = list(self.stop_strings)
+        for stop in self.stop_strings:
+            if not isinstance(stop, str) or not stop:
+                raise SettingError("stop_strings", f"stop strings must be non-empty text, got {stop!r} (an empty "
+                                                   f"one would stop every output before its first token)")
 
     def prompt_format(self) -> PromptFormat:
         """The run's `PromptFormat`; fewshot reads its examples from the start of GSM8K train."""
@@ -172,170 +205,6 @@ class RunSettings:
         base = next((s.name for s in specs if s.method == "base"), None)
         return {"format": RUN_FORMAT, "vps_version": __version__, **out, "baseline": base,
                 "configs": {s.name: s.to_dict() for s in specs}}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    cfg = spec.get("config")
-    cfg = None if cfg is None else {k: v for k, v in cfg.items() if k != "version"}
-    return {"method": spec.get("method"), "config": cfg, "votes": spec.get("votes")}
-
-
-def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> dict[str, Any]:
-    """``stored`` extended with ``new``'s configurations; raises `RunMismatchError` on any difference."""
-    old_flat, new_flat = _flatten({**_COMPARED_DEFAULTS, **stored}), _flatten(new)
-    keys = {k for k in old_flat.keys() | new_flat.keys()
-            if not any(k == skip or k.startswith(skip + ".") for skip in _NOT_COMPARED)}
-    # Generation settings only matter when generating.
-    if not new.get("generate") and not stored.get("generate"):
-        keys -= {"max_new_tokens", "temperature", "stop_strings", "extract_mode"}
-    differ = sorted(k for k in keys if old_flat.get(k) != new_flat.get(k))
-    problems = [f"{k}: stored {old_flat.get(k)!r}, now {new_flat.get(k)!r}" for k in differ]
-    for name, spec in new.get("configs", {}).items():
-        old = stored.get("configs", {}).get(name)
-        if old is not None and _comparable_spec(old) != _comparable_spec(spec):
-            changed = _flatten(_comparable_spec(spec))
-            before = _flatten(_comparable_spec(old))
-            fields = sorted(k for k in changed.keys() | before.keys() if changed.get(k) != before.get(k))
-            problems.append(f"configuration {name!r} changed ({', '.join(fields)})")
-    if stored.get("baseline") and new.get("baseline") and stored["baseline"] != new["baseline"]:
-        problems.append(f"baseline: stored {stored['baseline']!r}, now {new['baseline']!r}")
-    if problems:
-        raise RunMismatchError(
-            f"{where} holds a run with different settings; refusing to mix results. Differences: "
-            + "; ".join(problems) + ". Use another --out directory, or rerun with the stored settings "
-            f"(see {where}/{RUN_FILE}).")
-    merged = dict(stored)
-    merged["configs"] = {**stored.get("configs", {}), **new.get("configs", {})}
-    merged["baseline"] = stored.get("baseline") or new.get("baseline")
-    if stored.get("vps_version") != new.get("vps_version"):
-        warnings.warn(f"{where} was written by vps {stored.get('vps_version')}, this is {new.get('vps_version')}",
-                      stacklevel=3)
-    return merged
-
-
-# -- the output directory --------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader sees the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class RunDir:
-    """``run.json`` and the append-only ``results.jsonl`` of one output directory."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.results = self.path / RESULTS_FILE
-        self.run_file = self.path / RUN_FILE
-
-    def read_settings(self) -> dict[str, Any] | None:
-        if not self.run_file.exists():
-            return None
-        try:
-            data = json.loads(self.run_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RunMismatchError(f"{self.run_file} is not valid JSON ({exc}); move the directory aside") from None
-        if not isinstance(data, dict):
-            raise RunMismatchError(f"{self.run_file} must hold a JSON object")
-        return data
-
-    def prepare(self, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """Create or check run.json; returns the stored settings and the names of newly added configs."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        stored = self.read_settings()
-        if stored is None:
-            if self.results.exists() and self.results.stat().st_size > 0:
-                raise RunMismatchError(f"{self.results} exists without {self.run_file}; refusing to mix results")
-            merged, added = settings, []
-        else:
-            merged = merge_settings(stored, settings, str(self.path))
-            added = [n for n in settings.get("configs", {}) if n not in stored.get("configs", {})]
-        if merged != stored:
-            write_atomic(self.run_file, json.dumps(merged, indent=2) + "\n")
-        return merged, added
-
-    def read_rows(self, repair: bool = False) -> list[dict[str, Any]]:
-        """Every complete row, first occurrence of each (id, config) kept.
-
-        A final line that does not parse (a write cut off by a kill) is ignored with a warning;
-        ``repair`` also cuts it from the file so appends start on a fresh line. An unparsable line
-        anywhere else is an error naming the line.
-        """
-        if not self.results.exists():
-            return []
-        raw = self.results.read_bytes()
-        lines = raw.split(b"\n")
-        ends_clean = raw.endswith(b"\n") or not raw
-        if ends_clean:
-            lines = lines[:-1]
-        rows: list[dict[str, Any]] = []
-        seen: set[tuple[str, str]] = set()
-        offset = 0
-        for number, line in enumerate(lines, start=1):
-            last = number == len(lines)
-            try:
-                row = json.loads(line) if line.strip() else None
-                if row is not None and not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                if not last:
-                    raise RunMismatchError(f"{self.results}:{number}: unparsable line ({exc}); the file was "
-                                           f"changed by something other than the harness") from None
-                warnings.warn(f"{self.results}:{number}: ignoring an unparsable final line (a write cut off "
-                              f"by an interruption); that item will be run again", stacklevel=2)
-                if repair:
-                    with self.results.open("r+b") as fh:
-                        fh.truncate(offset)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                break
-            offset += len(line) + 1
-            if row is None:
-                continue
-            if last and not ends_clean and repair:
-                with self.results.open("ab") as fh:
-                    fh.write(b"\n")
-            key = (str(row.get("id")), str(row.get("config")))
-            if key in seen:
-                warnings.warn(f"{self.results}:{number}: duplicate row for id {key[0]!r} config {key[1]!r}; "
-                              f"keeping the first", stacklevel=2)
-                continue
-            seen.add(key)
-            rows.append(row)
-        return rows
-
-    def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Append rows as one write, flushed and fsynced, so a batch is either on disk or not."""
-        if not rows:
-            return
-        payload = "".join(json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in rows)
-        with self.results.open("a", encoding="utf-8") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON fallback for refine traces: dataclasses, tensors, numpy scalars, sets."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return repr(value)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -432,21 +301,65 @@ def run_evaluation(
     (policy history, stored plans) is reset before every batch, so a row does not depend on which
     batches ran before it. ``generate_fn`` (default `vps.prompting.generate_texts`) and
     ``refine_fn`` (default `vps.refine.refine_many`, called with a list of prompts) can be replaced,
-    e.g. in tests; ``on_batch`` is called after each batch is on disk.
+    e.g. in tests; ``on_batch`` is called after each batch is on disk. Everything is checked
+    (`check_run`) before anything is written; the directory is locked for the whole call
+    (`RunLockedError` if another process holds it).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if is_patched(model):
         raise ValueError("pass an unpatched model; the harness patches it per configuration")
+    check_run(items, specs, settings)
+    log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    generate_fn = generate_fn if generate_fn is not None else generate_texts
+
+    run = RunDir(out_dir)
+    run.check_target()
+    with run.lock():
+        return _run_locked(model, tokenizer, items, specs, run, settings, batch_size, progress, generate_fn,
+                           refine_fn, on_batch, clock, log)
+
+
+def check_items(items: Sequence[Item], specs: Sequence[MethodSpec]) -> None:
+    """Refuse items a method cannot run on, before anything runs: oracle methods need every item's
+    gold answer; item ids must be unique (a row is keyed by id and configuration). ValueError naming
+    the items."""
+    seen: set[str] = set()
+    duplicates = sorted({it.id for it in items if it.id in seen or seen.add(it.id)})
+    if duplicates:
+        raise ValueError(f"item ids must be unique; repeated: {_some(duplicates)}")
+    for spec in specs:
+        if spec.oracle:
+            missing = [it.id for it in items if _gold(it)[0] is None]
+            if missing:
+                raise ValueError(f"{spec.name} needs each item's gold answer, and {len(missing)} item(s) have none: "
+                                 f"{_some(missing)}; drop them from the data or run without {spec.name}")
+
+
+def _some(ids: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def check_run(items: Sequence[Item], specs: Sequence[MethodSpec], settings: RunSettings) -> None:
+    """Every check `run_evaluation` makes of its methods, settings and items before writing anything."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique, got {names}")
     if not settings.generate and any(s.samples for s in specs):
         raise ValueError("refine and majority-vote methods generate; they cannot run in an NLL-only run")
-    log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    generate_fn = generate_fn if generate_fn is not None else generate_texts
+    refining = [s.name for s in specs if s.refines]
+    if refining and settings.refine_k_samples < 1:
+        raise SettingError("refine_k_samples", f"refine_k_samples is {settings.refine_k_samples}, and "
+                           f"{', '.join(refining)} would then skip self-consistency (no samples, no majority "
+                           f"target); give at least 1 sample")
+    check_items(items, specs)
 
-    run = RunDir(out_dir)
+
+def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
+                settings: RunSettings, batch_size: int, progress: bool, generate_fn: Callable[..., Any],
+                refine_fn: Callable[..., Any] | None, on_batch: Callable[[str, list[dict[str, Any]]], None] | None,
+                clock: Callable[[], float], log: Callable[[str], None]) -> dict[str, int]:
     stored, added = run.prepare(settings.to_dict(specs))
     if added and run.results.exists():
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")

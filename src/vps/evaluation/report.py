@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .harness import RESULTS_FILE, RunDir
+from .rundir import dumps_strict, write_atomic
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
 __all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]
@@ -390,12 +391,17 @@ def plot(summary: dict[str, Any], path: str | Path) -> None:
 
 
 def write_report(out_dir: str | Path) -> dict[str, Any]:
-    """Write report.md, report.png and summary.json into ``out_dir`` from its rows; returns the summary."""
+    """Write report.md, report.png and summary.json into ``out_dir`` from its rows; returns the summary.
+
+    summary.json is strict JSON: null stands for a number that does not exist (no rows, no data, a
+    statistic that is not finite), never NaN.
+    """
     out_dir = Path(out_dir)
     settings, rows = load_run(out_dir)
     summary = summarize_run(settings, rows)
     (out_dir / REPORT_MD).write_text(render_markdown(summary), encoding="utf-8")
-    (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=_nan_safe) + "\n", encoding="utf-8")
+    # Strict JSON: a statistic that is not finite (no data, no evidence) is null.
+    write_atomic(out_dir / SUMMARY_JSON, dumps_strict(summary, fallback=_nan_safe, indent=2) + "\n")
     plot(summary, out_dir / REPORT_PNG)
     return summary
 

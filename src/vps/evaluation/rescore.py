@@ -14,14 +14,15 @@ extraction that has since changed is refused rather than compared across two rul
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
 from .harness import RESULTS_FILE, RUN_FILE, RunMismatchError, write_atomic
 from .report import load_run, write_report
+from .rundir import RunDir, RunLockedError, check_directory, dumps_strict
 
 __all__ = ["RESCORED_FROM", "rescore_rows", "rescore_run"]
 
@@ -75,31 +76,54 @@ def rescore_rows(rows: Sequence[dict[str, Any]], mode: str, original_mode: str
     return out, counts
 
 
+@contextlib.contextmanager
+def _naming_out() -> Iterator[None]:
+    """An error about the target directory, re-raised (same type) naming ``--out``."""
+    try:
+        yield
+    except (RunLockedError, ValueError) as exc:
+        raise type(exc)(f"--out {exc}") from None
+
+
 def rescore_run(source: str | Path, out: str | Path, mode: str) -> dict[str, Any]:
     """Write ``out`` (run.json, results.jsonl, report) with ``source``'s answers read in ``mode``.
 
     Returns the report's summary. ``out`` is rewritten whole on every call (its rows are derived);
-    it must not be ``source`` nor any directory that holds a run of its own.
+    it must not be ``source`` nor any directory that holds a run of its own (nor a directory holding a
+    report but no run.json). ``out`` is locked while it is written (`RunLockedError` if another process
+    holds it). Its files are strict JSON (a non-finite number is null).
     """
     source, out = Path(source), Path(out)
+    with _naming_out():
+        check_directory(out)
     if source.resolve() == out.resolve():
         raise ValueError(f"--out must differ from the run directory {source}: rescoring never changes a run")
+    if source.exists() and not source.is_dir():
+        raise ValueError(f"{source} is a file, not an evaluation directory")
     settings, rows = load_run(source)
     if not settings.get("generate"):
         raise ValueError(f"{source} is an NLL-only run: it holds no generated outputs to read answers from")
     if settings.get(RESCORED_FROM):
         raise ValueError(f"{source} is itself a rescored run; rescore the run it came from, "
                          f"{settings[RESCORED_FROM].get('dir')}")
-    run_file = out / RUN_FILE
-    if run_file.exists():
-        existing = json.loads(run_file.read_text(encoding="utf-8"))
-        if not isinstance(existing, dict) or not existing.get(RESCORED_FROM):
-            raise RunMismatchError(f"{out} holds a run of its own; pick another --out")
     original_mode = settings.get("extract_mode", "flexible")
     new_rows, counts = rescore_rows(rows, mode, original_mode)
     new_settings = dict(settings, extract_mode=mode)
     new_settings[RESCORED_FROM] = {"dir": str(source), "extract_mode": original_mode, "configs": counts}
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
-    write_atomic(run_file, json.dumps(new_settings, indent=2) + "\n")
-    return write_report(out)
+    target = RunDir(out)
+    with _naming_out():
+        target.check_target()  # not a file, and no report of something that is not a run
+
+    def check_existing() -> None:
+        existing = target.read_settings()
+        if existing is not None and not existing.get(RESCORED_FROM):
+            raise RunMismatchError(f"{out} holds a run of its own; pick another --out")
+
+    check_existing()  # before the lock creates anything
+    with contextlib.ExitStack() as held:
+        with _naming_out():
+            held.enter_context(target.lock())
+        check_existing()
+        write_atomic(out / RESULTS_FILE, "".join(dumps_strict(r, ensure_ascii=False) + "\n" for r in new_rows))
+        write_atomic(out / RUN_FILE, dumps_strict(new_settings, indent=2) + "\n")
+        return write_report(out)

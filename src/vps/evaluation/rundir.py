@@ -1,0 +1,390 @@
+"""The run directory of an evaluation: ``run.json``, the append-only ``results.jsonl``, its lock, strict JSON.
+
+``run.json`` holds the run's settings, ``results.jsonl`` one row per (item id, config name), appended
+as each batch completes (one write, flushed and fsynced). A final line cut off mid-write is dropped
+with a warning on the next read. A rerun whose settings differ is refused by `merge_settings` rather
+than mixing results.
+
+One process at a time works in a run directory: `RunDir.lock` takes an exclusive lock on
+``<dir>/.lock`` (``flock``; the file records the holder's pid and host) for the whole run. A second
+process is refused with `RunLockedError` naming the holder. The kernel drops the lock when its
+process exits, however it exits (SIGKILL included), so a lock file left by a dead process is stale
+and the next run takes it over.
+
+Every JSON file written here is strict JSON: a non-finite float (NaN, inf) is written as ``null``
+(`finite_json`), never as the ``NaN`` / ``Infinity`` that strict readers reject.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import socket
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunLockedError", "RunMismatchError", "dumps_strict",
+    "finite_json", "merge_settings", "write_atomic",
+]
+
+RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+# Files a run directory's report writes (vps.evaluation.report): a directory holding one of them
+# without a run.json is not a run directory, and is not overwritten.
+_REPORT_FILES = ("report.md", "summary.json", "report.png")
+# Keys of run.json that describe the run but may differ between a run and its resumption.
+# Settings of how a run computes, not of what it measures: the value stored by a run's first invocation
+# is kept for the whole run, so every row of a run is computed the same way and its cost ratios stay
+# comparable. The value is what runs written before the setting existed did. All but refine_sampling
+# change no number beyond float rounding; refine_sampling changes which random draws the
+# self-consistency samples get (not their distribution), so a run keeps it to stay reproducible.
+_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item",
+                        "refine_sampling": "global"}
+# Compared settings that runs written before they existed lack; the value is what those runs did.
+_COMPARED_DEFAULTS = {"prompt": "tutor"}
+_NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
+                 "data.skipped", *_KEPT_FROM_FIRST_RUN}
+
+
+class RunMismatchError(ValueError):
+    """The output directory holds a run with different settings (or is not a run directory)."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+# -- strict JSON -------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for refine traces: dataclasses, tensors, numpy scalars, sets."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def finite_json(value: Any, fallback: Callable[[Any], Any] = _jsonable) -> Any:
+    """``value`` as plain JSON data with every non-finite float (NaN, inf) replaced by None.
+
+    None (JSON null) then means "no value": a loss with no evidence, a statistic with no data.
+    Objects JSON cannot hold go through ``fallback`` (default: dataclasses as dicts, tensors and numpy
+    values as lists / numbers, sets as lists, anything else as its repr) and are converted in turn.
+    """
+    return _finite(value, fallback, 0)
+
+
+def _finite(value: Any, fallback: Callable[[Any], Any], depth: int) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v, fallback, depth) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, fallback, depth) for v in value]
+    converted = fallback(value) if depth < 8 else repr(value)
+    return _finite(converted, fallback, depth + 1)
+
+
+def dumps_strict(value: Any, fallback: Callable[[Any], Any] = _jsonable, **kwargs: Any) -> str:
+    """`json.dumps` of `finite_json` (``value``), refusing NaN / Infinity (``allow_nan=False``)."""
+    return json.dumps(finite_json(value, fallback), allow_nan=False, **kwargs)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rows_payload(rows: Sequence[dict[str, Any]]) -> bytes:
+    """What `RunDir.append` writes for ``rows``: one strict-JSON line per row."""
+    return "".join(dumps_strict(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+# -- settings ------------------------------------------------------------------------------------------
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    cfg = spec.get("config")
+    cfg = None if cfg is None else {k: v for k, v in cfg.items() if k != "version"}
+    return {"method": spec.get("method"), "config": cfg, "votes": spec.get("votes")}
+
+
+def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> dict[str, Any]:
+    """``stored`` extended with ``new``'s configurations; raises `RunMismatchError` on any difference."""
+    old_flat, new_flat = _flatten({**_COMPARED_DEFAULTS, **stored}), _flatten(new)
+    keys = {k for k in old_flat.keys() | new_flat.keys()
+            if not any(k == skip or k.startswith(skip + ".") for skip in _NOT_COMPARED)}
+    # Generation settings only matter when generating.
+    if not new.get("generate") and not stored.get("generate"):
+        keys -= {"max_new_tokens", "temperature", "stop_strings", "extract_mode"}
+    differ = sorted(k for k in keys if old_flat.get(k) != new_flat.get(k))
+    problems = [f"{k}: stored {old_flat.get(k)!r}, now {new_flat.get(k)!r}" for k in differ]
+    for name, spec in new.get("configs", {}).items():
+        old = stored.get("configs", {}).get(name)
+        if old is not None and _comparable_spec(old) != _comparable_spec(spec):
+            changed = _flatten(_comparable_spec(spec))
+            before = _flatten(_comparable_spec(old))
+            fields = sorted(k for k in changed.keys() | before.keys() if changed.get(k) != before.get(k))
+            problems.append(f"configuration {name!r} changed ({', '.join(fields)})")
+    if stored.get("baseline") and new.get("baseline") and stored["baseline"] != new["baseline"]:
+        problems.append(f"baseline: stored {stored['baseline']!r}, now {new['baseline']!r}")
+    if problems:
+        raise RunMismatchError(
+            f"{where} holds a run with different settings; refusing to mix results. Differences: "
+            + "; ".join(problems) + ". Use another --out directory, or rerun with the stored settings "
+            f"(see {where}/{RUN_FILE}).")
+    merged = dict(stored)
+    merged["configs"] = {**stored.get("configs", {}), **new.get("configs", {})}
+    merged["baseline"] = stored.get("baseline") or new.get("baseline")
+    if stored.get("vps_version") != new.get("vps_version"):
+        warnings.warn(f"{where} was written by vps {stored.get('vps_version')}, this is {new.get('vps_version')}",
+                      stacklevel=3)
+    return merged
+
+
+# -- the lock ------------------------------------------------------------------------------------------
+# Locks this process holds: resolved lock path -> [fd, depth]. flock locks belong to an open file, so a
+# second open in the same process would conflict with the first; a nested lock (the CLI around
+# run_evaluation) reuses the first instead.
+_HELD: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(path: Path) -> str:
+    """'process PID on host HOST' as the lock file records it, or a note that it records nothing."""
+    try:
+        fields = path.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        fields = []
+    if len(fields) >= 2:
+        return f"process {fields[0]} on host {fields[1]}"
+    return "a process that has not yet written its pid"
+
+
+def _acquire(lock_path: Path) -> int:
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise ValueError(f"{lock_path}: cannot create the lock file ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(
+                f"{lock_path.parent} is in use by another run: {_holder(lock_path)} holds {lock_path}; wait "
+                f"for it to finish or use another directory") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A releasing holder unlinks the file before closing it: a lock on an unlinked file guards nothing.
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    # Whatever the file records is stale: its writer's flock is gone, so it is no longer running.
+    record = f"{os.getpid()} {socket.gethostname() or 'localhost'}\n".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    os.fsync(fd)
+    return fd
+
+
+@contextlib.contextmanager
+def lock_directory(directory: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (created if missing) until the block exits, however it exits.
+
+    Raises `RunLockedError` naming the holder's pid and host when another process holds it. A lock
+    already held by this process is taken again (nested use).
+    """
+    directory = Path(directory)
+    check_directory(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{directory}: cannot create the directory ({exc.strerror or exc})") from None
+    lock_path = directory / LOCK_FILE
+    key = os.path.realpath(lock_path)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+        else:
+            _HELD[key] = [_acquire(lock_path), 1]
+    try:
+        yield lock_path
+    finally:
+        with _HELD_GUARD:
+            held = _HELD[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+                os.close(held[0])
+
+
+def check_directory(path: str | Path) -> None:
+    """Refuse a path that cannot be a directory: a file, or below one (ValueError naming it)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: {parent} is a file, not a directory")
+            break
+
+
+# -- the output directory --------------------------------------------------------------------------
+class RunDir:
+    """``run.json`` and the append-only ``results.jsonl`` of one output directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.results = self.path / RESULTS_FILE
+        self.run_file = self.path / RUN_FILE
+        self.lock_file = self.path / LOCK_FILE
+
+    def check_target(self) -> None:
+        """Refuse a path this run cannot write to, before anything is written: a file (or a path
+        below one), or an existing directory that is not a run directory (no run.json) but holds
+        files a run writes (report.md, summary.json, report.png, results.jsonl), which it would
+        overwrite or mix with. Raises ValueError / `RunMismatchError` naming the path."""
+        check_directory(self.path)
+        if not self.path.is_dir() or self.run_file.exists():
+            return
+        if self.results.exists() and self.results.stat().st_size > 0:
+            raise RunMismatchError(f"{self.results} exists without {self.run_file}; refusing to mix results")
+        foreign = [name for name in _REPORT_FILES if (self.path / name).exists()]
+        if foreign:
+            raise RunMismatchError(
+                f"{self.path} holds {', '.join(foreign)} but no {RUN_FILE}: it is not a run directory, and "
+                f"refusing to overwrite it; use another directory")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[RunDir]:
+        """The directory's exclusive lock, held for the block (see `lock_directory`)."""
+        with lock_directory(self.path):
+            yield self
+
+    def read_settings(self) -> dict[str, Any] | None:
+        if not self.run_file.exists():
+            return None
+        try:
+            data = json.loads(self.run_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RunMismatchError(f"{self.run_file} is not valid JSON ({exc}); move the directory aside") from None
+        except IsADirectoryError:
+            raise RunMismatchError(f"{self.run_file} is a directory, not a file; move it aside") from None
+        if not isinstance(data, dict):
+            raise RunMismatchError(f"{self.run_file} must hold a JSON object")
+        return data
+
+    def prepare(self, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Create or check run.json; returns the stored settings and the names of newly added configs."""
+        self.check_target()
+        self.path.mkdir(parents=True, exist_ok=True)
+        stored = self.read_settings()
+        if stored is None:
+            merged, added = settings, []
+        else:
+            merged = merge_settings(stored, settings, str(self.path))
+            added = [n for n in settings.get("configs", {}) if n not in stored.get("configs", {})]
+        if merged != stored:
+            write_atomic(self.run_file, dumps_strict(merged, indent=2) + "\n")
+        return merged, added
+
+    def read_rows(self, repair: bool = False) -> list[dict[str, Any]]:
+        """Every complete row, first occurrence of each (id, config) kept.
+
+        A final line that does not parse (a write cut off by a kill) is ignored with a warning;
+        ``repair`` also cuts it from the file so appends start on a fresh line. An unparsable line
+        anywhere else is an error naming the line.
+        """
+        if not self.results.exists():
+            return []
+        raw = self.results.read_bytes()
+        lines = raw.split(b"\n")
+        ends_clean = raw.endswith(b"\n") or not raw
+        if ends_clean:
+            lines = lines[:-1]
+        rows: list[dict[str, Any]] = []
+        seen: set[tuple[str, str]] = set()
+        offset = 0
+        for number, line in enumerate(lines, start=1):
+            last = number == len(lines)
+            try:
+                row = json.loads(line) if line.strip() else None
+                if row is not None and not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if not last:
+                    raise RunMismatchError(f"{self.results}:{number}: unparsable line ({exc}); the file was "
+                                           f"changed by something other than the harness") from None
+                warnings.warn(f"{self.results}:{number}: ignoring an unparsable final line (a write cut off "
+                              f"by an interruption); that item will be run again", stacklevel=2)
+                if repair:
+                    with self.results.open("r+b") as fh:
+                        fh.truncate(offset)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                break
+            offset += len(line) + 1
+            if row is None:
+                continue
+            if last and not ends_clean and repair:
+                with self.results.open("ab") as fh:
+                    fh.write(b"\n")
+            key = (str(row.get("id")), str(row.get("config")))
+            if key in seen:
+                warnings.warn(f"{self.results}:{number}: duplicate row for id {key[0]!r} config {key[1]!r}; "
+                              f"keeping the first", stacklevel=2)
+                continue
+            seen.add(key)
+            rows.append(row)
+        return rows
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append rows as one write, flushed and fsynced, so a batch is either on disk or not.
+
+        Rows are strict JSON: a non-finite float is written as null ("no value").
+        """
+        if not rows:
+            return
+        payload = rows_payload(rows)
+        with self.results.open("ab") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -20,6 +20,8 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
+    (["refine", "hi", "--threads", "0"], "--threads must be >= 1"),
+    (["refine", "hi", "--gamma", "5"], "gamma must be a finite number in [0.0, 1.0]"),
     (["generate", "hi", "--device", "cuda"], "--device cuda: "),
     (["generate", "hi", "--device", "tpu:x"], "--device: 'tpu:x' is not a torch device"),
     (["generate", "hi", "--gamma", "2"], "gamma must be a finite number in [0.0, 1.0]"),

@@ -68,9 +68,9 @@ def test_cli_names_a_bad_vps_value_before_loading(tmp_path, capsys, argv, messag
 def test_prompts_past_the_context_are_warned_about(prompt_chars, new_tokens, warns, recwarn):
     import warnings
 
-    from tiny_eval import tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tiny_eval import tiny_tokenizer
     from vps.prompting import ContextLengthWarning, generate_texts
 
     tok = tiny_tokenizer()

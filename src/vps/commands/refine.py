@@ -8,7 +8,14 @@ from ..evaluation.rundir import dumps_strict
 from ..patching import patch
 from ..prompting import chat_prompt
 from ..refine import refine
-from .common import add_config_arguments, add_model_arguments, config_from_args, load
+from .common import (
+    add_config_arguments,
+    add_model_arguments,
+    add_threads_argument,
+    config_from_args,
+    load,
+    set_threads,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-samples", type=int, default=4, help="sampled answers for self-consistency / majority")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
     p.add_argument("--sampling", choices=["streams", "global"], default="streams",
                    help="how the samples draw their randomness (see vps.refine); global reproduces older runs")
     p.add_argument("--json", action="store_true",
@@ -42,8 +50,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    cfg = config_from_args(args)  # a bad VPS flag fails before loading
+    set_threads(args)
     model, tok = load(args)
-    patch(model, config_from_args(args))
+    patch(model, cfg)
     prompt = chat_prompt(tok, args.question)
     result = refine(model, tok, prompt, gold=args.gold, iters=args.iters, mode=args.mode, k_samples=args.k_samples,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)

@@ -247,8 +247,9 @@ def test_local_checkpoint_directory(cache: Path, tmp_path: Path) -> None:
         (".tmp-smollm2-135m-pid999999999-abc/checkpoint", {"format": models._CACHE_FORMAT}),
         ("smollm2-135m", None),
         ("smollm2-135m", {"format": models._CACHE_FORMAT - 1}),
+        ("smollm2-135m", {"format": models._CACHE_FORMAT, "gguf_sha256": "0" * 64}),
     ],
-    ids=["dead-process-temp-dir", "final-dir-without-marker", "older-cache-format"],
+    ids=["dead-process-temp-dir", "final-dir-without-marker", "older-cache-format", "made-from-another-gguf"],
 )
 def test_half_written_or_outdated_cache_is_never_used(
     cache: Path, monkeypatch: pytest.MonkeyPatch, leftover: str, marker: dict | None

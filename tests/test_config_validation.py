@@ -89,7 +89,6 @@ def test_prompts_past_the_context_are_warned_about(prompt_chars, new_tokens, war
 @pytest.mark.parametrize("keep", [0.5, 0.01])
 def test_a_truncated_weights_file_is_one_named_error(tmp_path, capsys, keep):
     from test_bench import save_tiny_checkpoint
-
     from vps import cli
 
     ckpt = tmp_path / "tiny"

@@ -22,6 +22,7 @@ from .patching import (
     get_config,
     is_patched,
     patch,
+    patched,
     reset_state,
     reuse_selection,
     set_entropy_hint,
@@ -41,6 +42,7 @@ __all__ = [
     "load_model", "refine", "refine_many", "SampleCache",
     "ConfigError", "EphemeralLBFGS", "HybridBuilder", "LayerPolicy", "PatchError", "QKPair",
     "SCBuilder", "SKBuilder", "VPSConfig", "VPSLinear", "clear_gradients", "disabled", "format_summary",
-    "get_config", "is_patched", "make_builder", "patch", "reset_state", "reuse_selection", "set_entropy_hint",
+    "get_config", "is_patched", "make_builder", "patch", "patched", "reset_state", "reuse_selection",
+    "set_entropy_hint",
     "spectral_clip", "summarize", "trace", "unpatch", "update_outcome", "vps_layers",
 ]

@@ -37,6 +37,7 @@ in the same run as the rest (no target applies to it, and it has no memory figur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -55,7 +56,7 @@ from torch import nn
 
 from .config import VPSConfig
 from .kv_cache import cache_argument, forward_accepts, output_cache
-from .patching import is_patched, patch, reuse_selection, unpatch
+from .patching import is_patched, patch, patched, reuse_selection
 
 SCHEMA = "vps-bench/1"
 MALLOC_MMAP_THRESHOLD = 128 * 1024  # bytes; see _run_probe
@@ -511,19 +512,16 @@ def run_benchmark(
     bar = tqdm(total=steps, desc="vps bench", unit="run", disable=not progress, file=sys.stderr, leave=False)
 
     def run_variant(name: str | None, fn: Callable[[], Any]) -> Any:
-        if name is not None:
-            patch(model, built[name])
         try:
-            if name in floors:
-                fn()  # untimed: builds the plans the timed run reuses
+            with patched(model, built[name]) if name is not None else contextlib.nullcontext():
+                if name in floors:
+                    fn()  # untimed: builds the plans the timed run reuses
+                    gc.collect()
+                    with reuse_selection(model):
+                        return fn()
                 gc.collect()
-                with reuse_selection(model):
-                    return fn()
-            gc.collect()
-            return fn()
+                return fn()
         finally:
-            if name is not None:
-                unpatch(model)
             bar.update(1)
 
     samples: dict[str, dict[str | None, list[float]]] = {}

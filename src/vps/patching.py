@@ -91,6 +91,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def patched(model: nn.Module, cfg: VPSConfig | None = None) -> Iterator[nn.Module]:
+    """``with vps.patched(model, cfg):`` - the model patched inside the block, restored exactly after it
+    (also when the block raises)."""
+    patch(model, cfg)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether `patch` has been applied (and not undone)."""
     return getattr(model, "_vps_state", None) is not None

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from . import layer as layer_mod
 from .bench import BenchSettings, _forward_kwargs, _sync, make_config, make_inputs
 from .kv_cache import cache_argument, output_cache
-from .patching import patch, unpatch
+from .patching import patched
 
 __all__ = ["profile_patched", "vps_breakdown"]
 
@@ -79,42 +79,38 @@ def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: Bench
     ids, mask = make_inputs(model, b, t, settings.seed)
     dec_ids, dec_mask = make_inputs(model, settings.decode_batches[0], settings.prompt_tokens, settings.seed)
     sections = []
-    patch(model, make_config(overrides))
-    try:
-        with torch.no_grad():
-            def prefill():
-                return model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+    with patched(model, make_config(overrides)), torch.no_grad():
+        def prefill():
+            return model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
 
-            def decode_setup():
-                out = model(input_ids=dec_ids, attention_mask=dec_mask, use_cache=True, **kwargs)
-                nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-                full = torch.ones(dec_ids.shape[0], dec_ids.shape[1] + 1, dtype=dec_mask.dtype, device=device)
-                cache = {cache_argument(model): output_cache(out)}
-                return lambda: model(input_ids=nxt, attention_mask=full, use_cache=True, **cache, **kwargs)
+        def decode_setup():
+            out = model(input_ids=dec_ids, attention_mask=dec_mask, use_cache=True, **kwargs)
+            nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            full = torch.ones(dec_ids.shape[0], dec_ids.shape[1] + 1, dtype=dec_mask.dtype, device=device)
+            cache = {cache_argument(model): output_cache(out)}
+            return lambda: model(input_ids=nxt, attention_mask=full, use_cache=True, **cache, **kwargs)
 
-            for label, make in ((f"patched prefill {b}x{t}", lambda: prefill),
-                                (f"patched decode step, batch {dec_ids.shape[0]}", decode_setup)):
-                make()()  # warm-up; every measured call gets a fresh step (for decode: a fresh KV cache)
-                step = make()
-                with _labelled_parts(), profile(activities=activities) as prof:
-                    with record_function("vps::forward"):
-                        step()
-                    _sync(device)
-                whole = next(e.cpu_time_total for e in prof.key_averages() if e.key == "vps::forward")
-                parts = vps_breakdown(prof, whole)
-                ops = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
-                step = make()
-                pr = cProfile.Profile()
-                pr.enable()
-                step()
+        for label, make in ((f"patched prefill {b}x{t}", lambda: prefill),
+                            (f"patched decode step, batch {dec_ids.shape[0]}", decode_setup)):
+            make()()  # warm-up; every measured call gets a fresh step (for decode: a fresh KV cache)
+            step = make()
+            with _labelled_parts(), profile(activities=activities) as prof:
+                with record_function("vps::forward"):
+                    step()
                 _sync(device)
-                pr.disable()
-                buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(row_limit)
-                py = "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip())
-                sections.append(f"=== {label}: VPS parts (torch.profiler, CPU time) ===\n{parts}\n"
-                                f"=== {label}: torch ops by self time ===\n{ops}\n"
-                                f"=== {label}: Python functions by self time (cProfile) ===\n{py}\n")
-    finally:
-        unpatch(model)
+            whole = next(e.cpu_time_total for e in prof.key_averages() if e.key == "vps::forward")
+            parts = vps_breakdown(prof, whole)
+            ops = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+            step = make()
+            pr = cProfile.Profile()
+            pr.enable()
+            step()
+            _sync(device)
+            pr.disable()
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(row_limit)
+            py = "\n".join(ln for ln in buf.getvalue().splitlines() if ln.strip())
+            sections.append(f"=== {label}: VPS parts (torch.profiler, CPU time) ===\n{parts}\n"
+                            f"=== {label}: torch ops by self time ===\n{ops}\n"
+                            f"=== {label}: Python functions by self time (cProfile) ===\n{py}\n")
     return "\n".join(sections)

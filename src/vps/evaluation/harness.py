@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..patching import is_patched, patch, reset_state, unpatch
+from ..patching import is_patched, patched, reset_state
 from ..prompting import PROMPT_STYLES, PromptFormat, generate_texts, style_system
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
 from .ablation import VOTE_METHODS, MethodSpec
@@ -245,11 +245,8 @@ def _activated(model: Any, spec: MethodSpec) -> Iterator[None]:
     if not spec.patched:
         yield
         return
-    patch(model, spec.config)
-    try:
+    with patched(model, spec.config):
         yield
-    finally:
-        unpatch(model)
 
 
 def _sample_cache(rows: Sequence[dict[str, Any]]) -> Any:

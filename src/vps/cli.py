@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": "Evaluate base / vps / refine methods on a dataset: resumable JSONL rows, report.md and report.png.",
     "rescore": "Read a finished run's answers again in another extraction mode (no generation): rows and report.",
     "ablate": "Run a grid of VPS configurations (default: the seed's) against the baseline, model loaded once.",
+    "tune": "Search VPS configurations (Optuna) for the one that lowers gold-solution NLL on a train split; resumable.",
     "bench": "VPS overhead vs the unpatched model: prefill, greedy decode and peak memory ratios.",
 }
 

@@ -1,0 +1,128 @@
+"""``vps tune``: a resumable Optuna search for the VPS configuration that lowers gold-solution NLL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..prompting import PROMPT_STYLES
+from .common import add_model_arguments, add_threads_argument, load, set_threads
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None,
+                   help="study directory (required): tune.json, study.db (Optuna, SQLite), base_nll.json, "
+                        "trials.jsonl, best.json, report.md, report.png; rerun the same command to resume")
+    p.add_argument("--trials", type=int, default=40,
+                   help="trials with a verdict (completed, pruned or failed on their own) to reach; a resumed study "
+                        "runs only the missing ones (default %(default)s)")
+    p.add_argument("--space", default=None,
+                   help="search space YAML (default: the bundled vps/grids/tune_space.yaml)")
+    g = p.add_argument_group("data (tuning split)")
+    g.add_argument("--data", default="gsm8k:train",
+                   help="JSONL file or gsm8k:train (default); a test split is refused without --allow-test-split")
+    g.add_argument("--sample", type=int, default=200, help="seeded sample of N items (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --sample and of the sampler (default 0)")
+    g.add_argument("--allow-test-split", action="store_true",
+                   help="tune on a test split anyway; every output is labelled TUNED ON TEST DATA")
+    g = p.add_argument_group("objective")
+    g.add_argument("--objectives", default="nll",
+                   help="nll (paired NLL difference, default) or nll,overhead (also the prefill cost ratio: a "
+                        "Pareto front, without pruning)")
+    g.add_argument("--pruner", choices=["median", "none"], default="median",
+                   help="median (default): stop a trial whose running mean after a batch is worse than the median "
+                        "of earlier trials there; none")
+    g.add_argument("--prune-startup", type=int, default=5,
+                   help="trials that finish before any is pruned (default %(default)s)")
+    g.add_argument("--prune-warmup", type=int, default=1,
+                   help="batches a trial runs before it can be pruned (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
+    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES, help="prompt style (default %(default)s)")
+    g.add_argument("--shots", type=int, default=5, help="solved examples of --prompt fewshot (default 5)")
+    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's)")
+    add_model_arguments(p)
+    add_threads_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.out is None:
+        raise ValueError("--out DIR is required (the study's directory; rerun with the same DIR to resume)")
+    for flag, value, low in (("--trials", args.trials, 1), ("--sample", args.sample, 1),
+                             ("--batch-size", args.batch_size, 1), ("--shots", args.shots, 1),
+                             ("--prune-startup", args.prune_startup, 0), ("--prune-warmup", args.prune_warmup, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if objectives not in (["nll"], ["nll", "overhead"]):
+        raise ValueError(f"--objectives must be nll or nll,overhead, got {args.objectives!r}")
+    args.objectives = tuple(objectives)
+    if args.prompt == "fewshot" and args.system is not None:
+        raise ValueError("--system: the fewshot prompt uses no chat template, so it takes no system prompt")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and (out / "run.json").exists():
+        raise ValueError(f"--out {out} holds a vps eval run (run.json), not a study; use another directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.data import load_items
+    from ..evaluation.harness import data_info
+    from ..evaluation.rundir import RunLockedError
+    from ..models import DEFAULT_MODEL
+    from ..tuning import TuneSettings, check_split, load_space, run_study
+    from ..tuning.report import confirm_commands
+    from ..tuning.settings import check_resume
+    from ..tuning.study import SETTINGS_FILE
+
+    _check(args)
+    try:
+        space = load_space(args.space)
+    except ValueError as exc:
+        raise ValueError(f"--space: {exc}") from None
+    try:
+        loaded = load_items(args.data, sample=args.sample, seed=args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"--data: {exc}") from None
+    on_test = check_split(args.data, loaded.path, args.allow_test_split)
+    if not loaded.items:
+        raise ValueError(f"--data: {loaded.path or args.data} has no items to tune on")
+    settings = TuneSettings(
+        model=args.model or DEFAULT_MODEL, data=data_info(loaded, args.data, sample=args.sample, seed=args.seed),
+        space=space.to_dict(), dtype=args.dtype, prompt=args.prompt, shots=args.shots, system=args.system,
+        batch_size=args.batch_size, objectives=args.objectives, pruner=args.pruner,
+        prune_startup=args.prune_startup, prune_warmup=args.prune_warmup, seed=args.seed, on_test=on_test)
+    stored = args.out / SETTINGS_FILE
+    if stored.exists():  # refuse a mismatched resume before loading the model
+        try:
+            check_resume(json.loads(stored.read_text(encoding="utf-8")), settings.to_dict(), f"--out {args.out}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--out {stored} is not valid JSON ({exc}); move the directory aside") from None
+    print(f"data: {len(loaded.items)} items from {loaded.path}" + (" - TUNED ON TEST DATA" if on_test else ""),
+          file=sys.stderr)
+    set_threads(args)
+    model, tok = load(args)
+    try:
+        result = run_study(model, tok, loaded.items, args.out, settings, space, args.trials,
+                           progress=not args.no_progress)
+    except RunLockedError as exc:
+        raise RunLockedError(f"--out {exc}") from None
+    except KeyboardInterrupt:
+        print(f"interrupted: finished trials are in {args.out}/study.db; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    if result.best_number is None:
+        print(f"tune: {result.counted} trial(s) with a verdict, none completed; see {args.out / 'report.md'}")
+        return 0
+    print(f"tune: {result.counted} trial(s) with a verdict; best is trial {result.best_number}: NLL difference "
+          f"{result.best_value:+.4f} nats/token (patched - unpatched)" + (" [TUNED ON TEST DATA]" if on_test else ""))
+    print(f"best config: {args.out / 'best.json'}  report: {args.out / 'report.md'}")
+    print("confirm on GSM8K test (never seen by the study):")
+    for command in confirm_commands(args.out, settings):
+        print(f"  {command}")
+    return 0

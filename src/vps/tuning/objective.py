@@ -1,0 +1,169 @@
+"""What a `vps tune` trial measures: the paired gold-solution NLL difference, patched minus unpatched.
+
+The items and their batches are fixed for the whole study (same sample, same order), so the running
+mean after batch ``b`` means the same thing in every trial, which is what a pruner compares. The
+unpatched NLLs are computed once per study and stored in the run directory (`BaseNLL`).
+Lower is better: a negative difference means the patched model finds the gold solutions likelier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import VPSConfig
+from ..evaluation.nll import solution_nll
+from ..evaluation.rundir import dumps_strict, write_atomic
+from ..evaluation.stats import paired_bootstrap_diff
+from ..kv_cache import forward_accepts
+from ..patching import patched, reset_state
+from ..prompting import encode
+
+__all__ = ["BaseNLL", "Pruned", "ScoringTask", "TrialScore", "prefill_ratio", "score_trial"]
+
+
+class Pruned(Exception):
+    """The pruner stopped a trial after a batch; ``step`` is that batch's index."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"pruned after batch {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class ScoringTask:
+    """The fixed items of a study: ids, prompts and gold solutions, already in batches."""
+
+    batches: tuple[tuple[int, ...], ...]  # indices into the lists below, one tuple per batch
+    ids: tuple[str, ...]
+    prompts: tuple[str, ...]
+    solutions: tuple[str, ...]
+
+    @classmethod
+    def build(cls, ids: Sequence[str], prompts: Sequence[str], solutions: Sequence[str], tokenizer: Any,
+              batch_size: int) -> ScoringTask:
+        """Batches of similar length, longest first (little padding; the order is the study's for good)."""
+        lengths = [len(tokenizer(p + s, add_special_tokens=False)["input_ids"]) for p, s in zip(prompts, solutions,
+                                                                                               strict=True)]
+        order = sorted(range(len(ids)), key=lambda i: -lengths[i])
+        batches = tuple(tuple(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+        return cls(batches, tuple(ids), tuple(prompts), tuple(solutions))
+
+    def score(self, model: Any, tokenizer: Any, batch: Sequence[int]) -> list[float | None]:
+        """Mean NLL per token of each item of ``batch`` (None where it is not finite or has no tokens)."""
+        results = solution_nll(model, tokenizer, [self.prompts[i] for i in batch],
+                               [self.solutions[i] for i in batch])
+        return [r.nll if r.nll is not None and math.isfinite(r.nll) else None for r in results]
+
+
+class BaseNLL:
+    """The unpatched model's NLL per item, computed once per study and kept in ``base_nll.json``.
+
+    Written after every batch (atomically), so an interrupted study resumes where it stopped.
+    """
+
+    FILE = "base_nll.json"
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(directory) / self.FILE
+        self.fingerprint = fingerprint
+        self.values: dict[str, float | None] = {}
+        if self.path.exists():
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("fingerprint") == fingerprint:
+                self.values = dict(data.get("nll", {}))
+
+    def complete(self, task: ScoringTask) -> bool:
+        return all(i in self.values for i in task.ids)
+
+    def compute(self, model: Any, tokenizer: Any, task: ScoringTask,
+                progress: Callable[[int], None] | None = None) -> None:
+        """Score every item not yet stored, batch by batch, with the model unpatched."""
+        for batch in task.batches:
+            if all(task.ids[i] in self.values for i in batch):
+                continue
+            with torch.no_grad():
+                scores = task.score(model, tokenizer, batch)
+            for i, s in zip(batch, scores, strict=True):
+                self.values[task.ids[i]] = s
+            write_atomic(self.path, dumps_strict({"fingerprint": self.fingerprint, "nll": self.values}) + "\n")
+            if progress is not None:
+                progress(len(batch))
+
+
+@dataclass(frozen=True)
+class TrialScore:
+    """A finished trial: the paired mean difference (patched - base, nats/token), its 95% interval, and
+    the per-item patched NLLs (None where not finite)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    nll: dict[str, float | None]
+    seconds: float
+    overhead: float | None = None
+
+
+def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, base: dict[str, float | None],
+                report: Callable[[float, int], bool] | None = None, progress: Callable[[int], None] | None = None,
+                n_boot: int = 2000, seed: int = 0) -> TrialScore:
+    """Score ``cfg`` on every batch of ``task``; after each batch ``report(running_mean, step)`` may
+    answer True to prune (raises `Pruned`). A patched NLL that is not finite fails the trial (ValueError)."""
+    start = time.perf_counter()
+    diffs: list[float] = []
+    patched_nll: dict[str, float | None] = {}
+    with patched(model, cfg), torch.no_grad():
+        for step, batch in enumerate(task.batches):
+            reset_state(model)
+            scores = task.score(model, tokenizer, batch)
+            for i, s in zip(batch, scores, strict=True):
+                item = task.ids[i]
+                patched_nll[item] = s
+                if base.get(item) is None:
+                    continue  # the unpatched model gave no finite NLL here: nothing to pair
+                if s is None:
+                    raise ValueError(f"the patched model's NLL on item {item} is not finite")
+                diffs.append(s - base[item])
+            if progress is not None:
+                progress(len(batch))
+            if report is not None and diffs and report(statistics.fmean(diffs), step):
+                raise Pruned(step)
+    if not diffs:
+        raise ValueError("no item has a finite unpatched NLL to pair with")
+    mean, low, high = paired_bootstrap_diff([0.0] * len(diffs), diffs, n_boot=n_boot, seed=seed)
+    return TrialScore(mean, low, high, len(diffs), patched_nll, time.perf_counter() - start)
+
+
+def prefill_ratio(model: Any, tokenizer: Any, cfg: VPSConfig, prompts: Sequence[str], repeats: int = 3) -> float:
+    """Seconds of one prefill of ``prompts`` patched with ``cfg`` over unpatched, the two timed in turn
+    (median of ``repeats`` each, after one warm-up of each), in this process."""
+    device = next(model.parameters()).device
+    inputs = encode(tokenizer, prompts, device)
+    extra = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+
+    def once() -> float:
+        start = time.perf_counter()
+        model(**inputs, use_cache=False, **extra)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    base_times, vps_times = [], []
+    with torch.no_grad():
+        for r in range(repeats + 1):  # round 0 warms both up
+            base_time = once()
+            with patched(model, cfg):
+                vps_time = once()
+            if r:
+                base_times.append(base_time)
+                vps_times.append(vps_time)
+    return statistics.median(vps_times) / statistics.median(base_times)

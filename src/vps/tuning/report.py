@@ -1,0 +1,230 @@
+"""What a study leaves in its directory: ``trials.jsonl``, ``best.json`` (a `VPSConfig` file that
+``vps eval --config`` reads as is), ``best_trial.json``, ``report.md`` and ``report.png``.
+
+Every file is rewritten whole from the study's storage (atomically), so it never holds a trial twice
+and always agrees with the study.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..config import VPSConfig
+from ..evaluation.rundir import dumps_strict, write_atomic
+from .settings import TuneSettings
+
+__all__ = ["REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "trial_row", "write_outputs",
+           "write_trials"]
+
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+TEST_LABEL = "TUNED ON TEST DATA"
+
+
+def _state(trial: Any) -> str:
+    name = trial.state.name.lower()
+    if name == "fail" and "failure" not in trial.user_attrs:
+        return "interrupted"
+    return name
+
+
+def trial_row(trial: Any, settings: TuneSettings) -> dict[str, Any]:
+    """One line of ``trials.jsonl``: params, value(s), interval, state, seconds and labels."""
+    attrs = trial.user_attrs
+    values = trial.values or []
+    labels = list(attrs.get("labels", [])) + ([TEST_LABEL] if settings.on_test else [])
+    return {
+        "number": trial.number, "state": _state(trial), "params": dict(trial.params),
+        "nll_diff": values[0] if values else None, "ci": attrs.get("ci"), "n": attrs.get("n"),
+        "overhead": attrs.get("overhead"), "seconds": attrs.get("seconds"),
+        "wall_seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.datetime_complete and trial.datetime_start else None,
+        "pruned_at": attrs.get("pruned_at"), "steps": len(trial.intermediate_values),
+        "failure": attrs.get("failure"), "retry_of": attrs.get("retry_of"), "labels": labels,
+        "config": attrs.get("config"),
+    }
+
+
+def write_trials(directory: Path, study: Any, settings: TuneSettings) -> None:
+    rows = [trial_row(t, settings) for t in study.get_trials(deepcopy=False)]
+    write_atomic(directory / "trials.jsonl", "".join(dumps_strict(r) + "\n" for r in rows))
+
+
+def best_trial(study: Any) -> Any:
+    """The completed trial with the lowest NLL difference (the first objective), or None."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.values]
+    return min(done, key=lambda t: (t.values[0], t.number)) if done else None
+
+
+def confirm_commands(directory: Path, settings: TuneSettings) -> list[str]:
+    """The ordinary ``vps eval`` runs that confirm the best configuration on GSM8K test."""
+    prompt = f" --prompt {settings.prompt}" + (f" --shots {settings.shots}" if settings.prompt == "fewshot" else "")
+    common = f"vps eval --model {settings.model}{prompt} --data gsm8k:test --methods base,vps " \
+             f"--config {directory / 'best.json'}"
+    return [f"{common} --nll-only --out {directory}-confirm-nll",
+            f"{common} --sample 250 --seed 0 --max-new-tokens 512 --out {directory}-confirm-acc"]
+
+
+def _importances(study: Any) -> tuple[dict[str, float], str | None]:
+    """Parameter importances for the NLL difference, by Optuna's own default evaluator, and its name."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(done) < 2:
+        return {}, f"parameter importances need at least 2 completed trials ({len(done)} so far)"
+    evaluator_cls = getattr(optuna.importance, "PedAnovaImportanceEvaluator", None) \
+        or optuna.importance.FanovaImportanceEvaluator
+    try:
+        with warnings.catch_warnings():
+            # PED-ANOVA says it ranks parameters by how they reach *low* values: what a minimised NLL wants.
+            warnings.simplefilter("ignore", UserWarning)
+            found = optuna.importance.get_param_importances(study, evaluator=evaluator_cls(),
+                                                            target=lambda t: t.values[0])
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+        return {}, f"parameter importances could not be computed: {exc}"
+    return {"__evaluator__": evaluator_cls.__name__, **dict(found)}, None
+
+
+def _value(v: Any) -> str:
+    """A parameter for a table: floats to 4 significant digits (the full value is in trials.jsonl)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _fmt(x: float | None, spec: str = "+.4f") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def write_outputs(directory: Path, study: Any, settings: TuneSettings, space: Any) -> Any:
+    """best.json, best_trial.json, report.md and report.png; returns the best trial (or None)."""
+    best = best_trial(study)
+    rows = [trial_row(t, settings) for t in study.get_trials(deepcopy=False)]
+    importances, why_none = _importances(study)
+    evaluator = str(importances.pop("__evaluator__", ""))
+    commands = confirm_commands(directory, settings)
+    if best is not None:
+        VPSConfig.from_dict(best.user_attrs["config"]).save(directory / "best.json")
+        row = trial_row(best, settings)
+        write_atomic(directory / "best_trial.json", dumps_strict({
+            **{k: row[k] for k in ("number", "nll_diff", "ci", "n", "overhead", "params", "labels")},
+            "tuned_on": settings.data, "model": settings.model, "prompt": settings.prompt,
+            "trials_with_verdict": sum(r["state"] in ("complete", "pruned", "fail") for r in rows),
+            "confirm": commands}, indent=2) + "\n")
+    text = _markdown(rows, best, settings, space, importances, why_none, commands, evaluator)
+    write_atomic(directory / REPORT_MD, text)
+    _plot(directory / REPORT_PNG, rows, importances, settings)
+    return best
+
+
+def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, space: Any,
+              importances: dict[str, float], why_none: str | None, commands: list[str], evaluator: str) -> str:
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    data = settings.data
+    lines = ["# vps tune", ""]
+    if settings.on_test:
+        lines += [f"**{TEST_LABEL}**: this study was tuned on a test split (explicit override); its best "
+                  "configuration has seen the data it would be confirmed on.", ""]
+    lines += [f"- model: `{settings.model}` ({settings.dtype}), prompt `{settings.prompt}`",
+              f"- tuned on: `{data.get('source')}`, {data.get('items')} items (sample {data.get('sample')}, "
+              f"seed {data.get('seed')}), batch {settings.batch_size}",
+              "- objective: paired mean difference in gold-solution NLL, patched - unpatched (nats/token; lower is "
+              "better), 95% paired bootstrap interval" + (", and the prefill cost ratio (Pareto front)"
+                                                          if "overhead" in settings.objectives else ""),
+              f"- pruner: {settings.pruner if settings.prunes else 'none'}"
+              + (f" (after {settings.prune_startup} trials, from batch {settings.prune_warmup})"
+                 if settings.prunes else ""),
+              "- trials: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())), ""]
+    damping = [r["number"] for r in rows if "DAMPING" in r["labels"]]
+    if damping:
+        lines += [f"DAMPING trials (gamma below 0, outside the seed's range): {', '.join(map(str, damping))}", ""]
+    if best is None:
+        lines += ["No trial has completed yet.", ""]
+    else:
+        b = trial_row(best, settings)
+        lo, hi = b["ci"] or (None, None)
+        lines += ["## Best trial", "",
+                  f"Trial {b['number']}: NLL difference {_fmt(b['nll_diff'])} [{_fmt(lo)}, {_fmt(hi)}] nats/token "
+                  f"over {b['n']} items" + (f"; prefill cost {b['overhead']:.2f}x" if b["overhead"] else "")
+                  + (f" ({', '.join(b['labels'])})" if b["labels"] else "") + ".",
+                  "" if hi is None or hi < 0 else
+                  "Its interval reaches 0 or above: on the tuning data it is not distinguishable from the unpatched "
+                  "model (or is worse).", "",
+                  "Parameters: " + ", ".join(f"`{k}={_value(v)}`" for k, v in sorted(b["params"].items())), "",
+                  "Saved as `best.json`; confirm on test with:", "", "```"] + commands + ["```", ""]
+    complete = sorted((r for r in rows if r["state"] == "complete" and r["nll_diff"] is not None),
+                      key=lambda r: r["nll_diff"])
+    if complete:
+        keys = sorted({k for r in complete for k in r["params"]})
+        head = ["trial", "NLL diff", "95% CI", *(["prefill x"] if "overhead" in settings.objectives else []), *keys]
+        lines += ["## Top trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in complete[:10]:
+            lo, hi = r["ci"] or (None, None)
+            cells = [str(r["number"]) + (" " + " ".join(r["labels"]) if r["labels"] else ""), _fmt(r["nll_diff"]),
+                     f"[{_fmt(lo)}, {_fmt(hi)}]"]
+            if "overhead" in settings.objectives:
+                cells.append(_fmt(r["overhead"], ".2f"))
+            cells += [_value(r["params"].get(k, "")) for k in keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Parameter importances", ""]
+    if importances:
+        lines += [f"Optuna's `{evaluator}` on the NLL difference of the completed trials (a share of 1 in all; "
+                  "with few trials these are rough).", "",
+                  "| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in importances.items()]
+    else:
+        lines.append(why_none or "none")
+    lines += ["", "## Search space", "", f"From `{space.source}`:", ""]
+    lines += [f"- `{p.name}`: {p.describe()}" for p in space.params]
+    lines += [f"- `{k}` fixed: {v}" for k, v in space.fixed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], importances: dict[str, float], settings: TuneSettings) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    done = [r for r in rows if r["state"] == "complete" and r["nll_diff"] is not None]
+    if done:
+        xs = [r["number"] for r in done]
+        ys = [r["nll_diff"] for r in done]
+        err = [[y - (r["ci"] or [y, y])[0] for y, r in zip(ys, done, strict=True)],
+               [(r["ci"] or [y, y])[1] - y for y, r in zip(ys, done, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o", ms=4, alpha=0.6, label="trial (95% CI)")
+        best, running = math.inf, []
+        for y in ys:
+            best = min(best, y)
+            running.append(best)
+        ax.step(xs, running, where="post", color="C3", label="best so far")
+    pruned = [r["number"] for r in rows if r["state"] == "pruned"]
+    if pruned:
+        ax.plot(pruned, [0.0] * len(pruned), "x", color="grey", label="pruned")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("NLL patched - unpatched (nats/token)")
+    ax.set_title("optimisation history" + (" - TUNED ON TEST" if settings.on_test else ""))
+    ax.legend(loc="best", fontsize=8)
+    if importances:
+        names = list(importances)[::-1]
+        bx.barh(names, [importances[n] for n in names])
+        bx.set_xlabel("importance (Optuna)")
+    else:
+        bx.text(0.5, 0.5, "importances need >= 2 completed trials", ha="center", va="center")
+        bx.set_axis_off()
+    bx.set_title("parameter importances")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

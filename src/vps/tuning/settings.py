@@ -1,0 +1,93 @@
+"""`TuneSettings`: everything that decides a study's numbers, stored in ``tune.json`` and checked on resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..evaluation.rundir import RunMismatchError
+from ..prompting import PROMPT_STYLES
+
+__all__ = ["OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings", "check_resume", "is_test_split"]
+
+TUNE_FORMAT = 1
+OBJECTIVES = ("nll", "overhead")
+PRUNERS = ("median", "none")
+# Stored for the record; a resumed study may differ in them.
+_NOT_COMPARED = ("format", "vps_version")
+
+
+def is_test_split(source: str, path: str | Path | None = None) -> bool:
+    """Whether a data source is a test split: ``gsm8k`` / ``gsm8k:test`` or a file whose name says test."""
+    if source.strip().lower() in ("gsm8k", "gsm8k:test"):
+        return True
+    name = Path(path if path is not None else source).name.lower()
+    return "test" in name
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """A study's settings. ``data`` describes the items (source, path, sample, seed, count); ``space`` is
+    `SearchSpace.to_dict`; ``objectives`` is ``("nll",)`` or ``("nll", "overhead")`` (a Pareto front,
+    without pruning: Optuna prunes single-objective studies only). ``pruner`` "median" stops a trial
+    whose running mean after a batch is worse than the median of earlier trials at that batch, once
+    ``prune_startup`` trials have finished and after ``prune_warmup`` batches. ``on_test`` marks a study
+    tuned on a test split (only with an explicit override): every output says so."""
+
+    model: str
+    data: dict[str, Any]
+    space: dict[str, Any]
+    dtype: str = "float32"
+    prompt: str = "tutor"
+    shots: int = 5
+    system: str | None = None
+    batch_size: int = 8
+    objectives: tuple[str, ...] = ("nll",)
+    pruner: str = "median"
+    prune_startup: int = 5
+    prune_warmup: int = 1
+    seed: int = 0
+    on_test: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objectives", tuple(self.objectives))
+        if not self.objectives or self.objectives[0] != "nll" or len(set(self.objectives)) != len(self.objectives) \
+                or any(o not in OBJECTIVES for o in self.objectives):
+            raise ValueError(f"objectives must be nll or nll,overhead, got {','.join(self.objectives)}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
+        if self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
+        for name in ("batch_size", "shots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("prune_startup", "prune_warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def prunes(self) -> bool:
+        return self.pruner != "none" and len(self.objectives) == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["objectives"] = list(self.objectives)
+        return {"format": TUNE_FORMAT, "vps_version": __version__, **out}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the unpatched NLLs depend on."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("model", "data", "dtype", "prompt", "shots", "system")}
+
+
+def check_resume(stored: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    """Refuse to resume a study whose settings differ, naming every differing key."""
+    keys = sorted((set(stored) | set(new)) - set(_NOT_COMPARED))
+    differ = [k for k in keys if stored.get(k) != new.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: stored {stored.get(k)!r}, now {new.get(k)!r}" for k in differ)
+        raise RunMismatchError(f"{where} holds a study with other settings ({shown}); rerun with the same "
+                               f"settings to resume, or use another directory")

@@ -1,0 +1,356 @@
+"""`vps tune`: studies on a tiny 3-block Llama, resume after a kill, the space file, the test-split refusal,
+pruning, the Pareto objective, and the command line as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tiny import tiny_gpt2
+from tiny_eval import QUESTIONS, tiny_tokenizer
+from vps import VPSConfig, patched, vps_layers
+from vps.cli import main
+from vps.evaluation.rundir import RunLockedError, RunMismatchError
+from vps.tuning import SpaceError, TestSplitError, parse_space, tune
+from vps.tuning.placement import Placement, trial_config
+from vps.tuning.study import open_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny3(tok, seed: int = 0) -> LlamaForCausalLM:
+    """Three blocks, so that early / middle / late thirds exist."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny3(tok)
+
+
+def train_file(directory: Path, name: str = "train.jsonl", copies: int = 2) -> Path:
+    """GSM8K-style items (the five tiny questions, ``copies`` times with distinct wording)."""
+    lines = [json.dumps({"question": f"{q} (v{c})", "answer": a}) for c in range(copies) for q, a in QUESTIONS]
+    path = directory / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+SMALL_SPACE = {"gamma": {"low": 0.01, "high": 0.5, "log": True}, "rank": {"low": 1, "high": 3},
+               "builder": ["sk", "sc"], "blocks": ["all", "late"]}
+
+
+def run(model, tok, out: Path, data: Path, n: int, space=None, **kw):
+    return tune(model, tok, out, n_trials=n, data=str(data), sample=None,
+                space=parse_space(space or SMALL_SPACE), batch_size=4, model_name="tiny3", progress=False, **kw)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+# -- a study and its outputs -----------------------------------------------------------------------------
+def test_three_trial_study_writes_every_output(model, tok, tmp_path):
+    data = train_file(tmp_path)
+    result = run(model, tok, tmp_path / "study", data, 3)
+    out = tmp_path / "study"
+    assert result.counted == 3
+    trials = rows(out)
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    done = [t for t in trials if t["state"] == "complete"]
+    assert done, trials
+    for t in done:
+        lo, hi = t["ci"]
+        assert lo <= t["nll_diff"] <= hi and t["n"] == 10 and t["seconds"] > 0
+    best = min(done, key=lambda t: t["nll_diff"])
+    assert result.best_number == best["number"] and result.best_value == pytest.approx(best["nll_diff"])
+    cfg = VPSConfig.load(out / "best.json")  # as vps eval --config reads it
+    assert cfg == result.best_config
+    assert cfg.to_dict() == {**best["config"], "version": cfg.version}
+    meta = json.loads((out / "best_trial.json").read_text())
+    assert meta["number"] == best["number"] and meta["tuned_on"]["source"] == str(data)
+    assert any("vps eval" in c and "gsm8k:test" in c for c in meta["confirm"])
+    report = (out / "report.md").read_text()
+    assert f"Trial {best['number']}" in report and "## Parameter importances" in report
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    base = json.loads((out / "base_nll.json").read_text())
+    assert len(base["nll"]) == 10 and all(v > 0 for v in base["nll"].values())
+
+
+def test_trial_value_is_the_paired_nll_difference(model, tok, tmp_path):
+    from vps.evaluation.nll import solution_nll
+    from vps.prompting import PromptFormat
+
+    data = train_file(tmp_path, copies=1)
+    out = tmp_path / "study"
+    run(model, tok, out, data, 1)
+    trial = rows(out)[0]
+    cfg = VPSConfig.from_dict(trial["config"])
+    fmt = PromptFormat("tutor")
+    prompts = [fmt.render(tok, f"{q} (v0)") for q, _ in QUESTIONS]
+    answers = [a for _, a in QUESTIONS]
+    base = [r.nll for r in solution_nll(model, tok, prompts, answers)]
+    with patched(model, cfg):
+        vps_nll = [r.nll for r in solution_nll(model, tok, prompts, answers)]
+    expected = sum(v - b for v, b in zip(vps_nll, base, strict=True)) / len(base)
+    assert trial["nll_diff"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_resume_adds_only_missing_trials(model, tok, tmp_path):
+    data = train_file(tmp_path)
+    out = tmp_path / "study"
+    run(model, tok, out, data, 2)
+    first = rows(out)
+    base_mtime = (out / "base_nll.json").stat().st_mtime_ns
+    run(model, tok, out, data, 2)  # nothing missing: no new trial
+    assert rows(out) == first
+    run(model, tok, out, data, 4)
+    again = rows(out)
+    assert [t["number"] for t in again] == [0, 1, 2, 3]
+    assert again[:2] == first
+    assert (out / "base_nll.json").stat().st_mtime_ns == base_mtime  # the unpatched NLLs are computed once
+    # the resumed sampler does not replay the first trials' random draws
+    assert again[2]["params"] != first[0]["params"]
+
+
+def test_mismatched_resume_and_second_writer_are_refused(model, tok, tmp_path):
+    data = train_file(tmp_path)
+    out = tmp_path / "study"
+    run(model, tok, out, data, 1)
+    with pytest.raises(RunMismatchError, match="batch_size"):
+        tune(model, tok, out, n_trials=2, data=str(data), sample=None, space=parse_space(SMALL_SPACE), batch_size=2,
+             model_name="tiny3", progress=False)
+
+
+class _in_other_process_lock:
+    """The directory's lock held by a child process for the block (a second writer)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __enter__(self):
+        code = ("import sys,time; from vps.evaluation.rundir import lock_directory\n"
+                "with lock_directory(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.directory)], stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_second_writer_is_refused(model, tok, tmp_path):
+    data = train_file(tmp_path)
+    out = tmp_path / "study"
+    with _in_other_process_lock(out), pytest.raises(RunLockedError, match="in use by another run"):
+        run(model, tok, out, data, 1)
+    assert not (out / "study.db").exists()
+
+
+# -- kill and resume ------------------------------------------------------------------------------------
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[3])
+    import torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from test_tune import SMALL_SPACE, tiny3
+    from tiny_eval import tiny_tokenizer
+    import vps.tuning.study as study
+    from vps.tuning import parse_space, tune
+
+    real = study.score_trial
+    calls = []
+
+    def killing(model, tok, cfg, task, base, report=None, progress=None, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the second trial dies after its first batch, as under SIGKILL
+            def dying(value, step):
+                report(value, step)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(model, tok, cfg, task, base, dying, progress, **kw)
+        return real(model, tok, cfg, task, base, report, progress, **kw)
+
+    study.score_trial = killing
+    tok = tiny_tokenizer()
+    tune(tiny3(tok), tok, Path(sys.argv[1]), n_trials=3, data=sys.argv[2], sample=None,
+         space=parse_space(SMALL_SPACE), batch_size=4, model_name="tiny3", progress=False)
+""")
+
+
+def test_killed_trial_is_failed_not_counted_and_rerun(model, tok, tmp_path):
+    data = train_file(tmp_path)
+    out = tmp_path / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(out), str(data), str(ROOT / "tests")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    killed_study = open_study(out, _settings(out))
+    states = [t.state.name for t in killed_study.trials]
+    assert states == ["COMPLETE", "RUNNING"], states
+    killed_params = killed_study.trials[1].params
+    first_value = killed_study.trials[0].values[0]
+
+    result = run(model, tok, out, data, 3)
+    trials = rows(out)
+    assert [t["state"] for t in trials[:2]] == ["complete", "interrupted"]
+    counted = [t for t in trials if t["state"] != "interrupted"]
+    assert len(counted) == 3 == result.counted
+    retry = trials[2]
+    assert retry["retry_of"] == 1 and retry["params"] == killed_params and retry["state"] == "complete"
+    assert trials[0]["nll_diff"] == pytest.approx(first_value)
+    assert len({t["number"] for t in trials}) == len(trials)  # nothing duplicated
+    assert result.best_value == pytest.approx(min(t["nll_diff"] for t in counted if t["state"] == "complete"))
+    assert "1 interrupted" in (out / "report.md").read_text()
+
+
+def _settings(out: Path):
+    from vps.tuning import TuneSettings
+
+    return TuneSettings(**{k: v for k, v in json.loads((out / "tune.json").read_text()).items()
+                           if k not in ("format", "vps_version")})
+
+
+# -- pruning and the second objective ----------------------------------------------------------------------
+def test_pruner_prunes_a_clearly_worse_trial(model, tok, tmp_path):
+    data = train_file(tmp_path, copies=3)  # 15 items: 4 batches of 4
+    out = tmp_path / "study"
+    space = {"gamma": [0.01, 1.0], "tau": [2.0], "rank": [4], "builder": ["sk"]}
+    run(model, tok, out, data, 1, space=space, prune_startup=1, prune_warmup=0)  # creates the study
+    study = open_study(out, _settings(out))
+    for gamma in (0.01, 1.0):
+        study.enqueue_trial({"gamma": gamma, "tau": 2.0, "rank": 4, "builder": "sk"})
+    run(model, tok, out, data, 3, space=space, prune_startup=1, prune_warmup=0)
+    trials = rows(out)
+    by_gamma = {t["params"]["gamma"]: t for t in trials[1:]}
+    assert by_gamma[0.01]["state"] == "complete"
+    worse = by_gamma[1.0]
+    assert worse["state"] == "pruned", trials
+    assert worse["steps"] < 4 and worse["pruned_at"] is not None
+
+
+def test_overhead_objective_gives_a_pareto_study(model, tok, tmp_path):
+    data = train_file(tmp_path, copies=1)
+    out = tmp_path / "study"
+    result = run(model, tok, out, data, 2, objectives=("nll", "overhead"))
+    trials = rows(out)
+    assert all(t["state"] == "complete" and t["overhead"] > 0 for t in trials)
+    assert result.best_value == pytest.approx(min(t["nll_diff"] for t in trials))
+    assert "prefill x" in (out / "report.md").read_text()
+
+
+# -- the space file, placement and the test split -----------------------------------------------------
+@pytest.mark.parametrize("space, needle", [
+    ({"rnak": [1, 2]}, "'rnak' is not a tunable parameter"),
+    ({"gamma": {"low": 0.1, "high": 2.0}}, "'gamma'.*gamma must be a finite number in"),
+    ({"gamma": {"low": 0.5, "high": 0.1}}, "'gamma': low 0.5 is above high 0.1"),
+    ({"tau": {"low": 0, "high": 1, "log": True}}, "'tau': a log range needs low > 0"),
+    ({"rank": {"low": 1.5, "high": 4}}, "'rank': rank is an integer"),
+    ({"builder": ["sk", "nope"]}, "'builder'.*builder must be one of"),
+    ({"modules": ["all", "ffn"]}, "'modules': 'ffn' is not one of"),
+    ({"blocks": {"low": 0, "high": 1}}, "'blocks': takes a list of choices"),
+    ({"rank": []}, "'rank': an empty list"),
+    ({"rank": 2}, "nothing to search"),
+    ({"gamma": {"low": -0.5, "high": 0.5}}, "allow_damping"),
+    ({"allow_damping": "yes", "rank": [1]}, "'allow_damping' must be true or false"),
+    (["rank"], "must be a non-empty mapping"),
+])
+def test_bad_space_is_refused_naming_the_key(space, needle):
+    with pytest.raises(SpaceError, match=needle):
+        parse_space(space, source="space.yaml")
+
+
+def test_bad_space_file_is_refused_by_the_cli_before_loading(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("rank: {low: 1, high: 4}\ngamma: [0.1, 3.0]\n")
+    rc = main(["tune", "--space", str(space), "--model", str(tmp_path / "no-such-model"), "--out",
+               str(tmp_path / "study"), "--data", str(train_file(tmp_path))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--space" in err and "'gamma'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "study").exists()
+
+
+def test_bundled_space_parses():
+    from vps.tuning import load_space
+
+    space = load_space()
+    names = {p.name for p in space.params}
+    assert {"rank", "topk", "gamma", "tau", "builder", "order", "adaptive_rank", "adaptive_gamma", "qk_coupling",
+            "scope", "alpha", "modules", "blocks"} <= names
+
+
+def test_test_split_is_refused_unless_overridden(model, tok, tmp_path, capsys):
+    rc = main(["tune", "--data", "gsm8k:test", "--out", str(tmp_path / "s"), "--model", str(tmp_path / "none")])
+    assert rc == 2 and "test split" in capsys.readouterr().err
+    test_file = train_file(tmp_path, name="my_test.jsonl", copies=1)
+    with pytest.raises(TestSplitError, match="--allow-test-split"):
+        run(model, tok, tmp_path / "s", test_file, 1)
+    out = tmp_path / "labelled"
+    run(model, tok, out, test_file, 1, allow_test=True)
+    assert all("TUNED ON TEST DATA" in t["labels"] for t in rows(out))
+    assert "TUNED ON TEST DATA" in (out / "report.md").read_text()
+
+
+def test_placement_of_llama_and_gpt2(model, tok):
+    place = Placement.of(model)
+    assert place.n_blocks == 3
+    assert place.attention == ("self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj")
+    assert place.mlp == ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")
+    chosen = trial_config({"modules": "mlp", "blocks": "late", "rank": 6, "topk": 4}, place)
+    assert chosen.config.topk == 6 and chosen.config.layers == [2]
+    with patched(model, chosen.config):
+        names = sorted(vps_layers(model))
+    assert names == ["model.layers.2.mlp.down_proj", "model.layers.2.mlp.gate_proj", "model.layers.2.mlp.up_proj"]
+    gpt = Placement.of(tiny_gpt2())
+    assert gpt.attention == ("attn.c_attn", "attn.c_proj") and gpt.mlp == ("mlp.c_fc", "mlp.c_proj")
+    with patched(gpt2 := tiny_gpt2(), trial_config({"modules": "attention"}, gpt).config):
+        assert sorted(vps_layers(gpt2)) == sorted(f"transformer.h.{i}.attn.{m}" for i in range(2)
+                                                  for m in ("c_attn", "c_proj"))
+    with pytest.raises(SpaceError, match="too few for thirds"):
+        gpt.check(("all",), ("all", "early"))
+
+
+# -- the command line, as users run it ----------------------------------------------------------------------
+def test_cli_tune_end_to_end_then_eval_reads_best(tok, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny3(tok).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    data = train_file(tmp_path, copies=1)
+    space = tmp_path / "space.yaml"
+    space.write_text("gamma: {low: 0.01, high: 0.5, log: true}\nmodules: [all, attention]\n")
+    out = tmp_path / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vps.cli", "tune", "--model", str(ckpt), "--data", str(data), "--sample", "4",
+           "--trials", "2", "--batch-size", "2", "--space", str(space), "--out", str(out), "--threads", "1",
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "best is trial" in proc.stdout and "confirm on GSM8K test" in proc.stdout
+    assert "--config " + str(out / "best.json") in proc.stdout
+    evaluated = subprocess.run([sys.executable, "-m", "vps.cli", "eval", "--model", str(ckpt), "--data", str(data),
+                                "--limit", "2", "--methods", "base,vps", "--nll-only", "--config",
+                                str(out / "best.json"), "--out", str(tmp_path / "confirm"), "--threads", "1",
+                                "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    run_json = json.loads((tmp_path / "confirm" / "run.json").read_text())
+    assert run_json["configs"]["vps"]["config"] == {**VPSConfig.load(out / "best.json").to_dict(),
+                                                    "version": run_json["configs"]["vps"]["config"]["version"]}

@@ -62,3 +62,32 @@ def test_coupling_computes_each_base_output_once():
     k.base_layer.register_forward_hook(lambda *a: calls.append(1))
     logits(model, ids(1, 4))
     assert len(calls) == 1
+
+
+def test_pair_hands_its_partner_what_it_computed_for_the_same_input_only():
+    model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8))
+    q, k = qk_layers(model)
+    pair = q.pair
+    x = torch.randn(1, 5, q.in_features)
+    first = pair.base_output(q, x)
+    assert torch.equal(first.out, q.base_layer(x)) and torch.equal(first.peer_out, k.base_layer(x))
+    assert first.out_rank is None and first.energy is None
+    scores, peer_scores = first.out.abs().mean(1), first.peer_out.abs().mean(1)
+    own = pair.rank_jointly(q, x, scores, first.peer_out, peer_scores, torch.ones(1), 4)
+    q_rank, k_rank = pair.joint_rankings(scores, peer_scores, 4)
+    assert torch.equal(own, q_rank)
+    second = pair.base_output(k, x)
+    assert second.out is first.peer_out and torch.equal(second.out_rank, k_rank) and second.peer_out is None
+    assert pair.base_output(k, x).out_rank is None, "a handoff is used once"
+    pair.rank_jointly(q, x, scores, first.peer_out, peer_scores, torch.ones(1), 4)
+    assert pair.base_output(k, x.clone()).out_rank is None, "another input gets nothing"
+    pair.rank_jointly(q, x, scores, first.peer_out, peer_scores, torch.ones(1), 4)
+    assert pair.base_output(q, x).out_rank is None, "the handoff is for the partner only"
+
+
+def test_coupled_layers_keep_no_handshake_state():
+    model = vps.patch(tiny_llama(), vps.VPSConfig(topk=8))
+    q, k = qk_layers(model)
+    logits(model, ids(1, 4))
+    assert not hasattr(q, "_peer_stats") and not hasattr(k, "_peer_stats")
+    assert q.pair._handoff is None, "the second projection took what the first left"

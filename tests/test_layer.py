@@ -131,3 +131,71 @@ def test_sk_ties_go_to_lower_index():
     layer(x)
     assert layer.plan.selection.in_idx.tolist() == [[0, 1]]
     assert layer.plan.out_idx.tolist() == [[0, 1]]
+
+
+# -- the layer's own state: gain and fallback count ------------------------------------------------
+def test_gain_and_fallback_count_are_non_persistent_buffers():
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED))
+    buffers = dict(layer.named_buffers(recurse=False))
+    assert set(buffers) == {"gain", "_fallbacks"} and buffers["gain"] is layer.gain
+    assert layer.gain.dtype == torch.float32 and layer.gain.shape == () and float(layer.gain) == 1.0
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double(),
+                                  lambda m: m.type(torch.float16)], ids=["half", "to-bf16", "double", "type"])
+def test_casting_keeps_gain_float32_at_full_precision(cast):
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED))
+    layer.gain = torch.tensor(1.0 + 2**-20)  # not representable in half or bfloat16
+    layer(torch.randn(3, 8))
+    cast(layer)
+    assert layer.weight.dtype != torch.float32
+    assert layer.gain.dtype == torch.float32 and float(layer.gain) == 1.0 + 2**-20
+    assert layer._fallbacks.dtype == torch.long
+    y = layer(torch.randn(3, 8).to(layer.weight.dtype))
+    assert y.dtype == layer.weight.dtype and layer.fallbacks == 0
+
+
+def test_moving_the_layer_moves_its_state():
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED))
+    layer.reset_gain(batch=2)
+    layer.to("meta")  # a real device change that needs no accelerator
+    assert layer.gain.device.type == "meta" and layer.gain.shape == (2,) and layer.gain.dtype == torch.float32
+    assert layer._fallbacks.device.type == "meta"
+
+
+def test_moving_counts_pending_fallbacks_first():
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED))
+    layer.gain = torch.tensor(float("nan"))
+    layer(torch.randn(4, 8))
+    layer.double()
+    assert layer.fallbacks == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_cuda_moves_gain_and_keeps_it_float32():
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED)).cuda().half()
+    assert layer.gain.device.type == "cuda" and layer.gain.dtype == torch.float32
+    layer(torch.randn(4, 8, device="cuda", dtype=torch.float16))
+    assert layer.fallbacks == 0
+
+
+def test_reset_restores_the_state_after_patching():
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED))
+    x = torch.randn(4, 8)
+    fresh = layer(x)
+    layer.policy.update_outcome(True)
+    layer.reset_gain(batch=3)
+    layer.grad_mean = torch.ones(1, 8)
+    layer.reset()
+    assert layer.plan is None and layer.grad_mean is None and not layer.policy.history
+    assert layer.gain.shape == () and float(layer.gain) == 1.0 and layer.gain.dtype == torch.float32
+    assert torch.equal(layer(x), fresh)
+
+
+def test_per_sequence_gains_must_match_the_batch():
+    layer = vps.VPSLinear(nn.Linear(8, 8), vps.VPSConfig(rank=1, topk=4, **FIXED), name="up")
+    layer.reset_gain(batch=2)
+    layer(torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="up: per-sequence gains for 2 sequences"):
+        layer(torch.randn(3, 4, 8))

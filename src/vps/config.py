@@ -189,6 +189,13 @@ class VPSConfig:
         return self.order_bounds if self.order_bounds is not None else (1, self.order)
 
     @property
+    def want_entropy(self) -> bool:
+        """Whether a patched model measures its next-token entropy after each forward: only dynamic
+        decoding rebuilds decisions from it, and only an adaptive knob can respond to it."""
+        return self.use_entropy and self.decode_mode == "dynamic" and (
+            self.adaptive_rank or self.adaptive_gamma or self.adaptive_topk or self.adaptive_order)
+
+    @property
     def max_rank(self) -> int:
         """Largest rank any forward can use: the static width of every selector tensor."""
         return self.resolved_rank_bounds[1]

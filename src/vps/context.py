@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .config import VPSConfig
 from .kv_cache import ForwardCall, cache_length, output_cache
 
 
@@ -30,18 +31,16 @@ class HiddenCacheWarning(UserWarning):
 
 
 class VPSContext:
-    """Mutable state of one patched model's current forward."""
+    """Mutable state of one patched model's current forward (``cfg``: the config it was patched with)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: VPSConfig | None = None) -> None:
+        self.cfg = cfg if cfg is not None else VPSConfig()
         self.enabled = True
         self.mask: torch.Tensor | None = None  # (B, S) attention mask of the current call
         self.phase = "prefill"
         self.reuse_selection = False
         self.entropy: torch.Tensor | None = None  # (B,) from the previous forward, per sequence
         self.entropy_hint: torch.Tensor | None = None
-        self.want_entropy = False
-        self.last_entropy: torch.Tensor | None = None
-        self.forward_count = 0
         self._warned_4d = False
         self._warned_hidden_cache = False
         self._tokens: int | None = None
@@ -97,7 +96,6 @@ class VPSContext:
         """Start of a top-level forward: record the mask and the phase."""
         attention_mask = call.attention_mask
         self._tokens = call.tokens
-        self.forward_count += 1
         self._valid = self._ranking = None
         self.in_forward = True
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -121,13 +119,11 @@ class VPSContext:
         mask, self.mask = self.mask, None
         self._valid = self._ranking = None
         self.in_forward = False
-        if not self.want_entropy or logits is None:
+        if not self.cfg.want_entropy or logits is None:
             self.entropy = None
             return
         with torch.no_grad():
-            h = next_token_entropy(logits, mask)
-        self.entropy = h
-        self.last_entropy = h
+            self.entropy = next_token_entropy(logits, mask)
 
     def _check_no_hidden_cache(self, output: Any) -> None:
         # A forward taken for a prefill that returns a cache longer than its own input continued a

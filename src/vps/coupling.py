@@ -20,16 +20,33 @@ from .builders import rank_features
 
 
 @dataclass
-class _Pending:
+class BaseOutput:
+    """A layer's base output on one input, with what the Q/K coupling already knows of it.
+
+    ``peer_out`` is set on the first call of a coupled pair: the partner's base output on the same
+    input, to be ranked jointly (`QKPair.rank_jointly`). ``out_rank`` and ``energy`` are set on the
+    second call: the ranking and energy the partner computed for this layer's output.
+    """
+
+    out: torch.Tensor
+    peer_out: torch.Tensor | None = None
+    out_rank: torch.Tensor | None = None
+    energy: torch.Tensor | None = None
+
+
+@dataclass
+class _Handoff:
     layer: object
     x: torch.Tensor
-    out: torch.Tensor
-    out_rank: torch.Tensor
-    energy: torch.Tensor  # the policy's energy statistic of ``out``
+    result: BaseOutput
 
 
 class QKPair:
-    """Couples the ``q`` and ``k`` `VPSLinear` layers of one attention block."""
+    """Couples the ``q`` and ``k`` `VPSLinear` layers of one attention block.
+
+    Whichever projection runs first computes both base outputs and both output rankings; the second
+    one, called on the very same input, reuses them, so nothing is computed twice.
+    """
 
     def __init__(self, q: torch.nn.Module, k: torch.nn.Module, n_heads: int, n_kv_heads: int,
                  head_dim: int) -> None:
@@ -41,7 +58,7 @@ class QKPair:
                 f"got {q.out_features} and {k.out_features}")
         self.q, self.k = q, k
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self._pending: _Pending | None = None
+        self._handoff: _Handoff | None = None
         q.pair = self
         k.pair = self
 
@@ -53,20 +70,25 @@ class QKPair:
         """Undo the coupling (used by unpatch)."""
         self.q.pair = None
         self.k.pair = None
-        self._pending = None
+        self._handoff = None
 
-    def store(self, layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, out_rank: torch.Tensor,
-              energy: torch.Tensor) -> None:
-        """Hand ``layer`` its base output, output ranking and energy for input ``x`` (its next call)."""
-        self._pending = _Pending(layer, x, out, out_rank, energy)
+    def base_output(self, layer: torch.nn.Module, x: torch.Tensor) -> BaseOutput:
+        """``layer``'s base output on ``x``: the partner's handoff for this very input if there is one,
+        else computed here together with the partner's (``peer_out``)."""
+        handoff, self._handoff = self._handoff, None  # a stale handoff must never outlive the call it was made for
+        if handoff is not None and handoff.layer is layer and handoff.x is x:
+            return handoff.result
+        return BaseOutput(layer.base_layer(x), peer_out=self.peer(layer).base_layer(x))
 
-    def take(self, layer: torch.nn.Module, x: torch.Tensor) -> _Pending | None:
-        """What the partner computed for ``layer`` on this very input, if anything."""
-        p = self._pending
-        if p is None:
-            return None
-        self._pending = None  # a stale entry must never outlive the call it was made for
-        return p if (p.layer is layer and p.x is x) else None
+    def rank_jointly(self, layer: torch.nn.Module, x: torch.Tensor, scores: torch.Tensor, peer_out: torch.Tensor,
+                     peer_scores: torch.Tensor, peer_energy: torch.Tensor, k: int) -> torch.Tensor:
+        """``layer``'s output ranking (B, k), chosen jointly with its partner's from both mean |output| scores.
+
+        The partner's ranking, energy and base output ``peer_out`` are handed to its next call on ``x``.
+        """
+        own_rank, peer_rank = self.rank_outputs(layer, scores, peer_scores, k)
+        self._handoff = _Handoff(self.peer(layer), x, BaseOutput(peer_out, out_rank=peer_rank, energy=peer_energy))
+        return own_rank
 
     def rank_outputs(self, layer: torch.nn.Module, own_scores: torch.Tensor, peer_scores: torch.Tensor,
                      k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,13 +38,12 @@ class GainOptimizer:
         self.layers = list(vps_layers(model).values())
         self.max_gain = max_gain
         self.batch = batch
-        self._device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         columns = 1 if batch is None else batch
         self._lbfgs = [EphemeralLBFGS(m=self.cfg.lbfgs_m) for _ in range(columns)]
         self._prev: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * columns
         if batch is not None:
             for layer in self.layers:
-                layer.gain = self._ones()
+                layer.reset_gain(batch)
 
     @property
     def lbfgs(self) -> EphemeralLBFGS:
@@ -130,7 +129,4 @@ class GainOptimizer:
             lbfgs.reset()
         self._prev = [None] * len(self._prev)
         for layer in self.layers:
-            layer.gain = self._ones()
-
-    def _ones(self) -> torch.Tensor:
-        return torch.ones(() if self.batch is None else (self.batch,), dtype=torch.float32, device=self._device)
+            layer.reset_gain(self.batch)

@@ -3,15 +3,10 @@
 With ``A = W^T V`` and ``B = W U`` the output is ``W x + b + gamma * (x A) B^T``. Nothing of size
 d_out x d_in is ever formed: ``x A = (W x) V`` is a gather of the base output (the matmul is already
 done), ``B = W U`` is a gather of R columns of W, and ``A``'s column norms (for the clip) come from
-R gathered rows. Per forward the layer builds a *plan*: the output features to read (``out_idx``),
-their mixing (``coef``, SC only) and an (R x d_out) matrix ``Q`` that folds gamma, the per-layer
-gain, the spectral clip, the rank mask and the order-2 term:
+R gathered rows. Per forward the layer builds a `Plan` (see `vps.plan` for its arithmetic).
 
-    delta = ((W x)[out_idx] @ coef) @ Q,   Q = S (g I + g^2 [order 2] M^T) S B^T
-
-with ``S = diag(clip scales * rank mask)``, ``g = gamma * gain`` and ``M = V^T W U`` (R x R), so
-order 2 adds ``gamma^2 B M A^T`` (DESIGN.md) at the price of one R x R product. Clipping scales the
-factors A and B, as the seed does, in both terms.
+The layer's own state follows the module: ``gain`` (float32, even in a half-precision model) and the
+fallback count are non-persistent buffers, so ``.to()`` moves them and no ``state_dict`` holds them.
 
 Failures inside the perturbation path (a non-finite plan, a failed solve) fall back to the base
 output for the affected sequences and are counted in `fallbacks`; they never raise.
@@ -19,7 +14,7 @@ output for the affected sequences and are counted in `fallbacks`; they never rai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,30 +23,17 @@ from torch import nn
 from .builders import BuildInputs, Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import VPSContext
+from .coupling import BaseOutput, QKPair
 from .dtypes import as_float32
+from .plan import Plan, plan_matrix
 from .policy import Decision, LayerPolicy
-from .spectral import squared_clip_scales
+
+_OWN_BUFFERS = ("gain", "_fallbacks")
 
 try:  # GPT-2 style layers store the weight transposed (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
-
-
-@dataclass
-class Plan:
-    """What a forward needs to apply the perturbation; kept for frozen decoding."""
-
-    out_idx: torch.Tensor  # (B, K')
-    coef: torch.Tensor | None  # (B, K', R) float32
-    q: torch.Tensor  # (B, R, d_out) in the compute dtype
-    bias_sel: torch.Tensor | None  # (B, K') bias at out_idx, to turn outputs back into W x
-    selection: Selection
-    decision: Decision
-
-    @property
-    def batch(self) -> int:
-        return self.out_idx.shape[0]
 
 
 class VPSLinear(nn.Module):
@@ -75,7 +57,7 @@ class VPSLinear(nn.Module):
                             f"{f' at {name}' if name else ''}")
         self.base_layer = base_layer
         self.cfg = cfg
-        self.ctx = ctx if ctx is not None else VPSContext()
+        self.ctx = ctx if ctx is not None else VPSContext(cfg)
         self.layer_name = name
         smallest = min(self.in_features, self.out_features)
         if cfg.max_rank > smallest:
@@ -84,14 +66,15 @@ class VPSLinear(nn.Module):
         self._can_perturb = cfg.resolved_gamma_bounds[1] > 0
         self.policy = LayerPolicy(cfg)
         self.builder = make_builder(cfg.builder, cfg)
-        self.pair: Any = None  # QKPair when Q/K coupling applies
-        self._peer_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # partner's (out_rank, energy)
-        self.gain = torch.ones((), dtype=torch.float32, device=base_layer.weight.device)
+        self.pair: QKPair | None = None  # set by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
-        self._positions: torch.Tensor | None = None
-        self._fallbacks = torch.zeros((), dtype=torch.long, device=base_layer.weight.device)
+        # Buffers, so .to() moves them with the weights; non-persistent, so checkpoints never hold them.
+        self.register_buffer("gain", None, persistent=False)
+        self.register_buffer("_fallbacks", torch.zeros((), dtype=torch.long, device=base_layer.weight.device),
+                             persistent=False)
         self._oks: list[torch.Tensor] = []  # ok flags of recent plans, not yet counted in _fallbacks
+        self.reset_gain()
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
@@ -131,28 +114,47 @@ class VPSLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, builder={self.cfg.builder}, "
                 f"rank<={self.cfg.max_rank}, gamma<={self.cfg.resolved_gamma_bounds[1]}")
 
+    # -- state ----------------------------------------------------------------------------------
+    def reset_gain(self, batch: int | None = None) -> None:
+        """Set the gain to 1: one scalar, or one per sequence of a ``batch`` refined together."""
+        self.gain = torch.ones(() if batch is None else (batch,), dtype=torch.float32, device=self.weight.device)
+
+    def reset(self) -> None:
+        """Back to the state right after patching: no policy history, captured gradient or stored plan,
+        and a scalar gain of 1 (the fallback count is kept)."""
+        self.policy.reset()
+        self.clear_gradient()
+        self.plan = None
+        self.reset_gain()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> VPSLinear:
+        # .half()/.to(dtype)/.type() cast every buffer they reach, but the gain and the counter are the
+        # layer's own state, not the model's: they follow the device and keep their dtype (the gain at
+        # full float32 precision, not rounded through the model's dtype).
+        self._fold_fallbacks()  # count flags left on the old device before the counter moves
+        before = {name: getattr(self, name) for name in _OWN_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if old is not None and new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
+        if x.dim() == 2:  # (N, d_in): one sequence of N tokens
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        ctx = self.ctx
-        active = ctx.enabled and self._can_perturb
-        reuse = active and ctx.reuses_plan(self.cfg.decode_mode) and self._plan_fits(x.shape[0])
-        coupled = self.pair is not None and active and not reuse
-        cached = self.pair.take(self, x) if coupled else None
-        out = cached.out if cached is not None else self.base_layer(x)
-        if not active:
-            return out
-        # The first of a coupled Q/K pair computes its partner's base output too (the partner reuses
-        # it, so nothing is computed twice): the joint selection needs both outputs' scores.
-        peer_out = self.pair.peer(self).base_layer(x) if coupled and cached is None else None
-        plan = self.plan if reuse else self._build_plan(x, out, cached, peer_out)
-        if peer_out is not None:
-            self.pair.store(self.pair.peer(self), x, peer_out, *self._peer_stats)
-            self._peer_stats = None
+        if not (self.ctx.enabled and self._can_perturb):
+            return self.base_layer(x)
+        if self.ctx.reuses_plan(self.cfg.decode_mode) and self._plan_fits(x.shape[0]):
+            out, plan = self.base_layer(x), self.plan
+        else:
+            base = self.pair.base_output(self, x) if self.pair is not None else BaseOutput(self.base_layer(x))
+            out, plan = base.out, self._build_plan(x, base)
+            self.plan = plan
         y = self._apply_plan(out, plan)
         if y.requires_grad and torch.is_grad_enabled():
-            self._capture_gradient(y, ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
+            self._capture_gradient(y, self.ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
         return y
 
     def _plan_fits(self, batch: int) -> bool:
@@ -178,86 +180,55 @@ class VPSLinear(nn.Module):
         return out.baddbmm_(h_sel, q)  # the base output is ours alone: update it in place
 
     # -- plan construction ---------------------------------------------------------------------
-    def _build_plan(self, x: torch.Tensor, out: torch.Tensor, cached: Any = None,
-                    peer_out: torch.Tensor | None = None) -> Plan:
-        cfg = self.cfg
+    def _build_plan(self, x: torch.Tensor, base: BaseOutput) -> Plan:
         ctx = self.ctx
-        batch_scope = cfg.scope == "batch"
         with torch.no_grad():
             mask, dense = ctx.valid_tokens(x.shape[0], x.shape[1], x.device)
             key = x
-            h0 = self._without_bias(out)  # no_grad: nothing here joins the autograd graph
-            if batch_scope:
-                x, h0, mask = (t.reshape(1, -1, *t.shape[2:]) for t in (x, h0, mask))
+            h0 = self._without_bias(base.out)  # no_grad: nothing here joins the autograd graph
+            if self.cfg.scope == "batch":
+                x, h0, mask = (_as_one_sequence(t) for t in (x, h0, mask))
             # Layers reading the same input (q/k/v, gate/up) share its ranking within one forward.
             in_rank = ctx.cached_input_ranking(key, self.topk, lambda: rank_features(
                 input_scores(x, mask, dense), self.topk, nonnegative=True))
-            if cached is not None:  # the coupled partner already scored this output
-                out_rank, energy = cached.out_rank, cached.energy
-            else:
-                s_out, energy = output_scores(h0, mask, dense)
-                if peer_out is not None:
-                    peer_h0 = self.pair.peer(self)._without_bias(peer_out)
-                    if batch_scope:
-                        peer_h0 = peer_h0.reshape(1, -1, peer_h0.shape[-1])
-                    peer_scores, peer_energy = output_scores(peer_h0, mask, dense)
-                    out_rank, peer_rank = self.pair.rank_outputs(self, s_out, peer_scores, self.topk)
-                    self._peer_stats = (peer_rank, peer_energy)
-                else:
-                    out_rank = rank_features(s_out, self.topk, nonnegative=True)
+            out_rank, energy = self._output_ranking(key, h0, base, mask, dense)
             entropy = ctx.entropy_for(key.shape[0])
-            if entropy is not None and batch_scope:
+            if entropy is not None and self.cfg.scope == "batch":
                 entropy = entropy.mean().reshape(1)
             decision = self.policy.decide(energy, entropy)
             grad = self._consume_gradient(x.shape[0])
             selection = self.builder.build(BuildInputs(x, h0, mask, in_rank, out_rank, decision, grad))
-        plan = self._make_plan(selection, decision, out.dtype)
-        self.plan = plan
-        return plan
+        return self._make_plan(selection, decision, base.out.dtype)
+
+    def _output_ranking(self, key: torch.Tensor, h0: torch.Tensor, base: BaseOutput, mask: torch.Tensor,
+                        dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k output features and the energy of ``h0`` (the base output without bias, plan layout)."""
+        if base.out_rank is not None:  # the coupled partner already ranked this output
+            return base.out_rank, base.energy
+        scores, energy = output_scores(h0, mask, dense)
+        if base.peer_out is None:
+            return rank_features(scores, self.topk, nonnegative=True), energy
+        peer_h0 = self.pair.peer(self)._without_bias(base.peer_out)
+        if self.cfg.scope == "batch":
+            peer_h0 = _as_one_sequence(peer_h0)
+        peer_scores, peer_energy = output_scores(peer_h0, mask, dense)
+        return self.pair.rank_jointly(self, key, scores, base.peer_out, peer_scores, peer_energy, self.topk), energy
 
     def _make_plan(self, sel: Selection, decision: Decision, dtype: torch.dtype) -> Plan:
-        cfg = self.cfg
-        with torch.no_grad():
-            cols = self._cols(sel.in_idx)  # W[:, in_idx]^T = B^T: (B, R, d_out)
-            rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
-            a = rows if sel.coef is None else sel.coef.transpose(1, 2) @ rows  # A^T: (B, R, d_in)
-            # Clipping scales A_c and B_c by s_c each, so term c is scaled by s_c^2; components beyond
-            # the decided rank get 0.
-            s2 = squared_clip_scales(torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(cols, dim=-1),
-                                     cfg.tau)
-            s2 = s2 * (self._rank_positions(s2.device) < decision.rank.unsqueeze(-1))  # (B, R)
-            second = None
-            if cfg.resolved_order_bounds[1] == 2:
-                w_sub = torch.gather(rows, 2, sel.in_idx.unsqueeze(1).expand(-1, rows.shape[1], -1))
-                m = w_sub if sel.coef is None else sel.coef.transpose(1, 2) @ w_sub  # M[c, c'] = V_c^T W U_c'
-                s = s2.sqrt()
-                second = ((decision.order == 2).float()[:, None, None] * s[:, :, None] * m.transpose(1, 2)
-                          * s[:, None, :])
-        # The gain may carry autograd (refinement optimises it); everything else is constant.
-        gain = self.gain
-        if gain.device != decision.gamma.device:
-            gain = gain.to(decision.gamma.device)
-            if not gain.requires_grad:  # the model moved after patching: move the gain once, not per forward
-                self.gain = gain
+        gain = self.gain  # may carry autograd: refinement optimises it
         if gain.dim() and gain.shape[0] != decision.gamma.shape[0]:
             raise ValueError(f"{self.layer_name or 'layer'}: per-sequence gains for {gain.shape[0]} sequences, but "
                              f"this forward plans for {decision.gamma.shape[0]}")
-        g = decision.gamma * gain
-        if second is None:  # order 1: a diagonal core, so Q is a row scaling of B^T
-            q = (g[:, None] * s2).unsqueeze(-1) * cols
-        else:
-            q = (torch.diag_embed(g[:, None] * s2) + (g * g)[:, None, None] * second) @ cols
-        # Every way the plan can break (a non-finite gain, norm, clip scale or weight) ends in Q.
         with torch.no_grad():
-            ok = torch.isfinite(q).all(dim=(1, 2))
-            if sel.ok is not None:
-                ok = ok & sel.ok
-            self._oks.append(ok)
-            if len(self._oks) >= 64:
-                self._fold_fallbacks()
+            cols = self._cols(sel.in_idx)  # W[:, in_idx]^T = B^T: (B, R, d_out)
+            rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
             bias = self.bias
             bias_sel = None if bias is None else bias[sel.out_idx]
-        q = torch.where(ok[:, None, None], q, 0.0)
+        q, ok = plan_matrix(rows, cols, sel.in_idx, sel.coef, decision.rank, decision.order, decision.gamma * gain,
+                            self.cfg.tau, self.cfg.resolved_order_bounds[1], sel.ok)
+        self._oks.append(ok)
+        if len(self._oks) >= 64:
+            self._fold_fallbacks()
         return Plan(sel.out_idx, sel.coef, q if q.dtype == dtype else q.to(dtype), bias_sel, sel, decision)
 
     def _fold_fallbacks(self) -> None:
@@ -265,14 +236,7 @@ class VPSLinear(nn.Module):
         # forward would cost a few tensor ops per layer and forward.
         oks, self._oks = self._oks, []
         if oks:
-            failed = sum((~ok).sum() for ok in oks)
-            self._fallbacks = self._fallbacks.to(failed.device) + failed
-
-    def _rank_positions(self, device: torch.device) -> torch.Tensor:
-        pos = self._positions
-        if pos is None or pos.device != device:
-            pos = self._positions = torch.arange(self.cfg.max_rank, device=device)
-        return pos
+            self._fallbacks = self._fallbacks + sum((~ok).sum() for ok in oks)
 
     # -- weight access without materialising anything of size d_out x d_in ----------------------
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -350,6 +314,9 @@ def _valid_count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1).clamp_min(1).float()
 
 
+def _as_one_sequence(t: torch.Tensor) -> torch.Tensor:
+    # scope="batch": every sequence's tokens form one row, so all of them share one plan
+    return t.reshape(1, -1, *t.shape[2:])
 
 
 def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -57,9 +57,7 @@ def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
     if is_patched(model):
         raise PatchError("model is already patched with VPS; call vps.unpatch(model) first")
     names = select_targets(model, cfg)
-    ctx = VPSContext()
-    ctx.want_entropy = cfg.use_entropy and cfg.decode_mode == "dynamic" and (
-        cfg.adaptive_rank or cfg.adaptive_gamma or cfg.adaptive_topk or cfg.adaptive_order)
+    ctx = VPSContext(cfg)
     layers: dict[str, VPSLinear] = {}
     for name in names:
         parent, attr = _parent_of(model, name)
@@ -165,12 +163,8 @@ def reset_state(model: nn.Module) -> None:
     """Forget policies' histories, captured gradients, stored plans, gains and entropies."""
     state = _state(model)
     for layer in state.layers.values():
-        layer.policy.reset()
-        layer.clear_gradient()
-        layer.plan = None
-        # on the weights' device: a gain elsewhere costs a blocking copy per layer and forward on a GPU
-        layer.gain = torch.ones((), dtype=torch.float32, device=layer.weight.device)
-    state.ctx.entropy = state.ctx.entropy_hint = state.ctx.last_entropy = None
+        layer.reset()
+    state.ctx.entropy = state.ctx.entropy_hint = None
 
 
 def clear_gradients(model: nn.Module) -> None:

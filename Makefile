@@ -8,7 +8,7 @@ LOCK := requirements.lock
 # torch, which PyPI does not serve (a bare `torch` from PyPI is a multi-GB CUDA build).
 FIND_LINKS ?= /opt/wheels
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --find-links $(FIND_LINKS) --quiet
+	--python-platform x86_64-manylinux_2_28 --find-links $(FIND_LINKS) --no-strip-extras --quiet
 DEMO_QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?
 
 .PHONY: install demo test test-latest test-oldest lock lint bench clean
@@ -16,7 +16,7 @@ DEMO_QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she 
 # Exactly the locked versions (hash-checked), then the package itself without resolving anything again.
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/pip check
 	touch $(STAMP)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The standard VPS overhead benchmark (issue 7); ``make bench`` runs it.
+"""The standard VPS overhead benchmark (targets in BENCHMARKS.md); ``make bench`` runs it.
 
 Runs ``vps bench`` with its defaults — the bundled model, builders sk / sc / hybrid (frozen decode),
 sk with dynamic decode and the rank-2 floor; prefill 1 x 512 and 8 x 128, greedy decode at batch 1

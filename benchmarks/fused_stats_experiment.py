@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What would a fused statistics kernel buy? (issue 7: "what it would take").
+"""What would a fused statistics kernel buy? (an overhead question: "what would it take").
 
 An experiment, not part of the library. In one process it interleaves prefill timings of
 

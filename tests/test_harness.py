@@ -527,3 +527,19 @@ def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching_and_samp
     assert fake.batches == [2, 1, 1, 1] and fake.samplings[2:] == ["global", "global"]
     assert any("keeping this run's stored refine batching 'item'" in m for m in logs)
     assert any("keeping this run's stored refine sampling 'global'" in m for m in logs)
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, model):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data)
+    out = tmp_path / "out"
+    gen = fake_generate({"base": set(), "vps": set()})
+    kw = dict(progress=False, generate_fn=gen, log=lambda _m: None)
+    run_evaluation(model, TOK, items[:1], SPECS, out, settings, **kw)
+    stored = json.loads((out / "run.json").read_text())
+    del stored["configs"]["vps"]["config"]["damping"]  # as a run of an older vps wrote it
+    (out / "run.json").write_text(json.dumps(stored))
+    assert run_evaluation(model, TOK, items[:2], SPECS, out, settings, **kw) == {"base": 1, "vps": 1}
+    damped = [SPECS[0], MethodSpec("vps", "vps", vps.VPSConfig(damping=True))]
+    with pytest.raises(RunMismatchError, match=r"configuration 'vps' changed \(config.damping\)"):
+        run_evaluation(model, TOK, items[:2], damped, out, settings, **kw)

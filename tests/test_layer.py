@@ -199,3 +199,41 @@ def test_per_sequence_gains_must_match_the_batch():
     layer(torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="up: per-sequence gains for 2 sequences"):
         layer(torch.randn(3, 4, 8))
+
+
+def test_damping_is_the_series_at_minus_gamma():
+    """damping=True flips the first-order term's sign and keeps the order-2 term (gamma^2) as it is."""
+    import vps
+    from tiny import ids, logits, tiny_llama
+
+    x = ids(2, 9)
+    for order in (1, 2):
+        model = tiny_llama()
+        base = logits(model, x)
+        deltas = {}
+        for damping in (False, True):
+            cfg = vps.VPSConfig(order=order, damping=damping, adaptive_rank=False, adaptive_gamma=False,
+                                gamma=0.3, qk_coupling=False, builder="sk", layers=[0],
+                                target_modules=["mlp.down_proj"])
+            with vps.patched(model, cfg):
+                deltas[damping] = logits(model, x) - base
+        assert deltas[False].abs().max() > 1e-4
+        # one patched layer, last in its block: to first order the logit change flips sign
+        cos = torch.nn.functional.cosine_similarity(deltas[False].flatten(), deltas[True].flatten(), dim=0)
+        assert cos < -0.9, (order, cos)
+
+
+def test_damping_negates_the_first_order_term_exactly():
+    import vps
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    x = torch.randn(5, 16)
+    out = {}
+    for damping in (False, True):
+        cfg = vps.VPSConfig(rank=2, topk=4, order=1, damping=damping, adaptive_rank=False, adaptive_gamma=False,
+                            gamma=0.4)
+        with torch.no_grad():
+            out[damping] = vps.VPSLinear(base, cfg)(x) - base(x)
+    assert out[False].abs().max() > 1e-3
+    torch.testing.assert_close(out[True], -out[False])

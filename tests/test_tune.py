@@ -354,3 +354,22 @@ def test_cli_tune_end_to_end_then_eval_reads_best(tok, tmp_path):
     run_json = json.loads((tmp_path / "confirm" / "run.json").read_text())
     assert run_json["configs"]["vps"]["config"] == {**VPSConfig.load(out / "best.json").to_dict(),
                                                     "version": run_json["configs"]["vps"]["config"]["version"]}
+
+
+def test_damping_trials_only_when_the_space_allows_and_labelled(model, tok, tmp_path):
+    with pytest.raises(SpaceError, match="allow_damping"):
+        parse_space({"gamma": [-0.3, 0.3]})
+    space = {"allow_damping": True, "gamma": [-0.3, 0.3], "rank": [2]}
+    data = train_file(tmp_path, copies=1)
+    out = tmp_path / "study"
+    run(model, tok, out, data, 1, space=space)
+    study = open_study(out, _settings(out))
+    for gamma in (-0.3, 0.3):
+        study.enqueue_trial({"gamma": gamma, "rank": 2})
+    run(model, tok, out, data, 3, space=space)
+    trials = {t["params"]["gamma"]: t for t in rows(out)[1:]}
+    assert trials[-0.3]["labels"] == ["DAMPING"] and trials[-0.3]["config"]["damping"] is True
+    assert trials[-0.3]["config"]["gamma"] == 0.3
+    assert trials[0.3]["labels"] == [] and trials[0.3]["config"]["damping"] is False
+    assert trials[-0.3]["nll_diff"] != pytest.approx(trials[0.3]["nll_diff"])
+    assert "DAMPING" in (out / "report.md").read_text()

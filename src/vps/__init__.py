@@ -35,6 +35,7 @@ from .refine import RefineResult, refine, refine_many
 from .samples import SampleCache
 from .spectral import spectral_clip
 from .trace import format_summary, summarize, trace
+from .tuning import tune
 from .verify import Answer, CompositeVerifier, extract_answer
 
 __all__ = [
@@ -44,5 +45,5 @@ __all__ = [
     "SCBuilder", "SKBuilder", "VPSConfig", "VPSLinear", "clear_gradients", "disabled", "format_summary",
     "get_config", "is_patched", "make_builder", "patch", "patched", "reset_state", "reuse_selection",
     "set_entropy_hint",
-    "spectral_clip", "summarize", "trace", "unpatch", "update_outcome", "vps_layers",
+    "spectral_clip", "summarize", "trace", "tune", "unpatch", "update_outcome", "vps_layers",
 ]

@@ -1,4 +1,4 @@
-"""Selector builders (seed section 2): which input and output features the perturbation uses.
+"""Selector builders (docs/design.md §2): which input and output features the perturbation uses.
 
 A builder returns a `Selection`: the input selector ``U`` is always one-hot on ``in_idx`` (B, R);
 the output selector ``V`` is supported on ``out_idx`` (B, K') with coefficients ``coef`` (B, K', R)

@@ -59,6 +59,10 @@ class VPSConfig:
     Gradient and L-BFGS: ``grad_eta`` is how far (relative to the target's RMS) the SC regression
     target moves against a captured gradient; ``lbfgs_m`` memory pairs; ``lbfgs_scale`` step scale
     (seed: 1e-3) of the per-layer gain update during refinement.
+
+    ``damping`` flips the sign of the perturbation (the series at ``-gamma``): it weakens the selected
+    directions instead of sharpening them, outside the seed's method; `vps tune` searches it only when
+    a space file allows it, and labels it DAMPING (docs/design.md §1).
     """
 
     rank: int = 2
@@ -92,6 +96,8 @@ class VPSConfig:
     grad_eta: float = 0.1
     lbfgs_m: int = 5
     lbfgs_scale: float = 1e-3
+
+    damping: bool = False
 
     version: str = field(default=__version__, compare=False)
 
@@ -127,7 +133,7 @@ class VPSConfig:
         if self.decode_mode not in DECODE_MODES:
             raise ConfigError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
         for name in ("qk_coupling", "lbfgs_enabled", "adaptive_rank", "adaptive_gamma", "adaptive_topk",
-                     "adaptive_order", "use_entropy"):
+                     "adaptive_order", "use_entropy", "damping"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_targets("target_modules", self.target_modules)

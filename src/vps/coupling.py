@@ -1,4 +1,4 @@
-"""Q/K coupling (seed section 7): coherent perturbations of an attention block's query and key.
+"""Q/K coupling (docs/design.md §7): coherent perturbations of an attention block's query and key.
 
 The query and key projections read the same input, so their input selections (top features of
 mean |x|) coincide: they are one selection. Their *output* selections are chosen jointly so that

@@ -3,7 +3,7 @@
 Every `VPSLinear` scales its perturbation by a scalar gain (1.0 at patch time; never part of the
 model's weights or ``state_dict``). During a refinement step the loss is back-propagated to the gains,
 and `GainOptimizer.step` moves them against the gradient. With ``lbfgs_enabled`` the gradient is first
-preconditioned by the ephemeral L-BFGS memory (seed section 5), whose curvature pairs are the
+preconditioned by the ephemeral L-BFGS memory (docs/design.md §5), whose curvature pairs are the
 successive gain steps and gradient changes; without it the step is plain gradient scaling. Both are
 scaled by ``lbfgs_scale`` (1e-3 by default, as the seed describes). Gains are clamped to
 ``[0, max_gain]`` so a step can weaken or strengthen a layer's perturbation but never flip its sign.

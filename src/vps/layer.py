@@ -224,7 +224,9 @@ class VPSLinear(nn.Module):
             rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
             bias = self.bias
             bias_sel = None if bias is None else bias[sel.out_idx]
-        q, ok = plan_matrix(rows, cols, sel.in_idx, sel.coef, decision.rank, decision.order, decision.gamma * gain,
+        # Damping is the same series at -gamma: the first-order term flips sign, the order-2 term does not.
+        g = -(decision.gamma * gain) if self.cfg.damping else decision.gamma * gain
+        q, ok = plan_matrix(rows, cols, sel.in_idx, sel.coef, decision.rank, decision.order, g,
                             self.cfg.tau, self.cfg.resolved_order_bounds[1], sel.ok)
         self._oks.append(ok)
         if len(self._oks) >= 64:

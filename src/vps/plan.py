@@ -7,7 +7,7 @@ the order-2 term, so that the perturbation of a base output ``h = W x`` is
     delta = (h[out_idx] @ coef) @ Q,   Q = S (g I + g^2 [order 2] M^T) S B^T
 
 with ``S = diag(clip scales * rank mask)``, ``g = gamma * gain``, ``B^T = W[:, in_idx]^T`` and
-``M = V^T W U`` (R x R): order 2 adds ``gamma^2 B M A^T`` (DESIGN.md) at the price of one R x R
+``M = V^T W U`` (R x R): order 2 adds ``gamma^2 B M A^T`` (docs/design.md §1) at the price of one R x R
 product. Clipping scales the factors A and B, as the seed does, in both terms.
 """
 

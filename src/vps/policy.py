@@ -1,4 +1,4 @@
-"""The adaptive policy (seed section 4): how much perturbation each forward of a layer gets.
+"""The adaptive policy (docs/design.md §4): how much perturbation each forward of a layer gets.
 
 One `LayerPolicy` per patched layer. Each forward it turns per-sequence statistics into a
 `Decision` (sigma, rank, top-k, gamma, order), all as tensors so nothing syncs with the host:

@@ -1,4 +1,4 @@
-"""Iterative refinement with the verifier in the loop (seed sections 6 and 8.3).
+"""Iterative refinement with the verifier in the loop (docs/design.md §6).
 
 Iteration 0 decodes. Every later iteration
 

@@ -1,4 +1,4 @@
-"""Per-component spectral clipping of the low-rank factors (seed section 3).
+"""Per-component spectral clipping of the low-rank factors (docs/design.md §3).
 
 Each rank-1 term ``A_i B_i^T`` of the perturbation has spectral norm ``||A_i|| * ||B_i||``. Bounding
 every term by ``tau`` bounds the whole perturbation by ``sqrt(r) * tau``.

@@ -131,7 +131,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = spec.get("config")
-    cfg = None if cfg is None else {k: v for k, v in cfg.items() if k != "version"}
+    if cfg is not None:
+        from ..config import VPSConfig
+
+        # A field added since a run was written takes its default, which is what that run did (a new
+        # field always defaults to the old behaviour), so the run still resumes.
+        cfg = {k: v for k, v in {**VPSConfig().to_dict(), **cfg}.items() if k != "version"}
     return {"method": spec.get("method"), "config": cfg, "votes": spec.get("votes")}
 
 

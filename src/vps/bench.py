@@ -75,8 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 PLAN_REUSE_PRESETS = frozenset({"floor"})
 DEFAULT_CONFIGS = ("sk", "sc", "hybrid", "sk-dynamic", "floor")
 
-# The overhead targets of BENCHMARKS.md (ratios to the unpatched model). Prefill targets belong to workload roles so that
-# --quick sizes keep them: the first prefill shape is "one long sequence", the second "a batch".
+# The overhead targets of BENCHMARKS.md (ratios to the unpatched model). Prefill targets belong to workload roles, so
+# that --quick sizes keep them: the first prefill shape is "one long sequence", the second "a batch".
 TARGET_PREFILL_LONG = 1.10  # batch 1 x 512
 TARGET_PREFILL_BATCH = 1.05  # batch 8 x 128
 TARGET_DECODE_B1 = 1.15  # frozen decode, time per token at batch 1 (the decode loop and generate() alike)

@@ -70,3 +70,29 @@ def test_refine_json_on_default_model(capsys):
                  "--json"]) == 0
     trace = json.loads(capsys.readouterr().out)
     assert len(trace["trace"]) == 2 and trace["oracle"] is False
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`vps --help` and every subcommand's parser stay light: heavy modules load when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vps.cli; vps.cli.build_parser()\n"
+            "import vps; vps.__all__\n"
+            "heavy = ('torch', 'transformers', 'optuna', 'lm_eval', 'matplotlib')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_top_level_names_resolve_lazily_to_the_user_api():
+    import vps
+
+    for name in vps.__all__:
+        assert getattr(vps, name) is not None, name
+    assert callable(vps.refine) and callable(vps.trace) and callable(vps.tune)  # functions, not modules
+    assert "set_entropy_hint" not in vps.__all__ and vps.set_entropy_hint is not None
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vps.nope  # noqa: B018

@@ -41,7 +41,7 @@ def test_a_patched_forward_blocks_the_host_at_most_once(move_after_patching):
 
 def test_refinement_gains_live_on_the_gpu_and_step():
     model = vps.patch(tiny_llama().cuda(), vps.VPSConfig(gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0))
-    from vps.gains import GainOptimizer
+    from vps.refinement.gains import GainOptimizer
 
     gains = GainOptimizer(model, batch=2)
     x = ids(2, 16).cuda()

@@ -4,7 +4,7 @@ import torch
 
 import vps
 from tiny import ids, tiny_llama
-from vps.gains import GainOptimizer
+from vps.refinement.gains import GainOptimizer
 
 
 def test_per_sequence_gains_are_set_and_reset_per_layer():

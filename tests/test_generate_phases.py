@@ -179,8 +179,8 @@ def test_no_deprecated_cache_name_comes_from_vps_code(monkeypatch, one_thread, t
     """The decode loop of the benchmark, the NLL scorer, the profiler and refinement name the cache as the
     installed transformers expects: no FutureWarning for the argument, no deprecation log for the output field."""
     from vps.bench import BenchSettings, make_inputs, time_decode, time_generate
+    from vps.bench.profiling import profile_patched
     from vps.evaluation.nll import solution_nll
-    from vps.profiling import profile_patched
 
     logged = []
     monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)))

@@ -6,7 +6,7 @@ import torch
 
 import vps
 from tiny import ids, tiny_llama
-from vps.gains import GainOptimizer
+from vps.refinement.gains import GainOptimizer
 
 NAME = "model.layers.1.mlp.down_proj"
 SCALE = 20.0

@@ -260,10 +260,9 @@ def test_refine_rows_are_read_in_the_runs_extraction_mode(tmp_path, model):
 
 
 def test_default_refine_is_the_library_function(monkeypatch):
-    fake = types.ModuleType("vps.refine")
+    fake = types.ModuleType("vps.refinement.loop")
     fake.refine_many = lambda *a, **k: None
-    monkeypatch.setitem(sys.modules, "vps.refine", fake)
-    monkeypatch.setattr(vps, "refine", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "vps.refinement.loop", fake)
     assert harness_mod._default_refine() is fake.refine_many
 
 
@@ -454,7 +453,7 @@ def test_ablate_cli_loads_the_model_once(tmp_path, model, monkeypatch, capsys):
 
 
 def test_refine_methods_with_the_library_refine(tmp_path, model):
-    pytest.importorskip("vps.refine")
+    pytest.importorskip("vps.refinement.loop")
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False, max_new_tokens=3, refine_iters=2, refine_k_samples=2)
     specs = [MethodSpec("refine-self", "refine-self"), MethodSpec("refine-oracle", "refine-oracle")]
@@ -475,7 +474,7 @@ def test_refine_methods_with_the_library_refine(tmp_path, model):
 
 
 def test_a_resumed_run_reuses_the_samples_its_earlier_rows_recorded(tmp_path, model):
-    pytest.importorskip("vps.refine")
+    pytest.importorskip("vps.refinement.loop")
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False, max_new_tokens=3, refine_iters=2, refine_k_samples=2)
     own, oracle = MethodSpec("refine-self", "refine-self"), MethodSpec("refine-oracle", "refine-oracle")

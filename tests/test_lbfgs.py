@@ -1,4 +1,4 @@
-"""Tests for vps.lbfgs.EphemeralLBFGS.
+"""Tests for vps.refinement.lbfgs.EphemeralLBFGS.
 
 The reference is the dense BFGS inverse-Hessian recursion, built in numpy
 float64 independently of the two-loop implementation under test.
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vps.lbfgs import EphemeralLBFGS
+from vps.refinement.lbfgs import EphemeralLBFGS
 
 
 def dense_inverse_hessian(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

@@ -5,7 +5,7 @@ import torch
 
 import vps
 from vps.prompting import chat_prompt
-from vps.refine import refine
+from vps.refinement.loop import refine
 
 pytestmark = pytest.mark.real_model
 

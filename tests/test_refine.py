@@ -8,7 +8,7 @@ import torch
 import vps
 from tiny_eval import tiny_model, tiny_tokenizer
 from vps.prompting import chat_prompt
-from vps.refine import refine
+from vps.refinement.loop import refine
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_unpatched_model_is_refused():
 
 
 def test_decode_returns_the_first_steps_logits_without_keeping_every_steps(setup):
-    from vps.refine import _decode
+    from vps.refinement.loop import _decode
 
     model, tok, prompt = setup
     texts, counts, first = _decode(model, tok, [prompt, prompt + " 1"], max_new_tokens=5, temperature=0.0)
@@ -85,7 +85,7 @@ def test_decode_returns_the_first_steps_logits_without_keeping_every_steps(setup
 
 
 def test_stream_sampler_draws_from_the_tempered_softmax_and_keeps_each_groups_stream():
-    from vps.samples import StreamSampler
+    from vps.refinement.samples import StreamSampler
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
     temperature, draws = 0.7, 20000
@@ -131,7 +131,7 @@ def test_global_sampling_draws_one_prompt_at_a_time_from_the_global_generator(se
 
 @pytest.mark.parametrize("mode", ["self", "oracle"])
 def test_refine_many_equals_one_refine_per_prompt(mode):
-    from vps.refine import refine_many
+    from vps.refinement.loop import refine_many
 
     tok = tiny_tokenizer()
     # Large, fixed gamma and step scale: the gains, the history rule and SC all visibly act.
@@ -159,8 +159,8 @@ def test_refine_many_equals_one_refine_per_prompt(mode):
 
 
 def test_a_sample_cache_reuses_samples_drawn_with_the_same_settings_only():
-    from vps.refine import refine_many
-    from vps.samples import SampleCache
+    from vps.refinement.loop import refine_many
+    from vps.refinement.samples import SampleCache
 
     tok = tiny_tokenizer()
     model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
@@ -186,8 +186,8 @@ def test_a_sample_cache_reuses_samples_drawn_with_the_same_settings_only():
 
 
 def test_a_results_sample_record_restores_its_samples_in_a_new_cache():
-    from vps.refine import refine_many
-    from vps.samples import SampleCache
+    from vps.refinement.loop import refine_many
+    from vps.refinement.samples import SampleCache
 
     tok = tiny_tokenizer()
     model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
@@ -217,7 +217,7 @@ def test_a_results_sample_record_restores_its_samples_in_a_new_cache():
 
 
 def test_refine_many_needs_per_sequence_selectors_and_matching_golds():
-    from vps.refine import refine_many
+    from vps.refinement.loop import refine_many
 
     tok = tiny_tokenizer()
     prompts = [chat_prompt(tok, q, system=None) for q in ("1 + 1?", "2 + 2?")]

@@ -176,8 +176,9 @@ def test_refine_json_is_strict(model, monkeypatch, capsys):
     import vps.commands.refine as refine_cmd
 
     monkeypatch.setattr(refine_cmd, "load", lambda args: (model, TOK))
-    monkeypatch.setattr(refine_cmd, "patch", lambda model, cfg: model)
-    monkeypatch.setattr(refine_cmd, "refine", lambda *a, **k: _Result())
+    # the command imports these when it runs (so that its parser stays light): patch them at their source
+    monkeypatch.setattr("vps.patching.patch", lambda model, cfg: model)
+    monkeypatch.setattr("vps.refinement.refine", lambda *a, **k: _Result())
     assert cli.main(["refine", "What is 2 + 3?", "--json"]) == 0
     parsed = strict_loads(capsys.readouterr().out)
     row = parsed["trace"][0]

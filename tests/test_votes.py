@@ -8,7 +8,7 @@ import vps
 from tiny_eval import settings_for, tiny_tokenizer, write_data
 from vps.evaluation import GridError, MethodSpec, RunDir, parse_grid, run_evaluation
 from vps.evaluation import harness as harness_mod
-from vps.samples import DrawnSamples
+from vps.refinement.samples import DrawnSamples
 from vps.verify import extract_answer
 
 TOK = tiny_tokenizer()
@@ -37,7 +37,7 @@ def test_the_vote_and_its_tie_rule(name, texts, pred, chosen, tmp_path, model, m
     import importlib
 
     # vps.refine is rebound to the function in vps/__init__; the module itself is in sys.modules
-    monkeypatch.setattr(importlib.import_module("vps.refine"), "draw_samples", fake_draws([texts]))
+    monkeypatch.setattr(importlib.import_module("vps.refinement.loop"), "draw_samples", fake_draws([texts]))
     items, settings = settings_for(write_data(tmp_path / "d.jsonl"), nll=False)
     spec = MethodSpec(f"maj@{len(texts)}", "maj", votes=len(texts))
     rows = harness_mod._vote_batch(model, TOK, items[:1], spec, {items[0].id: "p"}, settings, "streams", None)

@@ -8,42 +8,74 @@ from activation statistics. Patch a model in one line::
     vps.patch(model, vps.VPSConfig())
 """
 
-from ._version import __version__
-from .builders import HybridBuilder, SCBuilder, SKBuilder, make_builder
-from .config import ConfigError, VPSConfig
-from .coupling import QKPair
-from .layer import VPSLinear
-from .lbfgs import EphemeralLBFGS
-from .models import ModelLoadError, load_model
-from .patching import (
-    PatchError,
-    clear_gradients,
-    disabled,
-    get_config,
-    is_patched,
-    patch,
-    patched,
-    reset_state,
-    reuse_selection,
-    set_entropy_hint,
-    unpatch,
-    update_outcome,
-    vps_layers,
-)
-from .policy import LayerPolicy
-from .refine import RefineResult, refine, refine_many
-from .samples import SampleCache
-from .spectral import spectral_clip
-from .trace import format_summary, summarize, trace
-from .tuning import tune
-from .verify import Answer, CompositeVerifier, extract_answer
+# ruff: noqa: F401  (the TYPE_CHECKING imports name the lazily loaded exports for type checkers)
+from __future__ import annotations
 
-__all__ = [
-    "__version__", "Answer", "CompositeVerifier", "ModelLoadError", "RefineResult", "extract_answer",
-    "load_model", "refine", "refine_many", "SampleCache",
-    "ConfigError", "EphemeralLBFGS", "HybridBuilder", "LayerPolicy", "PatchError", "QKPair",
-    "SCBuilder", "SKBuilder", "VPSConfig", "VPSLinear", "clear_gradients", "disabled", "format_summary",
-    "get_config", "is_patched", "make_builder", "patch", "patched", "reset_state", "reuse_selection",
-    "set_entropy_hint",
-    "spectral_clip", "summarize", "trace", "tune", "unpatch", "update_outcome", "vps_layers",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+# Public name -> the module that defines it. Loaded on first use (PEP 562), so that `import vps` and the
+# command line's `--help` do not pay for torch and transformers until something needs them.
+_EXPORTS = {
+    "VPSConfig": "config", "ConfigError": "config",
+    "patch": "patching", "unpatch": "patching", "patched": "patching", "disabled": "patching",
+    "is_patched": "patching", "get_config": "patching", "reset_state": "patching", "reuse_selection": "patching",
+    "clear_gradients": "patching", "vps_layers": "patching", "PatchError": "patching",
+    "load_model": "models", "ModelLoadError": "models",
+    "VPSLinear": "layer", "make_builder": "builders", "SKBuilder": "builders", "SCBuilder": "builders",
+    "HybridBuilder": "builders", "spectral_clip": "spectral",
+    "refine": "refinement", "refine_many": "refinement", "RefineResult": "refinement",
+    "SampleCache": "refinement", "EphemeralLBFGS": "refinement",
+    "trace": "tracing", "summarize": "tracing", "format_summary": "tracing",
+    "tune": "tuning",
+    "Answer": "verify", "CompositeVerifier": "verify", "extract_answer": "verify",
+}
+# Internals a user rarely calls: still reachable as vps.<name> (and from their modules), but not exported.
+_INTERNALS = {"set_entropy_hint": "patching", "update_outcome": "patching", "QKPair": "coupling",
+              "LayerPolicy": "policy"}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name) or _INTERNALS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vps' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_INTERNALS})
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .builders import HybridBuilder, SCBuilder, SKBuilder, make_builder
+    from .config import ConfigError, VPSConfig
+    from .coupling import QKPair
+    from .layer import VPSLinear
+    from .models import ModelLoadError, load_model
+    from .patching import (
+        PatchError,
+        clear_gradients,
+        disabled,
+        get_config,
+        is_patched,
+        patch,
+        patched,
+        reset_state,
+        reuse_selection,
+        set_entropy_hint,
+        unpatch,
+        update_outcome,
+        vps_layers,
+    )
+    from .policy import LayerPolicy
+    from .refinement import EphemeralLBFGS, RefineResult, SampleCache, refine, refine_many
+    from .spectral import spectral_clip
+    from .tracing import format_summary, summarize, trace
+    from .tuning import tune
+    from .verify import Answer, CompositeVerifier, extract_answer

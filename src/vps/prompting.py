@@ -5,9 +5,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI can read PROMPT_STYLES without it
+    import torch
 
 DEFAULT_SYSTEM = ("You are a careful math tutor. Solve the problem step by step, then give the final answer "
                   "on its own line as '#### <number>'.")
@@ -18,6 +19,8 @@ BOXED_SYSTEM = "Please reason step by step, and put your final answer within \\b
 # "fewshot" is lm-evaluation-harness's plain-text GSM8K format: k solved "Question: ... Answer: ..."
 # pairs, then the question and "Answer:", with no chat template.
 PROMPT_STYLES = ("tutor", "boxed", "fewshot")
+# Where a few-shot continuation starts the next example, so generation stops there.
+DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 _STYLE_SYSTEMS: dict[str, str | None] = {"tutor": DEFAULT_SYSTEM, "boxed": BOXED_SYSTEM, "fewshot": None}
 
 
@@ -134,6 +137,8 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     ``temperature == 0`` is greedy decoding. Generation stops at EOS, at ``max_new_tokens``, or at the
     first of ``stop_strings`` (trimmed from the text).
     """
+    import torch
+
     if seed is not None:
         torch.manual_seed(seed)
     enc = encode(tokenizer, prompts, next(model.parameters()).device)

@@ -11,27 +11,19 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
-from ..evaluation.harness import (
-    DEFAULT_STOP_STRINGS,
-    RESULTS_FILE,
-    RunDir,
-    RunLockedError,
-    RunSettings,
-    SettingError,
-    check_run,
-    data_info,
-    merge_settings,
-    run_evaluation,
-)
-from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
-from ..evaluation.rundir import check_directory
-from ..prompting import PROMPT_STYLES
-from ..verify import EXTRACT_MODES
+from ..evaluation.rundir import RESULTS_FILE, RunDir, RunLockedError, check_directory, merge_settings
+from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES
+from ..verify.extract import EXTRACT_MODES
 from .common import add_config_arguments, add_model_arguments, config_from_args, load
+
+if TYPE_CHECKING:
+    from ..evaluation.harness import RunSettings
+# The harness (torch) and the report (numpy, scipy, matplotlib) load when a command runs, not when the
+# parser is built: `vps --help` stays instant.
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +117,8 @@ def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
 
 
 def report(out: Path) -> int:
+    from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+
     summary = write_report(out)
     print(format_console(summary))
     print(f"report: {out / REPORT_MD}  plot: {out / REPORT_PNG}  rows: {out / RESULTS_FILE}", file=sys.stderr)
@@ -144,6 +138,8 @@ SETTING_FLAGS = {
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
     """A `SettingError` re-raised as a ValueError naming the flag of its field."""
+    from ..evaluation.harness import SettingError
+
     try:
         yield
     except SettingError as exc:
@@ -213,6 +209,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         except ValueError as exc:
             raise type(exc)(f"--out {exc}") from None
         return report(args.out)
+    from ..evaluation.harness import RunSettings, check_run, data_info
+
     check_flags(args, specs)
     run = check_out(args.out)
     loaded = load_data(args)
@@ -248,6 +246,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
 
 def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunDir, loaded: Any,
                     settings: RunSettings) -> int:
+    from ..evaluation.harness import run_evaluation
+
     stored = run.read_settings()  # again, under the lock: another run may have started here meanwhile
     if stored is not None:
         merge_settings(stored, settings.to_dict(specs), str(args.out))

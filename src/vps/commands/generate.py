@@ -6,12 +6,7 @@ import argparse
 import sys
 import time
 
-from transformers import TextStreamer
-
-from ..patching import disabled, patch
-from ..prompting import PromptFormat, generate_texts
-from ..trace import format_summary
-from ..verify import extract_answer
+from ..prompting import PromptFormat
 from .common import (
     add_config_arguments,
     add_model_arguments,
@@ -43,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from ..patching import disabled, patch
+    from ..prompting import generate_texts
+    from ..tracing import format_summary
+    from ..verify import extract_answer
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..evaluation.rundir import dumps_strict
-from ..patching import patch
 from ..prompting import chat_prompt
-from ..refine import refine
 from .common import (
     add_config_arguments,
     add_model_arguments,
@@ -30,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_threads_argument(p)
     p.add_argument("--sampling", choices=["streams", "global"], default="streams",
-                   help="how the samples draw their randomness (see vps.refine); global reproduces older runs")
+                   help="how the samples draw their randomness (see vps.refinement); global reproduces older runs")
     p.add_argument("--json", action="store_true",
                    help="print the whole trace as JSON (strict: a loss without evidence is null, not NaN)")
     add_config_arguments(p)
@@ -49,6 +47,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..patching import patch
+    from ..refinement import refine
+
     check_args(args)
     cfg = config_from_args(args)  # a bad VPS flag fails before loading
     set_threads(args)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evaluation.report import REPORT_MD, format_console
-from ..verify import EXTRACT_MODES
+from ..verify.extract import EXTRACT_MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.report import REPORT_MD, format_console
     from ..evaluation.rescore import rescore_run
 
     out = args.out or args.run.with_name(f"{args.run.name}-{args.extract}")

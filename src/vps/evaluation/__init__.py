@@ -1,16 +1,38 @@
-"""Evaluation utilities: loading items, running methods resumably, NLL, paired statistics and reports."""
+"""Evaluation utilities: loading items, running methods resumably, NLL, paired statistics and reports.
 
-from .ablation import METHODS, GridError, MethodSpec, default_grid_path, load_grid, parse_grid
-from .data import Item, LoadResult, load_items
-from .harness import RunDir, RunLockedError, RunMismatchError, RunSettings, data_info, run_evaluation
-from .nll import NLLResult, solution_nll
-from .report import format_console, pair_stats, summarize_run, write_report
-from .rescore import rescore_run
-from .stats import compare_paired, mcnemar_exact, paired_bootstrap_diff, wilson_interval
+Names load on first use, so that reading a run directory or the command line's choices does not
+import torch.
+"""
 
-__all__ = [
-    "METHODS", "GridError", "Item", "LoadResult", "MethodSpec", "NLLResult", "RunDir", "RunLockedError",
-    "RunMismatchError", "RunSettings", "compare_paired", "data_info", "default_grid_path", "format_console",
-    "load_grid", "load_items", "mcnemar_exact", "pair_stats", "paired_bootstrap_diff", "parse_grid", "rescore_run",
-    "run_evaluation", "solution_nll", "summarize_run", "wilson_interval", "write_report",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "METHODS": "ablation", "GridError": "ablation", "MethodSpec": "ablation", "default_grid_path": "ablation",
+    "load_grid": "ablation", "parse_grid": "ablation",
+    "Item": "data", "LoadResult": "data", "load_items": "data",
+    "RunSettings": "harness", "data_info": "harness", "run_evaluation": "harness",
+    "RunDir": "rundir", "RunLockedError": "rundir", "RunMismatchError": "rundir",
+    "NLLResult": "nll", "solution_nll": "nll",
+    "format_console": "report", "pair_stats": "report", "summarize_run": "report", "write_report": "report",
+    "rescore_run": "rescore",
+    "compare_paired": "stats", "mcnemar_exact": "stats", "paired_bootstrap_diff": "stats",
+    "wilson_interval": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vps.evaluation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -39,7 +39,7 @@ from typing import Any
 
 from .._version import __version__
 from ..patching import is_patched, patched, reset_state
-from ..prompting import PROMPT_STYLES, PromptFormat, generate_texts, style_system
+from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, generate_texts, style_system
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
 from .ablation import VOTE_METHODS, MethodSpec
 from .data import Item, LoadResult, load_items
@@ -71,7 +71,6 @@ __all__ = [
 
 RUN_FORMAT = 1
 # The model's next turn, if it starts writing one: stop there and trim it.
-DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 BATCH_ORDERS = ("length", "input")
 REFINE_BATCHINGS = ("batch", "item")
 REFINE_SAMPLINGS = ("streams", "global")
@@ -117,9 +116,9 @@ class RunSettings:
     batches items of similar token length together (longest first), which wastes far less compute on
     padding than the input order (~1.4x on GSM8K at batch 8); rows do not depend on their batch.
     ``nll_scoring`` is `solution_nll`'s ``scoring`` ("cached" computes each prompt once).
-    ``refine_batching="batch"`` refines a batch of items together (`vps.refine.refine_many`: each item
+    ``refine_batching="batch"`` refines a batch of items together (`vps.refinement.refine_many`: each item
     keeps its own loop and state; decodes and surrogate steps are batched); "item" refines one at a time.
-    ``refine_sampling`` is `vps.refine.refine_many`'s ``sampling``: "streams" draws every item's
+    ``refine_sampling`` is `vps.refinement.refine_many`'s ``sampling``: "streams" draws every item's
     self-consistency samples in one batch from per-item random streams, "global" one item at a time.
     ``refine_iters`` (>= 1) and ``refine_k_samples`` (>= 0) are the refine methods' iterations and
     self-consistency samples; a run with a refine method needs ``refine_k_samples >= 1`` (`check_run`):
@@ -253,7 +252,7 @@ def _sample_cache(rows: Sequence[dict[str, Any]]) -> Any:
     """A cache holding the samples recorded in the run's finished refine and vote rows: a resumed run
     reuses what an earlier process drew (refine-oracle or vps-maj after refine-self) as an uninterrupted
     one does."""
-    from ..samples import SampleCache
+    from ..refinement.samples import SampleCache
 
     cache = SampleCache()
     for row in rows:
@@ -269,9 +268,9 @@ def _sample_cache(rows: Sequence[dict[str, Any]]) -> Any:
 
 def _default_refine() -> Callable[..., Any]:
     try:
-        from ..refine import refine_many
+        from ..refinement.loop import refine_many
     except ImportError as exc:
-        raise RuntimeError(f"refine methods need vps.refine, which cannot be imported: {exc}") from None
+        raise RuntimeError(f"refine methods need vps.refinement, which cannot be imported: {exc}") from None
     return refine_many
 
 
@@ -297,7 +296,7 @@ def run_evaluation(
     its own run and unpatches it afterwards. Rows already in ``out_dir`` are skipped. Patched state
     (policy history, stored plans) is reset before every batch, so a row does not depend on which
     batches ran before it. ``generate_fn`` (default `vps.prompting.generate_texts`) and
-    ``refine_fn`` (default `vps.refine.refine_many`, called with a list of prompts) can be replaced,
+    ``refine_fn`` (default `vps.refinement.refine_many`, called with a list of prompts) can be replaced,
     e.g. in tests; ``on_batch`` is called after each batch is on disk. Everything is checked
     (`check_run`) before anything is written; the directory is locked for the whole call
     (`RunLockedError` if another process holds it).
@@ -522,7 +521,7 @@ def _vote_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodS
     drew and costs nothing more; a row's seconds are what drawing its samples cost, reused or not.
     The row's output is the first sample carrying the winning answer, read in the run's extraction mode.
     """
-    from ..refine import SAMPLE_TEMPERATURE, draw_samples
+    from ..refinement.loop import SAMPLE_TEMPERATURE, draw_samples
     from ..verify import CompositeVerifier
     from ..verify.consistency import majority_answer
 

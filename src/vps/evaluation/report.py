@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import RESULTS_FILE, RunDir
-from .rundir import dumps_strict, write_atomic
+from .rundir import RESULTS_FILE, RunDir, dumps_strict, write_atomic
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
 __all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..patching import get_config, vps_layers
 from .lbfgs import EphemeralLBFGS
-from .patching import get_config, vps_layers
 
 
 class GainOptimizer:

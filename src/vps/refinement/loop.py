@@ -51,14 +51,14 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .context import next_token_entropy
+from ..context import next_token_entropy
+from ..patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
+from ..prompting import check_context, decode_new_tokens, encode, generation_kwargs
+from ..tracing import summarize, summarize_sequences
+from ..verify import Answer, CompositeVerifier, extract_answer, parse_gold
+from ..verify.consistency import majority_answer
 from .gains import GainOptimizer
-from .patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
-from .prompting import check_context, decode_new_tokens, encode, generation_kwargs
 from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
-from .trace import summarize, summarize_sequences
-from .verify import Answer, CompositeVerifier, extract_answer, parse_gold
-from .verify.consistency import majority_answer
 
 MODES = ("self", "oracle")
 SAMPLINGS = ("streams", "global")

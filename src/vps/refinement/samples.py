@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from .verify import Answer
+from ..verify import Answer
 
 __all__ = ["DrawnSamples", "SampleCache", "StreamSampler", "settings_fingerprint"]
 

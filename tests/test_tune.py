@@ -373,3 +373,18 @@ def test_damping_trials_only_when_the_space_allows_and_labelled(model, tok, tmp_
     assert trials[0.3]["labels"] == [] and trials[0.3]["config"]["damping"] is False
     assert trials[-0.3]["nll_diff"] != pytest.approx(trials[0.3]["nll_diff"])
     assert "DAMPING" in (out / "report.md").read_text()
+
+
+def test_digest_reports_a_study_from_its_database(model, tok, tmp_path):
+    from vps.evaluation.digest import build_results
+
+    data = train_file(tmp_path, copies=1)
+    out = tmp_path / "study"
+    run(model, tok, out, data, 2)
+    (out / "report.md").unlink()
+    text = build_results({"title": "R", "sections": [{"title": "Tuning", "dir": "study", "command": "vps tune"}]},
+                         tmp_path)
+    best = min((t for t in rows(out) if t["state"] == "complete"), key=lambda t: t["nll_diff"])
+    assert f"#{best['number']}" in text and f"{best['nll_diff']:+.4f}" in text
+    assert "only the test confirmation counts" in text and "## Top trials" in text
+    assert (out / "report.md").exists()

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import RESULTS_FILE, RUN_FILE
 from .report import REPORT_MD, REPORT_PNG, write_report
+from .rundir import RESULTS_FILE, RUN_FILE
 
 __all__ = ["ResultsIndexError", "build_results", "finding", "load_index"]
 
@@ -154,6 +154,32 @@ def _embed(report_md: str, run_dir: str) -> str:
     return "\n".join(out).strip()
 
 
+def _tune_section(sec: dict[str, Any], path: Path, run_dir: str) -> tuple[str, list[str]]:
+    """A `vps tune` study: its outputs rewritten from its study.db, one summary line and its report."""
+    from ..tuning.report import refresh
+
+    info = refresh(path)
+    states = ", ".join(f"{n} {s}" for s, n in sorted(info["states"].items()))
+    best = info["best"]
+    if best is None:
+        line = f"no trial completed yet ({states or 'no trials'})"
+    else:
+        lo, hi = best["ci"]
+        labels = f" ({', '.join(best['labels'])})" if best["labels"] else ""
+        line = (f"best of the completed trials: #{best['number']}{labels}, NLL {best['nll_diff']:+.4f} nats/token "
+                f"[{lo:+.4f}, {hi:+.4f}] on the {best['n']} tuning items it was chosen on "
+                f"({_effect(lo, hi, True)} there; only the test confirmation counts); trials: {states}")
+    title = sec["title"] + (" (preliminary)" if sec.get("preliminary") else "")
+    body = [f"## {title}", "", "Status: " + states + ".", "", "Command (rerun it to resume or re-report):", "",
+            "    " + " ".join(sec["command"].split()), ""]
+    if sec.get("note"):
+        body += [str(sec["note"]).strip(), ""]
+    body += [_embed((path / REPORT_MD).read_text(encoding="utf-8"), run_dir), ""]
+    if (path / REPORT_PNG).exists():
+        body += [f"![{sec['title']}]({run_dir}/{REPORT_PNG})", ""]
+    return f"- **{title}**: {line}.", body
+
+
 def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
     """The RESULTS.md text for ``index``; run directories are relative to ``root``."""
     root = Path(root)
@@ -164,6 +190,11 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
     evidence: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
     for sec in index["sections"]:
         run_dir = sec["dir"].rstrip("/")
+        if (root / run_dir / "tune.json").exists():
+            line, section = _tune_section(sec, root / run_dir, run_dir)
+            summary_lines.append(line)
+            body += section
+            continue
         if not (root / run_dir / RUN_FILE).exists():
             title = sec["title"] + " (not started)"
             summary_lines.append(f"- **{title}**: no rows yet.")

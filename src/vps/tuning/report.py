@@ -15,7 +15,7 @@ from ..config import VPSConfig
 from ..evaluation.rundir import dumps_strict, write_atomic
 from .settings import TuneSettings
 
-__all__ = ["REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "trial_row", "write_outputs",
+__all__ = ["REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "refresh", "trial_row", "write_outputs",
            "write_trials"]
 
 REPORT_MD = "report.md"
@@ -228,3 +228,33 @@ def _plot(path: Path, rows: list[dict[str, Any]], importances: dict[str, float],
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def refresh(directory: str | Path) -> dict[str, Any]:
+    """Rewrite a study directory's outputs from its ``study.db`` (also while the study still runs) and
+    return a summary: trials by state, the best trial's number, value, interval and labels."""
+    import json
+
+    import optuna
+
+    from .settings import TuneSettings
+    from .space import SearchSpace
+    from .study import SETTINGS_FILE, STUDY_FILE, STUDY_NAME
+
+    directory = Path(directory)
+    stored = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))
+    settings = TuneSettings(**{k: v for k, v in stored.items() if k not in ("format", "vps_version")})
+    space = SearchSpace.from_dict(settings.space, source=f"{directory / SETTINGS_FILE} (space)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{(directory / STUDY_FILE).resolve()}")
+    write_trials(directory, study, settings)
+    best = write_outputs(directory, study, settings, space)
+    rows = [trial_row(t, settings) for t in study.get_trials(deepcopy=False)]
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    out: dict[str, Any] = {"states": states, "on_test": settings.on_test, "best": None}
+    if best is not None:
+        b = trial_row(best, settings)
+        out["best"] = {k: b[k] for k in ("number", "nll_diff", "ci", "n", "labels", "params")}
+    return out

@@ -96,6 +96,18 @@ class SearchSpace:
                   for p in self.params}
         return {"params": params, "fixed": dict(self.fixed), "allow_damping": self.allow_damping}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "space") -> SearchSpace:
+        """The inverse of `to_dict` (as stored in a study's ``tune.json``)."""
+        params = []
+        for name, spec in data["params"].items():
+            if "choices" in spec:
+                params.append(Param(name, choices=tuple(spec["choices"])))
+            else:
+                params.append(Param(name, low=spec["low"], high=spec["high"], log=spec["log"], step=spec["step"],
+                                    integer=spec["int"]))
+        return cls(tuple(params), dict(data["fixed"]), bool(data["allow_damping"]), source)
+
     @property
     def placement(self) -> dict[str, tuple[Any, ...]]:
         """The values ``modules`` and ``blocks`` can take in this space."""

@@ -135,6 +135,7 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
                 _one_trial(study, model, tokenizer, task, base.values, settings, space, placement, progress)
                 done = len(counted_trials(study))
                 reporting.write_trials(directory, study, settings)
+                reporting.write_outputs(directory, study, settings, space)  # current after every trial
                 if bar is not None:
                     bar.update(1)
                     best = reporting.best_trial(study)

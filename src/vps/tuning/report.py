@@ -214,7 +214,8 @@ def _plot(path: Path, rows: list[dict[str, Any]], importances: dict[str, float],
     ax.set_xlabel("trial")
     ax.set_ylabel("NLL patched - unpatched (nats/token)")
     ax.set_title("optimisation history" + (" - TUNED ON TEST" if settings.on_test else ""))
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
     if importances:
         names = list(importances)[::-1]
         bx.barh(names, [importances[n] for n in names])

@@ -5,7 +5,7 @@ Runs ``vps bench`` with its defaults — the bundled model, builders sk / sc / h
 sk with dynamic decode and the rank-2 floor; prefill 1 x 512 and 8 x 128, greedy decode at batch 1
 and 8, peak memory — prints the table, writes the full JSON result to
 ``benchmarks/results/<UTC time>-<device>.json`` and its chart next to it (``.png``, see
-`vps.bench_plot`), and appends a one-line summary to ``benchmarks/results/history.jsonl``.
+`vps.bench.plot`), and appends a one-line summary to ``benchmarks/results/history.jsonl``.
 
 Every ``vps bench`` option passes through, e.g.::
 

@@ -193,7 +193,7 @@ def test_generate_workload_makes_exactly_the_asked_tokens(one_thread):
 
 def test_profile_splits_the_forward_into_vps_parts(one_thread):
     from vps import layer as layer_mod
-    from vps.profiling import profile_patched
+    from vps.bench.profiling import profile_patched
 
     model = tiny_llama()
     originals = (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, layer_mod.output_scores)
@@ -213,8 +213,8 @@ def test_profile_splits_the_forward_into_vps_parts(one_thread):
 
 
 def test_plot_of_a_result_and_from_its_json(tmp_path, one_thread):
-    from vps.bench_plot import main as plot_main
-    from vps.bench_plot import plot_benchmark
+    from vps.bench.plot import main as plot_main
+    from vps.bench.plot import plot_benchmark
 
     result = run_benchmark(tiny_llama(), "sk,floor", tiny_settings(), progress=False)
     png = plot_benchmark(result, tmp_path / "a" / "bench.png")

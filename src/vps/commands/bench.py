@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import WORKLOAD_KINDS, BenchSettings, format_report, resolve_configs, run_benchmark
-    from ..profiling import profile_patched
+    from ..bench.profiling import profile_patched
 
     configs = resolve_configs(args.configs)  # fail on a bad config before loading anything
     if args.repeats is not None and args.repeats < 1:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:
-        from ..bench_plot import plot_benchmark
+        from ..bench.plot import plot_benchmark
 
         print(f"wrote {plot_benchmark(result, args.plot)}", file=sys.stderr)
     return 0

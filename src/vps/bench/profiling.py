@@ -18,10 +18,12 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from . import layer as layer_mod
-from .bench import BenchSettings, _forward_kwargs, _sync, make_config, make_inputs
-from .kv_cache import cache_argument, output_cache
-from .patching import patched
+from .. import layer as layer_mod
+from ..kv_cache import cache_argument, output_cache
+from ..patching import patched
+from .presets import make_config
+from .settings import BenchSettings
+from .timing import forward_kwargs, make_inputs, sync_device
 
 __all__ = ["profile_patched", "vps_breakdown"]
 
@@ -72,7 +74,7 @@ def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: Bench
     """
     settings = settings if settings is not None else BenchSettings()
     device = next(model.parameters()).device
-    kwargs = _forward_kwargs(model)
+    kwargs = forward_kwargs(model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     b, t = settings.prefill_shapes[-1]
@@ -97,7 +99,7 @@ def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: Bench
             with _labelled_parts(), profile(activities=activities) as prof:
                 with record_function("vps::forward"):
                     step()
-                _sync(device)
+                sync_device(device)
             whole = next(e.cpu_time_total for e in prof.key_averages() if e.key == "vps::forward")
             parts = vps_breakdown(prof, whole)
             ops = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
@@ -105,7 +107,7 @@ def profile_patched(model: nn.Module, overrides: dict[str, Any], settings: Bench
             pr = cProfile.Profile()
             pr.enable()
             step()
-            _sync(device)
+            sync_device(device)
             pr.disable()
             buf = io.StringIO()
             pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(row_limit)

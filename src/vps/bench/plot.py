@@ -5,7 +5,7 @@ configuration at its median ratio, a whisker from its fastest to its slowest rou
 base's median, so the whisker shows how noisy the configuration's own rounds were), a dashed line at
 the issue's target where one applies, and a grey line at 1.0 (the unpatched model).
 
-    python -m vps.bench_plot benchmarks/results/<run>.json -o bench.png
+    python -m vps.bench.plot benchmarks/results/<run>.json -o bench.png
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vps.bench_plot", description=__doc__.splitlines()[0])
+    """``python -m vps.bench.plot RESULT.json [-o PNG]``: 0 once written, 2 if the file is no benchmark result."""
+    p = argparse.ArgumentParser(prog="python -m vps.bench.plot", description=__doc__.splitlines()[0])
     p.add_argument("result", type=Path, help="JSON written by `vps bench --out` or benchmarks/bench_overhead.py")
     p.add_argument("-o", "--out", type=Path, default=None, help="PNG to write (default: the JSON's path with .png)")
     args = p.parse_args(argv)

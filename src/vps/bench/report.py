@@ -1,0 +1,137 @@
+"""`format_report`: a `run_benchmark` result as text (what was measured and how, the ratio table, notes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import TARGET_MEMORY
+
+__all__ = ["format_report"]
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _cell(ratio: float, vps_s: float, base_s: float, ok: bool | None) -> str:
+    mark = "" if ok is None else (" PASS" if ok else " FAIL")
+    return f"{ratio:.2f}x ({_ms(vps_s)}/{_ms(base_s)} ms){mark}"
+
+
+def _fmt_load(load: list[float] | None) -> str:
+    return "n/a" if not load else " ".join(f"{x:.2f}" for x in load)
+
+
+def _preamble(result: dict[str, Any]) -> list[str]:
+    """Model, machine, code and load; how the run was measured and how to read the cells."""
+    m, md, st = result["machine"], result["model"], result["settings"]
+    lines = [
+        f"vps bench — model {md['name'] or '(in-memory)'} ({md['class']}, {md['params'] / 1e6:.1f}M params, "
+        f"{md['dtype']}) on {m['device']} ({m['device_name']})",
+        f"torch {m['torch']}, transformers {m['transformers']}, vps {m['vps']}, python {m['python']}; "
+        f"torch threads {m['threads']} of {m['cpu_count']} CPUs",
+    ]
+    if code := result.get("code"):
+        lines.append(f"vps source {code['source_sha256']} (git {code['git_commit'] or 'n/a'}"
+                     f"{', uncommitted changes' if code['git_dirty'] else ''})")
+    load = (f"load average (1/5/15 min): start {_fmt_load(m.get('loadavg_start'))}, "
+            f"end {_fmt_load(m.get('loadavg_end'))}")
+    if m.get("load_1m_during"):
+        d = m["load_1m_during"]
+        load += f"; 1-min during runs min/median/max {d['min']:.2f}/{d['median']:.2f}/{d['max']:.2f}"
+    lines.append(load)
+    busy = (m.get("load_1m_during") or {}).get("median", 0.0)
+    if m.get("cpu_count") and busy > m["cpu_count"]:
+        lines.append(f"WARNING: machine busy (1-min load {busy:.1f} on {m['cpu_count']} CPUs): absolute times are "
+                     "inflated; trust the paired ratios more"
+                     + ("; with several torch threads, busy cores make OpenMP threads wait on each other and "
+                        "times jump erratically — --threads 1 is steadier" if m["threads"] > 1 else ""))
+    lines.append(f"base (unpatched) measured in this same process, interleaved with every config in rotating order "
+                 f"after {st['warmup']} warm-up run(s); medians of {st['prefill_repeats']} (prefill) / "
+                 f"{st['decode_repeats']} (decode) rounds{' [--quick sizes]' if st['quick'] else ''}")
+    lines.append("cells: ratio vps/base (vps ms / base ms); decode = ms per token (decode steps only, "
+                 f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill); "
+                 f"generate() = ms per new token of one greedy generate() call ({st['new_tokens']} new tokens, "
+                 "its prefill included)")
+    if floors := [n for n, e in result["configs"].items() if e.get("plan_reuse")]:
+        lines.append(f"{', '.join(floors)}: SK plans built by an untimed run, then reused: the rank-2 term alone, "
+                     "the least any dynamic selection can cost (no target)")
+    if result.get("memory_method"):
+        lines.append(f"peak mem: {result['memory_method']}")
+    elif result.get("memory_skipped"):
+        lines.append(f"peak mem: skipped ({result['memory_skipped']})")
+    if base_mem_info := result["base"].get("memory"):
+        if not base_mem_info.get("peak_reset", True):
+            lines.append("peak mem: WARNING: the peak RSS could not be reset after loading, so it includes the "
+                         "loading peak and the ratios understate the difference")
+    if result.get("memory_error"):
+        lines.append(f"peak mem: error: {result['memory_error']}")
+    return lines
+
+
+def _table(result: dict[str, Any]) -> list[str]:
+    """The ratio table: a column per workload and peak memory; rows target, base and one per config."""
+    workloads, base = result["workloads"], result["base"]
+    header = ["config"] + [w["label"] for w in workloads] + ["peak mem"]
+    targets = ["target"]
+    for w in workloads:
+        t = w["target"]
+        targets.append("" if t is None else f"<= {t:.2f}x" + (" (frozen)" if w["frozen_only"] else ""))
+    targets.append(f"<= {TARGET_MEMORY:.2f}x")
+    base_row = ["base"]
+    for w in workloads:
+        s = base["workloads"][w["key"]]
+        base_row.append(f"{_ms(s['median_s'])} ms" + ("/tok" if w["kind"] != "prefill" else "")
+                        + f" [{_ms(s['min_s'])}-{_ms(s['max_s'])}]")
+    base_mem = base.get("memory")
+    base_row.append(f"{base_mem['peak_mb']:.0f} MB" if base_mem else "-")
+    rows = [header, targets, base_row]
+    for name, entry in result["configs"].items():
+        row = [name]
+        for w in workloads:
+            s = entry["workloads"][w["key"]]
+            row.append(_cell(s["ratio"], s["median_s"], base["workloads"][w["key"]]["median_s"], s["pass"]))
+        mem = entry.get("memory")
+        if mem and "ratio" in mem:
+            row.append(f"{mem['ratio']:.3f}x ({mem['peak_mb']:.0f}/{base_mem['peak_mb']:.0f} MB)"
+                       + (" PASS" if mem["pass"] else " FAIL"))
+        else:
+            row.append("-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append(" | ".join(c.ljust(widths[j]) for j, c in enumerate(r)).rstrip())
+        if i == 1:
+            lines.append("-+-".join("-" * wd for wd in widths))
+    return lines
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    """Base throughput, noisy cells, RSS growth and the wall time."""
+    workloads, base = result["workloads"], result["base"]
+    lines = []
+    for w in workloads:
+        if w["kind"] != "prefill":
+            s = base["workloads"][w["key"]]
+            lines.append(f"base {w['label']}: {s['tokens_per_s']:.1f} tokens/s")
+    noisy = []
+    for name, entry in result["configs"].items():
+        for w in workloads:
+            s = entry["workloads"][w["key"]]
+            if abs(s["paired_ratio"] - s["ratio"]) > 0.05 * s["ratio"]:
+                noisy.append(f"{name} {w['label']} (paired {s['paired_ratio']:.2f}x)")
+    if noisy:
+        lines.append("noisy (median ratio and per-round paired ratio differ by > 5%): " + ", ".join(noisy))
+    if base_mem := base.get("memory"):
+        mems = [f"{n} +{e['memory']['workload_mb']:.0f} MB" for n, e in result["configs"].items() if e.get("memory")]
+        lines.append(f"RSS growth during the prefills (includes paging in memory-mapped weights on first use): base "
+                     f"+{base_mem['workload_mb']:.0f} MB; " + ", ".join(mems))
+    lines.append(f"wall time {result['wall_s']:.0f} s")
+    return lines
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Machine info, the ratio table with targets, and how to read it."""
+    return "\n".join([*_preamble(result), "", *_table(result), "", *_notes(result)])

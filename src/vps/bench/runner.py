@@ -1,0 +1,260 @@
+"""`run_benchmark`: the unpatched model and every VPS config, timed in one process (method in `vps.bench`)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import VPSConfig
+from ..patching import is_patched, patched, reuse_selection
+from .fingerprint import code_fingerprint, loadavg, machine_info, model_info
+from .memory import cuda_peak, memory_method, run_probe
+from .presets import is_floor, make_config, resolve_configs
+from .settings import TARGET_MEMORY, BenchSettings, Workload
+from .timing import make_inputs, time_decode, time_generate, time_prefill
+
+__all__ = ["SCHEMA", "run_benchmark"]
+
+SCHEMA = "vps-bench/1"
+
+Samples = dict[str | None, list[float]]  # seconds per variant (None = the unpatched model), one per round
+
+
+@dataclass
+class _Variants:
+    """The unpatched model (``None``) and each config; `run` patches afresh per run and ticks the progress bar."""
+
+    model: nn.Module
+    built: dict[str, VPSConfig]
+    floors: set[str]
+    bar: Any
+    names: list[str | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = [None, *self.built]
+
+    def run(self, name: str | None, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the unpatched model or on the model patched with config ``name`` (unpatched afterwards)."""
+        try:
+            with patched(self.model, self.built[name]) if name is not None else contextlib.nullcontext():
+                if name in self.floors:
+                    fn()  # untimed: builds the plans the timed run reuses
+                    gc.collect()
+                    with reuse_selection(self.model):
+                        return fn()
+                gc.collect()
+                return fn()
+        finally:
+            self.bar.update(1)
+
+
+# -- timing -------------------------------------------------------------------------------------------
+def _timed_call(model: nn.Module, w: Workload, seed: int) -> Callable[[], float]:
+    """The timed call of one workload; its inputs are made once, so every variant and round sees the same ids."""
+    ids, mask = make_inputs(model, w.batch, w.tokens, seed)
+    if w.kind == "prefill":
+        return lambda: time_prefill(model, ids, mask)
+    timer = time_generate if w.kind == "generate" else time_decode
+    return lambda: timer(model, ids, mask, w.new_tokens)
+
+
+def _time_workload(variants: _Variants, w: Workload, settings: BenchSettings, load_samples: list[float]) -> Samples:
+    """Warm-up runs, then ``w.repeats`` rounds in which every variant runs once; appends the 1-min load per run."""
+    variants.bar.set_postfix_str(w.label)
+    fn = _timed_call(variants.model, w, settings.seed)
+    names = variants.names
+    for _ in range(settings.warmup):
+        for v in names:
+            variants.run(v, fn)
+    per: Samples = {v: [] for v in names}
+    for r in range(w.repeats):
+        k = r % len(names)
+        for v in names[k:] + names[:k]:  # rotate the order round by round
+            load = loadavg()
+            if load:
+                load_samples.append(load[0])
+            per[v].append(variants.run(v, fn))
+    return per
+
+
+# -- memory -------------------------------------------------------------------------------------------
+def _variant_memory(variants: _Variants, name: str | None, overrides: dict[str, Any] | None,
+                    settings: BenchSettings, device: torch.device, model_spec: dict[str, Any] | None,
+                    probe_timeout: float) -> dict[str, Any]:
+    shapes = list(settings.prefill_shapes)
+    if device.type == "cuda":
+        return variants.run(name, lambda: cuda_peak(variants.model, shapes, settings.seed, device))
+    spec = dict(model_spec or {}, overrides=overrides, shapes=shapes, seed=settings.seed,
+                threads=torch.get_num_threads())
+    mem = run_probe(spec, probe_timeout)
+    variants.bar.update(1)
+    return mem
+
+
+def _measure_memory(variants: _Variants, cfgs: dict[str, dict[str, Any]], settings: BenchSettings,
+                    device: torch.device, model_spec: dict[str, Any] | None,
+                    probe_timeout: float) -> tuple[dict[str | None, dict[str, Any]], str | None]:
+    """Peak memory of every variant but the floors -> ({variant: figures}, the first error or None).
+
+    A floor runs SK's plans, so its memory is SK's. The first failure stops the measurement.
+    """
+    variants.bar.set_postfix_str("peak memory")
+    memory: dict[str | None, dict[str, Any]] = {}
+    for v in variants.names:
+        if v in variants.floors:
+            continue
+        try:
+            memory[v] = _variant_memory(variants, v, None if v is None else cfgs[v], settings, device, model_spec,
+                                        probe_timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            return memory, str(exc)
+    return memory, None
+
+
+# -- the result ---------------------------------------------------------------------------------------
+def _summary(samples: list[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "samples_s": samples}
+
+
+def _base_workloads(workloads: list[Workload], samples: dict[str, Samples]) -> dict[str, dict[str, Any]]:
+    base = {w.key: _summary(samples[w.key][None]) for w in workloads}
+    for w in workloads:
+        if w.per_token:
+            base[w.key]["tokens_per_s"] = w.batch / base[w.key]["median_s"]
+    return base
+
+
+def _workload_entry(w: Workload, vps_s: list[float], base_s: list[float], base_median: float,
+                    target: float | None) -> dict[str, Any]:
+    """One config's figures on one workload: its summary, both ratios to base, and the target verdict."""
+    s = _summary(vps_s)
+    s["ratio"] = s["median_s"] / base_median
+    s["paired_ratio"] = statistics.median(v / b for v, b in zip(vps_s, base_s, strict=True))
+    if w.per_token:
+        s["tokens_per_s"] = w.batch / s["median_s"]
+    s["target"] = target
+    s["pass"] = None if target is None else bool(s["ratio"] <= target)
+    return s
+
+
+def _memory_entry(mem: dict[str, Any] | None, base_mem: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config's memory figures plus their ratios to base and the target verdict (as is where either is missing)."""
+    if mem is None or base_mem is None:
+        return mem
+    mem = dict(mem, ratio=mem["peak_mb"] / base_mem["peak_mb"],
+               workload_ratio=mem["workload_mb"] / base_mem["workload_mb"] if base_mem["workload_mb"] > 0 else None,
+               target=TARGET_MEMORY)
+    mem["pass"] = bool(mem["ratio"] <= TARGET_MEMORY)
+    return mem
+
+
+def _config_entry(name: str, cfg: VPSConfig, overrides: dict[str, Any], floor: bool, workloads: list[Workload],
+                  samples: dict[str, Samples], base: dict[str, dict[str, Any]],
+                  memory: dict[str | None, dict[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"overrides": overrides, "config": cfg.to_dict(), "plan_reuse": floor, "workloads": {}}
+    for w in workloads:
+        target = None if floor else w.target_for(cfg)
+        entry["workloads"][w.key] = _workload_entry(w, samples[w.key][name], samples[w.key][None],
+                                                    base[w.key]["median_s"], target)
+    entry["memory"] = _memory_entry(memory.get(name), memory.get(None))
+    return entry
+
+
+def _load_info(load_start: list[float] | None, load_samples: list[float]) -> dict[str, Any]:
+    """The machine's load average at the start and the end, and the 1-min load seen before each timed run."""
+    info: dict[str, Any] = {"loadavg_start": load_start, "loadavg_end": loadavg()}
+    if load_samples:
+        info["load_1m_during"] = {"min": min(load_samples), "median": statistics.median(load_samples),
+                                  "max": max(load_samples)}
+    return info
+
+
+def run_benchmark(
+    model: nn.Module,
+    configs: str | Iterable[str] | dict[str, dict[str, Any]] | None = None,
+    settings: BenchSettings | None = None,
+    *,
+    model_spec: dict[str, Any] | None = None,
+    progress: bool = True,
+    probe_timeout: float = 1800.0,
+) -> dict[str, Any]:
+    """Measure base and every VPS config on ``model``; returns a JSON-ready dict (see `vps.bench`).
+
+    ``configs``: names/specs (see `parse_config_spec`) or a ready {name: overrides} dict.
+    ``model_spec``: how a fresh process loads the same model (``{"model", "dtype", "device"}`` for
+    `vps.load_model`, plus an optional display ``"label"``); needed for the CPU memory figures, which
+    are skipped without it.
+    """
+    from tqdm import tqdm
+
+    settings = settings if settings is not None else BenchSettings()
+    settings.validate()
+    if is_patched(model):
+        raise ValueError("run_benchmark needs the unpatched model (it patches and unpatches by itself)")
+    cfgs = configs if isinstance(configs, dict) else resolve_configs(configs)
+    built = {name: make_config(ov) for name, ov in cfgs.items()}
+    model.eval()
+    device = next(model.parameters()).device
+    workloads = settings.workloads()
+    floors = {name for name in built if is_floor(name)}
+    t_start = time.perf_counter()
+    load_start = loadavg()
+    code = code_fingerprint()  # taken now: the source the timed runs execute (probes re-import it later)
+    load_samples: list[float] = []
+
+    do_memory = settings.memory and (device.type == "cuda" or model_spec is not None)
+    n_variants = 1 + len(built)
+    steps = sum((settings.warmup + w.repeats) * n_variants for w in workloads)
+    steps += n_variants - len(floors) if do_memory else 0
+    bar = tqdm(total=steps, desc="vps bench", unit="run", disable=not progress, file=sys.stderr, leave=False)
+    variants = _Variants(model, built, floors, bar)
+
+    samples: dict[str, Samples] = {}
+    memory: dict[str | None, dict[str, Any]] = {}
+    memory_error = None
+    # Each run starts after a garbage collection; freezing what exists now (model, libraries) keeps
+    # those collections cheap. Automatic collection stays on while timing, as in real use.
+    gc.collect()
+    gc.freeze()
+    try:
+        for w in workloads:
+            samples[w.key] = _time_workload(variants, w, settings, load_samples)
+        if do_memory:
+            memory, memory_error = _measure_memory(variants, cfgs, settings, device, model_spec, probe_timeout)
+    finally:
+        bar.close()
+        gc.unfreeze()
+
+    base = _base_workloads(workloads, samples)
+    label = (model_spec or {}).get("label") or (model_spec or {}).get("model")
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(model),
+        "code": code,
+        "model": model_info(model, label),
+        "settings": asdict(settings),
+        "workloads": [dict(asdict(w), key=w.key, label=w.label) for w in workloads],
+        "memory_method": memory_method(device) if do_memory else None,
+        "memory_skipped": None if do_memory else (
+            "disabled" if not settings.memory else "CPU memory needs a model_spec (a model a subprocess can load)"),
+        "memory_error": memory_error if do_memory else None,
+        "base": {"workloads": base, "memory": memory.get(None)},
+        "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory)
+                    for name, cfg in built.items()},
+    }
+    result["machine"].update(_load_info(load_start, load_samples))
+    result["wall_s"] = time.perf_counter() - t_start
+    return result

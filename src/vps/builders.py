@@ -20,6 +20,7 @@ compute ``A = W^T V`` and ``x A = (W x)[out_idx] @ coef`` with gathers instead o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,7 @@ class SCBuilder:
         return Selection(inp.in_rank[:, :r], inp.out_rank, coef, ok, self.name)
 
     def _against_gradient(self, y: torch.Tensor, inp: BuildInputs, keep: torch.Tensor) -> torch.Tensor:
+        assert inp.grad is not None  # only called when a gradient was captured (see build)
         g = torch.gather(inp.grad.float().expand(y.shape[0], -1), 1, inp.out_rank)  # (B, K)
         n_y = keep.sum(dim=(1, 2)).clamp_min(1)
         rms_y = torch.sqrt((y * y).sum(dim=(1, 2)) / n_y)
@@ -145,7 +147,8 @@ class HybridBuilder:
         return (self.sc if inp.grad is not None else self.sk).build(inp)
 
 
-_BUILDERS = {"sk": SKBuilder, "sc": SCBuilder, "hybrid": HybridBuilder}
+_BUILDERS: dict[str, Callable[[VPSConfig], SKBuilder | SCBuilder | HybridBuilder]] = {
+    "sk": SKBuilder, "sc": SCBuilder, "hybrid": HybridBuilder}
 
 
 def make_builder(name: str, cfg: VPSConfig) -> SKBuilder | SCBuilder | HybridBuilder:

@@ -18,6 +18,7 @@ entropy to the next prefill explicitly.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,8 +45,8 @@ class VPSContext:
         self._warned_4d = False
         self._warned_hidden_cache = False
         self._tokens: int | None = None
-        self._valid: tuple | None = None
-        self._ranking: tuple | None = None
+        self._valid: tuple[tuple[int, int, torch.device], torch.Tensor, bool] | None = None
+        self._ranking: tuple[torch.Tensor, int | None, int, torch.Tensor] | None = None
         self.in_forward = False
 
     # -- read by the layers -----------------------------------------------------------------------
@@ -67,7 +68,7 @@ class VPSContext:
         self._valid = ((batch, tokens, device), valid, dense)
         return valid, dense
 
-    def cached_input_ranking(self, x: torch.Tensor, k: int, compute: Any) -> torch.Tensor:
+    def cached_input_ranking(self, x: torch.Tensor, k: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The top-``k`` input ranking of ``x``, computed once per forward for all layers reading this tensor."""
         if not self.in_forward:  # a standalone layer call: nothing to share
             return compute()

@@ -13,10 +13,14 @@ dimension j of its best-scoring head in that group. A rank-1 change to both then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .builders import rank_features
+
+if TYPE_CHECKING:
+    from .layer import VPSLinear
 
 
 @dataclass
@@ -48,7 +52,7 @@ class QKPair:
     one, called on the very same input, reuses them, so nothing is computed twice.
     """
 
-    def __init__(self, q: torch.nn.Module, k: torch.nn.Module, n_heads: int, n_kv_heads: int,
+    def __init__(self, q: VPSLinear, k: VPSLinear, n_heads: int, n_kv_heads: int,
                  head_dim: int) -> None:
         if n_heads % n_kv_heads:
             raise ValueError(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
@@ -62,7 +66,7 @@ class QKPair:
         q.pair = self
         k.pair = self
 
-    def peer(self, layer: torch.nn.Module) -> torch.nn.Module:
+    def peer(self, layer: VPSLinear) -> VPSLinear:
         """The other projection of the pair."""
         return self.k if layer is self.q else self.q
 
@@ -72,7 +76,7 @@ class QKPair:
         self.k.pair = None
         self._handoff = None
 
-    def base_output(self, layer: torch.nn.Module, x: torch.Tensor) -> BaseOutput:
+    def base_output(self, layer: VPSLinear, x: torch.Tensor) -> BaseOutput:
         """``layer``'s base output on ``x``: the partner's handoff for this very input if there is one,
         else computed here together with the partner's (``peer_out``)."""
         handoff, self._handoff = self._handoff, None  # a stale handoff must never outlive the call it was made for
@@ -80,7 +84,7 @@ class QKPair:
             return handoff.result
         return BaseOutput(layer.base_layer(x), peer_out=self.peer(layer).base_layer(x))
 
-    def rank_jointly(self, layer: torch.nn.Module, x: torch.Tensor, scores: torch.Tensor, peer_out: torch.Tensor,
+    def rank_jointly(self, layer: VPSLinear, x: torch.Tensor, scores: torch.Tensor, peer_out: torch.Tensor,
                      peer_scores: torch.Tensor, peer_energy: torch.Tensor, k: int) -> torch.Tensor:
         """``layer``'s output ranking (B, k), chosen jointly with its partner's from both mean |output| scores.
 
@@ -90,7 +94,7 @@ class QKPair:
         self._handoff = _Handoff(self.peer(layer), x, BaseOutput(peer_out, out_rank=peer_rank, energy=peer_energy))
         return own_rank
 
-    def rank_outputs(self, layer: torch.nn.Module, own_scores: torch.Tensor, peer_scores: torch.Tensor,
+    def rank_outputs(self, layer: VPSLinear, own_scores: torch.Tensor, peer_scores: torch.Tensor,
                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint output rankings ``(own, peer)`` of k candidates each, from mean |output| scores."""
         s_q, s_k = (own_scores, peer_scores) if layer is self.q else (peer_scores, own_scores)

@@ -97,7 +97,7 @@ class ForwardCall:
     tokens: int | None  # length of the new input (input_ids or inputs_embeds), when it could be found
 
 
-def forward_call_reader(model: torch.nn.Module) -> Callable[[tuple, dict], ForwardCall]:
+def forward_call_reader(model: torch.nn.Module) -> Callable[[tuple[Any, ...], dict[str, Any]], ForwardCall]:
     """A function reading a `ForwardCall` from ``model``'s forward (args, kwargs).
 
     The cache is found by type among all arguments; the mask and the input by name, or by their
@@ -105,14 +105,14 @@ def forward_call_reader(model: torch.nn.Module) -> Callable[[tuple, dict], Forwa
     """
     params = _parameters(model)
 
-    def named(args: tuple, kwargs: dict, name: str) -> Any:
+    def named(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
         if name in kwargs:
             return kwargs[name]
         if name in params and params.index(name) < len(args):
             return args[params.index(name)]
         return None
 
-    def read(args: tuple, kwargs: dict) -> ForwardCall:
+    def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardCall:
         tokens = None
         for name in ("input_ids", "inputs_embeds"):
             value = named(args, kwargs, name)

@@ -15,7 +15,7 @@ output for the affected sequences and are counted in `fallbacks`; they never rai
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,10 +30,17 @@ from .policy import Decision, LayerPolicy
 
 _OWN_BUFFERS = ("gain", "_fallbacks")
 
-try:  # GPT-2 style layers store the weight transposed (d_in, d_out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = None
+
+def _conv1d() -> type[nn.Module] | None:
+    """transformers' ``Conv1D``: GPT-2 style layers store the weight transposed (d_in, d_out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+Conv1D = _conv1d()
 
 
 class VPSLinear(nn.Module):
@@ -43,6 +50,10 @@ class VPSLinear(nn.Module):
     one sequence — or on (B, T, d_in), where each sequence's valid tokens (from the patched model's
     attention mask, or all tokens when called standalone) drive its own selectors.
     """
+
+    base_layer: nn.Module
+    gain: torch.Tensor  # buffers (registered in __init__)
+    _fallbacks: torch.Tensor
 
     def __init__(self, base_layer: nn.Module, cfg: VPSConfig | None = None, ctx: VPSContext | None = None,
                  name: str = "") -> None:
@@ -71,7 +82,7 @@ class VPSLinear(nn.Module):
         self.plan: Plan | None = None
         # Buffers, so .to() moves them with the weights; non-persistent, so checkpoints never hold them.
         self.register_buffer("gain", None, persistent=False)
-        self.register_buffer("_fallbacks", torch.zeros((), dtype=torch.long, device=base_layer.weight.device),
+        self.register_buffer("_fallbacks", torch.zeros((), dtype=torch.long, device=self.weight.device),
                              persistent=False)
         self._oks: list[torch.Tensor] = []  # ok flags of recent plans, not yet counted in _fallbacks
         self.reset_gain()
@@ -83,25 +94,25 @@ class VPSLinear(nn.Module):
         """The wrapped layer (walking through nested wrappers)."""
         layer = self.base_layer
         while hasattr(layer, "base_layer"):
-            layer = layer.base_layer
+            layer = cast(nn.Module, layer.base_layer)
         return layer
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return cast("torch.Tensor | None", self.base_layer.bias)
 
     @property
     def in_features(self) -> int:
-        w = self.base_layer.weight
+        w = self.weight
         return w.shape[0] if self._transposed else w.shape[1]
 
     @property
     def out_features(self) -> int:
-        w = self.base_layer.weight
+        w = self.weight
         return w.shape[1] if self._transposed else w.shape[0]
 
     @property
@@ -146,7 +157,7 @@ class VPSLinear(nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if not (self.ctx.enabled and self._can_perturb):
             return self.base_layer(x)
-        if self.ctx.reuses_plan(self.cfg.decode_mode) and self._plan_fits(x.shape[0]):
+        if self.ctx.reuses_plan(self.cfg.decode_mode) and self.plan is not None and self._plan_fits(x.shape[0]):
             out, plan = self.base_layer(x), self.plan
         else:
             base = self.pair.base_output(self, x) if self.pair is not None else BaseOutput(self.base_layer(x))
@@ -204,15 +215,18 @@ class VPSLinear(nn.Module):
                         dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k output features and the energy of ``h0`` (the base output without bias, plan layout)."""
         if base.out_rank is not None:  # the coupled partner already ranked this output
+            assert base.energy is not None  # handed over together with out_rank (QKPair.rank_jointly)
             return base.out_rank, base.energy
         scores, energy = output_scores(h0, mask, dense)
         if base.peer_out is None:
             return rank_features(scores, self.topk, nonnegative=True), energy
-        peer_h0 = self.pair.peer(self)._without_bias(base.peer_out)
+        pair = self.pair
+        assert pair is not None  # only the layer's QKPair sets peer_out
+        peer_h0 = pair.peer(self)._without_bias(base.peer_out)
         if self.cfg.scope == "batch":
             peer_h0 = _as_one_sequence(peer_h0)
         peer_scores, peer_energy = output_scores(peer_h0, mask, dense)
-        return self.pair.rank_jointly(self, key, scores, base.peer_out, peer_scores, peer_energy, self.topk), energy
+        return pair.rank_jointly(self, key, scores, base.peer_out, peer_scores, peer_energy, self.topk), energy
 
     def _make_plan(self, sel: Selection, decision: Decision, dtype: torch.dtype) -> Plan:
         gain = self.gain  # may carry autograd: refinement optimises it
@@ -243,14 +257,14 @@ class VPSLinear(nn.Module):
     # -- weight access without materialising anything of size d_out x d_in ----------------------
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``W[idx]`` for idx (B, K) -> (B, K, d_in), float32."""
-        w = self.base_layer.weight
+        w = self.weight
         # Index the leading dimension of a (transposed) view: a contiguous row gather, far cheaper
         # than advanced indexing along the second dimension.
         return as_float32((w.t() if self._transposed else w)[idx])
 
     def _cols(self, idx: torch.Tensor) -> torch.Tensor:
         """Columns ``W[:, idx]`` for idx (B, R) -> (B, R, d_out), float32."""
-        w = self.base_layer.weight
+        w = self.weight
         return as_float32((w if self._transposed else w.t())[idx])
 
     def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
@@ -321,14 +335,14 @@ def _as_one_sequence(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, *t.shape[2:])
 
 
-def _strip_base_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+def _strip_base_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     # The patched model's state_dict keeps the unpatched model's keys, so checkpoints stay compatible.
     inner = prefix + "base_layer."
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
 
 
-def _add_base_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+def _add_base_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     for name in ("weight", "bias"):
         key = prefix + name
         if key in state_dict:

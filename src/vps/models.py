@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import torch
@@ -146,7 +146,7 @@ def _models_root() -> Path:
     return cache_dir() / "models"
 
 
-def cached_models() -> list[dict]:
+def cached_models() -> list[dict[str, Any]]:
     """Complete cache entries, sorted by name.
 
     Each is a dict with ``name`` (the cache key), ``alias`` (the bundled alias, or None for a
@@ -219,9 +219,10 @@ def load_model(
             "or pass a local checkpoint directory, a .gguf file, or a HuggingFace hub id owner/name"
         )
     if device is not None:
-        model.to(device)
+        # (as nn.Module: transformers' annotation of its wrapped .to takes the model as the first argument)
+        cast(torch.nn.Module, model).to(device)
     _prepare_for_generation(model, tokenizer)
-    model.vps_load_seconds = time.perf_counter() - start
+    cast(Any, model).vps_load_seconds = time.perf_counter() - start  # nn.Module's __setattr__ is typed for tensors
     return model, tokenizer
 
 
@@ -307,7 +308,7 @@ def _remove_dead_tmp_dirs(root: Path, pattern: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _usable_meta(entry: Path) -> dict | None:
+def _usable_meta(entry: Path) -> dict[str, Any] | None:
     """The marker of a complete entry that a load would use, else None.
 
     A bundled alias's entry recording a GGUF digest other than the pinned one is ignored (and
@@ -321,7 +322,7 @@ def _usable_meta(entry: Path) -> dict | None:
     return meta
 
 
-def _entry_meta(entry: Path) -> dict | None:
+def _entry_meta(entry: Path) -> dict[str, Any] | None:
     """The marker of a complete entry in the current format, else None."""
     try:
         meta = json.loads((entry / _MARKER).read_text())
@@ -370,13 +371,13 @@ def _publish(built: Path, key: str) -> Path:
 
 
 @contextmanager
-def _step(bar: tqdm, name: str) -> Iterator[None]:
+def _step(bar: tqdm[Any], name: str) -> Iterator[None]:
     bar.set_postfix_str(name)
     yield
     bar.update()
 
 
-def _progress(desc: str, steps: int, unit: str = "step") -> tqdm:
+def _progress(desc: str, steps: int, unit: str = "step") -> tqdm[Any]:
     # disable=None hides the bar when stderr is not a terminal.
     return tqdm(total=steps, desc=desc, unit=unit, file=sys.stderr, disable=True if _quiet() else None)
 
@@ -408,7 +409,7 @@ def _gguf_file_checkpoint(path: Path) -> Path:
 
 
 def _convert_into_cache(
-    gguf_path: Path, key: str, source: str, work: Path, bar: tqdm, gguf_sha256: str | None = None
+    gguf_path: Path, key: str, source: str, work: Path, bar: tqdm[Any], gguf_sha256: str | None = None
 ) -> Path:
     with _step(bar, "convert"):
         model, tokenizer = _load_gguf(gguf_path)

@@ -12,7 +12,7 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
     state.handles.append(model.register_forward_pre_hook(
         lambda _m, args, kwargs: ctx.begin(read(args, kwargs)), with_kwargs=True))
     state.handles.append(model.register_forward_hook(lambda _m, _a, output: ctx.end(output)))
-    model._vps_state = state
+    cast(Any, model)._vps_state = state  # a plain attribute (nn.Module's typed __setattr__ takes tensors/modules)
     return model
 
 
@@ -229,7 +229,8 @@ def _matches(name: str, targets: str | list[str]) -> str | None:
 
 
 def _couple_qk(model: nn.Module, layers: dict[str, VPSLinear]) -> list[QKPair]:
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = cast(Any, model).config  # a HuggingFace PretrainedConfig (nn.Module types it Tensor | Module)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_heads = getattr(text_cfg, "num_attention_heads", None)
     if n_heads is None:
         return []

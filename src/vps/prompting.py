@@ -97,7 +97,7 @@ class ContextLengthWarning(UserWarning):
 def check_context(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     """Warn when prompt + ``max_new_tokens`` exceeds the model's ``max_position_embeddings``: past it the
     positions are ones the model never saw, and its output is unreliable (transformers says nothing)."""
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     limit = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
     if not isinstance(limit, int):

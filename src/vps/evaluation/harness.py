@@ -321,7 +321,12 @@ def check_items(items: Sequence[Item], specs: Sequence[MethodSpec]) -> None:
     gold answer; item ids must be unique (a row is keyed by id and configuration). ValueError naming
     the items."""
     seen: set[str] = set()
-    duplicates = sorted({it.id for it in items if it.id in seen or seen.add(it.id)})
+    repeated: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            repeated.add(it.id)
+        seen.add(it.id)
+    duplicates = sorted(repeated)
     if duplicates:
         raise ValueError(f"item ids must be unique; repeated: {_some(duplicates)}")
     for spec in specs:
@@ -399,6 +404,7 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
                 for start in range(0, len(pending), step):
                     batch = pending[start:start + step]
                     if spec.refines:
+                        assert refine is not None  # _default_refine() when no refine_fn was given
                         rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock,
                                              kept["refine_sampling"], sample_cache)
                     elif spec.method in VOTE_METHODS:
@@ -525,6 +531,7 @@ def _vote_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodS
     from ..verify import CompositeVerifier
     from ..verify.consistency import majority_answer
 
+    assert spec.votes is not None  # a vote method's spec always has votes (MethodSpec checks it)
     fingerprint, drawn = draw_samples(model, tokenizer, [prompts[it.id] for it in batch], spec.votes,
                                       settings.max_new_tokens, SAMPLE_TEMPERATURE, settings.seed, sampling,
                                       sample_cache)

@@ -82,6 +82,7 @@ def pair_stats(base_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any
             out.update(nll_diff=diff, nll_diff_ci=(low, high))
         if secs[0] is not None:
             base_mean, method_mean = _mean(secs[0]), _mean(secs[1])
+            assert base_mean is not None and method_mean is not None  # pairs is not empty
             out.update(base_seconds_mean=base_mean, method_seconds_mean=method_mean,
                        cost_ratio=method_mean / base_mean)
     return out

@@ -86,7 +86,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(min(1.0, 2.0 * binom.cdf(min(b, c), n, 0.5)))
 
 
-def _as_float_array(name: str, values: Sequence[float]) -> np.ndarray:
+def _as_float_array(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -99,7 +99,7 @@ def _as_float_array(name: str, values: Sequence[float]) -> np.ndarray:
     return arr
 
 
-def _as_bool_array(name: str, values: Sequence[bool]) -> np.ndarray:
+def _as_bool_array(name: str, values: Sequence[bool] | np.ndarray) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
@@ -119,8 +119,8 @@ def _check_lengths(expected: int, **arrays: np.ndarray) -> None:
 
 
 def paired_bootstrap_diff(
-    x: Sequence[float],
-    y: Sequence[float],
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
     n_boot: int = 10000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -162,12 +162,12 @@ def paired_bootstrap_diff(
 
 
 def compare_paired(
-    base_correct: Sequence[bool],
-    method_correct: Sequence[bool],
-    base_nll: Sequence[float] | None = None,
-    method_nll: Sequence[float] | None = None,
-    base_seconds: Sequence[float] | None = None,
-    method_seconds: Sequence[float] | None = None,
+    base_correct: Sequence[bool] | np.ndarray,
+    method_correct: Sequence[bool] | np.ndarray,
+    base_nll: Sequence[float] | np.ndarray | None = None,
+    method_nll: Sequence[float] | np.ndarray | None = None,
+    base_seconds: Sequence[float] | np.ndarray | None = None,
+    method_seconds: Sequence[float] | np.ndarray | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Summarise a method against a baseline scored on the same items.
@@ -251,9 +251,9 @@ def compare_paired(
 
 def _optional_pair(
     base_name: str,
-    base_values: Sequence[float] | None,
+    base_values: Sequence[float] | np.ndarray | None,
     method_name: str,
-    method_values: Sequence[float] | None,
+    method_values: Sequence[float] | np.ndarray | None,
     n: int,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Validate an optional base/method measurement pair; both or neither must be given."""

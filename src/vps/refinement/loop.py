@@ -45,7 +45,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -156,6 +156,7 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     references: list[Answer | None] = []
     for i in range(b):
         if mode == "oracle":
+            assert golds is not None  # checked above: mode="oracle" needs golds
             gold = golds[i]
             references.append(gold if isinstance(gold, Answer) else parse_gold(str(gold)))
         else:
@@ -206,12 +207,12 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
     seconds = time.perf_counter() - start
     results = []
     for i in range(b):
-        trace = traces[i]
+        trace, reference = traces[i], references[i]
         best = min(range(len(trace)), key=lambda j: (_comparable(trace[j]["loss"]["total"]), j))
         results.append(RefineResult(
             mode=mode, oracle=mode == "oracle", best_index=best, best_text=trace[best]["text"],
             best_answer=extract_answer(trace[best]["text"]), trace=trace,
-            reference=None if references[i] is None else references[i].text,
+            reference=None if reference is None else reference.text,
             samples=[None if a is None else a.text for a in samples[i]], seconds=seconds / b, tokens=tokens[i],
             samples_reused=drawn[i].reused, reused_seconds=drawn[i].seconds if drawn[i].reused else 0.0,
             sample_record=drawn[i].to_record(fingerprint) if k_samples else None,
@@ -239,8 +240,9 @@ def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], k: in
     fingerprint = settings_fingerprint(k, max_new_tokens, temperature, seed, sampling, config)
     if not k:
         return fingerprint, [DrawnSamples([], 0, 0.0) for _ in prompts]
-    found = {i: cache.get(p, fingerprint) for i, p in enumerate(prompts)}
-    missing = [i for i, hit in found.items() if hit is None]
+    cached = {i: cache.get(p, fingerprint) for i, p in enumerate(prompts)}
+    found = {i: hit for i, hit in cached.items() if hit is not None}
+    missing = [i for i, hit in cached.items() if hit is None]
     if missing:
         start = time.perf_counter()
         texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, max_new_tokens, temperature, seed, sampling)
@@ -286,8 +288,9 @@ def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens
     # is 10 GB in float32, where only the first step is wanted.
     kwargs["logits_processor"] = LogitsProcessorList([first] + ([processor] if processor is not None else []))
     with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
+        out = cast(Any, model).generate(**enc, **kwargs)  # a HuggingFace model (nn.Module has no generate)
     texts, counts = decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:])
+    assert first.scores is not None  # generate runs at least one step (it refuses max_new_tokens < 1)
     return [t.strip() for t in texts], counts, first.scores
 
 

@@ -128,11 +128,12 @@ def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, b
             for i, s in zip(batch, scores, strict=True):
                 item = task.ids[i]
                 patched_nll[item] = s
-                if base.get(item) is None:
+                base_nll = base.get(item)
+                if base_nll is None:
                     continue  # the unpatched model gave no finite NLL here: nothing to pair
                 if s is None:
                     raise ValueError(f"the patched model's NLL on item {item} is not finite")
-                diffs.append(s - base[item])
+                diffs.append(s - base_nll)
             if progress is not None:
                 progress(len(batch))
             if report is not None and diffs and report(statistics.fmean(diffs), step):

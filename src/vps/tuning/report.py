@@ -69,8 +69,9 @@ def confirm_commands(directory: Path, settings: TuneSettings) -> list[str]:
             f"{common} --sample 250 --seed 0 --max-new-tokens 512 --out {directory}-confirm-acc"]
 
 
-def _importances(study: Any) -> tuple[dict[str, float], str | None]:
-    """Parameter importances for the NLL difference, by Optuna's own default evaluator, and its name."""
+def _importances(study: Any) -> tuple[dict[str, Any], str | None]:
+    """Parameter importances for the NLL difference, by Optuna's own default evaluator, and its name
+    (under ``"__evaluator__"``, beside the parameters' float importances)."""
     import warnings
 
     import optuna

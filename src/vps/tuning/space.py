@@ -63,6 +63,7 @@ class Param:
         """The value an Optuna trial proposes for this parameter."""
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
+        assert self.low is not None and self.high is not None  # a parameter without choices is a range
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
@@ -114,7 +115,11 @@ class SearchSpace:
         out: dict[str, tuple[Any, ...]] = {}
         for key in PLACEMENT_KEYS:
             param = next((p for p in self.params if p.name == key), None)
-            out[key] = param.choices if param is not None else (self.fixed.get(key, "all"),)
+            if param is None:
+                out[key] = (self.fixed.get(key, "all"),)
+            else:
+                assert param.choices is not None  # placement keys take no range (see _range)
+                out[key] = param.choices
         return out
 
 
@@ -242,6 +247,7 @@ def _check_damping(space: SearchSpace) -> None:
         if p.name == "gamma" and p.choices is not None:
             lows.extend(c for c in p.choices if isinstance(c, (int, float)))
         elif p.name == "gamma":
+            assert p.low is not None  # a parameter without choices is a range
             lows.append(p.low)
     if isinstance(space.fixed.get("gamma"), (int, float)):
         lows.append(space.fixed["gamma"])

@@ -248,7 +248,8 @@ def _read_segment(segment: str, source: str, whole: bool) -> tuple[Answer | None
         quantity = None  # x/0
     operator_follows = (m is not None and not m.group("unit") and not m.group("pct")
                         and _CONTINUES_RE.match(cleaned, m.end()) is not None)
-    if quantity is not None and not operator_follows and (not whole or not cleaned[m.end():].strip(_TRAILING_PUNCT)):
+    if (m is not None and quantity is not None and not operator_follows
+            and (not whole or not cleaned[m.end():].strip(_TRAILING_PUNCT))):
         return quantity, True
     expression = read_expression(cleaned[start:], whole=whole)
     # An expression that ends where the first quantity does adds nothing to it ("1 1/2 + ..." stops

@@ -29,11 +29,11 @@ _CURRENCY_DEFINITIONS = (
     "INR = [currency_inr] = _ = rupee",
 )
 
-_registry: pint.UnitRegistry | None = None
+_registry: pint.UnitRegistry[Any] | None = None
 _registry_lock = threading.Lock()
 
 
-def registry() -> pint.UnitRegistry:
+def registry() -> pint.UnitRegistry[Any]:
     """The shared pint registry, built on first use (building one takes a noticeable time)."""
     global _registry
     if _registry is None:
@@ -41,7 +41,7 @@ def registry() -> pint.UnitRegistry:
             if _registry is None:
                 import pint
 
-                ureg = pint.UnitRegistry()
+                ureg: pint.UnitRegistry[Any] = pint.UnitRegistry()
                 for definition in _CURRENCY_DEFINITIONS:
                     ureg.define(definition)
                 _registry = ureg

@@ -41,17 +41,21 @@ def _labelled_parts() -> Iterator[None]:
                 return fn(*args, **kwargs)
         return wrapped
 
-    saved = {"_build_plan": layer_mod.VPSLinear._build_plan, "_apply_plan": layer_mod.VPSLinear._apply_plan,
-             "input_scores": layer_mod.input_scores, "output_scores": layer_mod.output_scores}
-    layer_mod.VPSLinear._build_plan = wrap(saved["_build_plan"], "vps::plan")
-    layer_mod.VPSLinear._apply_plan = wrap(saved["_apply_plan"], "vps::apply")
-    layer_mod.input_scores = wrap(saved["input_scores"], "vps::statistics")
-    layer_mod.output_scores = wrap(saved["output_scores"], "vps::statistics")
+    # Patched through setattr on the module and the class: the profiler swaps these functions for the duration
+    # of the block only, which static typing cannot express.
+    cls: Any = layer_mod.VPSLinear
+    mod: Any = layer_mod
+    saved = {"_build_plan": cls._build_plan, "_apply_plan": cls._apply_plan,
+             "input_scores": mod.input_scores, "output_scores": mod.output_scores}
+    cls._build_plan = wrap(saved["_build_plan"], "vps::plan")
+    cls._apply_plan = wrap(saved["_apply_plan"], "vps::apply")
+    mod.input_scores = wrap(saved["input_scores"], "vps::statistics")
+    mod.output_scores = wrap(saved["output_scores"], "vps::statistics")
     try:
         yield
     finally:
-        layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply_plan = saved["_build_plan"], saved["_apply_plan"]
-        layer_mod.input_scores, layer_mod.output_scores = saved["input_scores"], saved["output_scores"]
+        cls._build_plan, cls._apply_plan = saved["_build_plan"], saved["_apply_plan"]
+        mod.input_scores, mod.output_scores = saved["input_scores"], saved["output_scores"]
 
 
 def vps_breakdown(prof: Any, total_us: float) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
 def make_inputs(model: nn.Module, batch: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids (fixed seed, ids >= 3 to stay clear of the usual special tokens) and an all-ones mask."""
     device = next(model.parameters()).device
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config: Any = cast(Any, model).config  # a HF model's config (nn.Module's typing does not know it)
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = int(cfg.vocab_size)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + tokens)
     ids = torch.randint(min(3, vocab - 1), vocab, (batch, tokens), generator=gen).to(device)
@@ -86,7 +87,7 @@ def time_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_t
     with torch.no_grad():
         sync_device(device)
         start = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+        out = cast(Any, model).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, pad_token_id=0 if pad is None else pad)
         sync_device(device)
         took = time.perf_counter() - start

@@ -96,7 +96,7 @@ GridEntry = MethodSpec
 
 def default_grid_path() -> Path:
     """The seed's ablation grid shipped with the package (``vps/grids/seed.yaml``)."""
-    return Path(str(resources.files("vps").joinpath("grids", "seed.yaml")))
+    return Path(str(resources.files("vps").joinpath("grids").joinpath("seed.yaml")))
 
 
 def load_grid(path: str | Path | None = None, base: VPSConfig | None = None) -> list[MethodSpec]:

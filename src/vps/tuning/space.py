@@ -125,7 +125,7 @@ class SearchSpace:
 
 def default_space_path() -> Path:
     """The search space shipped with the package (``vps/grids/tune_space.yaml``)."""
-    return Path(str(resources.files("vps").joinpath("grids", "tune_space.yaml")))
+    return Path(str(resources.files("vps").joinpath("grids").joinpath("tune_space.yaml")))
 
 
 def load_space(path: str | Path | None = None) -> SearchSpace:

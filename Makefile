@@ -11,7 +11,7 @@ UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3
 	--python-platform x86_64-manylinux_2_28 --find-links $(FIND_LINKS) --no-strip-extras --quiet
 DEMO_QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?
 
-.PHONY: install demo test test-latest test-oldest lock lint bench clean
+.PHONY: install demo test test-latest test-oldest lock lint typecheck bench clean
 
 # Exactly the locked versions (hash-checked), then the package itself without resolving anything again.
 $(STAMP): pyproject.toml $(LOCK)
@@ -54,6 +54,10 @@ test-oldest: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
+
+# mypy with the project's interpreter, so torch's, numpy's and transformers' own annotations are checked.
+typecheck: install
+	$(BIN)/mypy --config-file mypy.ini src/vps
 
 bench: install
 	$(BIN)/python benchmarks/bench_overhead.py

@@ -1,4 +1,4 @@
-"""The public names DESIGN.md promises stay importable from the top-level package."""
+"""The public names of the design (docs/design.md, README) stay importable from the top-level package."""
 
 import pytest
 import torch

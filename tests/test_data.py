@@ -190,7 +190,7 @@ def test_item_is_frozen() -> None:
         item.gold = 2.0  # type: ignore[misc]
 
 
-# ---- one gold rule for the loader and the harness (issue #15) ----------------------------------
+# ---- one gold rule for the loader and the harness (one parse_gold) ----------------------------------
 
 # (name, the JSON value of "answer", Item.gold, Item.answer, a warning the loader gives or None)
 LOADER_GOLD_CASES = [

@@ -201,7 +201,7 @@ def test_parse_gold_non_numeric_and_errors() -> None:
         parse_gold("work #### ")
     with pytest.raises(TypeError, match="answer_field"):
         parse_gold([72])  # type: ignore[arg-type]
-    assert parse_gold(72).number == 72  # a bare JSON number is a gold answer (issue #15)
+    assert parse_gold(72).number == 72  # a bare JSON number is a gold answer
 
 
 @pytest.mark.parametrize(
@@ -254,7 +254,7 @@ def test_adversarial_text_is_linear(text: str) -> None:
         assert time.monotonic() - start < 1.0, mode
 
 
-# ---- wrong verdicts of issue #15: every row of these tables failed before the fix -------------
+# ---- wrong verdicts of the old verifier: every row of these tables failed before the fix -------------
 
 # (name, text, number, answer text, source); number None means a non-numeric answer.
 EXPRESSION_CASES = [

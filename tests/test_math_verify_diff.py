@@ -1,4 +1,4 @@
-"""Differential test of our answer checking against HuggingFace's math-verify (issue #15).
+"""Differential test of our answer checking against HuggingFace's math-verify.
 
 math-verify is a test dependency only: it parses with sympy's ``parse_expr``, which evaluates Python,
 so ``vps`` never imports it (checked below). Both sides read a prediction and a gold and give a verdict:
@@ -35,7 +35,7 @@ AGREE, OURS_RIGHT, DELIBERATE = "agree", "ours right", "deliberate"
 
 # (name, gold, prediction, our verdict, class). "agree": math-verify gives the same verdict; "ours
 # right" and "deliberate": math-verify gives the other verdict, for the reason written in
-# docs/verification.md. Rows marked "fixed" gave the other verdict on our side before issue #15.
+# docs/verification.md. Rows marked "fixed" gave the other verdict on our side before the verifier rewrite.
 PAIRS = [
     # fractions and decimals
     ("decimal_vs_fraction", "#### 0.75", "#### 3/4", True, AGREE),

@@ -144,7 +144,7 @@ def test_algebraic_latex_and_constants(verifier: CompositeVerifier) -> None:
     assert verifier.compute_loss("\\boxed{\\frac{x}{2}}", "0.5x")["components"]["algebraic"] == 0.0
     assert verifier.compute_loss("\\boxed{\\sqrt{2} + x}", "x + 1.41421356237")["components"]["algebraic"] == 0.0
     assert verifier.compute_loss("\\boxed{\\sqrt{2} + x}", "x + 1.414")["components"]["algebraic"] == 1.0
-    # A constant root has a value of its own now (issue #15): the numeric component judges it.
+    # A constant root has a value of its own now: the numeric component judges it.
     assert verifier.compute_loss("\\boxed{\\sqrt{2}}", "1.41421356237")["components"]["numeric"] == 0.0
     assert verifier.compute_loss("\\boxed{\\sqrt{2}}", "1.414")["components"]["numeric"] > 0.0
 
@@ -356,7 +356,7 @@ def test_components_stay_in_unit_interval(verifier: CompositeVerifier) -> None:
         assert 0.0 <= result["total"] <= 1.0
 
 
-# ---- wrong verdicts of issue #15: expressions were cut to the number they start with -----------
+# ---- wrong verdicts of the old verifier: expressions were cut to the number they start with ------
 
 # (name, prediction, gold, component, expected loss of that component, expected total)
 EXPRESSION_LOSS_CASES = [

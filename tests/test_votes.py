@@ -16,7 +16,8 @@ TOK = tiny_tokenizer()
 
 def fake_draws(texts_per_item):
     """A draw_samples stand-in returning the given completions for the batch's items, in order."""
-    def draw(model, tokenizer, prompts, k, *args, **kwargs):
+    def draw(model, tokenizer, prompts, config, *args, **kwargs):
+        k = config.k_samples
         out = []
         for texts in texts_per_item[:len(prompts)]:
             assert len(texts) == k

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vps.evaluation import MethodSpec, RunDir, RunSettings, data_info, load_items
+from vps.refinement import RefineConfig
 from vps.verify import extract_answer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -123,8 +124,9 @@ class FakeRefine:
         self.batches: list[int] = []
         self.samplings: list[str] = []
 
-    def __call__(self, model, tokenizer, prompts, golds=None, iters=3, mode="self", k_samples=4,
-                 max_new_tokens=256, seed=0, verifier=None, sampling="streams", sample_cache=None):
+    def __call__(self, model, tokenizer, prompts, golds=None, config=None, verifier=None, sample_cache=None):
+        config = config if config is not None else RefineConfig()
+        mode, iters, sampling = config.mode, config.iters, config.sampling
         self.batches.append(len(prompts))
         self.samplings.append(sampling)
         out = []

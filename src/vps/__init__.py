@@ -26,7 +26,7 @@ _EXPORTS = {
     "load_model": "models", "ModelLoadError": "models",
     "VPSLinear": "layer", "make_builder": "builders", "SKBuilder": "builders", "SCBuilder": "builders",
     "HybridBuilder": "builders", "spectral_clip": "spectral",
-    "refine": "refinement", "refine_many": "refinement", "RefineResult": "refinement",
+    "refine": "refinement", "refine_many": "refinement", "RefineConfig": "refinement", "RefineResult": "refinement",
     "SampleCache": "refinement", "EphemeralLBFGS": "refinement",
     "trace": "tracing", "summarize": "tracing", "format_summary": "tracing",
     "tune": "tuning",
@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         vps_layers,
     )
     from .policy import LayerPolicy
-    from .refinement import EphemeralLBFGS, RefineResult, SampleCache, refine, refine_many
+    from .refinement import EphemeralLBFGS, RefineConfig, RefineResult, SampleCache, refine, refine_many
     from .spectral import spectral_clip
     from .tracing import format_summary, summarize, trace
     from .tuning import tune

@@ -235,6 +235,20 @@ class VPSConfig:
         data.update(overrides)
         return VPSConfig.from_dict(data)
 
+    def with_overrides(self, **overrides: Any) -> VPSConfig:
+        """`replace`, where a ``rank`` beyond this config's topk, with no topk among ``overrides``,
+        widens topk to match (`pool_for`) rather than failing: the rule of ``--rank``, bench specs and
+        tune trials."""
+        if "rank" in overrides and "topk" not in overrides and overrides["rank"] > self.topk:
+            overrides = {**overrides, "topk": VPSConfig.pool_for(overrides["rank"], self.topk)}
+        return self.replace(**overrides)
+
+    @staticmethod
+    def pool_for(rank: int, topk: int) -> int:
+        """The candidate pool a rank needs: ``topk``, widened to ``rank`` where it is smaller (the pool
+        must hold the rank)."""
+        return max(topk, rank)
+
     def save(self, path: str | Path) -> None:
         """Write the config as JSON, stamped with the library version."""
         data = self.to_dict()

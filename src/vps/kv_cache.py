@@ -81,6 +81,12 @@ def forward_accepts(model: torch.nn.Module, name: str) -> bool:
     return name in _parameters(model)
 
 
+def logits_to_keep_kwargs(model: torch.nn.Module, keep: int) -> dict[str, int]:
+    """Forward arguments computing only the last ``keep`` positions' logits, where ``model`` can
+    (``{"logits_to_keep": keep}``); empty where it cannot, and then every position is computed."""
+    return {"logits_to_keep": keep} if forward_accepts(model, "logits_to_keep") else {}
+
+
 def _parameters(model: torch.nn.Module) -> list[str]:
     try:
         return list(inspect.signature(model.forward).parameters)

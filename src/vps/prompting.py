@@ -18,7 +18,8 @@ BOXED_SYSTEM = "Please reason step by step, and put your final answer within \\b
 # "tutor" and "boxed" wrap the question in the tokenizer's chat template under a system prompt;
 # "fewshot" is lm-evaluation-harness's plain-text GSM8K format: k solved "Question: ... Answer: ..."
 # pairs, then the question and "Answer:", with no chat template.
-PROMPT_STYLES = ("tutor", "boxed", "fewshot")
+CHAT_STYLES = ("tutor", "boxed")
+PROMPT_STYLES = (*CHAT_STYLES, "fewshot")
 # Where a few-shot continuation starts the next example, so generation stops there.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
 _STYLE_SYSTEMS: dict[str, str | None] = {"tutor": DEFAULT_SYSTEM, "boxed": BOXED_SYSTEM, "fewshot": None}
@@ -131,11 +132,14 @@ def decode_new_tokens(tokenizer: Any, new: torch.Tensor) -> tuple[list[str], lis
 
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256,
                    temperature: float = 0.0, seed: int | None = None, streamer: Any = None,
-                   stop_strings: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
+                   stop_strings: Sequence[str] | None = None,
+                   logits_processors: Sequence[Any] = ()) -> tuple[list[str], list[int]]:
     """Generate a continuation for each prompt; returns (texts, number of new tokens per prompt).
 
     ``temperature == 0`` is greedy decoding. Generation stops at EOS, at ``max_new_tokens``, or at the
-    first of ``stop_strings`` (trimmed from the text).
+    first of ``stop_strings`` (trimmed from the text). ``logits_processors`` (transformers
+    ``LogitsProcessor`` objects) run at every step, in order: refinement reads the first step's logits
+    and draws its samples through them.
     """
     import torch
 
@@ -147,6 +151,10 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     kwargs["streamer"] = streamer
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    if logits_processors:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList(list(logits_processors))
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
     texts, counts = decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:])

@@ -56,11 +56,7 @@ def is_floor(name: str) -> bool:
 
 def make_config(overrides: dict[str, Any]) -> VPSConfig:
     """Seed defaults plus ``overrides`` (a larger rank widens topk to match), validated."""
-    cfg = VPSConfig()
-    overrides = dict(overrides)
-    if "rank" in overrides and "topk" not in overrides and overrides["rank"] > cfg.topk:
-        overrides["topk"] = overrides["rank"]
-    return cfg.replace(**overrides)
+    return VPSConfig().with_overrides(**overrides)
 
 
 def resolve_configs(specs: str | Iterable[str] | None) -> dict[str, dict[str, Any]]:

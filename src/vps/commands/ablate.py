@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..evaluation.ablation import default_grid_path, load_grid
-from .eval import add_data_arguments, add_run_arguments, execute
+from .common import add_data_arguments, add_run_arguments
+from .eval import execute
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

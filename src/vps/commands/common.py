@@ -1,11 +1,16 @@
-"""Arguments shared by several subcommands: model choice and VPS config overrides."""
+"""Arguments shared by several subcommands: model choice, threads, VPS config overrides, and the data
+and run flags of ``vps eval`` and ``vps ablate``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..config import BUILDERS, DECODE_MODES, GAMMA_MAX, VPSConfig
+from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES
+from ..refinement.config import SAMPLINGS
+from ..verify.extract import EXTRACT_MODES
 
 _SEED = VPSConfig()
 
@@ -18,17 +23,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def add_threads_argument(p: argparse.ArgumentParser) -> None:
+def add_threads_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--threads``, on a parser or one of its argument groups."""
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; give concurrent jobs 1 each on a small machine)")
+                   help="torch CPU threads (default: torch's choice); on a shared machine give concurrent jobs 1 "
+                        "each, which avoids the large slowdown of oversubscribed cores")
+
+
+def check_threads(args: argparse.Namespace) -> None:
+    """Refuse a ``--threads`` below 1 (before any data or model is loaded)."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
 
 def set_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` (validated) before anything heavy runs."""
+    check_threads(args)
     if args.threads is None:
         return
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -61,6 +73,66 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn the adaptive policy off: rank and gamma exactly as given (default: adaptive)")
 
 
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="gsm8k:test",
+                   help="JSONL file, or gsm8k:test / gsm8k:train (the local copy); default gsm8k:test")
+    g.add_argument("--question-field", default="question", help="JSON key of the question (default: question)")
+    g.add_argument("--answer-field", default="answer",
+                   help="JSON key of the gold solution, '#### n' or a bare answer (default: answer)")
+    g.add_argument("--limit", type=int, default=None, help="keep at most N items (applied last)")
+    g.add_argument("--offset", type=int, default=0, help="skip the first N items (after --sample)")
+    g.add_argument("--sample", type=int, default=None, help="a seeded random sample of N items (kept in file order)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --sample, generation and refinement (default 0)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", type=Path, default=None,
+                   help="output directory (required): run.json, results.jsonl, report.md, report.png; "
+                        "rerun the same command to resume. Locked while a run works in it (.lock)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
+    g.add_argument("--batch-order", choices=["length", "input"], default="length",
+                   help="length (default): batch items of similar token length, longest first, to waste little "
+                        "on padding; input: the data's order. Changes no result; a resumed run keeps its own")
+    g.add_argument("--nll-scoring", choices=["cached", "recompute"], default="cached",
+                   help="cached (default): a patched model scores each gold solution from the prompt's KV cache, "
+                        "as generation decodes; recompute: rerun prompt + solution. Equal up to rounding; a resumed "
+                        "run keeps its own")
+    g.add_argument("--refine-batching", choices=["batch", "item"], default="batch",
+                   help="batch (default): refine a batch of items together, each with its own loop and state "
+                        "(decodes and surrogate steps batched); item: one at a time. A resumed run keeps its own")
+    g.add_argument("--refine-sampling", choices=SAMPLINGS, default="streams",
+                   help="streams (default): all items' self-consistency samples in one batch, each item with its own "
+                        "seeded random stream; global: one item at a time from torch's global generator (runs made "
+                        "before this option). A resumed run keeps its own")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string, non-empty (repeatable); default: "
+                        + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
+    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES,
+                   help="prompt style: tutor (chat template, step by step, '#### <answer>'), boxed (chat template, "
+                        "the Qwen family's 'reason step by step ... within \\boxed{}'), fewshot (lm-eval's plain-text "
+                        "'Question: ... Answer:' with --shots solved GSM8K train examples) (default: %(default)s)")
+    g.add_argument("--shots", type=int, default=5,
+                   help="solved examples in a --prompt fewshot prompt (the first of GSM8K train; default: %(default)s)")
+    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
+    g.add_argument("--extract", choices=EXTRACT_MODES, default="flexible",
+                   help="answer extraction: flexible (first ####, else boxed / 'answer is' / last number), strict "
+                        "(#### only) or last (the last marker of any kind); see docs/verification.md")
+    g.add_argument("--nll", action="store_true", help="also score the gold-solution NLL (one extra forward pair)")
+    g.add_argument("--nll-only", action="store_true", help="only the gold-solution NLL, no generation (cheap)")
+    g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods; >= 1)")
+    g.add_argument("--k-samples", type=int, default=4,
+                   help="samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 would "
+                        "skip self-consistency)")
+    g.add_argument("--report-only", action="store_true", help="only rewrite the report from --out's rows")
+    add_threads_argument(g)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def config_from_args(args: argparse.Namespace) -> VPSConfig:
     cfg = VPSConfig.load(args.config) if args.config else VPSConfig()
     overrides: dict[str, Any] = {}
@@ -73,9 +145,7 @@ def config_from_args(args: argparse.Namespace) -> VPSConfig:
         overrides["qk_coupling"] = False
     if args.fixed:
         overrides.update(adaptive_rank=False, adaptive_gamma=False)
-    if "rank" in overrides and "topk" not in overrides and overrides["rank"] > cfg.topk:
-        overrides["topk"] = overrides["rank"]
-    return cfg.replace(**overrides) if overrides else cfg
+    return cfg.with_overrides(**overrides) if overrides else cfg
 
 
 def load(args: argparse.Namespace):

@@ -1,6 +1,7 @@
 """``vps eval``: base / vps / refine methods over a dataset, resumable, with a statistics report.
 
-The data, run and output flags live here and are shared with ``vps ablate``.
+The checks and the run itself (`execute`) are shared with ``vps ablate``, as are the data and run flags
+(`vps.commands.common`).
 """
 
 from __future__ import annotations
@@ -16,76 +17,21 @@ from typing import TYPE_CHECKING, Any
 from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
 from ..evaluation.rundir import RESULTS_FILE, RunDir, RunLockedError, check_directory, merge_settings
-from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES
-from ..verify.extract import EXTRACT_MODES
-from .common import add_config_arguments, add_model_arguments, config_from_args, load
+from ..prompting import DEFAULT_STOP_STRINGS
+from .common import (  # noqa: F401  (add_data_arguments, add_run_arguments: they lived here)
+    add_config_arguments,
+    add_data_arguments,
+    add_run_arguments,
+    check_threads,
+    config_from_args,
+    load,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     from ..evaluation.harness import RunSettings
 # The harness (torch) and the report (numpy, scipy, matplotlib) load when a command runs, not when the
 # parser is built: `vps --help` stays instant.
-
-
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="gsm8k:test",
-                   help="JSONL file, or gsm8k:test / gsm8k:train (the local copy); default gsm8k:test")
-    g.add_argument("--question-field", default="question", help="JSON key of the question (default: question)")
-    g.add_argument("--answer-field", default="answer",
-                   help="JSON key of the gold solution, '#### n' or a bare answer (default: answer)")
-    g.add_argument("--limit", type=int, default=None, help="keep at most N items (applied last)")
-    g.add_argument("--offset", type=int, default=0, help="skip the first N items (after --sample)")
-    g.add_argument("--sample", type=int, default=None, help="a seeded random sample of N items (kept in file order)")
-    g.add_argument("--seed", type=int, default=0, help="seed of --sample, generation and refinement (default 0)")
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    g = p.add_argument_group("run")
-    g.add_argument("--out", type=Path, default=None,
-                   help="output directory (required): run.json, results.jsonl, report.md, report.png; "
-                        "rerun the same command to resume. Locked while a run works in it (.lock)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
-    g.add_argument("--batch-order", choices=["length", "input"], default="length",
-                   help="length (default): batch items of similar token length, longest first, to waste little "
-                        "on padding; input: the data's order. Changes no result; a resumed run keeps its own")
-    g.add_argument("--nll-scoring", choices=["cached", "recompute"], default="cached",
-                   help="cached (default): a patched model scores each gold solution from the prompt's KV cache, "
-                        "as generation decodes; recompute: rerun prompt + solution. Equal up to rounding; a resumed "
-                        "run keeps its own")
-    g.add_argument("--refine-batching", choices=["batch", "item"], default="batch",
-                   help="batch (default): refine a batch of items together, each with its own loop and state "
-                        "(decodes and surrogate steps batched); item: one at a time. A resumed run keeps its own")
-    g.add_argument("--refine-sampling", choices=["streams", "global"], default="streams",
-                   help="streams (default): all items' self-consistency samples in one batch, each item with its own "
-                        "seeded random stream; global: one item at a time from torch's global generator (runs made "
-                        "before this option). A resumed run keeps its own")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop string, non-empty (repeatable); default: "
-                        + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
-    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES,
-                   help="prompt style: tutor (chat template, step by step, '#### <answer>'), boxed (chat template, "
-                        "the Qwen family's 'reason step by step ... within \\boxed{}'), fewshot (lm-eval's plain-text "
-                        "'Question: ... Answer:' with --shots solved GSM8K train examples) (default: %(default)s)")
-    g.add_argument("--shots", type=int, default=5,
-                   help="solved examples in a --prompt fewshot prompt (the first of GSM8K train; default: %(default)s)")
-    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
-    g.add_argument("--extract", choices=EXTRACT_MODES, default="flexible",
-                   help="answer extraction: flexible (first ####, else boxed / 'answer is' / last number), strict "
-                        "(#### only) or last (the last marker of any kind); see docs/verification.md")
-    g.add_argument("--nll", action="store_true", help="also score the gold-solution NLL (one extra forward pair)")
-    g.add_argument("--nll-only", action="store_true", help="only the gold-solution NLL, no generation (cheap)")
-    g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods; >= 1)")
-    g.add_argument("--k-samples", type=int, default=4,
-                   help="samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 would "
-                        "skip self-consistency)")
-    g.add_argument("--report-only", action="store_true", help="only rewrite the report from --out's rows")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); on a shared machine 1 avoids the large slowdown of "
-                        "oversubscribed cores")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,8 +99,7 @@ def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
         raise ValueError("--nll-only cannot run refine or majority-vote methods (they are scored by generation)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args)
     for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--offset", args.offset)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
@@ -251,10 +196,7 @@ def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunD
     stored = run.read_settings()  # again, under the lock: another run may have started here meanwhile
     if stored is not None:
         merge_settings(stored, settings.to_dict(specs), str(args.out))
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     model, tok = load(args)
     print(f"model: {settings.model} loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s",
           file=sys.stderr)

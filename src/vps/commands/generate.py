@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..prompting import PromptFormat
+from ..prompting import CHAT_STYLES, PromptFormat
 from .common import (
     add_config_arguments,
     add_model_arguments,
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--compare", dest="mode", action="store_const", const="compare",
                       help="the same question without and with VPS, one after the other")
     p.set_defaults(mode="vps")
-    p.add_argument("--prompt", default="tutor", choices=("tutor", "boxed"),
+    p.add_argument("--prompt", default="tutor", choices=CHAT_STYLES,
                    help="tutor: step by step, '#### <answer>'; boxed: the Qwen family's '\\boxed{}' convention "
                         "(default: %(default)s)")
     p.add_argument("--system", default=None, help="system prompt (default: the --prompt style's own)")

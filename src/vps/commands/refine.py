@@ -6,6 +6,7 @@ import argparse
 
 from ..evaluation.rundir import dumps_strict
 from ..prompting import chat_prompt
+from ..refinement.config import MODES, SAMPLINGS, RefineConfig
 from .common import (
     add_config_arguments,
     add_model_arguments,
@@ -20,22 +21,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     add_model_arguments(p)
     p.add_argument("--gold", default=None, help="the gold answer (used by --mode oracle; else only reported)")
-    p.add_argument("--mode", choices=["self", "oracle"], default="self",
+    p.add_argument("--mode", choices=MODES, default="self",
                    help="self: gold-free (default); oracle: the gold answer is the target and reference")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--k-samples", type=int, default=4, help="sampled answers for self-consistency / majority")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     add_threads_argument(p)
-    p.add_argument("--sampling", choices=["streams", "global"], default="streams",
+    p.add_argument("--sampling", choices=SAMPLINGS, default="streams",
                    help="how the samples draw their randomness (see vps.refinement); global reproduces older runs")
     p.add_argument("--json", action="store_true",
                    help="print the whole trace as JSON (strict: a loss without evidence is null, not NaN)")
     add_config_arguments(p)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Every flag checked before the model is loaded."""
+def check_args(args: argparse.Namespace) -> RefineConfig:
+    """Every flag checked before the model is loaded; the run's `RefineConfig`."""
     if args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
     if args.k_samples < 0:
@@ -44,20 +45,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.mode == "oracle" and args.gold is None:
         raise ValueError("--mode oracle needs --gold (the answer it is scored on)")
+    return RefineConfig(iters=args.iters, mode=args.mode, k_samples=args.k_samples,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..patching import patch
     from ..refinement import refine
 
-    check_args(args)
+    config = check_args(args)
     cfg = config_from_args(args)  # a bad VPS flag fails before loading
     set_threads(args)
     model, tok = load(args)
     patch(model, cfg)
     prompt = chat_prompt(tok, args.question)
-    result = refine(model, tok, prompt, gold=args.gold, iters=args.iters, mode=args.mode, k_samples=args.k_samples,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
+    result = refine(model, tok, prompt, gold=args.gold, config=config)
     if args.json:
         # Strict JSON: a number that is not finite is null - e.g. a loss "total" with no evidence.
         print(dumps_strict(result.to_dict(), indent=2))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..prompting import PROMPT_STYLES
-from .common import add_model_arguments, add_threads_argument, load, set_threads
+from .common import add_model_arguments, add_threads_argument, check_threads, load, set_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +55,7 @@ def _check(args: argparse.Namespace) -> None:
                              ("--prune-startup", args.prune_startup, 0), ("--prune-warmup", args.prune_warmup, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if objectives not in (["nll"], ["nll", "overhead"]):
         raise ValueError(f"--objectives must be nll or nll,overhead, got {args.objectives!r}")

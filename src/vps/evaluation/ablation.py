@@ -19,11 +19,12 @@ import yaml
 
 from ..config import ConfigError, VPSConfig
 
-__all__ = ["METHODS", "VOTE_METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path", "load_grid",
-           "parse_grid"]
+__all__ = ["METHODS", "REFINE_METHODS", "VOTE_METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path",
+           "load_grid", "parse_grid"]
 
 METHODS = ("base", "vps", "refine-self", "refine-oracle", "maj", "vps-maj")
 VOTE_METHODS = ("maj", "vps-maj")  # majority vote over k sampled completions (unpatched / patched)
+REFINE_METHODS = ("refine-self", "refine-oracle")  # the refinement loop, gold-free / oracle
 _UNPATCHED = ("base", "maj")
 
 
@@ -71,7 +72,7 @@ class MethodSpec:
     @property
     def refines(self) -> bool:
         """Whether the method is the refinement loop (self or oracle)."""
-        return self.method.startswith("refine")
+        return self.method in REFINE_METHODS
 
     @property
     def samples(self) -> bool:

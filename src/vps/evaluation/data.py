@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The one gold rule, shared with the harness and the verifier; re-exported here for older imports.
-from ..verify.extract import parse_gold
+from ..verify.extract import Answer, parse_gold
 
-__all__ = ["GSM8K_SPLITS", "Item", "LoadResult", "gsm8k_path", "load_items", "parse_gold"]
+__all__ = ["GSM8K_SPLITS", "Item", "LoadResult", "gold_value", "gsm8k_path", "load_items", "parse_gold", "read_gold"]
 
 GSM8K_SPLITS = ("test", "train")
 DATA_DIR_ENV = "VPS_DATA_DIR"
@@ -65,13 +65,24 @@ class LoadResult:
     path: Path | None = None
 
 
-def _gold_value(answer: str) -> float | str | None:
-    """The row value of a gold: its number, else its text; None where the answer gives no gold."""
+def read_gold(answer: str) -> Answer | None:
+    """The gold `parse_gold` reads from a reference solution, or None where it gives none."""
     try:
-        gold = parse_gold(answer)
+        return parse_gold(answer)
     except ValueError:
         return None
+
+
+def gold_value(gold: Answer | None) -> float | str | None:
+    """A gold's value in ``Item.gold`` and a row's ``gold``: its number, else its text."""
+    if gold is None:
+        return None
     return gold.number if gold.number is not None else gold.text
+
+
+def _gold_value(answer: str) -> float | str | None:
+    """The row value of a gold: its number, else its text; None where the answer gives no gold."""
+    return gold_value(read_gold(answer))
 
 
 def _candidate_roots() -> list[Path]:

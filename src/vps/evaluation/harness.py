@@ -40,9 +40,10 @@ from typing import Any
 from .._version import __version__
 from ..patching import is_patched, patched, reset_state
 from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, generate_texts, style_system
-from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
+from ..refinement.config import SAMPLINGS, RefineConfig
+from ..verify import EXTRACT_MODES, answers_match, extract_answer
 from .ablation import VOTE_METHODS, MethodSpec
-from .data import Item, LoadResult, load_items
+from .data import Item, LoadResult, gold_value, load_items, read_gold
 from .nll import SCORINGS, solution_nll
 from .rundir import (  # noqa: F401  (re-exported: the run directory lived here)
     _COMPARED_DEFAULTS,
@@ -73,7 +74,7 @@ RUN_FORMAT = 1
 # The model's next turn, if it starts writing one: stop there and trim it.
 BATCH_ORDERS = ("length", "input")
 REFINE_BATCHINGS = ("batch", "item")
-REFINE_SAMPLINGS = ("streams", "global")
+REFINE_SAMPLINGS = SAMPLINGS
 
 
 def oracle_tag(oracle: bool) -> str:
@@ -196,6 +197,16 @@ class RunSettings:
         pool = load_items("gsm8k:train", limit=self.shots + 1).items
         return PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=self.shots)
 
+    def refine_config(self, **changes: Any) -> RefineConfig:
+        """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``.
+
+        The samples' temperature is refinement's own (`SAMPLE_TEMPERATURE`): ``temperature`` is the
+        base and vps methods' decoding, which the run.json field keeps its name for.
+        """
+        return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
+                            max_new_tokens=self.max_new_tokens, seed=self.seed,
+                            sampling=self.refine_sampling).replace(**changes)
+
     def to_dict(self, specs: Sequence[MethodSpec] = ()) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["system"] = style_system(self.prompt, self.system)
@@ -209,12 +220,8 @@ class RunSettings:
 # -- running -------------------------------------------------------------------------------------
 def _gold(item: Item) -> tuple[Any, str | None, Any]:
     """(gold value for the row, gold text, the parsed gold Answer or None)."""
-    try:
-        answer = parse_gold(item.answer)
-    except ValueError:
-        return None, None, None
-    value = answer.number if answer.number is not None else answer.text
-    return value, answer.text, answer
+    answer = read_gold(item.answer)
+    return gold_value(answer), None if answer is None else answer.text, answer
 
 
 def _finite(x: float | None) -> float | None:
@@ -296,7 +303,8 @@ def run_evaluation(
     its own run and unpatches it afterwards. Rows already in ``out_dir`` are skipped. Patched state
     (policy history, stored plans) is reset before every batch, so a row does not depend on which
     batches ran before it. ``generate_fn`` (default `vps.prompting.generate_texts`) and
-    ``refine_fn`` (default `vps.refinement.refine_many`, called with a list of prompts) can be replaced,
+    ``refine_fn`` (default `vps.refinement.refine_many`, called with a list of prompts, the golds in oracle
+    mode, ``config=`` `RunSettings.refine_config` and ``sample_cache=``) can be replaced,
     e.g. in tests; ``on_batch`` is called after each batch is on disk. Everything is checked
     (`check_run`) before anything is written; the directory is locked for the whole call
     (`RunLockedError` if another process holds it).
@@ -491,10 +499,9 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
                 raise ValueError(f"item {it.id}: refine-oracle needs a gold answer and this item has none")
     reset_state(model)
     start = clock()
+    config = settings.refine_config(mode="oracle" if spec.oracle else "self", sampling=sampling)
     results = refine_fn(model, tokenizer, [prompts[it.id] for it in batch], golds if spec.oracle else None,
-                        iters=settings.refine_iters, mode="oracle" if spec.oracle else "self",
-                        k_samples=settings.refine_k_samples, max_new_tokens=settings.max_new_tokens,
-                        seed=settings.seed, sampling=sampling, sample_cache=sample_cache)
+                        config=config, sample_cache=sample_cache)
     share = (clock() - start) / len(batch)  # the batch's wall time divided among its items
     if len(results) != len(batch):
         raise RuntimeError(f"{spec.name}: refine returned {len(results)} results for {len(batch)} items")
@@ -527,14 +534,13 @@ def _vote_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodS
     drew and costs nothing more; a row's seconds are what drawing its samples cost, reused or not.
     The row's output is the first sample carrying the winning answer, read in the run's extraction mode.
     """
-    from ..refinement.loop import SAMPLE_TEMPERATURE, draw_samples
+    from ..refinement.loop import draw_samples
     from ..verify import CompositeVerifier
     from ..verify.consistency import majority_answer
 
     assert spec.votes is not None  # a vote method's spec always has votes (MethodSpec checks it)
-    fingerprint, drawn = draw_samples(model, tokenizer, [prompts[it.id] for it in batch], spec.votes,
-                                      settings.max_new_tokens, SAMPLE_TEMPERATURE, settings.seed, sampling,
-                                      sample_cache)
+    config = settings.refine_config(k_samples=spec.votes, sampling=sampling)
+    fingerprint, drawn = draw_samples(model, tokenizer, [prompts[it.id] for it in batch], config, sample_cache)
     rel_tol = CompositeVerifier().rel_tol
     rows = []
     for it, d in zip(batch, drawn, strict=True):

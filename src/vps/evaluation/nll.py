@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..kv_cache import cache_argument, forward_accepts, output_cache
+from ..kv_cache import cache_argument, logits_to_keep_kwargs, output_cache
 from ..patching import get_context, is_patched, reuse_selection
 
 __all__ = ["NLLResult", "solution_nll"]
@@ -67,8 +67,8 @@ def _forward(model: Any, inputs: dict[str, Any], keep: int | None, use_cache: bo
     """Logits of the last ``keep`` positions (None: all; every position is computed when the model
     cannot trim them), and the model's output (for its KV cache)."""
     kwargs: dict[str, Any] = dict(inputs, use_cache=use_cache)
-    if keep is not None and forward_accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = keep
+    if keep is not None:
+        kwargs.update(logits_to_keep_kwargs(model, keep))
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return (logits if keep is None else logits[:, -keep:]), out

@@ -45,24 +45,66 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from ..context import next_token_entropy
 from ..patching import clear_gradients, get_config, is_patched, reset_state, set_entropy_hint, update_outcome
-from ..prompting import check_context, decode_new_tokens, encode, generation_kwargs
+from ..prompting import generate_texts
 from ..tracing import summarize, summarize_sequences
 from ..verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from ..verify.consistency import majority_answer
+from .config import MODES, SAMPLE_TEMPERATURE, SAMPLINGS, RefineConfig
 from .gains import GainOptimizer
 from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
 
-MODES = ("self", "oracle")
-SAMPLINGS = ("streams", "global")
-SAMPLE_TEMPERATURE = 0.7  # of the self-consistency samples (and of the maj@k baselines that vote over them)
+__all__ = [  # MODES, SAMPLINGS and SAMPLE_TEMPERATURE live in .config; kept importable from here
+    "MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig", "RefineResult", "TraceRow", "check_call",
+    "draw_samples", "pick_references", "refine", "refine_many", "score_candidate",
+]
+
+
+@dataclass
+class TraceRow:
+    """One iteration of one prompt's loop; `to_dict` is the row `RefineResult.trace` holds.
+
+    ``surrogate`` (the gain step's record) and ``improved`` (whether this candidate's verifier loss
+    beat the previous one's) are None at iteration 0, which takes no step; ``loss`` is the verifier's
+    total, components and no_evidence. ``policy``, ``mean_gain`` and ``seconds`` (the iteration's wall
+    time, shared by the batch) are filled in once the whole batch's iteration is done.
+    """
+
+    iter: int
+    oracle: bool
+    text: str
+    answer: Answer | None
+    tokens: int
+    entropy: float
+    loss: dict[str, Any]
+    surrogate: dict[str, Any] | None = None
+    improved: bool | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
+    mean_gain: float = 1.0
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> float:
+        """The loss total as candidates are compared: a total without evidence (NaN) counts as inf."""
+        return _comparable(self.loss["total"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trace row, keys in the order the loop has always written them."""
+        row: dict[str, Any] = {"iter": self.iter, "oracle": self.oracle}
+        if self.surrogate is not None:
+            row.update(surrogate=self.surrogate, improved=self.improved)
+        row.update(text=self.text, answer=None if self.answer is None else self.answer.text,
+                   number=None if self.answer is None else self.answer.number, tokens=self.tokens,
+                   entropy=self.entropy, loss=self.loss, policy=self.policy, mean_gain=self.mean_gain,
+                   seconds=self.seconds)
+        return row
 
 
 @dataclass
@@ -97,147 +139,158 @@ class RefineResult:
         return out
 
 
-def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | None = None, iters: int = 3,
-           mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-           verifier: CompositeVerifier | None = None, sample_temperature: float = SAMPLE_TEMPERATURE,
-           sampling: str = "streams") -> RefineResult:
-    """Refine one answer to ``prompt`` (already formatted, e.g. by `chat_prompt`) over ``iters`` decodes."""
-    return refine_many(model, tokenizer, [prompt], None if gold is None else [gold], iters=iters, mode=mode,
-                       k_samples=k_samples, max_new_tokens=max_new_tokens, seed=seed, verifier=verifier,
-                       sample_temperature=sample_temperature, sampling=sampling)[0]
+def refine(model: nn.Module, tokenizer: Any, prompt: str, gold: str | float | None = None,
+           config: RefineConfig | None = None, *, verifier: CompositeVerifier | None = None,
+           **settings: Any) -> RefineResult:
+    """Refine one answer to ``prompt`` (already formatted, e.g. by `chat_prompt`) over ``config.iters`` decodes.
+
+    ``config`` (default `RefineConfig()`) holds the settings; `RefineConfig` fields given by keyword
+    (``iters=2, mode="oracle"``, or ``sample_temperature`` for ``temperature``) override it.
+    """
+    return refine_many(model, tokenizer, [prompt], None if gold is None else [gold], config, verifier=verifier,
+                       **settings)[0]
 
 
 def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds: Sequence[Any] | None = None,
-                iters: int = 3, mode: str = "self", k_samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-                verifier: CompositeVerifier | None = None, sample_temperature: float = SAMPLE_TEMPERATURE,
-                sampling: str = "streams", sample_cache: SampleCache | None = None) -> list[RefineResult]:
+                config: RefineConfig | None = None, *, verifier: CompositeVerifier | None = None,
+                sample_cache: SampleCache | None = None, **settings: Any) -> list[RefineResult]:
     """`refine` for several prompts at once: each keeps its own loop, decoded and stepped as one batch.
 
-    Every prompt's self-consistency samples come from its own random stream seeded with ``seed`` (as a
-    lone `refine` call draws them; see the module docstring for ``sampling``); its policy history,
-    gains and L-BFGS memory are its own (per-sequence state), so a prompt's result does not depend on
-    the others beyond floating-point rounding. The samples, the greedy decodes and the surrogate steps
-    run as batches, which is what makes this faster. With a ``sample_cache``, a prompt's samples
-    drawn by an earlier call with the same settings are reused (see `SampleCache`).
+    ``config`` and keyword ``settings`` as in `refine`. Every prompt's self-consistency samples come
+    from its own random stream seeded with ``seed`` (as a lone `refine` call draws them; see the module
+    docstring for ``sampling``); its policy history, gains and L-BFGS memory are its own (per-sequence
+    state), so a prompt's result does not depend on the others beyond floating-point rounding. The
+    samples, the greedy decodes and the surrogate steps run as batches, which is what makes this faster.
+    With a ``sample_cache``, a prompt's samples drawn by an earlier call with the same settings are
+    reused (see `SampleCache`).
     """
+    config = RefineConfig.resolve(config, **settings)
+    prompts = list(prompts)
+    check_call(model, prompts, golds, config)
+    verifier = verifier if verifier is not None else CompositeVerifier()
+    start = time.perf_counter()
+
+    fingerprint, drawn = draw_samples(model, tokenizer, prompts, config, sample_cache)
+    samples = [d.answers for d in drawn]
+    reset_state(model)
+    gains = GainOptimizer(model, batch=None if len(prompts) == 1 else len(prompts))
+    references = pick_references(config, golds, samples, verifier)
+    targets = [_target_ids(tokenizer, p, r) for p, r in zip(prompts, references, strict=True)]
+    traces = _iterate(model, tokenizer, prompts, targets, references, samples, gains, verifier, config)
+    clear_gradients(model)
+    set_entropy_hint(model, None)
+
+    share = (time.perf_counter() - start) / len(prompts)
+    return [_result(config, trace, reference, d, fingerprint, share)
+            for trace, reference, d in zip(traces, references, drawn, strict=True)]
+
+
+def check_call(model: nn.Module, prompts: Sequence[str], golds: Sequence[Any] | None, config: RefineConfig) -> None:
+    """What `refine_many` refuses beyond an invalid `RefineConfig`: an unpatched model, no prompts, golds
+    that do not match the prompts or are missing in oracle mode, a batch without per-sequence state."""
     if not is_patched(model):
         raise ValueError("refine needs a model patched with vps.patch(model, cfg)")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    prompts = list(prompts)
     if not prompts:
         raise ValueError("refine_many needs at least one prompt")
     if golds is not None and len(golds) != len(prompts):
         raise ValueError(f"golds: {len(golds)} given for {len(prompts)} prompts")
-    if mode == "oracle" and (golds is None or any(g is None for g in golds)):
+    if config.oracle and (golds is None or any(g is None for g in golds)):
         raise ValueError("mode='oracle' needs gold (the label it is scored on)")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    if k_samples < 0:
-        raise ValueError(f"k_samples must be >= 0, got {k_samples}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    if k_samples and not sample_temperature > 0:
-        raise ValueError(f"sample_temperature must be > 0 to draw samples, got {sample_temperature}")
-    b = len(prompts)
-    if b > 1 and get_config(model).scope != "sequence":
+    if len(prompts) > 1 and get_config(model).scope != "sequence":
         raise ValueError("refining several prompts together needs scope='sequence' (per-sequence selectors)")
-    verifier = verifier if verifier is not None else CompositeVerifier()
-    start = time.perf_counter()
-    device = next(model.parameters()).device
 
-    fingerprint, drawn = draw_samples(model, tokenizer, prompts, k_samples, max_new_tokens, sample_temperature, seed,
-                                      sampling, sample_cache)
-    samples = [d.answers for d in drawn]
-    tokens = [d.tokens for d in drawn]
-    reset_state(model)
-    gains = GainOptimizer(model, batch=None if b == 1 else b)
 
+def pick_references(config: RefineConfig, golds: Sequence[Any] | None, samples: Sequence[Sequence[Answer | None]],
+                    verifier: CompositeVerifier) -> list[Answer | None]:
+    """Each prompt's reference: its gold in oracle mode, else its samples' majority answer (None
+    without one: then the surrogate target is the prompt's own tokens)."""
     references: list[Answer | None] = []
-    for i in range(b):
-        if mode == "oracle":
-            assert golds is not None  # checked above: mode="oracle" needs golds
+    for i, drawn in enumerate(samples):
+        if config.oracle:
+            assert golds is not None  # check_call: mode="oracle" needs golds
             gold = golds[i]
             references.append(gold if isinstance(gold, Answer) else parse_gold(str(gold)))
         else:
-            majority, count = (majority_answer(samples[i], verifier.rel_tol) if len(samples[i]) >= 2
-                               else (None, 0))
+            majority, count = majority_answer(list(drawn), verifier.rel_tol) if len(drawn) >= 2 else (None, 0)
             # One vote is not a majority: without agreement the target falls back to the prompt's own tokens.
             references.append(majority if count >= 2 else None)
-    targets = [_target_ids(tokenizer, p, r) for p, r in zip(prompts, references, strict=True)]
+    return references
 
-    traces: list[list[dict[str, Any]]] = [[] for _ in range(b)]
+
+def _iterate(model: nn.Module, tokenizer: Any, prompts: list[str], targets: Sequence[torch.Tensor | None],
+             references: Sequence[Answer | None], samples: Sequence[Sequence[Answer | None]], gains: GainOptimizer,
+             verifier: CompositeVerifier, config: RefineConfig) -> list[list[TraceRow]]:
+    """The loop's iterations over the batch (module docstring, steps 1-4); each prompt's trace."""
+    b = len(prompts)
+    device = next(model.parameters()).device
+    traces: list[list[TraceRow]] = [[] for _ in range(b)]
     prev_loss = [math.inf] * b
-    for it in range(iters):
+    for it in range(config.iters):
         t0 = time.perf_counter()
         surrogate = _surrogate_step(model, tokenizer, prompts, targets, gains, device) if it > 0 else None
-        texts, n, first_logits = _decode(model, tokenizer, prompts, max_new_tokens, 0.0)
+        texts, n, first_logits = _decode(model, tokenizer, prompts, config.max_new_tokens, 0.0)
         entropy = next_token_entropy(first_logits[:, None, :])
-        totals, improved, rows = [], [], []
-        for i in range(b):
-            tokens[i] += n[i]
-            answer = extract_answer(texts[i])
-            loss = verifier.compute_loss(answer, references[i], samples[i] if len(samples[i]) >= 2 else None)
-            total = _comparable(loss["total"])
-            row: dict[str, Any] = {"iter": it, "oracle": mode == "oracle"}
-            if surrogate is not None:
-                row["surrogate"] = surrogate[i]
-                improved.append(total < prev_loss[i])
-                row["improved"] = improved[-1]
-            totals.append(total)
-            row.update(text=texts[i], answer=None if answer is None else answer.text,
-                       number=None if answer is None else answer.number, tokens=n[i], entropy=float(entropy[i]),
-                       loss={"total": loss["total"], "components": loss["components"],
-                             "no_evidence": loss["no_evidence"]})
-            rows.append(row)
+        rows = [score_candidate(it, config.oracle, texts[i], n[i], float(entropy[i]), references[i], samples[i],
+                                verifier, None if surrogate is None else surrogate[i], prev_loss[i])
+                for i in range(b)]
+        totals = [row.total for row in rows]
         if surrogate is not None:
             deltas = [p - t if math.isfinite(p - t) else 0.0 for p, t in zip(prev_loss, totals, strict=True)]
-            update_outcome(model, improved, deltas)
+            update_outcome(model, [bool(row.improved) for row in rows], deltas)
         set_entropy_hint(model, entropy)
         prev_loss = totals
         mean_gains = gains.gains().reshape(len(gains.layers), -1).mean(dim=0)
         policies = [summarize(model)] if b == 1 else summarize_sequences(model, b)
         took = time.perf_counter() - t0
         for i, row in enumerate(rows):
-            row.update(policy=policies[i], mean_gain=float(mean_gains[i]), seconds=took)
+            row.policy, row.mean_gain, row.seconds = policies[i], float(mean_gains[i]), took
             traces[i].append(row)
-    clear_gradients(model)
-    set_entropy_hint(model, None)
-
-    seconds = time.perf_counter() - start
-    results = []
-    for i in range(b):
-        trace, reference = traces[i], references[i]
-        best = min(range(len(trace)), key=lambda j: (_comparable(trace[j]["loss"]["total"]), j))
-        results.append(RefineResult(
-            mode=mode, oracle=mode == "oracle", best_index=best, best_text=trace[best]["text"],
-            best_answer=extract_answer(trace[best]["text"]), trace=trace,
-            reference=None if reference is None else reference.text,
-            samples=[None if a is None else a.text for a in samples[i]], seconds=seconds / b, tokens=tokens[i],
-            samples_reused=drawn[i].reused, reused_seconds=drawn[i].seconds if drawn[i].reused else 0.0,
-            sample_record=drawn[i].to_record(fingerprint) if k_samples else None,
-        ))
-    return results
+    return traces
 
 
-def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], k: int, max_new_tokens: int = 256,
-                 temperature: float = SAMPLE_TEMPERATURE, seed: int = 0, sampling: str = "streams",
+def score_candidate(it: int, oracle: bool, text: str, tokens: int, entropy: float, reference: Answer | None,
+                    samples: Sequence[Answer | None], verifier: CompositeVerifier,
+                    surrogate: dict[str, Any] | None, prev_loss: float) -> TraceRow:
+    """One decoded candidate scored by the verifier against ``reference`` (and the samples, given two
+    or more); ``improved`` compares its loss with ``prev_loss`` after a surrogate step."""
+    answer = extract_answer(text)
+    loss = verifier.compute_loss(answer, reference, list(samples) if len(samples) >= 2 else None)
+    row = TraceRow(iter=it, oracle=oracle, text=text, answer=answer, tokens=tokens, entropy=entropy,
+                   loss={"total": loss["total"], "components": loss["components"],
+                         "no_evidence": loss["no_evidence"]}, surrogate=surrogate)
+    if surrogate is not None:
+        row.improved = row.total < prev_loss
+    return row
+
+
+def _result(config: RefineConfig, trace: list[TraceRow], reference: Answer | None, drawn: DrawnSamples,
+            fingerprint: str, seconds: float) -> RefineResult:
+    """A prompt's `RefineResult`: the candidate with the lowest comparable loss, the earliest on a tie."""
+    best = min(range(len(trace)), key=lambda j: (trace[j].total, j))
+    return RefineResult(
+        mode=config.mode, oracle=config.oracle, best_index=best, best_text=trace[best].text,
+        best_answer=extract_answer(trace[best].text), trace=[row.to_dict() for row in trace],
+        reference=None if reference is None else reference.text,
+        samples=[None if a is None else a.text for a in drawn.answers], seconds=seconds,
+        tokens=drawn.tokens + sum(row.tokens for row in trace),
+        samples_reused=drawn.reused, reused_seconds=drawn.seconds if drawn.reused else 0.0,
+        sample_record=drawn.to_record(fingerprint) if config.k_samples else None,
+    )
+
+
+def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], config: RefineConfig,
                  cache: SampleCache | None = None) -> tuple[str, list[DrawnSamples]]:
-    """The settings' fingerprint, and each prompt's ``k`` sampled completions, drawn from a fresh state
-    (patched or not) or taken from ``cache``.
+    """The settings' fingerprint, and each prompt's ``config.k_samples`` sampled completions, drawn from
+    a fresh state (patched or not) or taken from ``cache``.
 
     These are the self-consistency samples of refinement: `refine_many` with the same settings on the same
     patched model draws (or reuses) exactly these, which is what makes a majority vote over them
     (``vps-maj@k``) a baseline at equal compute. On an unpatched model they are the base model's samples.
     """
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    if k and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 to draw samples, got {temperature}")
     prompts = list(prompts)
     cache = cache if cache is not None else SampleCache()
-    config = get_config(model) if is_patched(model) else None
-    fingerprint = settings_fingerprint(k, max_new_tokens, temperature, seed, sampling, config)
+    fingerprint = settings_fingerprint(config, get_config(model) if is_patched(model) else None)
+    k = config.k_samples
     if not k:
         return fingerprint, [DrawnSamples([], 0, 0.0) for _ in prompts]
     cached = {i: cache.get(p, fingerprint) for i, p in enumerate(prompts)}
@@ -245,7 +298,8 @@ def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], k: in
     missing = [i for i, hit in cached.items() if hit is None]
     if missing:
         start = time.perf_counter()
-        texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, max_new_tokens, temperature, seed, sampling)
+        texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, config.max_new_tokens, config.temperature,
+                      config.seed, config.sampling)
         share = (time.perf_counter() - start) / len(missing)
         for i, (t, n) in zip(missing, texts, strict=True):
             found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share, texts=list(t))
@@ -280,18 +334,13 @@ def _comparable(total: float) -> float:
 def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float,
             processor: LogitsProcessor | None = None) -> tuple[list[str], list[int], torch.Tensor]:
     """Generate; also return the first step's logits (the next-token distribution after the prompt)."""
-    enc = encode(tokenizer, prompts, next(model.parameters()).device)
-    check_context(model, enc["input_ids"], max_new_tokens)
-    kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature)
     first = _FirstScores()
     # generate's output_logits would keep every step's logits: 512 steps x 32 rows x a 152k vocabulary
     # is 10 GB in float32, where only the first step is wanted.
-    kwargs["logits_processor"] = LogitsProcessorList([first] + ([processor] if processor is not None else []))
-    with torch.no_grad():
-        out = cast(Any, model).generate(**enc, **kwargs)  # a HuggingFace model (nn.Module has no generate)
-    texts, counts = decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:])
+    texts, counts = generate_texts(model, tokenizer, prompts, max_new_tokens, temperature,
+                                   logits_processors=[first] + ([processor] if processor is not None else []))
     assert first.scores is not None  # generate runs at least one step (it refuses max_new_tokens < 1)
-    return [t.strip() for t in texts], counts, first.scores
+    return texts, counts, first.scores
 
 
 class _FirstScores(LogitsProcessor):

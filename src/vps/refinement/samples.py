@@ -17,14 +17,20 @@ import torch
 from transformers import LogitsProcessor
 
 from ..verify import Answer
+from .config import RefineConfig
 
 __all__ = ["DrawnSamples", "SampleCache", "StreamSampler", "settings_fingerprint"]
 
 
-def settings_fingerprint(k: int, max_new_tokens: int, temperature: float, seed: int, sampling: str,
-                         config: Any) -> str:
-    """A short digest of everything besides the prompt that a prompt's samples depend on."""
-    text = repr((k, max_new_tokens, float(temperature), seed, sampling, repr(config)))
+def settings_fingerprint(refine: RefineConfig, config: Any) -> str:
+    """A short digest of everything besides the prompt that a prompt's samples depend on: ``refine``'s
+    sample settings (not ``iters`` nor ``mode``: refine-self and refine-oracle share samples) and the
+    patched ``config`` (None when unpatched).
+
+    Stored sample records are matched against this digest, so its input stays the tuple it always was.
+    """
+    text = repr((refine.k_samples, refine.max_new_tokens, float(refine.temperature), refine.seed, refine.sampling,
+                 repr(config)))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

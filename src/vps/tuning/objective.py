@@ -23,7 +23,7 @@ from ..config import VPSConfig
 from ..evaluation.nll import solution_nll
 from ..evaluation.rundir import dumps_strict, write_atomic
 from ..evaluation.stats import paired_bootstrap_diff
-from ..kv_cache import forward_accepts
+from ..kv_cache import logits_to_keep_kwargs
 from ..patching import patched, reset_state
 from ..prompting import encode
 
@@ -149,7 +149,7 @@ def prefill_ratio(model: Any, tokenizer: Any, cfg: VPSConfig, prompts: Sequence[
     (median of ``repeats`` each, after one warm-up of each), in this process."""
     device = next(model.parameters()).device
     inputs = encode(tokenizer, prompts, device)
-    extra = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+    extra = logits_to_keep_kwargs(model, 1)
 
     def once() -> float:
         start = time.perf_counter()

@@ -93,7 +93,7 @@ def trial_config(params: dict[str, Any], placement: Placement) -> TrialConfig:
     if modules not in MODULES or blocks not in BLOCKS:
         raise SpaceError(f"modules must be one of {MODULES} and blocks one of {BLOCKS}, got {modules!r}, {blocks!r}")
     rank = fields.get("rank", VPSConfig.rank)
-    fields["topk"] = max(fields.get("topk", VPSConfig.topk), rank)
+    fields["topk"] = VPSConfig.pool_for(rank, fields.get("topk", VPSConfig.topk))
     gamma = fields.get("gamma", VPSConfig.gamma)
     damping = gamma < 0
     if damping:

@@ -1,0 +1,99 @@
+"""`RefineConfig`: the settings of one refinement run, validated once, shared by every caller.
+
+`refine` and `refine_many`, the evaluation harness (`RunSettings.refine_config`), the samples'
+`settings_fingerprint` and ``vps refine`` all take one of these. Kept free of torch, so the CLI's
+parser can read the choices (`MODES`, `SAMPLINGS`) without loading a model stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig"]
+
+MODES = ("self", "oracle")
+SAMPLINGS = ("streams", "global")
+SAMPLE_TEMPERATURE = 0.7  # of the self-consistency samples (and of the maj@k baselines that vote over them)
+
+# Keyword names `refine` accepted before RefineConfig, mapped to its fields.
+_ALIASES = {"sample_temperature": "temperature"}
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How `refine` runs: ``iters`` decodes (>= 1), ``mode`` "self" (gold-free) or "oracle" (the gold
+    answer is target and reference), ``k_samples`` self-consistency samples (>= 0) drawn at
+    ``temperature`` (> 0 when any are drawn) with ``sampling`` "streams" or "global" (see
+    `vps.refinement.loop`), ``max_new_tokens`` (>= 1) per decode and ``seed`` of the samples.
+
+    An invalid value raises ValueError naming its field.
+    """
+
+    iters: int = 3
+    mode: str = "self"
+    k_samples: int = 4
+    max_new_tokens: int = 256
+    seed: int = 0
+    temperature: float = SAMPLE_TEMPERATURE
+    sampling: str = "streams"
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "k_samples", "max_new_tokens", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.k_samples < 0:
+            raise ValueError(f"k_samples must be >= 0, got {self.k_samples}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"temperature (refine's sample_temperature) must be a number, got {self.temperature!r}")
+        # Without samples the temperature is never used, so only a run that draws some needs a usable one.
+        if self.k_samples and not self.temperature > 0:
+            raise ValueError(f"temperature (refine's sample_temperature) must be > 0 to draw samples, "
+                             f"got {self.temperature}")
+
+    @property
+    def oracle(self) -> bool:
+        """Whether the run reads the gold answer (``mode="oracle"``)."""
+        return self.mode == "oracle"
+
+    def replace(self, **changes: Any) -> RefineConfig:
+        """A validated copy with some fields changed; an unknown name raises TypeError naming it."""
+        _check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def resolve(cls, config: RefineConfig | None = None, **overrides: Any) -> RefineConfig:
+        """``config`` (default: the defaults) with keyword ``overrides``, the way `refine` takes them:
+        field names, or ``sample_temperature`` for ``temperature``."""
+        if config is not None and not isinstance(config, RefineConfig):
+            raise TypeError(f"config must be a RefineConfig, got {type(config).__name__} (pass the other "
+                            f"settings by keyword, e.g. iters=3)")
+        changes = {}
+        for name, value in overrides.items():
+            field = _ALIASES.get(name, name)
+            if field in changes:
+                raise TypeError(f"{name!r} and {field!r} both set the same field; give one")
+            changes[field] = value
+        base = config if config is not None else cls()
+        return base.replace(**changes) if changes else base
+
+
+def _check_names(changes: dict[str, Any]) -> None:
+    known = [f.name for f in dataclasses.fields(RefineConfig)]
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        raise TypeError(f"unknown refine setting(s) {unknown}; RefineConfig fields: {known}")

@@ -8,7 +8,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..kv_cache import cache_argument, forward_accepts, output_cache
+from ..kv_cache import cache_argument, logits_to_keep_kwargs, output_cache
 
 __all__ = ["forward_kwargs", "make_inputs", "sync_device", "time_decode", "time_generate", "time_prefill"]
 
@@ -21,7 +21,7 @@ def sync_device(device: torch.device) -> None:
 
 def forward_kwargs(model: nn.Module) -> dict[str, Any]:
     """Extra forward arguments of every timed call: only the last position's logits where the model allows it."""
-    return {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+    return logits_to_keep_kwargs(model, 1)
 
 
 def make_inputs(model: nn.Module, batch: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .ablation import REFINE_METHODS, VOTE_METHODS
 from .rundir import RESULTS_FILE, RunDir, dumps_strict, write_atomic
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
@@ -220,13 +221,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
                      f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's")
     rescored = summary.get("rescored_from")
     if rescored:
-        refines = any((e["method"] or "").startswith("refine") for e in entries)
-        votes = any(e["method"] in ("maj", "vps-maj") for e in entries)
+        refines = any(e["method"] in REFINE_METHODS for e in entries)
+        votes = any(e["method"] in VOTE_METHODS for e in entries)
         lines.append(f"- **Rescored**: answers read again in {summary['extract_mode']} mode from the outputs stored in "
                      f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
                      f"again" + ("; refine rows keep the candidate their loop chose" if refines else "")
                      + ("; vote rows keep the sample their vote chose" if votes else ""))
-    if voters := [e for e in entries if e["method"] in ("maj", "vps-maj")]:
+    if voters := [e for e in entries if e["method"] in VOTE_METHODS]:
         names = ", ".join(f"`{e['name']}`" for e in voters)
         lines.append(f"- **Majority vote**: {names} answer with the majority of k completions sampled at "
                      "refinement's temperature and seeds (`maj` unpatched, `vps-maj` patched; next to `refine-self` "

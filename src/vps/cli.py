@@ -7,7 +7,7 @@ import importlib
 import sys
 import warnings
 
-# subcommand -> module under vps.commands holding add_arguments(parser) and run(args) -> int
+# subcommand -> module under vps.commands (dashes as underscores) holding add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "generate": "Answer a question with the model, with VPS on, off, or both side by side.",
     "refine": "Refine one answer over several iterations with the verifier in the loop.",
@@ -17,6 +17,7 @@ COMMANDS = {
     "ablate": "Run a grid of VPS configurations (default: the seed's) against the baseline, model loaded once.",
     "tune": "Search VPS configurations (Optuna) for the one that lowers gold-solution NLL on a train split; resumable.",
     "bench": "VPS overhead vs the unpatched model: prefill, greedy decode and peak memory ratios.",
+    "lm-eval": "lm-evaluation-harness with --model vps / vps-base and the offline task gsm8k_local registered.",
 }
 
 
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vps {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"vps.commands.{name}")
+        module = importlib.import_module(f"vps.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -89,6 +89,7 @@ def test_three_trial_study_writes_every_output(model, tok, tmp_path):
     assert any("vps eval" in c and "gsm8k:test" in c for c in meta["confirm"])
     report = (out / "report.md").read_text()
     assert f"Trial {best['number']}" in report and "## Parameter importances" in report
+    assert "10 items (sample None, seed 0)" in report
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     base = json.loads((out / "base_nll.json").read_text())
     assert len(base["nll"]) == 10 and all(v > 0 for v in base["nll"].values())

@@ -134,13 +134,14 @@ def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, spa
         lines += [f"**{TEST_LABEL}**: this study was tuned on a test split (explicit override); its best "
                   "configuration has seen the data it would be confirmed on.", ""]
     lines += [f"- model: `{settings.model}` ({settings.dtype}), prompt `{settings.prompt}`",
-              f"- tuned on: `{data.get('source')}`, {data.get('items')} items (sample {data.get('sample')}, "
+              f"- tuned on: `{data.get('source')}`, {data.get('n_items')} items (sample {data.get('sample')}, "
               f"seed {data.get('seed')}), batch {settings.batch_size}",
               "- objective: paired mean difference in gold-solution NLL, patched - unpatched (nats/token; lower is "
               "better), 95% paired bootstrap interval" + (", and the prefill cost ratio (Pareto front)"
                                                           if "overhead" in settings.objectives else ""),
               f"- pruner: {settings.pruner if settings.prunes else 'none'}"
-              + (f" (after {settings.prune_startup} trials, from batch {settings.prune_warmup})"
+              + (f" (once {settings.prune_startup} trials have finished, after {settings.prune_warmup} "
+                 f"warm-up batch(es))"
                  if settings.prunes else ""),
               "- trials: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())), ""]
     damping = [r["number"] for r in rows if "DAMPING" in r["labels"]]

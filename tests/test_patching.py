@@ -220,19 +220,3 @@ def test_a_patched_model_can_be_moved_and_cast():
     assert double.dtype == torch.float64 and torch.allclose(double.float(), single, atol=1e-4)
     assert torch.equal(again, single)
     assert vps.is_patched(model)
-
-
-def test_offloaded_models_are_refused_before_any_forward():
-    """CPU offload keeps weights on the meta device until accelerate's hook loads them; the plan would read
-    them there, so patch() refuses with a clear error instead of failing inside generate()."""
-    import pytest
-    from accelerate import cpu_offload
-
-    import vps
-    from tiny import tiny_llama
-
-    model = tiny_llama()
-    cpu_offload(model, execution_device=torch.device("cpu"))
-    with pytest.raises(vps.PatchError, match="offload is not supported by VPS yet"):
-        vps.patch(model, vps.VPSConfig())
-    assert not vps.is_patched(model)

@@ -45,7 +45,8 @@ class VPSContext:
         self._warned_4d = False
         self._warned_hidden_cache = False
         self._tokens: int | None = None
-        self._valid: tuple[tuple[int, int, torch.device], torch.Tensor, bool] | None = None
+        self._valid: dict[tuple[int, int, torch.device], tuple[torch.Tensor, bool]] = {}
+        self._entropy_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ranking: tuple[torch.Tensor, int | None, int, torch.Tensor] | None = None
         self.in_forward = False
 
@@ -54,18 +55,23 @@ class VPSContext:
         """(batch, tokens) bool mask of the valid tokens among the layers' current inputs, and whether
         every token is valid (then statistics take a faster, unmasked path).
 
-        Computed once per forward and shared by all layers (one host sync per forward, not per layer).
+        Computed once per forward and shared by all layers (one host sync per forward, not per layer);
+        a model spread over several devices gets one copy per device.
         """
-        cached = self._valid
-        if cached is not None and cached[0] == (batch, tokens, device):
-            return cached[1], cached[2]
+        hit = self._valid.get((batch, tokens, device))
+        if hit is not None:
+            return hit
         mask = self.mask
         if mask is None or mask.shape[0] != batch or mask.shape[1] < tokens:
             valid, dense = torch.ones(batch, tokens, dtype=torch.bool, device=device), True
         else:
-            valid = mask[:, mask.shape[1] - tokens:].to(device=device, dtype=torch.bool)
-            dense = bool(valid.all())
-        self._valid = ((batch, tokens, device), valid, dense)
+            other = next((v for (b, t, _), v in self._valid.items() if (b, t) == (batch, tokens)), None)
+            if other is not None:  # already checked on another device: move it, no second host sync
+                valid, dense = other[0].to(device), other[1]
+            else:
+                valid = mask[:, mask.shape[1] - tokens:].to(device=device, dtype=torch.bool)
+                dense = bool(valid.all())
+        self._valid[(batch, tokens, device)] = (valid, dense)
         return valid, dense
 
     def cached_input_ranking(self, x: torch.Tensor, k: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -81,12 +87,17 @@ class VPSContext:
         self._ranking = (x, version, k, ranking)
         return ranking
 
-    def entropy_for(self, batch: int) -> torch.Tensor | None:
-        """The entropy the policy may use for this forward, or None."""
+    def entropy_for(self, batch: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The entropy the policy may use for this forward (on ``device``, once per device), or None."""
         h = self.entropy
         if h is None or h.shape[0] != batch:
             return None
-        return h
+        if device is None or h.device == device:
+            return h
+        moved = self._entropy_on.get(device)
+        if moved is None or moved[0] is not h:
+            moved = self._entropy_on[device] = (h, h.to(device))
+        return moved[1]
 
     def reuses_plan(self, decode_mode: str) -> bool:
         """Whether layers keep their stored selectors for this forward."""
@@ -97,7 +108,8 @@ class VPSContext:
         """Start of a top-level forward: record the mask and the phase."""
         attention_mask = call.attention_mask
         self._tokens = call.tokens
-        self._valid = self._ranking = None
+        self._valid, self._ranking = {}, None
+        self._entropy_on = {}
         self.in_forward = True
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.mask = attention_mask
@@ -118,7 +130,7 @@ class VPSContext:
             self._check_no_hidden_cache(output)
         logits = _logits_of(output)
         mask, self.mask = self.mask, None
-        self._valid = self._ranking = None
+        self._valid, self._ranking = {}, None
         self.in_forward = False
         if not self.cfg.want_entropy or logits is None:
             self.entropy = None

@@ -12,12 +12,14 @@ dimension j of its best-scoring head in that group. A rank-1 change to both then
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .builders import rank_features
+from .offload import hooked_call
 
 if TYPE_CHECKING:
     from .layer import VPSLinear
@@ -28,12 +30,14 @@ class BaseOutput:
     """A layer's base output on one input, with what the Q/K coupling already knows of it.
 
     ``peer_out`` is set on the first call of a coupled pair: the partner's base output on the same
-    input, to be ranked jointly (`QKPair.rank_jointly`). ``out_rank`` and ``energy`` are set on the
-    second call: the ranking and energy the partner computed for this layer's output.
+    input (``peer_h0``: the same without its bias), to be ranked jointly (`QKPair.rank_jointly`).
+    ``out_rank`` and ``energy`` are set on the second call: the ranking and energy the partner
+    computed for this layer's output.
     """
 
     out: torch.Tensor
     peer_out: torch.Tensor | None = None
+    peer_h0: torch.Tensor | None = None
     out_rank: torch.Tensor | None = None
     energy: torch.Tensor | None = None
 
@@ -76,13 +80,25 @@ class QKPair:
         self.k.pair = None
         self._handoff = None
 
-    def base_output(self, layer: VPSLinear, x: torch.Tensor) -> BaseOutput:
+    def base_output(self, layer: VPSLinear, x: torch.Tensor,
+                    base_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BaseOutput:
         """``layer``'s base output on ``x``: the partner's handoff for this very input if there is one,
-        else computed here together with the partner's (``peer_out``)."""
+        else computed here (with ``base_forward``, default ``layer.base_layer``) together with the
+        partner's (``peer_out``)."""
         handoff, self._handoff = self._handoff, None  # a stale handoff must never outlive the call it was made for
         if handoff is not None and handoff.layer is layer and handoff.x is x:
             return handoff.result
-        return BaseOutput(layer.base_layer(x), peer_out=self.peer(layer).base_layer(x))
+        own = (base_forward or layer.base_layer)(x)
+        peer = self.peer(layer)
+
+        def with_h0(inp: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            out = forward(inp)
+            return out, peer._without_bias(out)  # an offloaded bias is only loaded in here
+
+        # The partner's weight (and bias) may be offloaded: its device hook loads them for this call.
+        peer_out, peer_h0 = hooked_call(peer.base_layer, x, with_h0)
+        return BaseOutput(own, peer_out=peer_out.to(own.device), peer_h0=peer_h0.to(own.device))
 
     def rank_jointly(self, layer: VPSLinear, x: torch.Tensor, scores: torch.Tensor, peer_out: torch.Tensor,
                      peer_scores: torch.Tensor, peer_energy: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .config import VPSConfig
 from .context import VPSContext
 from .coupling import BaseOutput, QKPair
 from .dtypes import as_float32
+from .offload import execution_device, hooked_call
 from .plan import Plan, plan_matrix
 from .policy import Decision, LayerPolicy
 
@@ -82,7 +83,7 @@ class VPSLinear(nn.Module):
         self.plan: Plan | None = None
         # Buffers, so .to() moves them with the weights; non-persistent, so checkpoints never hold them.
         self.register_buffer("gain", None, persistent=False)
-        self.register_buffer("_fallbacks", torch.zeros((), dtype=torch.long, device=self.weight.device),
+        self.register_buffer("_fallbacks", torch.zeros((), dtype=torch.long, device=self.device),
                              persistent=False)
         self._oks: list[torch.Tensor] = []  # ok flags of recent plans, not yet counted in _fallbacks
         self.reset_gain()
@@ -104,6 +105,12 @@ class VPSLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return cast("torch.Tensor | None", self.base_layer.bias)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer computes: the weight's device, or accelerate's execution device for a
+        dispatched layer (an offloaded weight sits on meta between forwards)."""
+        return execution_device(self.base_layer)
 
     @property
     def in_features(self) -> int:
@@ -128,7 +135,7 @@ class VPSLinear(nn.Module):
     # -- state ----------------------------------------------------------------------------------
     def reset_gain(self, batch: int | None = None) -> None:
         """Set the gain to 1: one scalar, or one per sequence of a ``batch`` refined together."""
-        self.gain = torch.ones(() if batch is None else (batch,), dtype=torch.float32, device=self.weight.device)
+        self.gain = torch.ones(() if batch is None else (batch,), dtype=torch.float32, device=self.device)
 
     def reset(self) -> None:
         """Back to the state right after patching: no policy history, captured gradient or stored plan,
@@ -157,10 +164,15 @@ class VPSLinear(nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if not (self.ctx.enabled and self._can_perturb):
             return self.base_layer(x)
+        # Under an accelerate hook the plan, which reads W, must run while the weight is loaded.
+        return hooked_call(self.base_layer, x, self._perturbed)
+
+    def _perturbed(self, x: torch.Tensor, base_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.ctx.reuses_plan(self.cfg.decode_mode) and self.plan is not None and self._plan_fits(x.shape[0]):
-            out, plan = self.base_layer(x), self.plan
+            out, plan = base_forward(x), self.plan
         else:
-            base = self.pair.base_output(self, x) if self.pair is not None else BaseOutput(self.base_layer(x))
+            base = (self.pair.base_output(self, x, base_forward) if self.pair is not None
+                    else BaseOutput(base_forward(x)))
             out, plan = base.out, self._build_plan(x, base)
             self.plan = plan
         y = self._apply_plan(out, plan)
@@ -203,7 +215,7 @@ class VPSLinear(nn.Module):
             in_rank = ctx.cached_input_ranking(key, self.topk, lambda: rank_features(
                 input_scores(x, mask, dense), self.topk, nonnegative=True))
             out_rank, energy = self._output_ranking(key, h0, base, mask, dense)
-            entropy = ctx.entropy_for(key.shape[0])
+            entropy = ctx.entropy_for(key.shape[0], key.device)
             if entropy is not None and self.cfg.scope == "batch":
                 entropy = entropy.mean().reshape(1)
             decision = self.policy.decide(energy, entropy)
@@ -221,8 +233,8 @@ class VPSLinear(nn.Module):
         if base.peer_out is None:
             return rank_features(scores, self.topk, nonnegative=True), energy
         pair = self.pair
-        assert pair is not None  # only the layer's QKPair sets peer_out
-        peer_h0 = pair.peer(self)._without_bias(base.peer_out)
+        assert pair is not None and base.peer_h0 is not None  # only the layer's QKPair sets them
+        peer_h0 = base.peer_h0
         if self.cfg.scope == "batch":
             peer_h0 = _as_one_sequence(peer_h0)
         peer_scores, peer_energy = output_scores(peer_h0, mask, dense)

@@ -179,6 +179,8 @@ def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched chat generation.
 
@@ -188,6 +190,10 @@ def load_model(
             ``owner/name``. Bundled aliases and GGUF files are converted once and cached.
         dtype: dtype of the returned model's parameters.
         device: where to put the model; None leaves it on the CPU.
+        device_map: instead of ``device``, let accelerate place the model (``"auto"``,
+            ``"balanced"``, ... or a dict of module name -> device, ``"cpu"`` or ``"disk"``), as
+            ``from_pretrained`` does; `vps.patch` works on the dispatched model.
+        offload_folder: where ``"disk"`` entries of ``device_map`` keep their weights.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode with ``model.vps_load_seconds`` set to how
@@ -198,21 +204,24 @@ def load_model(
         ModelLoadError: unknown alias, missing path, corrupt or truncated GGUF, unreachable
             package index or hub, or a checkpoint transformers cannot load.
     """
+    if device is not None and device_map is not None:
+        raise ModelLoadError("pass device or device_map, not both (device_map places the model itself)")
     start = time.perf_counter()
+    placement = _placement(device_map, offload_folder)
     name = DEFAULT_MODEL if name_or_path is None else os.fspath(name_or_path)
     path = Path(name).expanduser()
     if name in _BUNDLED:
-        model, tokenizer = _load_saved(_bundled_checkpoint(name), dtype)
+        model, tokenizer = _load_saved(_bundled_checkpoint(name), dtype, placement)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a directory but not a HuggingFace checkpoint: no config.json")
-        model, tokenizer = _load_saved(path, dtype)
+        model, tokenizer = _load_saved(path, dtype, placement)
     elif path.is_file():
-        model, tokenizer = _load_saved(_gguf_file_checkpoint(path), dtype)
+        model, tokenizer = _load_saved(_gguf_file_checkpoint(path), dtype, placement)
     elif _looks_like_path(name):
         raise ModelLoadError(f"model path {path} does not exist")
     elif _HUB_ID.fullmatch(name):
-        model, tokenizer = _load_from_hub(name, dtype)
+        model, tokenizer = _load_from_hub(name, dtype, placement)
     else:
         raise ModelLoadError(
             f"unknown model alias {name!r}; known aliases: {_known_aliases()}; "
@@ -272,12 +281,28 @@ def _quiet() -> bool:
     return os.environ.get("VPS_QUIET", "") not in ("", "0")
 
 
-def _load_saved(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _placement(device_map: str | dict[str, Any] | None,
+               offload_folder: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments that let accelerate place the model."""
+    if device_map is None:
+        if offload_folder is not None:
+            raise ModelLoadError("offload_folder is only used with a device_map")
+        return {}
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise ModelLoadError("device_map sends modules to \"disk\": pass offload_folder (where their weights go)")
+    placement: dict[str, Any] = {"device_map": device_map}
+    if offload_folder is not None:
+        placement["offload_folder"] = os.fspath(offload_folder)
+    return placement
+
+
+def _load_saved(path: Path, dtype: torch.dtype, placement: dict[str, Any] | None = None
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with _quiet_transformers(always=True):  # a cached load takes well under a second: no bar
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **(placement or {}))
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{path}: transformers could not load this checkpoint: {err}") from err
@@ -666,7 +691,8 @@ def _hub_unreachable_reason() -> str | None:
     return outcome[0] if outcome else f"no answer from {host}:{port} within {_HUB_PROBE_TIMEOUT_S:.0f} s"
 
 
-def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_from_hub(repo_id: str, dtype: torch.dtype, placement: dict[str, Any] | None = None
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline_reason = _hub_unreachable_reason()
@@ -674,7 +700,8 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, P
         with _quiet_transformers():
             # Offline, a copy in the local HuggingFace cache is still usable.
             local_only = offline_reason is not None
-            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_only,
+                                                         **(placement or {}))
             tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
     except (OSError, ValueError) as err:
         if offline_reason is not None:

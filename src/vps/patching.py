@@ -57,7 +57,6 @@ def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
     if is_patched(model):
         raise PatchError("model is already patched with VPS; call vps.unpatch(model) first")
     names = select_targets(model, cfg)
-    _refuse_offloaded(model, names)
     ctx = VPSContext(cfg)
     layers: dict[str, VPSLinear] = {}
     for name in names:
@@ -74,24 +73,6 @@ def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
     state.handles.append(model.register_forward_hook(lambda _m, _a, output: ctx.end(output)))
     cast(Any, model)._vps_state = state  # a plain attribute (nn.Module's typed __setattr__ takes tensors/modules)
     return model
-
-
-def _offloaded(module: nn.Module) -> bool:
-    """Whether accelerate keeps this module's weight elsewhere (CPU / disk offload) until its hook runs."""
-    hook = getattr(module, "_hf_hook", None)
-    hooks = list(getattr(hook, "hooks", ())) or ([hook] if hook is not None else [])
-    weight = getattr(module, "weight", None)
-    return any(getattr(h, "offload", False) for h in hooks) or bool(getattr(weight, "is_meta", False))
-
-
-def _refuse_offloaded(model: nn.Module, names: list[str]) -> None:
-    # The plan gathers rows and columns of W outside the layer's own forward, where an offloaded weight is
-    # still on the meta device: refuse before the first forward instead of failing inside generate().
-    offloaded = [n for n in names if _offloaded(model.get_submodule(n))]
-    if offloaded:
-        raise PatchError(f"{len(offloaded)} target layer(s) have offloaded weights ({offloaded[0]}, ...): accelerate "
-                         f"CPU / disk offload is not supported by VPS yet, since the plan reads the weight outside "
-                         f"the layer's forward; load the model without offload (device_map on devices only)")
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -20,7 +20,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="alias (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local dir, .gguf file or "
                         "hub id; default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu; vps eval under torchrun / accelerate "
+                        "launch: cuda:LOCAL_RANK)")
 
 
 def add_threads_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

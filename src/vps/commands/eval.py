@@ -1,7 +1,9 @@
 """``vps eval``: base / vps / refine methods over a dataset, resumable, with a statistics report.
 
 The checks and the run itself (`execute`) are shared with ``vps ablate``, as are the data and run flags
-(`vps.commands.common`).
+(`vps.commands.common`). Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process is
+one rank of a data-parallel run (`vps.evaluation.distributed`): it evaluates its share of the items on its
+own device, and rank 0 merges the rows and writes the report.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
+from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
 from ..evaluation.rundir import RESULTS_FILE, RunDir, RunLockedError, check_directory, merge_settings
 from ..prompting import DEFAULT_STOP_STRINGS
 from .common import (  # noqa: F401  (add_data_arguments, add_run_arguments: they lived here)
@@ -148,12 +151,13 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
     model once, run every spec and write the report. Nothing is written before every check passed."""
     if args.out is None:
         raise ValueError("--out DIR is required (the run's directory; rerun with the same DIR to resume)")
+    world = world_from_env()  # a malformed launch is refused before anything else
     if args.report_only:
         try:
             check_directory(args.out)
         except ValueError as exc:
             raise type(exc)(f"--out {exc}") from None
-        return report(args.out)
+        return report(args.out) if world.rank == 0 else 0
     from ..evaluation.harness import RunSettings, check_run, data_info
 
     check_flags(args, specs)
@@ -181,32 +185,41 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
             print(f"note: {spec.name} is an ORACLE method (uses the gold answer at test time)", file=sys.stderr)
     with contextlib.ExitStack() as held:
         try:  # held for the whole run, released however it ends
-            held.enter_context(run.lock())
+            shard = held.enter_context(rank_session(run, world))
         except RunLockedError as exc:
             raise RunLockedError(f"--out {exc}") from None
         except ValueError as exc:
             raise type(exc)(f"--out {exc}") from None
-        return _execute_locked(args, specs, run, loaded, settings)
+        return _execute_locked(args, specs, run, loaded, settings, world, shard)
 
 
 def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunDir, loaded: Any,
-                    settings: RunSettings) -> int:
+                    settings: RunSettings, world: World | None = None, shard: Shard | None = None) -> int:
     from ..evaluation.harness import run_evaluation
 
     stored = run.read_settings()  # again, under the lock: another run may have started here meanwhile
     if stored is not None:
         merge_settings(stored, settings.to_dict(specs), str(args.out))
+    world = world if world is not None else World()
     set_threads(args)
+    if world.parallel:  # one GPU per process on its machine
+        args.device = rank_device(args.device, world.local_rank)
     model, tok = load(args)
-    print(f"model: {settings.model} loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s",
+    print(f"model: {settings.model} loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s"
+          + (f" on {args.device or 'cpu'} (rank {world.rank} of {world.size})" if world.parallel else ""),
           file=sys.stderr)
     try:
         run_evaluation(model, tok, loaded.items, specs, args.out, settings, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, shard=shard)
     except KeyboardInterrupt:
-        print(f"interrupted: finished batches are in {args.out / RESULTS_FILE}; rerun the same command to resume",
-              file=sys.stderr)
+        rows = args.out / RESULTS_FILE if shard is None else run.for_rank(shard.rank).results
+        print(f"interrupted: finished batches are in {rows}; rerun the same command to resume"
+              + ("" if shard is None else " (with any number of processes)"), file=sys.stderr)
         return 130
+    if shard is not None and not shard.primary:
+        print(f"rank {shard.rank} of {shard.size}: done; rank 0 merges the rows into {args.out / RESULTS_FILE} "
+              f"and writes the report", file=sys.stderr)
+        return 0
     return report(args.out)
 
 

@@ -47,7 +47,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def check_single_process() -> None:
+    """Refuse a data-parallel launch (``WORLD_SIZE`` > 1): a study runs in one process.
+
+    Scoring one trial across ranks would need every rank's NLLs after each batch before the pruner
+    decides, and one trial per process would need the study's trials.jsonl, base_nll.json and the
+    marking of cut-off trials (any trial still running when a study opens) shared between writers;
+    neither is what the study loop does. See docs/distributed.md.
+    """
+    from ..evaluation.distributed import world_from_env
+
+    world = world_from_env()
+    if world.parallel:
+        raise ValueError(f"vps tune runs as one process, and this is rank {world.rank} of a WORLD_SIZE={world.size} "
+                         f"launch (a trial's pruning needs all its NLLs in one process, and a study directory has "
+                         f"one writer); start it as one process, without torchrun / accelerate launch (on one GPU: "
+                         f"CUDA_VISIBLE_DEVICES=0 vps tune ...); docs/distributed.md says why and what else to do")
+
+
 def _check(args: argparse.Namespace) -> None:
+    check_single_process()
     if args.out is None:
         raise ValueError("--out DIR is required (the study's directory; rerun with the same DIR to resume)")
     for flag, value, low in (("--trials", args.trials, 1), ("--sample", args.sample, 1),

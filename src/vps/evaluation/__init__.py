@@ -1,4 +1,5 @@
-"""Evaluation utilities: loading items, running methods resumably, NLL, paired statistics and reports.
+"""Evaluation utilities: loading items, running methods resumably (in one process or data-parallel), NLL,
+paired statistics and reports.
 
 Names load on first use, so that reading a run directory or the command line's choices does not
 import torch.
@@ -13,6 +14,8 @@ _EXPORTS = {
     "METHODS": "ablation", "GridError": "ablation", "MethodSpec": "ablation", "default_grid_path": "ablation",
     "load_grid": "ablation", "parse_grid": "ablation",
     "Item": "data", "LoadResult": "data", "load_items": "data",
+    "DistributedError": "distributed", "Shard": "distributed", "World": "distributed", "rank_session": "distributed",
+    "shard_items": "distributed", "world_from_env": "distributed",
     "RunSettings": "harness", "data_info": "harness", "run_evaluation": "harness",
     "RunDir": "rundir", "RunLockedError": "rundir", "RunMismatchError": "rundir",
     "NLLResult": "nll", "solution_nll": "nll",

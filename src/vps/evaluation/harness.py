@@ -7,7 +7,9 @@ in flight; a final line cut off mid-write is dropped with a warning. A rerun who
 (model, data, sample, decoding, a config's overrides) is refused rather than mixing results; new
 configurations may be added to a directory. One process at a time works in a directory: a run holds
 the lock ``<dir>/.lock`` (`RunDir.lock`) from start to finish, and a second is refused. Every setting
-and every item is checked (`RunSettings`, `check_run`) before anything is written.
+and every item is checked (`RunSettings`, `check_run`) before anything is written. A data-parallel run
+(``shard``, `vps.evaluation.distributed`) has each rank write its share of the items to its own rows
+file, and rank 0 merges them into ``results.jsonl`` once every rank is done.
 
 Every file is strict JSON: a number that is not finite (NaN, inf) is written as ``null``, which
 means "no value" - e.g. a refine trace's loss ``total`` when no verifier component had evidence.
@@ -44,6 +46,7 @@ from ..refinement.config import SAMPLINGS, RefineConfig
 from ..verify import EXTRACT_MODES, answers_match, extract_answer
 from .ablation import VOTE_METHODS, MethodSpec
 from .data import Item, LoadResult, gold_value, load_items, read_gold
+from .distributed import Shard
 from .nll import SCORINGS, solution_nll
 from .rundir import (  # noqa: F401  (re-exported: the run directory lived here)
     _COMPARED_DEFAULTS,
@@ -296,6 +299,7 @@ def run_evaluation(
     on_batch: Callable[[str, list[dict[str, Any]]], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     log: Callable[[str], None] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, int]:
     """Run every spec over ``items``, appending rows to ``out_dir``; returns rows written per config.
 
@@ -308,20 +312,36 @@ def run_evaluation(
     e.g. in tests; ``on_batch`` is called after each batch is on disk. Everything is checked
     (`check_run`) before anything is written; the directory is locked for the whole call
     (`RunLockedError` if another process holds it).
+
+    With ``shard`` (rank R of N, from `vps.evaluation.distributed.rank_session`) the call is one rank of a
+    data-parallel run: it runs the items at positions R, R + N, ... of the run's item order, appends to
+    ``rows.rank{R}.jsonl`` under its own lock, and skips the rows ``results.jsonl`` holds; rank 0 alone
+    writes run.json, merges what earlier launches left before the ranks start, and merges every rank's
+    rows into ``results.jsonl`` (in a single process's order) after they all finished
+    (``shard.sync("start")`` and ``shard.sync("finish")``). It returns the rows this rank wrote; only
+    rank 0 shows a progress bar, and log lines say the rank.
     """
+    if shard is not None and shard.size == 1:
+        shard = None
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if is_patched(model):
         raise ValueError("pass an unpatched model; the harness patches it per configuration")
     check_run(items, specs, settings)
-    log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if log is None:
+        prefix = "" if shard is None else f"rank {shard.rank} of {shard.size}: "
+        log = lambda msg: print(prefix + msg, file=sys.stderr, flush=True)
     generate_fn = generate_fn if generate_fn is not None else generate_texts
 
     run = RunDir(out_dir)
     run.check_target()
-    with run.lock():
+    with contextlib.ExitStack() as locks:
+        if shard is not None:
+            locks.enter_context(run.lock(rank=shard.rank))
+        if shard is None or shard.primary:
+            locks.enter_context(run.lock())
         return _run_locked(model, tokenizer, items, specs, run, settings, batch_size, progress, generate_fn,
-                           refine_fn, on_batch, clock, log)
+                           refine_fn, on_batch, clock, log, shard)
 
 
 def check_items(items: Sequence[Item], specs: Sequence[MethodSpec]) -> None:
@@ -365,12 +385,13 @@ def check_run(items: Sequence[Item], specs: Sequence[MethodSpec], settings: RunS
     check_items(items, specs)
 
 
-def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
-                settings: RunSettings, batch_size: int, progress: bool, generate_fn: Callable[..., Any],
-                refine_fn: Callable[..., Any] | None, on_batch: Callable[[str, list[dict[str, Any]]], None] | None,
-                clock: Callable[[], float], log: Callable[[str], None]) -> dict[str, int]:
-    stored, added = run.prepare(settings.to_dict(specs))
-    if added and run.results.exists():
+def _prepare(tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
+             settings: RunSettings, log: Callable[[str], None],
+             write: bool) -> tuple[dict[str, Any], PromptFormat, dict[str, str], list[Item]]:
+    """run.json created or checked (written when ``write``); returns the settings kept from the run's first
+    invocation, the prompt format, every item's prompt and the items in the run's order."""
+    stored, added = run.prepare(settings.to_dict(specs), write=write)
+    if added and run.results.exists() and write:
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
     kept = {key: stored.get(key, legacy) for key, legacy in _KEPT_FROM_FIRST_RUN.items()}
     refines = any(s.refines for s in specs)
@@ -380,31 +401,70 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
                    else settings.nll if key == "nll_scoring" else True)
         if applies and value != getattr(settings, key):
             log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
-    order, scoring = kept["batch_order"], kept["nll_scoring"]
-    finished = run.read_rows(repair=True)
-    done = {(str(r.get("id")), str(r.get("config"))) for r in finished}
     fmt = settings.prompt_format()
     prompts = {item.id: fmt.render(tokenizer, item.question) for item in items}
-    if order == "length":
-        items = _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
+    ordered = list(items)
+    if kept["batch_order"] == "length":
+        ordered = _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
+    return kept, fmt, prompts, ordered
+
+
+def _single_process_order(specs: Sequence[MethodSpec], items: Sequence[Item]) -> Callable[[dict[str, Any]], Any]:
+    """The sort key of rows in the order one process appends them: configuration by configuration (those
+    of earlier invocations last, by name), each in the run's item order."""
+    spec_at = {s.name: i for i, s in enumerate(specs)}
+    item_at = {it.id: i for i, it in enumerate(items)}
+
+    def key(row: dict[str, Any]) -> tuple[int, str, int, str]:
+        config, item = str(row.get("config")), str(row.get("id"))
+        return (spec_at.get(config, len(spec_at)), "" if config in spec_at else config,
+                item_at.get(item, len(item_at)), item)
+
+    return key
+
+
+def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
+                settings: RunSettings, batch_size: int, progress: bool, generate_fn: Callable[..., Any],
+                refine_fn: Callable[..., Any] | None, on_batch: Callable[[str, list[dict[str, Any]]], None] | None,
+                clock: Callable[[], float], log: Callable[[str], None], shard: Shard | None = None) -> dict[str, int]:
+    primary = shard is None or shard.primary
+    if primary:
+        kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, write=True)
+        # Without rank files (every single-process run but one after a launch) this is read_rows(repair=True).
+        finished = run.merge_rank_files(_single_process_order(specs, items))
+    if shard is not None:
+        # Nobody appends before every rank is here, so every rank reads the same finished rows; the
+        # others check run.json only now, when rank 0 has surely written it.
+        shard.sync("start")
+        if not primary:
+            kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, write=False)
+            finished = run.read_rows()
+    scoring = kept["nll_scoring"]
+    done = {(str(r.get("id")), str(r.get("config"))) for r in finished}
+    mine = items if shard is None else shard.take(items)
+    rows_file = run if shard is None else run.for_rank(shard.rank)
+    share = "" if shard is None else " of this rank's share"
+    samples = any(s.samples for s in specs)
     written: dict[str, int] = {}
     sample_cache = _sample_cache(finished) if samples else None
     if sample_cache is not None and len(sample_cache):
         log(f"refine: samples of {len(sample_cache)} item(s) restored from earlier rows, to be reused where they apply")
 
     for spec in specs:
-        pending = [it for it in items if (it.id, spec.name) not in done]
+        pending = [it for it in mine if (it.id, spec.name) not in done]
         tag = oracle_tag(spec.oracle)
         if spec.oracle:
             log(f"{spec.name}: ORACLE method - it reads the gold answer at test time; its rows say oracle=true")
         if not pending:
-            log(f"{spec.name}{tag}: all {len(items)} items already in {run.results}")
+            log(f"{spec.name}{tag}: all {len(mine)} items{share} already in {run.results}")
             written[spec.name] = 0
             continue
-        if len(pending) < len(items):
-            log(f"{spec.name}{tag}: resuming, {len(items) - len(pending)} of {len(items)} items already done")
+        if len(pending) < len(mine):
+            log(f"{spec.name}{tag}: resuming, {len(mine) - len(pending)} of {len(mine)} items{share} already done")
         step = 1 if spec.refines and kept["refine_batching"] == "item" else batch_size
-        bar = _progress(progress, spec.name + tag, len(items), len(items) - len(pending))
+        # One bar per terminal: rank 0's stands for the launch (the ranks' shares are the same size).
+        desc = spec.name + tag + ("" if shard is None else f" [rank 0 of {shard.size}]")
+        bar = _progress(progress and primary, desc, len(mine), len(mine) - len(pending))
         written[spec.name] = 0
         try:
             with _activated(model, spec):
@@ -421,7 +481,7 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
                     else:
                         rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
                                       scoring, fmt.solution_prefix)
-                    run.append(rows)
+                    rows_file.append(rows)
                     written[spec.name] += len(rows)
                     if bar is not None:
                         bar.update(len(rows))
@@ -430,6 +490,10 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
         finally:
             if bar is not None:
                 bar.close()
+    if shard is not None:
+        shard.sync("finish")
+        if primary:
+            run.merge_rank_files(_single_process_order(specs, items))
     return written
 
 

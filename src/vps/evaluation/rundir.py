@@ -11,6 +11,13 @@ process is refused with `RunLockedError` naming the holder. The kernel drops the
 process exits, however it exits (SIGKILL included), so a lock file left by a dead process is stale
 and the next run takes it over.
 
+A data-parallel run (`vps.evaluation.distributed`) works in the same directory with several processes:
+rank R appends to its own ``rows.rank{R}.jsonl`` under its own lock ``.lock.rank{R}`` (a second process
+of the same rank is refused; different ranks do not block each other), rank 0 also holds ``.lock`` (so
+a single-process run or another launch is refused), and rank 0 moves the rank files' rows into
+``results.jsonl`` (`RunDir.merge_rank_files`) before the ranks start and after they have all finished.
+Outside a running launch, rank files are what an interrupted launch left; the next run merges them.
+
 Every JSON file written here is strict JSON: a non-finite float (NaN, inf) is written as ``null``
 (`finite_json`), never as the ``NaN`` / ``Infinity`` that strict readers reject.
 """
@@ -22,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import threading
 import warnings
@@ -31,12 +39,14 @@ from typing import Any
 
 __all__ = [
     "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunLockedError", "RunMismatchError", "dumps_strict",
-    "finite_json", "merge_settings", "write_atomic",
+    "finite_json", "merge_settings", "rank_lock_name", "rank_rows_name", "write_atomic",
 ]
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
+# A data-parallel rank's rows file and lock (see the module docstring).
+_RANK_ROWS = re.compile(r"rows\.rank(\d+)\.jsonl")
 # Files a run directory's report writes (vps.evaluation.report): a directory holding one of them
 # without a run.json is not a run directory, and is not overwritten.
 _REPORT_FILES = ("report.md", "summary.json", "report.png")
@@ -60,6 +70,20 @@ class RunMismatchError(ValueError):
 
 class RunLockedError(RuntimeError):
     """Another process holds the run directory's lock."""
+
+
+def rank_rows_name(rank: int) -> str:
+    """The rows file of a data-parallel run's rank ``rank``: ``rows.rank{rank}.jsonl``."""
+    return f"rows.rank{rank}.jsonl"
+
+
+def rank_lock_name(rank: int) -> str:
+    """The lock file of a data-parallel run's rank ``rank``: ``.lock.rank{rank}``."""
+    return f"{LOCK_FILE}.rank{rank}"
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str]:
+    return str(row.get("id")), str(row.get("config"))
 
 
 # -- strict JSON -------------------------------------------------------------------------------------
@@ -227,9 +251,10 @@ def _acquire(lock_path: Path) -> int:
 
 
 @contextlib.contextmanager
-def lock_directory(directory: str | Path) -> Iterator[Path]:
+def lock_directory(directory: str | Path, name: str = LOCK_FILE) -> Iterator[Path]:
     """Hold an exclusive lock on ``directory`` (created if missing) until the block exits, however it exits.
 
+    The lock is the file ``name`` in it (``.lock``; a data-parallel rank's own is `rank_lock_name`).
     Raises `RunLockedError` naming the holder's pid and host when another process holds it. A lock
     already held by this process is taken again (nested use).
     """
@@ -239,7 +264,7 @@ def lock_directory(directory: str | Path) -> Iterator[Path]:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"{directory}: cannot create the directory ({exc.strerror or exc})") from None
-    lock_path = directory / LOCK_FILE
+    lock_path = directory / name
     key = os.path.realpath(lock_path)
     with _HELD_GUARD:
         held = _HELD.get(key)
@@ -274,13 +299,28 @@ def check_directory(path: str | Path) -> None:
 
 # -- the output directory --------------------------------------------------------------------------
 class RunDir:
-    """``run.json`` and the append-only ``results.jsonl`` of one output directory."""
+    """``run.json`` and the append-only ``results.jsonl`` of one output directory.
 
-    def __init__(self, path: str | Path) -> None:
+    ``rows`` names the rows file that `read_rows` and `append` use: ``results.jsonl``, or a data-parallel
+    rank's own file (`for_rank`).
+    """
+
+    def __init__(self, path: str | Path, rows: str = RESULTS_FILE) -> None:
         self.path = Path(path)
-        self.results = self.path / RESULTS_FILE
+        self.results = self.path / rows
         self.run_file = self.path / RUN_FILE
         self.lock_file = self.path / LOCK_FILE
+
+    def for_rank(self, rank: int) -> RunDir:
+        """This directory with data-parallel rank ``rank``'s rows file (``rows.rank{rank}.jsonl``) as its rows."""
+        return RunDir(self.path, rank_rows_name(rank))
+
+    def rank_files(self) -> list[Path]:
+        """The rank rows files in the directory, by rank."""
+        if not self.path.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := _RANK_ROWS.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
 
     def check_target(self) -> None:
         """Refuse a path this run cannot write to, before anything is written: a file (or a path
@@ -290,8 +330,9 @@ class RunDir:
         check_directory(self.path)
         if not self.path.is_dir() or self.run_file.exists():
             return
-        if self.results.exists() and self.results.stat().st_size > 0:
-            raise RunMismatchError(f"{self.results} exists without {self.run_file}; refusing to mix results")
+        for rows in (self.path / RESULTS_FILE, *self.rank_files()):
+            if rows.exists() and rows.stat().st_size > 0:
+                raise RunMismatchError(f"{rows} exists without {self.run_file}; refusing to mix results")
         foreign = [name for name in _REPORT_FILES if (self.path / name).exists()]
         if foreign:
             raise RunMismatchError(
@@ -299,9 +340,10 @@ class RunDir:
                 f"refusing to overwrite it; use another directory")
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[RunDir]:
-        """The directory's exclusive lock, held for the block (see `lock_directory`)."""
-        with lock_directory(self.path):
+    def lock(self, rank: int | None = None) -> Iterator[RunDir]:
+        """The directory's exclusive lock (``.lock``), or with ``rank`` that data-parallel rank's own
+        (``.lock.rank{rank}``), held for the block (see `lock_directory`)."""
+        with lock_directory(self.path, LOCK_FILE if rank is None else rank_lock_name(rank)):
             yield self
 
     def read_settings(self) -> dict[str, Any] | None:
@@ -317,8 +359,11 @@ class RunDir:
             raise RunMismatchError(f"{self.run_file} must hold a JSON object")
         return data
 
-    def prepare(self, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """Create or check run.json; returns the stored settings and the names of newly added configs."""
+    def prepare(self, settings: dict[str, Any], write: bool = True) -> tuple[dict[str, Any], list[str]]:
+        """Create or check run.json; returns the stored settings and the names of newly added configs.
+
+        ``write`` False checks and returns the same without writing (a data-parallel rank other than 0).
+        """
         self.check_target()
         self.path.mkdir(parents=True, exist_ok=True)
         stored = self.read_settings()
@@ -327,7 +372,7 @@ class RunDir:
         else:
             merged = merge_settings(stored, settings, str(self.path))
             added = [n for n in settings.get("configs", {}) if n not in stored.get("configs", {})]
-        if merged != stored:
+        if write and merged != stored:
             write_atomic(self.run_file, dumps_strict(merged, indent=2) + "\n")
         return merged, added
 
@@ -372,7 +417,7 @@ class RunDir:
             if last and not ends_clean and repair:
                 with self.results.open("ab") as fh:
                     fh.write(b"\n")
-            key = (str(row.get("id")), str(row.get("config")))
+            key = _row_key(row)
             if key in seen:
                 warnings.warn(f"{self.results}:{number}: duplicate row for id {key[0]!r} config {key[1]!r}; "
                               f"keeping the first", stacklevel=2)
@@ -393,3 +438,32 @@ class RunDir:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+
+    def merge_rank_files(self, order: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+        """Move every rank file's rows into ``results.jsonl``; returns all of its rows (`read_rows`).
+
+        ``results.jsonl`` is repaired first (`read_rows` with ``repair``) and its rows stay as they are;
+        a rank row whose (id, config) it already holds is dropped; the new rows are appended in one
+        write, sorted by ``order`` (stable), and the rank files are deleted afterwards, so a kill
+        in between leaves rows that the next merge drops as duplicates. A rank file's cut-off final
+        line is ignored with a warning (its item runs again). The caller holds the directory's lock,
+        and no rank is writing. Without rank files this is ``read_rows(repair=True)``.
+        """
+        rows = self.read_rows(repair=True)
+        files = self.rank_files()
+        if not files:
+            return rows
+        seen = {_row_key(r) for r in rows}
+        new: list[dict[str, Any]] = []
+        for path in files:
+            for row in RunDir(self.path, path.name).read_rows():
+                if _row_key(row) not in seen:
+                    seen.add(_row_key(row))
+                    new.append(row)
+        if order is not None:
+            new.sort(key=order)
+        self.append(new)
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return rows + new

@@ -70,7 +70,9 @@ class VPSContext:
                 valid, dense = other[0].to(device), other[1]
             else:
                 valid = mask[:, mask.shape[1] - tokens:].to(device=device, dtype=torch.bool)
-                dense = bool(valid.all())
+                # A compiled forward takes the masked path: the dense check is a host sync (graph break)
+                # and both paths give the same statistics.
+                dense = False if torch.compiler.is_compiling() else bool(valid.all())
         self._valid[(batch, tokens, device)] = (valid, dense)
         return valid, dense
 
@@ -78,8 +80,10 @@ class VPSContext:
         """The top-``k`` input ranking of ``x``, computed once per forward for all layers reading this tensor."""
         if not self.in_forward:  # a standalone layer call: nothing to share
             return compute()
-        # Inference tensors keep no version counter; elsewhere an in-place change invalidates.
-        version = None if x.is_inference() else x._version
+        # Inference tensors keep no version counter; elsewhere an in-place change invalidates. A
+        # compiled forward keys on identity alone: dynamo traces neither check, and within one traced
+        # forward the layers' shared inputs are never changed in place.
+        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
         hit = self._ranking
         if hit is not None and hit[0] is x and hit[1] == version and hit[2] == k:
             return hit[3]

@@ -254,9 +254,13 @@ class VPSLinear(nn.Module):
         g = -(decision.gamma * gain) if self.cfg.damping else decision.gamma * gain
         q, ok = plan_matrix(rows, cols, sel.in_idx, sel.coef, decision.rank, decision.order, g,
                             self.cfg.tau, self.cfg.resolved_order_bounds[1], sel.ok)
-        self._oks.append(ok)
-        if len(self._oks) >= 64:
-            self._fold_fallbacks()
+        if torch.compiler.is_compiling():
+            # A growing Python list is a guard that fails every forward; in a graph the in-place add fuses.
+            self._fallbacks.add_((~ok).sum())
+        else:
+            self._oks.append(ok)
+            if len(self._oks) >= 64:
+                self._fold_fallbacks()
         return Plan(sel.out_idx, sel.coef, q if q.dtype == dtype else q.to(dtype), bias_sel, sel, decision)
 
     def _fold_fallbacks(self) -> None:

@@ -145,12 +145,16 @@ class LayerPolicy:
                         energy=energy, entropy=entropy)
 
     def _bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._bounds_cache
+        cached = None if torch.compiler.is_compiling() else self._bounds_cache
+        # A compiled forward builds the bounds from constants in the graph: a cache filled on the first
+        # call would be a guard that the second prefill fails (one recompilation more).
         if cached is None or cached[0].device != device:
             cfg = self.cfg
             pairs = [cfg.resolved_rank_bounds, cfg.resolved_topk_bounds, cfg.resolved_gamma_bounds,
                      cfg.resolved_order_bounds]
             lo = torch.tensor([float(p[0]) for p in pairs], device=device)
             span = torch.tensor([float(p[1]) - float(p[0]) for p in pairs], device=device)
-            cached = self._bounds_cache = (lo, span)
+            cached = (lo, span)
+            if not torch.compiler.is_compiling():
+                self._bounds_cache = cached
         return cached

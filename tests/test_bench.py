@@ -227,3 +227,36 @@ def test_plot_of_a_result_and_from_its_json(tmp_path, one_thread):
     assert plot_main([str(tmp_path / "missing.json")]) == 2
     with pytest.raises(ValueError, match="no configuration"):
         plot_benchmark(dict(result, configs={}), tmp_path / "empty.png")
+
+
+def test_compiled_benchmark_compiles_each_variant_once(one_thread, monkeypatch):
+    """--compile: base and config each on its own compiled copy; the warm-up compiles and the timed
+    rounds, which alternate the variants, never recompile (dynamo's eager backend stands in for
+    inductor to keep this fast; tests/test_compile.py runs inductor itself)."""
+    import functools
+
+    from vps.compiling import compiled_graphs
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    model = tiny_llama()
+    calls = []
+    import vps.bench.runner as runner
+
+    real = runner._time_workload
+
+    def spy(variants, w, settings, load_samples):
+        out = real(variants, w, settings, load_samples)
+        calls.append(compiled_graphs())
+        return out
+
+    monkeypatch.setattr(runner, "_time_workload", spy)
+    settings = tiny_settings(kinds=("prefill",), compile="default", memory=False)
+    result = run_benchmark(model, "sk", settings, progress=False)
+    assert result["compile"]["mode"] == "default" and result["compile"]["fullgraph"]
+    # two variants x two prefill shapes, each compiled in its warm-up round and nothing after
+    assert result["compile"]["graphs"] == 4 and calls[-1] - calls[0] == 2
+    assert not vps.is_patched(model), "the caller's model is left as it was"
+    assert "compiled: base and every config" in format_report(result)
+    entry = result["configs"]["sk"]["workloads"]["prefill_1x32"]
+    assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0

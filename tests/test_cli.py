@@ -26,6 +26,9 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
     (["generate", "hi", "--device", "tpu:x"], "--device: 'tpu:x' is not a torch device"),
     (["generate", "hi", "--gamma", "2"], "gamma must be a finite number in [0.0, 1.0]"),
     (["generate", "hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
+    (["generate", "hi", "--compile", "fast"], "--compile: expected one of default, reduce-overhead"),
+    (["bench", "--compile", "fast"], "--compile: expected one of default, reduce-overhead"),
+    (["bench", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
 ])
 def test_user_errors_end_in_one_named_line_before_loading(argv, message, capsys, monkeypatch):
     import torch

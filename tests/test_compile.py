@@ -104,3 +104,25 @@ def test_inductor_generate_matches_eager_with_each_prompts_own_plan(monkeypatch)
         want = eager(input_ids=x, attention_mask=mask).logits
         got = model(input_ids=x, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_forward_and_back(monkeypatch) -> None:
+    import functools
+
+    from vps.compiling import compile_forward, uncompile_forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    model = vps.patch(TINY_MODELS["llama"](), vps.VPSConfig())
+    x, mask = _inputs()
+    with torch.no_grad():
+        eager = model(input_ids=x, attention_mask=mask).logits
+        compile_forward(model)
+        with pytest.raises(ValueError, match="already compiled"):
+            compile_forward(model)
+        torch.testing.assert_close(model(input_ids=x, attention_mask=mask).logits, eager)
+        uncompile_forward(model)
+        assert not hasattr(model, "_vps_compiled")
+        torch.testing.assert_close(model(input_ids=x, attention_mask=mask).logits, eager)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        compile_forward(model, "fastest")

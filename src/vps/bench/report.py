@@ -54,6 +54,9 @@ def _preamble(result: dict[str, Any]) -> list[str]:
                  f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill); "
                  f"generate() = ms per new token of one greedy generate() call ({st['new_tokens']} new tokens, "
                  "its prefill included)")
+    if comp := result.get("compile"):
+        lines.append(f"compiled: base and every config with torch.compile(mode={comp['mode']!r}, fullgraph=True), each "
+                     f"its own copy compiled once, {comp['graphs']} graph(s) in all; warm-up rounds compile, untimed")
     if floors := [n for n, e in result["configs"].items() if e.get("plan_reuse")]:
         lines.append(f"{', '.join(floors)}: SK plans built by an untimed run, then reused: the rank-2 term alone, "
                      "the least any dynamic selection can cost (no target)")

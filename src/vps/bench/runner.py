@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import gc
 import statistics
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiling import compile_forward, compiled_graphs, recompile_limit
 from ..config import VPSConfig
-from ..patching import is_patched, patched, reuse_selection
+from ..patching import is_patched, patch, patched, reuse_selection
 from .fingerprint import code_fingerprint, loadavg, machine_info, model_info
 from .memory import cuda_peak, memory_method, run_probe
 from .presets import is_floor, make_config, resolve_configs
@@ -33,40 +35,61 @@ Samples = dict[str | None, list[float]]  # seconds per variant (None = the unpat
 
 @dataclass
 class _Variants:
-    """The unpatched model (``None``) and each config; `run` patches afresh per run and ticks the progress bar."""
+    """The unpatched model (``None``) and each config; `run` patches afresh per run and ticks the progress bar.
+
+    With ``compile_mode`` every variant is its own copy of the model, patched once and compiled once
+    (`vps.compiling.compile_forward`), so switching variants between rounds never recompiles.
+    """
 
     model: nn.Module
     built: dict[str, VPSConfig]
     floors: set[str]
     bar: Any
+    compile_mode: str | None = None
     names: list[str | None] = field(init=False)
+    _compiled: dict[str | None, nn.Module] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.names = [None, *self.built]
 
-    def run(self, name: str | None, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on the unpatched model or on the model patched with config ``name`` (unpatched afterwards)."""
+    def run(self, name: str | None, fn: Callable[[nn.Module], Any]) -> Any:
+        """``fn(model)`` on the unpatched model or on the model patched with config ``name``."""
         try:
+            if self.compile_mode is not None:
+                return self._run_on(self._compiled_variant(name), name, fn)
             with patched(self.model, self.built[name]) if name is not None else contextlib.nullcontext():
-                if name in self.floors:
-                    fn()  # untimed: builds the plans the timed run reuses
-                    gc.collect()
-                    with reuse_selection(self.model):
-                        return fn()
-                gc.collect()
-                return fn()
+                return self._run_on(self.model, name, fn)
         finally:
             self.bar.update(1)
 
+    def _run_on(self, model: nn.Module, name: str | None, fn: Callable[[nn.Module], Any]) -> Any:
+        if name in self.floors:
+            fn(model)  # untimed: builds the plans the timed run reuses
+            gc.collect()
+            with reuse_selection(model):
+                return fn(model)
+        gc.collect()
+        return fn(model)
+
+    def _compiled_variant(self, name: str | None) -> nn.Module:
+        model = self._compiled.get(name)
+        if model is None:
+            model = copy.deepcopy(self.model)
+            if name is not None:
+                patch(model, self.built[name])
+            assert self.compile_mode is not None
+            model = self._compiled[name] = compile_forward(model, self.compile_mode)
+        return model
+
 
 # -- timing -------------------------------------------------------------------------------------------
-def _timed_call(model: nn.Module, w: Workload, seed: int) -> Callable[[], float]:
+def _timed_call(model: nn.Module, w: Workload, seed: int) -> Callable[[nn.Module], float]:
     """The timed call of one workload; its inputs are made once, so every variant and round sees the same ids."""
     ids, mask = make_inputs(model, w.batch, w.tokens, seed)
     if w.kind == "prefill":
-        return lambda: time_prefill(model, ids, mask)
+        return lambda m: time_prefill(m, ids, mask)
     timer = time_generate if w.kind == "generate" else time_decode
-    return lambda: timer(model, ids, mask, w.new_tokens)
+    return lambda m: timer(m, ids, mask, w.new_tokens)
 
 
 def _time_workload(variants: _Variants, w: Workload, settings: BenchSettings, load_samples: list[float]) -> Samples:
@@ -94,7 +117,7 @@ def _variant_memory(variants: _Variants, name: str | None, overrides: dict[str, 
                     probe_timeout: float) -> dict[str, Any]:
     shapes = list(settings.prefill_shapes)
     if device.type == "cuda":
-        return variants.run(name, lambda: cuda_peak(variants.model, shapes, settings.seed, device))
+        return variants.run(name, lambda m: cuda_peak(m, shapes, settings.seed, device))
     spec = dict(model_spec or {}, overrides=overrides, shapes=shapes, seed=settings.seed,
                 threads=torch.get_num_threads())
     mem = run_probe(spec, probe_timeout)
@@ -214,12 +237,14 @@ def run_benchmark(
     code = code_fingerprint()  # taken now: the source the timed runs execute (probes re-import it later)
     load_samples: list[float] = []
 
-    do_memory = settings.memory and (device.type == "cuda" or model_spec is not None)
+    # CPU memory is measured in a fresh process that runs eagerly: not the compiled model's figures.
+    do_memory = settings.memory and (device.type == "cuda" or (model_spec is not None and not settings.compile))
     n_variants = 1 + len(built)
     steps = sum((settings.warmup + w.repeats) * n_variants for w in workloads)
     steps += n_variants - len(floors) if do_memory else 0
     bar = tqdm(total=steps, desc="vps bench", unit="run", disable=not progress, file=sys.stderr, leave=False)
-    variants = _Variants(model, built, floors, bar)
+    variants = _Variants(model, built, floors, bar, settings.compile)
+    graphs_before = compiled_graphs() if settings.compile else 0
 
     samples: dict[str, Samples] = {}
     memory: dict[str | None, dict[str, Any]] = {}
@@ -229,10 +254,11 @@ def run_benchmark(
     gc.collect()
     gc.freeze()
     try:
-        for w in workloads:
-            samples[w.key] = _time_workload(variants, w, settings, load_samples)
-        if do_memory:
-            memory, memory_error = _measure_memory(variants, cfgs, settings, device, model_spec, probe_timeout)
+        with recompile_limit(64) if settings.compile else contextlib.nullcontext():
+            for w in workloads:
+                samples[w.key] = _time_workload(variants, w, settings, load_samples)
+            if do_memory:
+                memory, memory_error = _measure_memory(variants, cfgs, settings, device, model_spec, probe_timeout)
     finally:
         bar.close()
         gc.unfreeze()
@@ -249,7 +275,11 @@ def run_benchmark(
         "workloads": [dict(asdict(w), key=w.key, label=w.label) for w in workloads],
         "memory_method": memory_method(device) if do_memory else None,
         "memory_skipped": None if do_memory else (
-            "disabled" if not settings.memory else "CPU memory needs a model_spec (a model a subprocess can load)"),
+            "disabled" if not settings.memory
+            else "CPU memory is measured in an eager subprocess: run without --compile for it" if settings.compile
+            else "CPU memory needs a model_spec (a model a subprocess can load)"),
+        "compile": None if not settings.compile else {
+            "mode": settings.compile, "fullgraph": True, "graphs": compiled_graphs() - graphs_before},
         "memory_error": memory_error if do_memory else None,
         "base": {"workloads": base, "memory": memory.get(None)},
         "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory)

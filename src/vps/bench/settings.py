@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..compiling import check_mode
 from ..config import VPSConfig
 
 __all__ = ["TARGET_DECODE_B1", "TARGET_MEMORY", "TARGET_PREFILL_BATCH", "TARGET_PREFILL_LONG", "WORKLOAD_KINDS",
@@ -70,6 +71,7 @@ class BenchSettings:
     memory: bool = True
     quick: bool = False
     kinds: tuple[str, ...] = WORKLOAD_KINDS  # which workload kinds run
+    compile: str | None = None  # a torch.compile mode: every variant compiled the same way (warm-up compiles)
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> BenchSettings:
@@ -91,6 +93,10 @@ class BenchSettings:
                              f"got {', '.join(self.kinds) or 'none'}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.compile is not None:
+            check_mode(self.compile)
+            if self.warmup < 1:
+                raise ValueError("--compile needs --warmup >= 1: the warm-up round compiles, untimed")
         if any(b < 1 or t < 1 for b, t in self.prefill_shapes) or any(
                 b < 1 for b in [*self.decode_batches, *self.generate_batches]):
             raise ValueError("batch sizes and token counts must be >= 1")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..compiling import COMPILE_MODES
 from .common import add_model_arguments, load
 
 
@@ -27,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test, not a measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="compile the base and every config the same way (torch.compile fullgraph; MODE: "
+                        f"{', '.join(COMPILE_MODES)}; default mode when given bare); the warm-up compiles")
     p.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead of the table")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if bad or not kinds:
         raise ValueError(f"--workloads: expected a comma-separated subset of {', '.join(WORKLOAD_KINDS)}, "
                          f"got {args.workloads!r}")
-    settings = make(warmup=args.warmup, seed=args.seed, memory=not args.no_memory, kinds=kinds)
+    settings = make(warmup=args.warmup, seed=args.seed, memory=not args.no_memory, kinds=kinds, compile=args.compile)
     if args.repeats is not None:
         settings.prefill_repeats = settings.decode_repeats = args.repeats
     settings.validate()

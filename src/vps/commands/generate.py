@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..compiling import COMPILE_MODES, check_mode
 from ..prompting import CHAT_STYLES, PromptFormat
 from .common import (
     add_config_arguments,
@@ -24,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="random seed of sampling (default 0)")
     add_threads_argument(p)
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the (patched) forward, fullgraph (MODE: "
+                        f"{', '.join(COMPILE_MODES)}; default mode when given bare); the first call compiles")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--vps", dest="mode", action="store_const", const="vps", help="generate with VPS (default)")
     mode.add_argument("--no-vps", dest="mode", action="store_const", const="base", help="the unpatched model")
@@ -50,12 +54,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
     cfg = config_from_args(args) if args.mode != "base" else None  # a bad VPS flag fails before loading
+    if args.compile is not None:
+        check_mode(args.compile)
     set_threads(args)
     model, tok = load(args)
     print(f"[model loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s]", file=sys.stderr)
     prompt = PromptFormat(args.prompt, args.system).render(tok, args.question)
     if cfg is not None:
         patch(model, cfg)
+    if args.compile is not None:
+        from ..compiling import compile_forward
+
+        compile_forward(model, args.compile)  # after patching: the compiled graph holds the VPS layers
+        print(f"[forward compiled (mode {args.compile}): the first call includes compilation]", file=sys.stderr)
     runs = {"base": ["base"], "vps": ["vps"], "compare": ["base", "vps"]}[args.mode]
     for label in runs:
         print(f"--- {'VPS off' if label == 'base' else 'VPS on'} ---", flush=True)

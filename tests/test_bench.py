@@ -260,3 +260,26 @@ def test_compiled_benchmark_compiles_each_variant_once(one_thread, monkeypatch):
     assert "compiled: base and every config" in format_report(result)
     entry = result["configs"]["sk"]["workloads"]["prefill_1x32"]
     assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0
+
+
+def test_static_cache_decode_sees_the_same_logits_as_the_dynamic_one(one_thread, monkeypatch):
+    """Compiled runs decode into a StaticCache: the steps must compute what the dynamic cache computes."""
+    import vps.bench.timing as timing
+    from tiny import ids
+
+    model = vps.patch(tiny_llama(), vps.VPSConfig())
+    x = ids(2, 8)
+    real = timing.output_cache
+    logits = {}
+    for static in (False, True):
+        seen = []
+
+        def spy(out, seen=seen):
+            seen.append(out.logits[:, -1].clone())
+            return real(out)
+
+        monkeypatch.setattr(timing, "output_cache", spy)
+        assert timing.time_decode(model, x, torch.ones_like(x), 5, static) > 0
+        logits[static] = torch.stack(seen)
+    assert logits[True].shape[0] == 6  # the prefill and 5 steps
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)

@@ -56,7 +56,8 @@ def _preamble(result: dict[str, Any]) -> list[str]:
                  "its prefill included)")
     if comp := result.get("compile"):
         lines.append(f"compiled: base and every config with torch.compile(mode={comp['mode']!r}, fullgraph=True), each "
-                     f"its own copy compiled once, {comp['graphs']} graph(s) in all; warm-up rounds compile, untimed")
+                     f"its own copy compiled once, {comp['graphs']} graph(s) in all; warm-up rounds compile, untimed; "
+                     "decode and generate() into a static KV cache")
     if floors := [n for n, e in result["configs"].items() if e.get("plan_reuse")]:
         lines.append(f"{', '.join(floors)}: SK plans built by an untimed run, then reused: the rank-2 term alone, "
                      "the least any dynamic selection can cost (no target)")

@@ -83,19 +83,22 @@ class _Variants:
 
 
 # -- timing -------------------------------------------------------------------------------------------
-def _timed_call(model: nn.Module, w: Workload, seed: int) -> Callable[[nn.Module], float]:
-    """The timed call of one workload; its inputs are made once, so every variant and round sees the same ids."""
+def _timed_call(model: nn.Module, w: Workload, seed: int, static: bool) -> Callable[[nn.Module], float]:
+    """The timed call of one workload; its inputs are made once, so every variant and round sees the same ids.
+
+    ``static``: decode into a preallocated cache (compiled runs: one graph replayed per step).
+    """
     ids, mask = make_inputs(model, w.batch, w.tokens, seed)
     if w.kind == "prefill":
         return lambda m: time_prefill(m, ids, mask)
     timer = time_generate if w.kind == "generate" else time_decode
-    return lambda m: timer(m, ids, mask, w.new_tokens)
+    return lambda m: timer(m, ids, mask, w.new_tokens, static)
 
 
 def _time_workload(variants: _Variants, w: Workload, settings: BenchSettings, load_samples: list[float]) -> Samples:
     """Warm-up runs, then ``w.repeats`` rounds in which every variant runs once; appends the 1-min load per run."""
     variants.bar.set_postfix_str(w.label)
-    fn = _timed_call(variants.model, w, settings.seed)
+    fn = _timed_call(variants.model, w, settings.seed, static=settings.compile is not None)
     names = variants.names
     for _ in range(settings.warmup):
         for v in names:
@@ -279,7 +282,8 @@ def run_benchmark(
             else "CPU memory is measured in an eager subprocess: run without --compile for it" if settings.compile
             else "CPU memory needs a model_spec (a model a subprocess can load)"),
         "compile": None if not settings.compile else {
-            "mode": settings.compile, "fullgraph": True, "graphs": compiled_graphs() - graphs_before},
+            "mode": settings.compile, "fullgraph": True, "graphs": compiled_graphs() - graphs_before,
+            "cache": "static"},
         "memory_error": memory_error if do_memory else None,
         "base": {"workloads": base, "memory": memory.get(None)},
         "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory)

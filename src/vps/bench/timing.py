@@ -49,10 +49,13 @@ def time_prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> flo
     return took
 
 
-def time_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> float:
+def time_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                static: bool = False) -> float:
     """Seconds per greedy decode step: an untimed prefill, then ``new_tokens`` cached single-token forwards.
 
-    Every step runs (an end-of-sequence token does not stop the loop), so the work is fixed.
+    Every step runs (an end-of-sequence token does not stop the loop), so the work is fixed. With
+    ``static`` the cache is a preallocated ``StaticCache`` (fixed shapes, as a compiled or CUDA-graph
+    decode needs: every step replays one graph).
     """
     device = ids.device
     kwargs = forward_kwargs(model)
@@ -60,16 +63,22 @@ def time_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tok
     b, t = ids.shape
     full_mask = torch.ones(b, t + new_tokens, dtype=mask.dtype, device=device)
     full_mask[:, :t] = mask
+    first: dict[str, Any] = {}
+    if static:
+        from transformers import StaticCache
+
+        first[cache_kw] = StaticCache(config=cast(Any, model).config, max_cache_len=t + new_tokens)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **first, **kwargs)
         past = output_cache(out)
         nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         del out
         sync_device(device)
         start = time.perf_counter()
         for i in range(new_tokens):
+            step: dict[str, Any] = {"cache_position": torch.tensor([t + i], device=device)} if static else {}
             out = model(input_ids=nxt, attention_mask=full_mask[:, : t + i + 1], use_cache=True,
-                        **{cache_kw: past}, **kwargs)
+                        **{cache_kw: past}, **step, **kwargs)
             past = output_cache(out)
             nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         sync_device(device)
@@ -78,8 +87,10 @@ def time_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tok
     return took / new_tokens
 
 
-def time_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> float:
-    """Seconds per new token of one greedy ``model.generate`` call producing exactly ``new_tokens`` tokens."""
+def time_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                  static: bool = False) -> float:
+    """Seconds per new token of one greedy ``model.generate`` call producing exactly ``new_tokens`` tokens
+    (``static``: with ``cache_implementation="static"``)."""
     device = ids.device
     pad = getattr(model.generation_config, "pad_token_id", None)
     if pad is None:
@@ -88,7 +99,8 @@ def time_generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_t
         sync_device(device)
         start = time.perf_counter()
         out = cast(Any, model).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0 if pad is None else pad)
+                             min_new_tokens=new_tokens, pad_token_id=0 if pad is None else pad,
+                             **({"cache_implementation": "static"} if static else {}))
         sync_device(device)
         took = time.perf_counter() - start
     if out.shape[1] != ids.shape[1] + new_tokens:

@@ -29,6 +29,10 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
     (["generate", "hi", "--compile", "fast"], "--compile: expected one of default, reduce-overhead"),
     (["bench", "--compile", "fast"], "--compile: expected one of default, reduce-overhead"),
     (["bench", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
+    (["generate", "hi", "--device-map", "everywhere"], "--device-map: expected one of auto, balanced"),
+    (["generate", "hi", "--device-map", "auto", "--device", "cpu"], "--device-map places the model itself"),
+    (["generate", "hi", "--offload-folder", "/tmp/x"], "--offload-folder is only used with --device-map"),
+    (["eval", "--device-map", "everywhere", "--out", "/tmp/vps-never-written"], "--device-map: expected one of"),
 ])
 def test_user_errors_end_in_one_named_line_before_loading(argv, message, capsys, monkeypatch):
     import torch

@@ -171,3 +171,31 @@ def test_load_model_takes_a_device_map(tmp_path) -> None:
     x, mask = _padded()
     torch.testing.assert_close(logits(model, x, mask), logits(reference, x, mask), rtol=1e-5, atol=1e-5)
 
+
+
+def test_device_map_flag_reads_a_json_file(tmp_path) -> None:
+    import argparse
+    import json
+
+    from tiny_eval import tiny_tokenizer
+    from vps.commands.common import load, parse_device_map
+
+    directory = tmp_path / "model"
+    TINY_MODELS["llama"]().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    mapping = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+               "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(mapping))
+    with pytest.raises(ValueError, match='sends modules to "disk": pass --offload-folder'):
+        parse_device_map(str(path), None)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        parse_device_map(str(tmp_path / "bad.json"), None)
+    args = argparse.Namespace(model=str(directory), dtype="float32", device=None, device_map=str(path),
+                              offload_folder=str(tmp_path / "off"))
+    model, _ = load(args)
+    vps.patch(model, vps.VPSConfig())
+    assert vps.vps_layers(model)["model.layers.0.self_attn.q_proj"].weight.is_meta
+    x, mask = _padded()
+    assert torch.isfinite(logits(model, x, mask)).all()

@@ -4,6 +4,7 @@ and run flags of ``vps eval`` and ``vps ablate``."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu; vps eval under torchrun / accelerate "
                         "launch: cuda:LOCAL_RANK)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="let accelerate place the model instead of --device: auto, balanced, balanced_low_0, "
+                        "sequential, or a JSON file {module name: device | \"cpu\" | \"disk\"} (sharding over "
+                        "GPUs, CPU / disk offload; VPS runs inside each layer's device hook)")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where --device-map's \"disk\" entries keep their weights")
 
 
 def add_threads_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -156,9 +163,42 @@ def load(args: argparse.Namespace):
     from ..models import load_model
 
     dtype = getattr(torch, args.dtype)
+    device_map = parse_device_map(getattr(args, "device_map", None), getattr(args, "offload_folder", None))
+    if device_map is not None:
+        if args.device is not None:
+            raise ValueError("--device-map places the model itself: drop --device")
+        return load_model(args.model, dtype=dtype, device_map=device_map, offload_folder=args.offload_folder)
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     check_device(device)
     return load_model(args.model, dtype=dtype, device=device)
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | None, offload_folder: str | None) -> str | dict[str, Any] | None:
+    """``--device-map``: a strategy name or a JSON file's {module: device} dict; ValueError naming the flag."""
+    if text is None:
+        if offload_folder is not None:
+            raise ValueError("--offload-folder is only used with --device-map")
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"--device-map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file, "
+                         f"got {text!r} (no such file)")
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--device-map {text}: not valid JSON ({exc})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) for k, v in mapping.items()):
+        raise ValueError(f"--device-map {text}: expected a JSON object of module name -> device "
+                         "(a device string, a GPU index, \"cpu\" or \"disk\")")
+    if "disk" in mapping.values() and offload_folder is None:
+        raise ValueError(f"--device-map {text} sends modules to \"disk\": pass --offload-folder")
+    return mapping
 
 
 def check_device(device: str | None) -> None:

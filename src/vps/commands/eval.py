@@ -28,6 +28,7 @@ from .common import (  # noqa: F401  (add_data_arguments, add_run_arguments: the
     check_threads,
     config_from_args,
     load,
+    parse_device_map,
     set_threads,
 )
 
@@ -103,6 +104,12 @@ def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_threads(args)
+    if parse_device_map(args.device_map, args.offload_folder) is not None:
+        if args.device is not None:
+            raise ValueError("--device-map places the model itself: drop --device")
+        if world_from_env().parallel:
+            raise ValueError("--device-map under a launcher: each process would spread its model over every GPU; "
+                             "run data-parallel with one device per process, or one process with --device-map")
     for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--offset", args.offset)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")

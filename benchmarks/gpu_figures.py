@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""The GPU figures of issue #18 in one run: random-weight Qwen2.5-1.5B / 7B architectures, bfloat16.
+
+For each architecture (built from a config written here; the trained weights cannot travel to a
+lent GPU machine, and a forward does the same work whatever the weights are):
+
+1. ops per forward: torch ops and CUDA kernel launches of one prefill, unpatched and SK-patched,
+   and the difference per patched layer (eager);
+2. eager `vps bench`: prefill 1 x 2048 and 8 x 512, greedy decode batch 1 and 8, peak memory;
+3. compiled `vps bench --compile reduce-overhead` (CUDA graphs; decode into a static cache).
+
+Every step writes its JSON / text under --out as soon as it is done, so a run cut short by a time
+limit still returns what it measured. On a CPU, ``--tiny`` runs the same steps on a tiny Qwen2 in a
+minute or two (a check of the script, not a measurement).
+
+    python benchmarks/gpu_figures.py --out "$OUT"                       # on the GPU machine
+    python benchmarks/gpu_figures.py --out /tmp/gpu-check --tiny        # here, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import vps
+from vps.bench import BenchSettings, format_report, run_benchmark
+from vps.bench.timing import forward_kwargs, make_inputs, sync_device
+
+# Qwen2.5 architectures (the published configs' shapes; random weights).
+ARCHS: dict[str, dict[str, Any]] = {
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, tie_word_embeddings=False),
+}
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
+
+
+def build(arch: str, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(**ARCHS[arch], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def op_counts(model: torch.nn.Module, batch: int, tokens: int) -> dict[str, Any]:
+    """Torch ops (top level of the profile) and kernel launches of one prefill, unpatched vs SK-patched."""
+    device = next(model.parameters()).device
+    ids, mask = make_inputs(model, batch, tokens, 0)
+    kwargs = forward_kwargs(model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def count() -> dict[str, float]:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **kwargs)  # warm-up
+            sync_device(device)
+            with profile(activities=activities) as prof:
+                model(input_ids=ids, attention_mask=mask, **kwargs)
+                sync_device(device)
+        events = prof.events()
+        aten = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+        launches = sum(1 for e in events if e.name in LAUNCHES)
+        busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+        return {"aten_ops": aten, "kernel_launches": launches, "gpu_busy_ms": busy}
+
+    base = count()
+    with vps.patched(model, vps.VPSConfig(builder="sk")):
+        layers = len(vps.vps_layers(model))
+        patched = count()
+    per_layer = {k: (patched[k] - base[k]) / layers for k in ("aten_ops", "kernel_launches")}
+    return {"shape": [batch, tokens], "patched_layers": layers, "base": base, "sk": patched, "per_layer": per_layer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for the results (created)")
+    p.add_argument("--archs", default="qwen2.5-1.5b,qwen2.5-7b")
+    p.add_argument("--steps", default="ops,eager,compiled", help="a subset of ops,eager,compiled")
+    p.add_argument("--configs", default="sk,floor", help="vps bench configs (default: sk,floor)")
+    p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--tiny", action="store_true", help="a tiny Qwen2 on this machine: checks the script only")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    archs = ["tiny"] if args.tiny else [a.strip() for a in args.archs.split(",") if a.strip()]
+    if bad := [a for a in archs if a not in ARCHS]:
+        raise SystemExit(f"--archs: unknown {bad}; known: {', '.join(ARCHS)}")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if bad := [s for s in steps if s not in ("ops", "eager", "compiled")]:
+        raise SystemExit(f"--steps: unknown {bad}; expected a subset of ops,eager,compiled")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        settings = dict(prefill_shapes=[(1, 32), (2, 16)], decode_batches=[1, 2], prompt_tokens=8, new_tokens=4,
+                        prefill_repeats=2, decode_repeats=1)
+    else:
+        settings = dict(prefill_shapes=[(1, 2048), (8, 512)], decode_batches=[1, 8], prompt_tokens=32,
+                        new_tokens=32, prefill_repeats=5, decode_repeats=3)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    for arch in archs:
+        start = time.perf_counter()
+        model = build(arch, device, dtype)
+        print(f"{arch}: built on {device} in {time.perf_counter() - start:.1f} s", flush=True)
+        for step in steps:
+            name = f"{arch}-{step}"
+            try:
+                if step == "ops":
+                    b, t = settings["prefill_shapes"][0]
+                    result: dict[str, Any] = op_counts(model, b, t)
+                    text = json.dumps(result, indent=2)
+                else:
+                    bench = BenchSettings(**settings, generate_batches=[], kinds=("prefill", "decode"),
+                                          compile=args.compile_mode if step == "compiled" else None)
+                    result = run_benchmark(model, args.configs, bench, progress=False)
+                    text = format_report(result)
+                (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+                (args.out / f"{name}.txt").write_text(text + "\n")
+                print(f"=== {name} ===\n{text}", flush=True)
+            except Exception:  # one failing step must not cost the others' figures
+                (args.out / f"{name}.error.txt").write_text(traceback.format_exc())
+                print(f"=== {name}: FAILED ===\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,9 +11,9 @@ from activation statistics. Patch a model in one line::
 # ruff: noqa: F401  (the TYPE_CHECKING imports name the lazily loaded exports for type checkers)
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_exports
 from ._version import __version__
 
 # Public name -> the module that defines it. Loaded on first use (PEP 562), so that `import vps` and the
@@ -29,7 +29,7 @@ _EXPORTS = {
     "refine": "refinement", "refine_many": "refinement", "RefineConfig": "refinement", "RefineResult": "refinement",
     "SampleCache": "refinement", "EphemeralLBFGS": "refinement",
     "trace": "tracing", "summarize": "tracing", "format_summary": "tracing",
-    "tune": "tuning",
+    "tune": "tuning", "compile_forward": "compiling", "uncompile_forward": "compiling",
     "Answer": "verify", "CompositeVerifier": "verify", "extract_answer": "verify",
 }
 # Internals a user rarely calls: still reachable as vps.<name> (and from their modules), but not exported.
@@ -39,21 +39,12 @@ _INTERNALS = {"set_entropy_hint": "patching", "update_outcome": "patching", "QKP
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name) or _INTERNALS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vps' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_INTERNALS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {**_EXPORTS, **_INTERNALS})
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .builders import HybridBuilder, SCBuilder, SKBuilder, make_builder
+    from .compiling import compile_forward, uncompile_forward
     from .config import ConfigError, VPSConfig
     from .coupling import QKPair
     from .layer import VPSLinear

@@ -42,8 +42,9 @@ Modules: `presets` (named configs and config specs), `settings` (workloads, size
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 # Public name -> the submodule that defines it. Loaded on first use (PEP 562), like `vps` itself: the
 # parser of `vps bench` reads the presets without loading torch; ``python -m vps.bench.plot`` runs a module
@@ -77,17 +78,7 @@ __all__ = [  # the keys of _EXPORTS, spelled out for linters
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors

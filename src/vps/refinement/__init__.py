@@ -7,8 +7,9 @@ Names load on first use, so `RefineConfig` and the CLI's choices (`vps.refinemen
 # ruff: noqa: F401  (the TYPE_CHECKING imports name the lazily loaded exports for type checkers)
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "DrawnSamples": "samples", "EphemeralLBFGS": "lbfgs", "GainOptimizer": "gains", "RefineConfig": "config",
@@ -18,17 +19,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:

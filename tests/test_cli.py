@@ -21,6 +21,9 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
     (["refine", "hi", "--threads", "0"], "--threads must be >= 1"),
+    (["refine", "hi", "--iters", "0"], "--iters: iters must be >= 1, got 0"),
+    (["refine", "hi", "--k-samples", "-1"], "--k-samples: k_samples must be >= 0, got -1"),
+    (["refine", "hi", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens must be >= 1, got 0"),
     (["refine", "hi", "--gamma", "5"], "gamma must be a finite number in [0.0, 1.0]"),
     (["generate", "hi", "--device", "cuda"], "--device cuda: "),
     (["generate", "hi", "--device", "tpu:x"], "--device: 'tpu:x' is not a torch device"),

@@ -6,7 +6,7 @@ import argparse
 
 from ..evaluation.rundir import dumps_strict
 from ..prompting import chat_prompt
-from ..refinement.config import MODES, SAMPLINGS, RefineConfig
+from ..refinement.config import MODES, SAMPLINGS, RefineConfig, RefineConfigError
 from .common import (
     add_config_arguments,
     add_model_arguments,
@@ -35,18 +35,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
 
 
+REFINE_FLAGS = {"iters": "--iters", "k_samples": "--k-samples", "max_new_tokens": "--max-new-tokens",
+                "mode": "--mode", "sampling": "--sampling", "seed": "--seed"}
+
+
 def check_args(args: argparse.Namespace) -> RefineConfig:
-    """Every flag checked before the model is loaded; the run's `RefineConfig`."""
-    if args.iters < 1:
-        raise ValueError(f"--iters must be >= 1, got {args.iters}")
-    if args.k_samples < 0:
-        raise ValueError(f"--k-samples must be >= 0, got {args.k_samples}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    """Every flag checked before the model is loaded; the run's `RefineConfig` (its errors name the flag)."""
     if args.mode == "oracle" and args.gold is None:
         raise ValueError("--mode oracle needs --gold (the answer it is scored on)")
-    return RefineConfig(iters=args.iters, mode=args.mode, k_samples=args.k_samples,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
+    try:
+        return RefineConfig(iters=args.iters, mode=args.mode, k_samples=args.k_samples,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
+    except RefineConfigError as exc:
+        flag = REFINE_FLAGS.get(exc.field)
+        raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,6 +21,14 @@ SAMPLE_TEMPERATURE = 0.7  # of the self-consistency samples (and of the maj@k ba
 _ALIASES = {"sample_temperature": "temperature"}
 
 
+class RefineConfigError(ValueError):
+    """A `RefineConfig` value that is invalid; ``field`` names it (the CLI maps it to its flag)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     """How `refine` runs: ``iters`` decodes (>= 1), ``mode`` "self" (gold-free) or "oracle" (the gold
@@ -28,7 +36,7 @@ class RefineConfig:
     ``temperature`` (> 0 when any are drawn) with ``sampling`` "streams" or "global" (see
     `vps.refinement.loop`), ``max_new_tokens`` (>= 1) per decode and ``seed`` of the samples.
 
-    An invalid value raises ValueError naming its field.
+    An invalid value raises `RefineConfigError` (a ValueError) naming its field.
     """
 
     iters: int = 3
@@ -43,23 +51,24 @@ class RefineConfig:
         for name in ("iters", "k_samples", "max_new_tokens", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
+                raise RefineConfigError(name, f"{name} must be a whole number, got {value!r}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise RefineConfigError("mode", f"mode must be one of {MODES}, got {self.mode!r}")
         if self.iters < 1:
-            raise ValueError(f"iters must be >= 1, got {self.iters}")
+            raise RefineConfigError("iters", f"iters must be >= 1, got {self.iters}")
         if self.k_samples < 0:
-            raise ValueError(f"k_samples must be >= 0, got {self.k_samples}")
+            raise RefineConfigError("k_samples", f"k_samples must be >= 0, got {self.k_samples}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise RefineConfigError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+            raise RefineConfigError("sampling", f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise ValueError(f"temperature (refine's sample_temperature) must be a number, got {self.temperature!r}")
+            raise RefineConfigError("temperature", f"temperature (refine's sample_temperature) must be a number, "
+                                                   f"got {self.temperature!r}")
         # Without samples the temperature is never used, so only a run that draws some needs a usable one.
         if self.k_samples and not self.temperature > 0:
-            raise ValueError(f"temperature (refine's sample_temperature) must be > 0 to draw samples, "
-                             f"got {self.temperature}")
+            raise RefineConfigError("temperature", f"temperature (refine's sample_temperature) must be > 0 to "
+                                                   f"draw samples, got {self.temperature}")
 
     @property
     def oracle(self) -> bool:

@@ -210,8 +210,12 @@ def test_killed_trial_is_failed_not_counted_and_rerun(model, tok, tmp_path):
     assert states == ["COMPLETE", "RUNNING"], states
     killed_params = killed_study.trials[1].params
     first_value = killed_study.trials[0].values[0]
+    # the killed trial's first batch (4 items) survived the kill, to be taken up by its re-run
+    saved = json.loads((out / "partial_trial.json").read_text())
+    assert len(saved["nll"]) == 4
 
     result = run(model, tok, out, data, 3)
+    assert not (out / "partial_trial.json").exists()
     trials = rows(out)
     assert [t["state"] for t in trials[:2]] == ["complete", "interrupted"]
     counted = [t for t in trials if t["state"] != "interrupted"]
@@ -389,3 +393,32 @@ def test_digest_reports_a_study_from_its_database(model, tok, tmp_path):
     assert f"#{best['number']}" in text and f"{best['nll_diff']:+.4f}" in text
     assert "only the test confirmation counts" in text and "## Top trials" in text
     assert (out / "report.md").exists()
+
+
+def test_a_rerun_trial_takes_the_batches_its_interrupted_run_scored(model, tok, tmp_path, monkeypatch):
+    """Stored batches are not scored again, newly scored ones are stored, and the pruner sees the same
+    running means; another configuration ignores the file."""
+    from vps.config import VPSConfig
+    from vps.tuning.objective import PartialScores, ScoringTask, score_trial
+
+    task = ScoringTask.build([f"i{k}" for k in range(6)], ["Q: 2 + 2?"] * 3 + ["Q: 3 + 4?"] * 3,
+                             [" 4"] * 3 + [" 7"] * 3, tok, batch_size=2)
+    base = {f"i{k}": 1.0 for k in range(6)}
+    cfg = VPSConfig(gamma=0.2)
+    means_fresh, means_resumed = [], []
+    fresh = score_trial(model, tok, cfg, task, base, lambda v, s: means_fresh.append(v) and False)
+    partial = PartialScores(tmp_path, {"study": 1}, cfg.to_dict())
+    partial.add({"i0": fresh.nll["i0"], "i1": fresh.nll["i1"]})  # as if killed after the first batch
+    calls = []
+    real = ScoringTask.score
+    monkeypatch.setattr(ScoringTask, "score",
+                        lambda self, m, t, batch: calls.append(list(batch)) or real(self, m, t, batch))
+    again = PartialScores(tmp_path, {"study": 1}, cfg.to_dict())
+    resumed = score_trial(model, tok, cfg, task, base, lambda v, s: means_resumed.append(v) and False,
+                          partial=again)
+    assert calls == [[2, 3], [4, 5]], "the stored batch was scored again"
+    assert resumed.nll == pytest.approx(fresh.nll) and means_resumed == pytest.approx(means_fresh)
+    assert PartialScores(tmp_path, {"study": 1}, cfg.to_dict()).values.keys() == set(base)
+    assert not PartialScores(tmp_path, {"study": 1}, VPSConfig(gamma=0.3).to_dict()).values
+    again.clear()
+    assert not (tmp_path / PartialScores.FILE).exists()

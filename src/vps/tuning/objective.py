@@ -27,7 +27,7 @@ from ..kv_cache import logits_to_keep_kwargs
 from ..patching import patched, reset_state
 from ..prompting import encode
 
-__all__ = ["BaseNLL", "Pruned", "ScoringTask", "TrialScore", "prefill_ratio", "score_trial"]
+__all__ = ["BaseNLL", "PartialScores", "Pruned", "ScoringTask", "TrialScore", "prefill_ratio", "score_trial"]
 
 
 class Pruned(Exception):
@@ -99,6 +99,44 @@ class BaseNLL:
                 progress(len(batch))
 
 
+class PartialScores:
+    """The patched NLLs a trial has scored so far, kept in ``partial_trial.json`` after every batch.
+
+    A study runs for days across interrupted sessions, and each trial takes tens of minutes: a trial
+    cut off by a kill is re-run with the same parameters (`recover_interrupted`), and its batches
+    are independent (the VPS state is reset before each one) and deterministic, so the re-run takes
+    the stored values for the batches already scored instead of scoring them again. The file is keyed
+    by the study's fingerprint and the trial's configuration: any other trial starts afresh.
+    """
+
+    FILE = "partial_trial.json"
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any], config: dict[str, Any]) -> None:
+        self.path = Path(directory) / self.FILE
+        self.key = {"fingerprint": fingerprint, "config": config}
+        self.values: dict[str, float | None] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except ValueError:  # written atomically, so only a hand edit gets here: start afresh
+                data = {}
+            if data.get("key") == self.key:
+                self.values = dict(data.get("nll", {}))
+
+    def has(self, ids: Sequence[str]) -> bool:
+        """Whether every item of ``ids`` has a stored value."""
+        return all(i in self.values for i in ids)
+
+    def add(self, scores: dict[str, float | None]) -> None:
+        """Store a batch's values (atomically, so a kill leaves the file whole)."""
+        self.values.update(scores)
+        write_atomic(self.path, dumps_strict({"key": self.key, "nll": self.values}) + "\n")
+
+    def clear(self) -> None:
+        """The trial has a verdict: nothing to resume."""
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class TrialScore:
     """A finished trial: the paired mean difference (patched - base, nats/token), its 95% interval, and
@@ -115,16 +153,26 @@ class TrialScore:
 
 def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, base: dict[str, float | None],
                 report: Callable[[float, int], bool] | None = None, progress: Callable[[int], None] | None = None,
-                n_boot: int = 2000, seed: int = 0) -> TrialScore:
+                n_boot: int = 2000, seed: int = 0, partial: PartialScores | None = None) -> TrialScore:
     """Score ``cfg`` on every batch of ``task``; after each batch ``report(running_mean, step)`` may
-    answer True to prune (raises `Pruned`). A patched NLL that is not finite fails the trial (ValueError)."""
+    answer True to prune (raises `Pruned`). A patched NLL that is not finite fails the trial (ValueError).
+
+    With ``partial``, batches it already holds are taken from it (the pruner sees the same running
+    means as if they were scored again) and each newly scored batch is added to it.
+    """
     start = time.perf_counter()
     diffs: list[float] = []
     patched_nll: dict[str, float | None] = {}
     with patched(model, cfg), torch.no_grad():
         for step, batch in enumerate(task.batches):
-            reset_state(model)
-            scores = task.score(model, tokenizer, batch)
+            ids = [task.ids[i] for i in batch]
+            if partial is not None and partial.has(ids):
+                scores = [partial.values[i] for i in ids]
+            else:
+                reset_state(model)
+                scores = task.score(model, tokenizer, batch)
+                if partial is not None:
+                    partial.add(dict(zip(ids, scores, strict=True)))
             for i, s in zip(batch, scores, strict=True):
                 item = task.ids[i]
                 patched_nll[item] = s

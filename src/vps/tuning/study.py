@@ -18,7 +18,7 @@ from ..config import VPSConfig
 from ..evaluation.data import Item
 from ..evaluation.rundir import RunMismatchError, dumps_strict, lock_directory, write_atomic
 from ..prompting import PromptFormat
-from .objective import BaseNLL, Pruned, ScoringTask, prefill_ratio, score_trial
+from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, prefill_ratio, score_trial
 from .placement import Placement, trial_config
 from .settings import TuneSettings, check_resume
 
@@ -132,7 +132,8 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
             log(f"tune: {done} trial(s) already have a verdict in {directory} (asked for {n_trials})")
         with _bar(progress, "trials", n_trials, min(done, n_trials)) as bar:
             while done < n_trials:
-                _one_trial(study, model, tokenizer, task, base.values, settings, space, placement, progress)
+                _one_trial(study, model, tokenizer, task, base.values, settings, space, placement, progress, directory,
+                           log)
                 done = len(counted_trials(study))
                 reporting.write_trials(directory, study, settings)
                 reporting.write_outputs(directory, study, settings, space)  # current after every trial
@@ -158,7 +159,8 @@ def _prompt_format(settings: TuneSettings) -> PromptFormat:
 
 
 def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: dict[str, float | None],
-               settings: TuneSettings, space: Any, placement: Placement, progress: bool) -> None:
+               settings: TuneSettings, space: Any, placement: Placement, progress: bool, directory: Path,
+               log: Callable[[str], None]) -> None:
     from optuna.trial import TrialState
 
     trial = study.ask()
@@ -179,18 +181,25 @@ def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: 
             trial.report(value, step)
             return trial.should_prune()
 
+        partial = PartialScores(directory, settings.fingerprint(), chosen.config.to_dict())
+        if partial.values:
+            log(f"tune: trial {trial.number} continues its configuration's interrupted run: "
+                f"{len(partial.values)} of {len(task.ids)} items already scored")
         with _bar(progress, f"trial {trial.number}", len(task.ids), 0, leave=False) as bar:
             try:
                 score = score_trial(model, tokenizer, chosen.config, task, base, report,
-                                    bar.update if bar else None, seed=settings.seed)
+                                    bar.update if bar else None, seed=settings.seed, partial=partial)
             except Pruned as exc:
+                partial.clear()
                 trial.set_user_attr("pruned_at", exc.step)
                 study.tell(trial, state=TrialState.PRUNED)
                 return
             except ValueError as exc:
+                partial.clear()
                 trial.set_user_attr("failure", str(exc))
                 study.tell(trial, state=TrialState.FAIL)
                 return
+        partial.clear()
         trial.set_user_attr("ci", [score.low, score.high])
         trial.set_user_attr("n", score.n)
         trial.set_user_attr("seconds", score.seconds)

@@ -141,13 +141,19 @@ def _counting(gen, seen: list[str]):
     return generate
 
 
-def test_a_launch_writes_the_rows_of_one_process_and_a_rank_without_items_still_meets(tmp_path, model):
+def _single_run(tmp_path, model):
+    """Items, settings and a fake generator, and the directory of one process's run of them."""
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False)
     gen = fake_generate({"base": {0, 2}, "vps": {1}})
     single = tmp_path / "single"
     run_evaluation(model, TOK, items, SPECS, single, settings, batch_size=2, progress=False, generate_fn=gen,
                    log=lambda _m: None)
+    return items, settings, gen, single
+
+
+def test_a_launch_writes_the_rows_of_one_process_and_a_rank_without_items_still_meets(tmp_path, model):
+    items, settings, gen, single = _single_run(tmp_path, model)
     out = tmp_path / "launch"
     launch = Launch(model, items, settings, out, 6, gen)()  # 5 items, 6 ranks: rank 5 has none
     assert launch.synced == {r: ["start", "finish"] for r in range(6)}
@@ -159,12 +165,7 @@ def test_a_launch_writes_the_rows_of_one_process_and_a_rank_without_items_still_
 
 
 def test_resume_after_the_number_of_processes_changed(tmp_path, model):
-    data = write_data(tmp_path / "d.jsonl")
-    items, settings = settings_for(data, nll=False)
-    gen = fake_generate({"base": {0, 2}, "vps": {1}})
-    single = tmp_path / "single"
-    run_evaluation(model, TOK, items, SPECS, single, settings, batch_size=2, progress=False, generate_fn=gen,
-                   log=lambda _m: None)
+    items, settings, gen, single = _single_run(tmp_path, model)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):  # a launch of 4 stopped before rank 0 merged anything
         Launch(model, items, settings, out, 4, gen, stop_at_finish=True)()

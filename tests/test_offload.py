@@ -150,15 +150,23 @@ def test_from_pretrained_with_a_disk_device_map(tmp_path) -> None:
     torch.testing.assert_close(logits(loaded, x, mask), logits(reference, x, mask), rtol=1e-5, atol=1e-5)
 
 
-def test_load_model_takes_a_device_map(tmp_path) -> None:
+def _saved_llama(tmp_path):
+    """A tiny Llama checkpoint directory (with a tokenizer) and a device map sending ``disk_block`` to disk."""
     from tiny_eval import tiny_tokenizer
-    from vps.models import ModelLoadError, load_model
 
     directory = tmp_path / "model"
     TINY_MODELS["llama"]().save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    return directory, lambda disk_block: {
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "cpu", f"model.layers.{disk_block}": "disk"}
+
+
+def test_load_model_takes_a_device_map(tmp_path) -> None:
+    from vps.models import ModelLoadError, load_model
+
+    directory, disk_map = _saved_llama(tmp_path)
+    device_map = disk_map(1)
     with pytest.raises(ModelLoadError, match="offload_folder"):
         load_model(directory, device_map=device_map)
     with pytest.raises(ModelLoadError, match="not both"):
@@ -172,19 +180,14 @@ def test_load_model_takes_a_device_map(tmp_path) -> None:
     torch.testing.assert_close(logits(model, x, mask), logits(reference, x, mask), rtol=1e-5, atol=1e-5)
 
 
-
 def test_device_map_flag_reads_a_json_file(tmp_path) -> None:
     import argparse
     import json
 
-    from tiny_eval import tiny_tokenizer
     from vps.commands.common import load, parse_device_map
 
-    directory = tmp_path / "model"
-    TINY_MODELS["llama"]().save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    mapping = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-               "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    directory, disk_map = _saved_llama(tmp_path)
+    mapping = disk_map(0)
     path = tmp_path / "map.json"
     path.write_text(json.dumps(mapping))
     with pytest.raises(ValueError, match='sends modules to "disk": pass --offload-folder'):

@@ -163,10 +163,9 @@ def load(args: argparse.Namespace):
     from ..models import load_model
 
     dtype = getattr(torch, args.dtype)
-    device_map = parse_device_map(getattr(args, "device_map", None), getattr(args, "offload_folder", None))
+    device_map = parse_device_map(getattr(args, "device_map", None), getattr(args, "offload_folder", None),
+                                  args.device)
     if device_map is not None:
-        if args.device is not None:
-            raise ValueError("--device-map places the model itself: drop --device")
         return load_model(args.model, dtype=dtype, device_map=device_map, offload_folder=args.offload_folder)
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     check_device(device)
@@ -176,12 +175,16 @@ def load(args: argparse.Namespace):
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def parse_device_map(text: str | None, offload_folder: str | None) -> str | dict[str, Any] | None:
-    """``--device-map``: a strategy name or a JSON file's {module: device} dict; ValueError naming the flag."""
+def parse_device_map(text: str | None, offload_folder: str | None,
+                     device: str | None = None) -> str | dict[str, Any] | None:
+    """``--device-map``: a strategy name or a JSON file's {module: device} dict; ValueError naming the flag
+    (also when ``--device`` is given beside it)."""
     if text is None:
         if offload_folder is not None:
             raise ValueError("--offload-folder is only used with --device-map")
         return None
+    if device is not None:
+        raise ValueError("--device-map places the model itself: drop --device")
     if text in DEVICE_MAP_STRATEGIES:
         return text
     path = Path(text)

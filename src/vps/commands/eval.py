@@ -104,9 +104,7 @@ def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_threads(args)
-    if parse_device_map(args.device_map, args.offload_folder) is not None:
-        if args.device is not None:
-            raise ValueError("--device-map places the model itself: drop --device")
+    if parse_device_map(args.device_map, args.offload_folder, args.device) is not None:
         if world_from_env().parallel:
             raise ValueError("--device-map under a launcher: each process would spread its model over every GPU; "
                              "run data-parallel with one device per process, or one process with --device-map")

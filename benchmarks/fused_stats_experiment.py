@@ -33,6 +33,7 @@ import torch
 from vps import VPSConfig, patch, reuse_selection, unpatch
 from vps import layer as layer_mod
 from vps.bench import make_inputs, time_prefill
+from vps.context import TokenMask
 from vps.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,19 +85,13 @@ def compile_kernel() -> Any:
 
 def fused_scores(kernel: Any) -> tuple[Any, Any]:
     """Drop-in replacements for `vps.layer.input_scores` / `output_scores` built on the kernel."""
-    def count(mask: torch.Tensor) -> torch.Tensor:
-        return mask.sum(dim=1).clamp_min(1).float()
+    def input_scores(x: torch.Tensor, tm: TokenMask) -> torch.Tensor:
+        s, _ = kernel.column_stats(x.contiguous(), tm.valid, tm.pad is None)
+        return s
 
-    def input_scores(x: torch.Tensor, mask: torch.Tensor, dense: bool) -> torch.Tensor:
-        s, _ = kernel.column_stats(x.contiguous(), mask, dense)
-        return s / (x.shape[1] if dense else count(mask)[:, None])
-
-    def output_scores(h: torch.Tensor, mask: torch.Tensor, dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        s, e = kernel.column_stats(h.contiguous(), mask, dense)
-        if dense:
-            return s / h.shape[1], e / (h.shape[1] * h.shape[2])
-        c = count(mask)
-        return s / c[:, None], e / (c * h.shape[2])
+    def output_scores(h: torch.Tensor, tm: TokenMask) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = kernel.column_stats(h.contiguous(), tm.valid, tm.pad is None)
+        return s, e / (tm.count * h.shape[2])
 
     return input_scores, output_scores
 
@@ -105,9 +100,11 @@ def check_kernel(fused_in: Any, fused_out: Any) -> None:
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, 17, 40, generator=gen)
     mask = torch.rand(3, 17, generator=gen) > 0.3
-    for dense, m in ((True, torch.ones_like(mask)), (False, mask)):
-        torch.testing.assert_close(fused_in(h, m, dense), layer_mod.input_scores(h, m, dense))
-        for got, want in zip(fused_out(h, m, dense), layer_mod.output_scores(h, m, dense), strict=True):
+    dense = TokenMask(torch.ones_like(mask), None, float(h.shape[1]))
+    masked = TokenMask(mask, ~mask.unsqueeze(-1), mask.sum(dim=1).clamp_min(1).float())
+    for tm in (dense, masked):
+        torch.testing.assert_close(fused_in(h, tm), layer_mod.input_scores(h, tm))
+        for got, want in zip(fused_out(h, tm), layer_mod.output_scores(h, tm), strict=True):
             torch.testing.assert_close(got, want)
 
 

@@ -11,7 +11,8 @@ from vps.policy import LayerPolicy
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.sampled_from([-2.5, -1.0, 0.0, 0.25, 1.0, 3.0, 1e-30, 7e10]), min_size=3, max_size=24),
+@given(st.lists(st.sampled_from([-3e38, -2.5, -1.0, 0.0, 0.25, 1.0, 3.0, 1e-30, 7e10, 3e38, float("inf")]),
+                min_size=3, max_size=24),
        st.integers(1, 3))
 def test_rank_features_matches_stable_sort(values, k):
     scores = torch.tensor([values])

@@ -8,7 +8,7 @@ import pytest
 
 from tiny_eval import SPECS, fake_generate, settings_for, tiny_tokenizer, write_data
 from vps.evaluation import run_evaluation
-from vps.evaluation.digest import ResultsIndexError, build_results, finding, load_index, main
+from vps.evaluation.digest import ResultsIndexError, build_results, finding, load_index, main, standing
 
 TOK = tiny_tokenizer()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,6 +67,23 @@ def test_nll_findings_follow_the_interval():
                                                          "mcnemar_p": 0.01}}
     assert finding(oracle, 4).startswith("`o` (ORACLE) on 4 paired items: accuracy +50.0 pp")
     assert "significant at 5%" in finding(oracle, 4)
+
+
+def test_a_run_without_a_comparison_states_its_own_figures(tmp_path, model):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False)
+    gen = fake_generate({"base": {0, 1}})
+    run_evaluation(model, TOK, items, SPECS[:1], tmp_path / "run", settings, batch_size=2, progress=False,
+                   generate_fn=gen, log=lambda _m: None)
+    text = build_results(load_index(_index(tmp_path)), tmp_path)
+    summary = text[text.index("## Summary"):text.index("## Accuracy, tiny")]
+    assert "no comparison yet" not in summary and "no rows yet" not in summary
+    assert ("`base` alone (5 of 5 items; no paired comparison in this run): 2/5 correct (40.0%, Wilson 95% "
+            in summary)
+    nll_only = {"name": "base", "rows": 3, "n_scored": 0, "accuracy": None, "nll_mean": 0.5591, "n_nll": 3}
+    assert standing(nll_only, 10) == ("`base` alone (3 of 10 items (incomplete); no paired comparison in this run): "
+                                      "mean gold-solution NLL 0.5591 nats/token on 3 items.")
+    assert standing({"name": "vps", "rows": 0}, 10) is None
 
 
 def test_index_errors_name_the_file_and_field(tmp_path, capsys):

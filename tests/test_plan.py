@@ -78,8 +78,9 @@ def test_untouched_components_are_exact():
     assert torch.equal(q, gamma[:, None, None] * cols)
 
 
-@pytest.mark.parametrize("broken", ["gamma", "weight", "selection"])
-def test_unusable_rows_are_zero_and_flagged(broken):
+@pytest.mark.parametrize("max_order", [1, 2])  # order 1 checks finiteness on (B, R) values, order 2 on Q
+@pytest.mark.parametrize("broken", ["gamma", "weight", "weight beyond rank", "row", "selection"])
+def test_unusable_rows_are_zero_and_flagged(broken, max_order):
     w, in_idx, out_idx, _ = case(2)
     rows, cols = gathers(w, in_idx, out_idx)
     gamma = torch.tensor([0.5, 0.5])
@@ -88,9 +89,15 @@ def test_unusable_rows_are_zero_and_flagged(broken):
         gamma[1] = float("nan")
     elif broken == "weight":
         cols[1, 0, 0] = float("inf")
+    elif broken == "weight beyond rank":  # a component the rank mask drops still poisons Q (0 * inf)
+        cols[1, R - 1, 0] = float("inf")
+    elif broken == "row":
+        rows[1, 0, 0] = float("nan")
     else:
         sel_ok = torch.tensor([True, False])
-    q, ok = plan_matrix(rows, cols, in_idx, None, torch.tensor([R, R]), torch.tensor([2, 2]), gamma, 0.8, 2, sel_ok)
+    rank = torch.tensor([R, R - 1 if broken == "weight beyond rank" else R])
+    q, ok = plan_matrix(rows, cols, in_idx, None, rank, torch.tensor([max_order] * 2), gamma, 0.8, max_order,
+                        sel_ok)
     assert ok.tolist() == [True, False]
     assert torch.equal(q[1], torch.zeros_like(q[1])) and torch.isfinite(q[0]).all() and q[0].abs().sum() > 0
 

@@ -37,3 +37,14 @@ def test_clip_rejects_bad_input():
         vps.spectral_clip(torch.ones(2, 1), torch.ones(2, 1), 0.0)
     with pytest.raises(ValueError, match="columns"):
         vps.spectral_clip(torch.ones(2, 1), torch.ones(2, 2), 1.0)
+
+
+def test_squared_clip_scales_edges():
+    from vps.spectral import squared_clip_scales
+    tau = 0.8
+    a = torch.tensor([0.5, 0.8, 0.0, 4.0, float("nan"), float("inf")])
+    b = torch.tensor([1.0, 1.0, 3.0, 2.0, 1.0, 1.0])
+    s2 = squared_clip_scales(a, b, tau)
+    assert s2[:3].tolist() == [1.0, 1.0, 1.0]  # below, exactly at tau, zero norm: exactly 1
+    assert s2[3].item() == pytest.approx(tau / 8.0, rel=1e-6)
+    assert torch.isnan(s2[4]) and s2[5].item() == 0.0  # NaN stays visible; an infinite norm clips to 0

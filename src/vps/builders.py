@@ -67,7 +67,8 @@ def rank_features(scores: torch.Tensor, k: int, nonnegative: bool = False) -> to
     bits = s.view(torch.int32)
     if not nonnegative:  # the bits of a negative float order backwards
         bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = torch.add(_tie_breaker(s.shape[-1], s.device), bits.long(), alpha=1 << 32)
+    # add promotes the int32 bits to int64 before scaling them (no separate cast op).
+    key = torch.add(_tie_breaker(s.shape[-1], s.device), bits, alpha=1 << 32)
     return torch.topk(key, k, dim=-1, sorted=True).indices
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,15 @@ from .kv_cache import ForwardCall, cache_length, output_cache
 
 class HiddenCacheWarning(UserWarning):
     """A forward continued a KV cache that vps did not find among its arguments (decode taken for prefill)."""
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """The valid tokens of one forward in the layout a layer's statistics read them (see `VPSContext.token_mask`)."""
+
+    valid: torch.Tensor  # (B, T) bool
+    pad: torch.Tensor | None  # (B, T, 1) bool, True at padding; None when every token is valid
+    count: torch.Tensor | float  # (B,) float32 valid tokens per row (at least 1); T when every token is valid
 
 
 class VPSContext:
@@ -46,6 +56,7 @@ class VPSContext:
         self._warned_hidden_cache = False
         self._tokens: int | None = None
         self._valid: dict[tuple[int, int, torch.device], tuple[torch.Tensor, bool]] = {}
+        self._token_masks: dict[tuple[int, int, torch.device, bool], TokenMask] = {}
         self._entropy_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ranking: tuple[torch.Tensor, int | None, int, torch.Tensor] | None = None
         self.in_forward = False
@@ -75,6 +86,24 @@ class VPSContext:
                 dense = False if torch.compiler.is_compiling() else bool(valid.all())
         self._valid[(batch, tokens, device)] = (valid, dense)
         return valid, dense
+
+    def token_mask(self, batch: int, tokens: int, device: torch.device, one_sequence: bool = False) -> TokenMask:
+        """`valid_tokens` with what every statistic derives from it (padding mask, token count), built
+        once per forward rather than once per layer; ``one_sequence`` lays every row's tokens out as one
+        row (``scope="batch"``)."""
+        key = (batch, tokens, device, one_sequence)
+        hit = self._token_masks.get(key)
+        if hit is not None:
+            return hit
+        valid, dense = self.valid_tokens(batch, tokens, device)
+        if one_sequence:
+            valid = valid.reshape(1, -1)
+        if dense:
+            made = TokenMask(valid, None, float(valid.shape[1]))
+        else:
+            made = TokenMask(valid, ~valid.unsqueeze(-1), valid.sum(dim=1).clamp_min(1).float())
+        self._token_masks[key] = made
+        return made
 
     def cached_input_ranking(self, x: torch.Tensor, k: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The top-``k`` input ranking of ``x``, computed once per forward for all layers reading this tensor."""
@@ -112,7 +141,7 @@ class VPSContext:
         """Start of a top-level forward: record the mask and the phase."""
         attention_mask = call.attention_mask
         self._tokens = call.tokens
-        self._valid, self._ranking = {}, None
+        self._valid, self._token_masks, self._ranking = {}, {}, None
         self._entropy_on = {}
         self.in_forward = True
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -134,7 +163,7 @@ class VPSContext:
             self._check_no_hidden_cache(output)
         logits = _logits_of(output)
         mask, self.mask = self.mask, None
-        self._valid, self._ranking = {}, None
+        self._valid, self._token_masks, self._ranking = {}, {}, None
         self.in_forward = False
         if not self.cfg.want_entropy or logits is None:
             self.entropy = None

@@ -57,7 +57,8 @@ def plan_matrix(rows: torch.Tensor, cols: torch.Tensor, in_idx: torch.Tensor, co
         a = rows if coef is None else coef.transpose(1, 2) @ rows  # A^T: (B, R, d_in)
         # Clipping scales A_c and B_c by s_c each, so term c is scaled by s_c^2; components beyond
         # the decided rank get 0.
-        s2 = squared_clip_scales(torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(cols, dim=-1), tau)
+        norm_b = torch.linalg.vector_norm(cols, dim=-1)
+        s2 = squared_clip_scales(torch.linalg.vector_norm(a, dim=-1), norm_b, tau)
         s2 = s2 * (_positions(s2.shape[-1], s2.device) < rank.unsqueeze(-1))  # (B, R)
         second = None
         if max_order == 2:
@@ -66,14 +67,31 @@ def plan_matrix(rows: torch.Tensor, cols: torch.Tensor, in_idx: torch.Tensor, co
             s = s2.sqrt()
             second = (order == 2).float()[:, None, None] * s[:, :, None] * m.transpose(1, 2) * s[:, None, :]
     if second is None:  # order 1: a diagonal core, so Q is a row scaling of B^T
-        q = (gamma[:, None] * s2).unsqueeze(-1) * cols
+        scale = gamma[:, None] * s2  # (B, R)
+        q = scale.unsqueeze(-1) * cols
+        with torch.no_grad():
+            # Row c of Q is scale_c * B_c: it is finite exactly when scale_c * ||B_c|| is (short of an
+            # overflow of the norm itself), so the check reads (B, R) values, not all of Q.
+            ok = _finite((scale.detach() * norm_b).sum(dim=-1))
     else:
         q = (torch.diag_embed(gamma[:, None] * s2) + (gamma * gamma)[:, None, None] * second) @ cols
+        with torch.no_grad():
+            ok = _finite(q.detach().sum(dim=(1, 2)))
     with torch.no_grad():
-        ok = torch.isfinite(q).all(dim=(1, 2))
         if selection_ok is not None:
             ok = ok & selection_ok
-    return torch.where(ok[:, None, None], q, 0.0), ok
+    return torch.where(ok[:, None, None], q, _zero(q.dtype, q.device)), ok
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Where ``t`` is finite: ``t - t`` is 0 there and NaN at a NaN or an infinity (two ops; isfinite is four)."""
+    return (t - t) == 0
+
+
+@functools.lru_cache(maxsize=64)
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero (cached: a Python 0.0 in torch.where is one more dispatched op per plan)."""
+    return torch.zeros((), dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -123,16 +123,16 @@ class LayerPolicy:
         """sigma in [0, 1] per sequence from energy, entropy and the history rule."""
         energy = as_float32(energy)
         energy = torch.nan_to_num(energy, nan=0.0, posinf=1e30, neginf=0.0).clamp_min(0.0)
-        sig = 1.0 - torch.exp(-energy)
+        sig = 1.0 - torch.exp(-energy)  # in [0, 1] already: energy is finite and >= 0 here
         if entropy is not None and self.cfg.use_entropy:
             h = torch.nan_to_num(entropy.float(), nan=0.0, posinf=3.0, neginf=0.0).clamp_min(0.0)
             sig = torch.maximum(sig, torch.clamp(h / 3.0, max=1.0))
         bias = self.bias_for(sig.shape[0])
         if isinstance(bias, torch.Tensor):
-            sig = sig + bias.to(sig.device)
-        elif bias:
-            sig = sig + bias
-        return sig.clamp(0.0, 1.0)
+            return (sig + bias.to(sig.device)).clamp(0.0, 1.0)
+        if bias:
+            return (sig + bias).clamp(0.0, 1.0)
+        return sig
 
     def decide(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> Decision:
         """The decision for one forward; ``energy`` and ``entropy`` are (B,) tensors."""

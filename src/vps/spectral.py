@@ -15,10 +15,10 @@ def squared_clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) 
     ``s_i^2 = tau / (||A_i|| ||B_i||)`` where the product exceeds ``tau``, else exactly 1 (zero norms
     included); a NaN product gives NaN, so a broken component stays visible. Any leading batch shape.
     """
-    # Selected, not computed: `tau / tensor` is a reciprocal times tau in torch (2.13), so even tau / tau
-    # can come out one ulp below 1, and an untouched component would not stay exactly as it was.
-    prod = norm_a * norm_b
-    return torch.where(prod <= tau, 1.0, tau / prod)
+    # 1 / max(prod / tau, 1): an untouched component gets exactly 1 (the reciprocal of 1), where
+    # tau / prod could come out one ulp below it; a zero product gives 1, a NaN stays NaN. Four ops,
+    # paid per layer and forward.
+    return torch.clamp_min(norm_a * norm_b / tau, 1.0).reciprocal()
 
 
 def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:

@@ -100,6 +100,28 @@ def finding(entry: dict[str, Any], n_items: int, reference: str | None = None) -
     return f"{name} {scope}: " + "; ".join(parts) + "."
 
 
+def standing(entry: dict[str, Any], n_items: int) -> str | None:
+    """One sentence on a configuration's own figures, for a run that compares nothing (yet).
+
+    None when the configuration has no rows.
+    """
+    rows = entry.get("rows") or 0
+    if not rows:
+        return None
+    name = f"`{entry['name']}`" + (" (ORACLE)" if entry.get("oracle") else "")
+    parts = []
+    if entry.get("accuracy") is not None:
+        lo, hi = entry["accuracy_ci"]
+        parts.append(f"{entry['correct']}/{entry['n_scored']} correct ({entry['accuracy'] * 100:.1f}%, "
+                     f"Wilson 95% [{lo * 100:.1f}, {hi * 100:.1f}])")
+    if entry.get("nll_mean") is not None:
+        parts.append(f"mean gold-solution NLL {entry['nll_mean']:.4f} nats/token on {entry['n_nll']} items")
+    if not parts:
+        return None
+    scope = f"{rows} of {n_items} items" + ("" if rows >= n_items else " (incomplete)")
+    return f"{name} alone ({scope}; no paired comparison in this run): " + "; ".join(parts) + "."
+
+
 def _effect(lo: float, hi: float, better_below: bool) -> str:
     if hi < 0:
         return "helps" if better_below else "hurts"
@@ -212,8 +234,9 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
         title += "" if complete else " (partial)"
         findings = [f for f in (finding(e, summary["n_items"], summary.get("reference")) for e in summary["configs"])
                     if f]
-        summary_lines.append(f"- **{title}**" + ("" if findings else ": no comparison yet."))
-        summary_lines += [f"  - {f}" for f in findings]
+        own = [] if findings else [f for f in (standing(e, summary["n_items"]) for e in summary["configs"]) if f]
+        summary_lines.append(f"- **{title}**" + ("" if findings or own else ": no rows yet."))
+        summary_lines += [f"  - {f}" for f in findings or own]
         body += [f"## {title}", "", f"Status: {status}.", "", "Command (rerun it to resume or re-report):", "",
                  "    " + " ".join(sec["command"].split()), ""]
         if sec.get("note"):

@@ -6,6 +6,8 @@ every term by ``tau`` bounds the whole perturbation by ``sqrt(r) * tau``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -15,10 +17,16 @@ def squared_clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) 
     ``s_i^2 = tau / (||A_i|| ||B_i||)`` where the product exceeds ``tau``, else exactly 1 (zero norms
     included); a NaN product gives NaN, so a broken component stays visible. Any leading batch shape.
     """
-    # 1 / max(prod / tau, 1): an untouched component gets exactly 1 (the reciprocal of 1), where
-    # tau / prod could come out one ulp below it; a zero product gives 1, a NaN stays NaN. Four ops,
-    # paid per layer and forward.
-    return torch.clamp_min(norm_a * norm_b / tau, 1.0).reciprocal()
+    # min(tau / prod, 1), divided by a tensor tau: a Python tau would be a reciprocal times tau in
+    # torch (2.13), and tau / tau could come out one ulp below 1. So an untouched component gets
+    # exactly 1, a zero product too (tau / 0 = inf), a NaN stays NaN; three ops per layer and forward.
+    return torch.clamp_max(torch.div(_as_tensor(tau, norm_a.device), norm_a * norm_b), 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _as_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-dim float32 tensor on ``device`` (cached: built once, not per forward)."""
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:

@@ -81,6 +81,10 @@ class VPSLinear(nn.Module):
         self.pair: QKPair | None = None  # set by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
+        # static_plans: each new plan is copied into tensors kept per plan shape, so a CUDA graph that
+        # captured a decode step reads the current prompt's plan (see `vps.static_plans`).
+        self.static_plans = False
+        self._plan_buffers: dict[tuple[Any, ...], Plan] = {}
         # Buffers, so .to() moves them with the weights; non-persistent, so checkpoints never hold them.
         self.register_buffer("gain", None, persistent=False)
         self.register_buffer("_fallbacks", torch.zeros((), dtype=torch.long, device=self.device),
@@ -174,7 +178,7 @@ class VPSLinear(nn.Module):
             base = (self.pair.base_output(self, x, base_forward) if self.pair is not None
                     else BaseOutput(base_forward(x)))
             out, plan = base.out, self._build_plan(x, base)
-            self.plan = plan
+            self.plan = self._into_buffers(plan) if self.static_plans else plan
         y = self._apply_plan(out, plan)
         if y.requires_grad and torch.is_grad_enabled():
             self._capture_gradient(y, self.ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
@@ -201,6 +205,29 @@ class VPSLinear(nn.Module):
         if torch.is_grad_enabled():
             return torch.baddbmm(out, h_sel, q)
         return out.baddbmm_(h_sel, q)  # the base output is ours alone: update it in place
+
+    def _into_buffers(self, plan: Plan) -> Plan:
+        """``plan`` copied into this layer's tensors for its shape (allocated by the first plan of that
+        shape), so that every later plan of the shape lives at the same addresses.
+
+        A plan that carries autograd (refinement optimises the gain through Q) or one built inside a
+        compiled forward (its tensors are graph outputs already) is kept as built.
+        """
+        if plan.q.requires_grad or torch.compiler.is_compiling():
+            return plan
+        parts = (plan.out_idx, plan.coef, plan.q, plan.bias_sel)
+        key = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in parts)
+        held = self._plan_buffers.get(key)
+        if held is None:
+            held = Plan(plan.out_idx.clone(), None if plan.coef is None else plan.coef.clone(), plan.q.clone(),
+                        None if plan.bias_sel is None else plan.bias_sel.clone(), plan.selection, plan.decision)
+            self._plan_buffers[key] = held
+            return held
+        for mine, new in zip((held.out_idx, held.coef, held.q, held.bias_sel), parts, strict=True):
+            if mine is not None and new is not None:
+                mine.copy_(new)
+        held.selection, held.decision = plan.selection, plan.decision
+        return held
 
     # -- plan construction ---------------------------------------------------------------------
     def _build_plan(self, x: torch.Tensor, base: BaseOutput) -> Plan:

@@ -134,6 +134,24 @@ def reuse_selection(model: nn.Module) -> contextlib.AbstractContextManager[nn.Mo
     return _context_flag(model, "reuse_selection", True)
 
 
+def static_plans(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Keep every layer's plan at fixed addresses: each new plan is copied into tensors held per plan
+    shape (one set per batch size), instead of replacing them.
+
+    For CUDA graphs captured outside ``torch.compile`` (``torch.cuda.CUDAGraph``): a graph that
+    captured a frozen decode step reads its plan from the addresses it saw at capture, so only with
+    static plans does a replay after a new prompt's prefill use that prompt's plan. ``torch.compile``
+    (its ``reduce-overhead`` mode included) needs none of this: plans are inputs of its graphs. Plans
+    that carry autograd (refinement) are kept as built. Off (``enabled=False``) drops the held tensors.
+    Returns the model.
+    """
+    for layer in _state(model).layers.values():
+        layer.static_plans = enabled
+        if not enabled:
+            layer._plan_buffers.clear()
+    return model
+
+
 @contextlib.contextmanager
 def _context_flag(model: nn.Module, name: str, value: bool) -> Iterator[nn.Module]:
     ctx = _state(model).ctx

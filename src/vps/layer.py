@@ -224,8 +224,8 @@ class VPSLinear(nn.Module):
             self._plan_buffers[key] = held
             return held
         for mine, new in zip((held.out_idx, held.coef, held.q, held.bias_sel), parts, strict=True):
-            if mine is not None and new is not None:
-                mine.copy_(new)
+            if mine is not None:  # the key holds which parts are None, so new is a tensor too
+                mine.copy_(cast(torch.Tensor, new))
         held.selection, held.decision = plan.selection, plan.decision
         return held
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .builders import Selection
+from .dtypes import constant
 from .policy import Decision
 from .spectral import squared_clip_scales
 
@@ -80,18 +81,12 @@ def plan_matrix(rows: torch.Tensor, cols: torch.Tensor, in_idx: torch.Tensor, co
     with torch.no_grad():
         if selection_ok is not None:
             ok = ok & selection_ok
-    return torch.where(ok[:, None, None], q, _zero(q.dtype, q.device)), ok
+    return torch.where(ok[:, None, None], q, constant(0.0, q.dtype, q.device)), ok
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
     """Where ``t`` is finite: ``t - t`` is 0 there and NaN at a NaN or an infinity (two ops; isfinite is four)."""
     return (t - t) == 0
-
-
-@functools.lru_cache(maxsize=64)
-def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 0-dim zero (cached: a Python 0.0 in torch.where is one more dispatched op per plan)."""
-    return torch.zeros((), dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -22,7 +22,6 @@ is always finite.
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import VPSConfig
-from .dtypes import as_float32
+from .dtypes import as_float32, constant
 
 
 @dataclass
@@ -44,11 +43,6 @@ class Decision:
     order: torch.Tensor
     energy: torch.Tensor
     entropy: torch.Tensor | None
-
-
-@functools.lru_cache(maxsize=16)
-def _zero(device: torch.device) -> torch.Tensor:
-    return torch.zeros((), device=device)
 
 
 class LayerPolicy:
@@ -129,7 +123,7 @@ class LayerPolicy:
         """sigma in [0, 1] per sequence from energy, entropy and the history rule."""
         energy = as_float32(energy)
         # fmax ignores a NaN: NaN and anything below 0 become 0 in one op (+inf stays, giving sigma 1).
-        energy = torch.fmax(energy, _zero(energy.device))
+        energy = torch.fmax(energy, constant(0.0, torch.float32, energy.device))
         sig = 1.0 - torch.exp(-energy)  # in [0, 1] already: energy is finite and >= 0 here
         if entropy is not None and self.cfg.use_entropy:
             h = torch.nan_to_num(entropy.float(), nan=0.0, posinf=3.0, neginf=0.0).clamp_min(0.0)

@@ -6,9 +6,9 @@ every term by ``tau`` bounds the whole perturbation by ``sqrt(r) * tau``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .dtypes import constant
 
 
 def squared_clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -20,13 +20,7 @@ def squared_clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) 
     # min(tau / prod, 1), divided by a tensor tau: a Python tau would be a reciprocal times tau in
     # torch (2.13), and tau / tau could come out one ulp below 1. So an untouched component gets
     # exactly 1, a zero product too (tau / 0 = inf), a NaN stays NaN; three ops per layer and forward.
-    return torch.clamp_max(torch.div(_as_tensor(tau, norm_a.device), norm_a * norm_b), 1.0)
-
-
-@functools.lru_cache(maxsize=64)
-def _as_tensor(value: float, device: torch.device) -> torch.Tensor:
-    """``value`` as a 0-dim float32 tensor on ``device`` (cached: built once, not per forward)."""
-    return torch.tensor(value, dtype=torch.float32, device=device)
+    return torch.clamp_max(torch.div(constant(tau, torch.float32, norm_a.device), norm_a * norm_b), 1.0)
 
 
 def clip_scales(norm_a: torch.Tensor, norm_b: torch.Tensor, tau: float) -> torch.Tensor:

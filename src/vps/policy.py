@@ -124,7 +124,7 @@ class LayerPolicy:
         energy = as_float32(energy)
         # fmax ignores a NaN: NaN and anything below 0 become 0 in one op (+inf stays, giving sigma 1).
         energy = torch.fmax(energy, constant(0.0, torch.float32, energy.device))
-        sig = 1.0 - torch.exp(-energy)  # in [0, 1] already: energy is finite and >= 0 here
+        sig = 1.0 - torch.exp(-energy)  # in [0, 1] already: energy >= 0 here (+inf gives exactly 1)
         if entropy is not None and self.cfg.use_entropy:
             h = torch.nan_to_num(entropy.float(), nan=0.0, posinf=3.0, neginf=0.0).clamp_min(0.0)
             sig = torch.maximum(sig, torch.clamp(h / 3.0, max=1.0))

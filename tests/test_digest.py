@@ -112,6 +112,9 @@ def test_the_per_model_verdict_follows_the_statistics(name, vs, expected):
     assert expected in verdict("M", [("t", vs, vs["n"])]), name
     assert "incomplete" in verdict("M", [("t", vs, vs["n"] + 1)])
     assert verdict("M", []) == "**M**: no finished comparison yet."
+    alone = verdict("M", [], [("t", vs, vs["n"])])
+    assert alone.startswith("**M**: seed defaults: no finished comparison yet; the configuration tuned on train")
+    assert expected in alone
 
 
 def test_marked_runs_feed_the_verdict_and_missing_runs_are_not_started(tmp_path, model):
@@ -121,6 +124,23 @@ def test_marked_runs_feed_the_verdict_and_missing_runs_are_not_started(tmp_path,
     (tmp_path / "index.json").write_text(json.dumps(index))
     text = build_results(load_index(tmp_path / "index.json"), tmp_path)
     head = text.split("## Summary")[0]
-    assert "## Does VPS help? (seed defaults, per model)" in head
+    assert "## Does VPS help? (per model: the seed defaults, and a tuned configuration" in head
     assert "- **Tiny-Llama**: accuracy: no measurable effect (+20.0 pp" in head
     assert "## Later run (not started)" in text and "Status: not started (run the command)." in text
+
+
+def test_a_confirmed_tuned_configuration_joins_the_verdict(tmp_path, model):
+    from vps import VPSConfig
+    from vps.evaluation import MethodSpec
+
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False)
+    specs = [*SPECS, MethodSpec("tuned", "vps", VPSConfig(gamma=0.2))]
+    gen = fake_generate({"base": {0}, "vps": {0, 1, 2, 3, 4}})  # any patched model: vps and tuned alike
+    run_evaluation(model, TOK, items, specs, tmp_path / "run", settings, batch_size=2, progress=False,
+                   generate_fn=gen, log=lambda _m: None)
+    head = build_results(load_index(_index(tmp_path, verdict="Tiny")), tmp_path).split("## Summary")[0]
+    line = next(ln for ln in head.splitlines() if ln.startswith("- **Tiny**"))
+    seed, tuned = line.split("; the configuration tuned on train (`tuned`), confirmed on test: ")
+    assert seed.startswith("- **Tiny**: accuracy: no measurable effect (+80.0 pp") and "n = 5" in seed
+    assert tuned.startswith("accuracy: no measurable effect (+80.0 pp") and "McNemar p = 0.125, n = 5" in tuned

@@ -428,6 +428,36 @@ def test_grid_files_yaml_and_json(tmp_path):
         load_grid(tmp_path / "missing.yaml")
 
 
+def test_grid_entry_starts_from_a_config_file(tmp_path):
+    sub = tmp_path / "study"
+    sub.mkdir()
+    vps.VPSConfig(rank=3, topk=8, gamma=0.2, builder="sk").save(sub / "best.json")
+    grid = sub / "g.yaml"
+    grid.write_text("base: {method: base}\ntuned: {config: best.json}\nsharper: {config: best.json, gamma: 0.4}\n"
+                    f"absolute: {{config: {json.dumps(str(sub / 'best.json'))}}}\n")
+    by = {s.name: s for s in load_grid(grid)}  # a relative path is read from the grid's folder
+    assert by["tuned"].config == vps.VPSConfig.load(sub / "best.json")
+    assert by["sharper"].config == vps.VPSConfig(rank=3, topk=8, gamma=0.4, builder="sk")
+    assert by["absolute"].config == by["tuned"].config and by["base"].config is None
+
+
+@pytest.mark.parametrize("body, needles", [
+    ("t: {config: missing.json}", ["'t'", "key 'config'", "missing.json", "does not exist"]),
+    ("t: {config: 3}", ["'t'", "key 'config'", "path of a VPSConfig file"]),
+    ("t: {config: bad.json}", ["'t'", "key 'config'", "bad.json", "rank"]),
+    ("t: {config: best.json, topk: 1}", ["'t'", "topk must be >= rank"]),
+    ("b: {method: base, config: best.json}", ["'b'", "takes no VPS overrides", "config"]),
+])
+def test_grid_config_key_errors_name_the_entry_and_file(tmp_path, body, needles):
+    vps.VPSConfig(rank=3, topk=8).save(tmp_path / "best.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"rank": 0}))
+    (tmp_path / "g.yaml").write_text(body + "\n")
+    with pytest.raises(GridError) as err:
+        load_grid(tmp_path / "g.yaml")
+    for needle in needles:
+        assert needle in str(err.value)
+
+
 def test_ablate_cli_loads_the_model_once(tmp_path, model, monkeypatch, capsys):
     data = write_data(tmp_path / "d.jsonl")
     grid = tmp_path / "g.json"

@@ -18,6 +18,7 @@ from tiny import tiny_gpt2
 from tiny_eval import QUESTIONS, tiny_tokenizer
 from vps import VPSConfig, patched, vps_layers
 from vps.cli import main
+from vps.evaluation import RunDir, load_grid
 from vps.evaluation.rundir import RunLockedError, RunMismatchError
 from vps.tuning import SpaceError, TestSplitError, parse_space, tune
 from vps.tuning.placement import Placement, trial_config
@@ -87,6 +88,11 @@ def test_three_trial_study_writes_every_output(model, tok, tmp_path):
     meta = json.loads((out / "best_trial.json").read_text())
     assert meta["number"] == best["number"] and meta["tuned_on"]["source"] == str(data)
     assert any("vps eval" in c and "gsm8k:test" in c for c in meta["confirm"])
+    assert all("--dtype float32" in c for c in meta["confirm"] + meta["confirm_grid"])
+    assert all(f"vps ablate --grid {out / 'confirm.yaml'}" in c for c in meta["confirm_grid"])
+    grid = load_grid(out / "confirm.yaml")  # as vps ablate --grid reads it
+    assert [(g.name, g.method) for g in grid] == [("base", "base"), ("vps", "vps"), ("tuned", "vps")]
+    assert grid[1].config == VPSConfig() and grid[2].config == cfg
     report = (out / "report.md").read_text()
     assert f"Trial {best['number']}" in report and "## Parameter importances" in report
     assert "10 items (sample None, seed 0)" in report
@@ -351,6 +357,7 @@ def test_cli_tune_end_to_end_then_eval_reads_best(tok, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "best is trial" in proc.stdout and "confirm on GSM8K test" in proc.stdout
     assert "--config " + str(out / "best.json") in proc.stdout
+    assert f"vps ablate --grid {out / 'confirm.yaml'}" in proc.stdout and "--dtype float32" in proc.stdout
     evaluated = subprocess.run([sys.executable, "-m", "vps.cli", "eval", "--model", str(ckpt), "--data", str(data),
                                 "--limit", "2", "--methods", "base,vps", "--nll-only", "--config",
                                 str(out / "best.json"), "--out", str(tmp_path / "confirm"), "--threads", "1",
@@ -359,6 +366,35 @@ def test_cli_tune_end_to_end_then_eval_reads_best(tok, tmp_path):
     run_json = json.loads((tmp_path / "confirm" / "run.json").read_text())
     assert run_json["configs"]["vps"]["config"] == {**VPSConfig.load(out / "best.json").to_dict(),
                                                     "version": run_json["configs"]["vps"]["config"]["version"]}
+
+
+def test_confirm_grid_adds_only_the_tuned_rows_to_a_seed_run(model, tok, tmp_path, monkeypatch, capsys):
+    data = train_file(tmp_path)
+    study = tmp_path / "study"
+    run(model, tok, study, data, 2)
+    monkeypatch.setattr("vps.commands.eval.load", lambda args: (model, tok))
+    out = tmp_path / "seed"
+    common = ["--data", str(data), "--limit", "4", "--batch-size", "2", "--nll-only", "--no-progress",
+              "--out", str(out)]
+    assert main(["eval", "--methods", "base,vps", *common]) == 0
+    before = RunDir(out).read_rows()
+    assert main(["ablate", "--grid", str(study / "confirm.yaml"), *common]) == 0
+    after = RunDir(out).read_rows()
+    assert after[:len(before)] == before and len(before) == 8  # base and seed rows kept, not recomputed
+    assert sorted(r["id"] for r in after[len(before):] if r["config"] == "tuned") == sorted(
+        r["id"] for r in before if r["config"] == "base") and len(after) == 12
+    stored = json.loads((out / "run.json").read_text())["configs"]
+    assert VPSConfig.from_dict(stored["tuned"]["config"]) == VPSConfig.load(study / "best.json")
+    assert VPSConfig.from_dict(stored["vps"]["config"]) == VPSConfig()
+    summary = json.loads((out / "summary.json").read_text())
+    tuned = next(c for c in summary["configs"] if c["name"] == "tuned")
+    assert tuned["vs_baseline"]["n"] == 4
+    # A study that has since found another best no longer matches the run it confirmed: refused, named.
+    VPSConfig(rank=1, topk=4, gamma=0.01).save(study / "best.json")
+    capsys.readouterr()
+    assert main(["ablate", "--grid", str(study / "confirm.yaml"), *common]) != 0
+    assert "configuration 'tuned' changed" in capsys.readouterr().err
+    assert RunDir(out).read_rows() == after
 
 
 def test_damping_trials_only_when_the_space_allows_and_labelled(model, tok, tmp_path):

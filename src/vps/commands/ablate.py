@@ -11,7 +11,8 @@ from .eval import execute
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=None,
-                   help=f"YAML or JSON grid: name -> VPSConfig overrides (and optional method); "
+                   help=f"YAML or JSON grid: name -> VPSConfig overrides (and optional method, votes, and config: a "
+                        f"VPSConfig file they override, such as a vps tune study's best.json); "
                         f"default: the seed's grid ({default_grid_path().name})")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated subset of the grid's configurations (the baseline is always run)")

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.rundir import RunLockedError
     from ..models import DEFAULT_MODEL
     from ..tuning import TuneSettings, check_split, load_space, run_study
-    from ..tuning.report import confirm_commands
+    from ..tuning.report import CONFIRM_GRID, confirm_commands, confirm_grid_commands
     from ..tuning.settings import check_resume
     from ..tuning.study import SETTINGS_FILE
 
@@ -142,5 +142,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"best config: {args.out / 'best.json'}  report: {args.out / 'report.md'}")
     print("confirm on GSM8K test (never seen by the study):")
     for command in confirm_commands(args.out, settings):
+        print(f"  {command}")
+    print(f"or with the seed defaults beside it ({CONFIRM_GRID}: base, vps, tuned in one paired run; --out an "
+          f"existing --methods base,vps run with the same settings to add only the tuned rows):")
+    for command in confirm_grid_commands(args.out, settings):
         print(f"  {command}")
     return 0

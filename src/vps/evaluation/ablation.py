@@ -4,6 +4,9 @@ A grid file (YAML or JSON) is either a mapping ``name -> overrides`` or a list o
 carry a ``name``. Besides `VPSConfig` fields an entry may set ``method`` (``vps`` by default, or
 ``base``, ``refine-self``, ``refine-oracle``, ``maj``, ``vps-maj``) and, for the two majority-vote
 methods, ``votes`` (k). A ``base`` or ``maj`` entry takes no VPS overrides: it is the unpatched model.
+A patched entry may also name a `VPSConfig` file under ``config`` (as ``vps eval --config`` reads it,
+e.g. the ``best.json`` of a `vps tune` study; a relative path is read from the grid file's folder):
+its other keys then override that file instead of the defaults.
 Every error names the file, the configuration and the offending key.
 """
 
@@ -111,11 +114,13 @@ def load_grid(path: str | Path | None = None, base: VPSConfig | None = None) -> 
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise GridError(f"grid file {path} cannot be parsed: {exc}") from None
-    return parse_grid(data, base=base, source=str(path))
+    return parse_grid(data, base=base, source=str(path), root=path.parent)
 
 
-def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid") -> list[MethodSpec]:
-    """Named configurations from parsed grid data (see the module docstring for the shape)."""
+def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid",
+               root: Path | None = None) -> list[MethodSpec]:
+    """Named configurations from parsed grid data (see the module docstring for the shape); an entry's
+    relative ``config`` path is read from ``root`` (the working directory when None)."""
     base = base if base is not None else VPSConfig()
     entries: list[tuple[str, Any]] = []
     if isinstance(data, dict):
@@ -160,12 +165,14 @@ def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid") -
             except ValueError as exc:
                 raise GridError(f"{where}: {exc}") from None
             continue
+        entry_base = _config_file(overrides.pop("config"), root, where) if "config" in overrides else base
         known = set(VPSConfig.__dataclass_fields__)
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method' / 'votes')")
+            raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method' / 'votes' / "
+                            f"'config')")
         try:
-            cfg = base.replace(**overrides)
+            cfg = entry_base.replace(**overrides)
         except ConfigError as exc:
             raise GridError(f"{where}: {exc}") from None
         try:
@@ -173,3 +180,17 @@ def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid") -
         except ValueError as exc:
             raise GridError(f"{where}: {exc}") from None
     return specs
+
+
+def _config_file(value: Any, root: Path | None, where: str) -> VPSConfig:
+    """The `VPSConfig` an entry's ``config`` key names."""
+    if not isinstance(value, str) or not value.strip():
+        raise GridError(f"{where}: key 'config' must be the path of a VPSConfig file (JSON, as `vps tune` "
+                        f"writes best.json), got {value!r}")
+    path = Path(value)
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    try:
+        return VPSConfig.load(path)
+    except ConfigError as exc:
+        raise GridError(f"{where}: key 'config': {exc}") from None

@@ -17,7 +17,9 @@ For each section the report is rewritten from the directory's rows (`write_repor
 (complete, or how many rows each configuration still lacks) and one finding per configuration are
 derived from the statistics, and the run's ``report.md`` is embedded below the command. Sections
 with a ``verdict`` (a model's name) feed the top of the file: per model, one sentence on whether VPS
-(its ``vps`` configuration) helps, hurts or does nothing measurable, from those runs' statistics. Run
+(its ``vps`` configuration) helps, hurts or does nothing measurable, from those runs' statistics, and
+how a ``tuned`` configuration in the same runs fares (a `vps tune` study's best, added by its
+``confirm.yaml``). Run
 ``python -m vps.evaluation.digest results/index.yaml -o RESULTS.md``.
 """
 
@@ -130,9 +132,7 @@ def _effect(lo: float, hi: float, better_below: bool) -> str:
     return "no measurable effect"
 
 
-def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]]) -> str:
-    """One sentence per model from its ``vps``-vs-baseline statistics: ``evidence`` is (section title,
-    the ``vps`` entry's ``vs_baseline``, the run's item count) per run marked for this model."""
+def _parts(evidence: list[tuple[str, dict[str, Any], int]]) -> list[str]:
     parts = []
     for _title, vs, n_items in evidence:
         scope = f"n = {vs['n']}" + ("" if vs["n"] >= n_items else f" of {n_items}, incomplete")
@@ -146,9 +146,22 @@ def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]]) -> str:
             lo, hi = vs["nll_diff_ci"]
             parts.append(f"gold-solution NLL: {_effect(lo, hi, better_below=True)} ({vs['nll_diff']:+.4f} "
                          f"nats/token {_ci(vs['nll_diff_ci'])}, {scope})")
-    if not parts:
+    return parts
+
+
+def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]],
+            tuned: list[tuple[str, dict[str, Any], int]] | None = None) -> str:
+    """One sentence per model from its ``vps``-vs-baseline statistics: ``evidence`` is (section title,
+    the ``vps`` entry's ``vs_baseline``, the run's item count) per run marked for this model; ``tuned``
+    the same for a ``tuned`` configuration (a `vps tune` study's best, confirmed in those runs)."""
+    parts = _parts(evidence)
+    tuned_parts = _parts(tuned or [])
+    if not parts and not tuned_parts:
         return f"**{model}**: no finished comparison yet."
-    return f"**{model}**: " + "; ".join(parts) + "."
+    text = f"**{model}**: " + ("; ".join(parts) if parts else "seed defaults: no finished comparison yet")
+    if tuned_parts:
+        text += "; the configuration tuned on train (`tuned`), confirmed on test: " + "; ".join(tuned_parts)
+    return text + "."
 
 
 def _status(summary: dict[str, Any]) -> tuple[bool, str]:
@@ -210,6 +223,7 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
         parts += [str(index["intro"]).strip(), ""]
     body, summary_lines = [], []
     evidence: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
+    tuned: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
     for sec in index["sections"]:
         run_dir = sec["dir"].rstrip("/")
         if (root / run_dir / "tune.json").exists():
@@ -225,10 +239,11 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
             continue
         summary = write_report(root / run_dir)
         if sec.get("verdict"):
-            vps_entry = next((e for e in summary["configs"] if e["name"] == "vps" and e.get("vs_baseline")), None)
-            found = evidence.setdefault(str(sec["verdict"]), [])
-            if vps_entry is not None:
-                found.append((sec["title"], vps_entry["vs_baseline"], summary["n_items"]))
+            for name, into in (("vps", evidence), ("tuned", tuned)):
+                entry = next((e for e in summary["configs"] if e["name"] == name and e.get("vs_baseline")), None)
+                found = into.setdefault(str(sec["verdict"]), [])
+                if entry is not None:
+                    found.append((sec["title"], entry["vs_baseline"], summary["n_items"]))
         complete, status = _status(summary)
         title = sec["title"] + (" (preliminary)" if sec.get("preliminary") else "")
         title += "" if complete else " (partial)"
@@ -245,10 +260,11 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
         if (root / run_dir / REPORT_PNG).exists():
             body += [f"![{sec['title']}]({run_dir}/{REPORT_PNG})", ""]
     if evidence:
-        parts += ["## Does VPS help? (seed defaults, per model)", "",
+        parts += ["## Does VPS help? (per model: the seed defaults, and a tuned configuration"
+                  " where one was confirmed)", "",
                   "Generated from the runs marked for each model below: an accuracy effect counts when McNemar's "
                   "p < 0.05, an NLL effect when its 95% interval excludes 0.", "",
-                  *[f"- {verdict(m, ev)}" for m, ev in evidence.items()], ""]
+                  *[f"- {verdict(m, ev, tuned.get(m))}" for m, ev in evidence.items()], ""]
     parts += ["## Summary", "", "Each line is generated from the run's statistics (paired with the baseline "
               "on the same items; 95% intervals).", "", *summary_lines, "", *body]
     return "\n".join(parts).rstrip() + "\n"

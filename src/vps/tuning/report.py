@@ -8,6 +8,7 @@ and always agrees with the study.
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,13 @@ from ..config import VPSConfig
 from ..evaluation.rundir import dumps_strict, write_atomic
 from .settings import TuneSettings
 
-__all__ = ["REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "refresh", "trial_row", "write_outputs",
+__all__ = ["CONFIRM_GRID", "REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "confirm_grid_commands",
+           "refresh", "trial_row", "write_outputs",
            "write_trials"]
 
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
+CONFIRM_GRID = "confirm.yaml"
 TEST_LABEL = "TUNED ON TEST DATA"
 
 
@@ -60,13 +63,41 @@ def best_trial(study: Any) -> Any:
     return min(done, key=lambda t: (t.values[0], t.number)) if done else None
 
 
+def _run_flags(settings: TuneSettings) -> str:
+    """The model and prompt flags of the study, so a confirmation scores what was tuned."""
+    flags = [f"--model {shlex.quote(settings.model)}", f"--dtype {settings.dtype}", f"--prompt {settings.prompt}"]
+    if settings.prompt == "fewshot":
+        flags.append(f"--shots {settings.shots}")
+    if settings.system is not None:
+        flags.append(f"--system {shlex.quote(settings.system)}")
+    return " ".join(flags)
+
+
 def confirm_commands(directory: Path, settings: TuneSettings) -> list[str]:
-    """The ordinary ``vps eval`` runs that confirm the best configuration on GSM8K test."""
-    prompt = f" --prompt {settings.prompt}" + (f" --shots {settings.shots}" if settings.prompt == "fewshot" else "")
-    common = f"vps eval --model {settings.model}{prompt} --data gsm8k:test --methods base,vps " \
-             f"--config {directory / 'best.json'}"
-    return [f"{common} --nll-only --out {directory}-confirm-nll",
-            f"{common} --sample 250 --seed 0 --max-new-tokens 512 --out {directory}-confirm-acc"]
+    """The ordinary ``vps eval --config best.json`` runs that confirm the best configuration on GSM8K
+    test: gold-solution NLL on every item, accuracy on the seeded n = 250 sample."""
+    common = (f"vps eval {_run_flags(settings)} --data gsm8k:test --methods base,vps "
+              f"--config {shlex.quote(str(directory / 'best.json'))}")
+    return [f"{common} --nll-only --out {shlex.quote(f'{directory}-confirm-nll')}",
+            f"{common} --sample 250 --seed 0 --max-new-tokens 512 --out {shlex.quote(f'{directory}-confirm-acc')}"]
+
+
+def confirm_grid_commands(directory: Path, settings: TuneSettings) -> list[str]:
+    """The same two confirmations as `confirm_commands`, run by ``vps ablate`` over ``confirm.yaml``:
+    base, the seed defaults (``vps``) and the tuned configuration (``tuned``), paired in one run. Aimed
+    at an existing ``--methods base,vps`` run with the same settings, they add only the ``tuned`` rows."""
+    common = (f"vps ablate --grid {shlex.quote(str(directory / CONFIRM_GRID))} {_run_flags(settings)} "
+              f"--data gsm8k:test")
+    return [f"{common} --nll-only --out {shlex.quote(f'{directory}-confirm-nll')}",
+            f"{common} --sample 250 --seed 0 --max-new-tokens 512 --out {shlex.quote(f'{directory}-confirm-acc')}"]
+
+
+def _confirm_grid(best_number: int) -> str:
+    return (f"# Written by vps tune: the study's best configuration (trial {best_number}, saved as best.json)\n"
+            "# beside the unpatched model and the seed defaults, for `vps ablate --grid` on test data.\n"
+            "base: {method: base}\n"
+            "vps: {}\n"
+            "tuned: {config: best.json}\n")
 
 
 def _importances(study: Any) -> tuple[dict[str, Any], str | None]:
@@ -111,20 +142,23 @@ def write_outputs(directory: Path, study: Any, settings: TuneSettings, space: An
     commands = confirm_commands(directory, settings)
     if best is not None:
         VPSConfig.from_dict(best.user_attrs["config"]).save(directory / "best.json")
+        write_atomic(directory / CONFIRM_GRID, _confirm_grid(best.number))
         row = trial_row(best, settings)
         write_atomic(directory / "best_trial.json", dumps_strict({
             **{k: row[k] for k in ("number", "nll_diff", "ci", "n", "overhead", "params", "labels")},
             "tuned_on": settings.data, "model": settings.model, "prompt": settings.prompt,
             "trials_with_verdict": sum(r["state"] in ("complete", "pruned", "fail") for r in rows),
-            "confirm": commands}, indent=2) + "\n")
-    text = _markdown(rows, best, settings, space, importances, why_none, commands, evaluator)
+            "confirm": commands, "confirm_grid": confirm_grid_commands(directory, settings)}, indent=2) + "\n")
+    text = _markdown(rows, best, settings, space, importances, why_none,
+                     (commands, confirm_grid_commands(directory, settings)), evaluator)
     write_atomic(directory / REPORT_MD, text)
     _plot(directory / REPORT_PNG, rows, importances, settings)
     return best
 
 
 def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, space: Any,
-              importances: dict[str, float], why_none: str | None, commands: list[str], evaluator: str) -> str:
+              importances: dict[str, float], why_none: str | None, commands: tuple[list[str], list[str]],
+              evaluator: str) -> str:
     states: dict[str, int] = {}
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
@@ -160,7 +194,10 @@ def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, spa
                   "Its interval reaches 0 or above: on the tuning data it is not distinguishable from the unpatched "
                   "model (or is worse).", "",
                   "Parameters: " + ", ".join(f"`{k}={_value(v)}`" for k, v in sorted(b["params"].items())), "",
-                  "Saved as `best.json`; confirm on test with:", "", "```"] + commands + ["```", ""]
+                  "Saved as `best.json`; confirm on test with:", "", "```", *commands[0], "```", "",
+                  f"or, with the seed defaults beside it (`{CONFIRM_GRID}`: base, `vps`, `tuned`, paired in one "
+                  "run; pointed at an existing `--methods base,vps` run with the same settings, it adds only the "
+                  "`tuned` rows):", "", "```", *commands[1], "```", ""]
     complete = sorted((r for r in rows if r["state"] == "complete" and r["nll_diff"] is not None),
                       key=lambda r: r["nll_diff"])
     if complete:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vps.verify import EXTRACT_MODES, Answer, answers_match, extract_answer, parse_gold
+from vps.verify.extract import numbers_match
 
 NONE = object()  # expected: extract_answer returns None
 
@@ -224,8 +225,62 @@ def test_answers_match(a: str | None, b: str, expected: bool) -> None:
 
 
 def test_answers_match_respects_rel_tol() -> None:
-    assert not answers_match("#### 100", "#### 101")
-    assert answers_match("#### 100", "#### 101", rel_tol=0.02)
+    assert not answers_match("#### 100.5", "#### 101.5")
+    assert answers_match("#### 100.5", "#### 101.5", rel_tol=0.02)
+    # The tolerance is for rounding; two integers are written exactly and compare exactly, whatever it is.
+    assert not answers_match("#### 100", "#### 101", rel_tol=0.02)
+
+
+@pytest.mark.parametrize("pred, gold, correct", [
+    ("#### 1450001", "#### 1450000", False),  # matched at rel_tol 1e-6 before: GSM8K has such golds
+    ("#### 1450000", "#### 1450000", True),
+    ("#### 1,450,000", "#### 1450000", True),
+    ("#### 0.333333", "#### 1/3", True),  # rounding still matches
+    ("#### 3.0000000000000004", "#### 3", True),
+    ("#### 45%", "#### 0.45", True),
+])
+def test_integers_compare_exactly(pred: str, gold: str, correct: bool) -> None:
+    assert answers_match(pred, parse_gold(gold)) is correct
+    assert numbers_match(3.0, 3) and not numbers_match(10**6 + 1, 10**6)
+
+
+@pytest.mark.parametrize("text, number, answer_text", [
+    ("#### 6.02e23", 6.02e23, "6.02e23"),
+    ("#### 1e3", 1000.0, "1e3"),
+    ("#### 1E-3", 0.001, "1E-3"),
+    ("#### 2.5e+2 dollars", 250.0, "2.5e+2 dollars"),
+    ("The answer is 2e5.", 2e5, "2e5"),
+    ("#### 1e999999", None, "1e999999"),  # an exponent beyond three digits is no number (and costs nothing)
+    ("#### 5eggs", 5.0, "5eggs"),  # an "e" that no digits follow is a letter, as before
+])
+def test_scientific_notation_keeps_its_exponent(text: str, number: float | None, answer_text: str) -> None:
+    found = extract_answer(text)
+    assert found is not None and found.number == number and found.text == answer_text
+
+
+def test_scientific_gold_and_verdicts() -> None:
+    assert parse_gold("#### 1e3").number == 1000.0  # loaded as "1e" before
+    assert not answers_match("#### 1e3", parse_gold("#### 1e5"))  # matched before: both read as "1e"
+    assert answers_match("#### 1000", parse_gold("#### 1e3"))
+
+
+@pytest.mark.parametrize("text", [
+    "#### 1 000 000", "#### 3,5", "#### 12:30", "#### 10!", "#### $18!", "#### 1.2.3",
+    "#### " + "+".join(["1"] * 150),  # an expression longer than the reader takes is not its first number
+])
+def test_a_number_that_goes_on_is_not_read_as_its_prefix(text: str) -> None:
+    found = extract_answer(text)
+    assert found is not None and found.number is None and found.text == text[5:]
+    assert not answers_match(text, parse_gold("#### 1")) and not answers_match(text, parse_gold("#### 12"))
+
+
+@pytest.mark.parametrize("text, number", [
+    ("#### 42 - done", 42.0), ("#### 18 dollars, as computed", 18.0), ("#### 1,000", 1000.0),
+    ("#### 5 1/2", 5.5), ("#### 18.", 18.0), ("The answer is 42 because 6*7", 42.0), ("#### 3 eggs, 4 hens", 3.0),
+])
+def test_prefix_reads_that_stay(text: str, number: float) -> None:
+    found = extract_answer(text)
+    assert found is not None and found.number == number
 
 
 @settings(max_examples=200, deadline=None)

@@ -21,8 +21,11 @@ from fractions import Fraction
 
 __all__ = ["NUMBER", "MAX_EXPRESSION_CHARS", "Expression", "read_expression", "same_expression"]
 
-#: A written number: thousands separators only in groups of exactly three digits, ``.5`` and ``3.``.
-NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d*)?|\.\d+"
+#: A written number: thousands separators only in groups of exactly three digits, ``.5`` and ``3.``, and
+#: scientific notation (``6.02e23``, ``1E-3``). Without the exponent, ``#### 1e3`` read as ``1e`` and matched a
+#: gold ``1e5``. The exponent has at most three digits, so ``1e999999999`` (a number exact arithmetic would spend
+#: gigabytes on) is no number at all rather than a slow one.
+NUMBER = r"(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3}(?!\d))?"
 
 #: Text beyond this many characters is never one answer expression.
 MAX_EXPRESSION_CHARS = 200

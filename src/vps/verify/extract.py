@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from vps.verify.arithmetic import NUMBER, read_expression, same_expression
 
 __all__ = [
-    "Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "parse_gold", "parse_quantity", "readings",
+    "Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "numbers_match", "parse_gold",
+    "parse_quantity", "readings",
 ]
 
 #: Where an :class:`Answer` came from. ``literal`` is only produced by :func:`parse_gold`
@@ -230,6 +231,16 @@ def _after_equals(segment: str) -> str:
 
 # An operator after a number continues an expression: "#### 2*x + 1" is not the answer 2.
 _CONTINUES_RE = re.compile(r"[ \t]*(?:[-+*/^×÷·]|\\(?:cdot|times|div)(?![A-Za-z]))")
+# ... and when an operand follows that operator, the text is an expression, whatever its length: one the
+# reader refuses (over 200 characters, say) is not the number it starts with.
+_OPERAND_FOLLOWS_RE = re.compile(_CONTINUES_RE.pattern + r"[ \t]*[\d(.]")
+# What a reading must not stop at, because the number goes on in a form this reader does not take:
+# "1 000 000" (space-grouped digits), "3,5" (a decimal comma, or a list), "12:30" (a time or a ratio),
+# "1.2.3" (a version), "1e999999" (an exponent beyond the three digits a number may have). Taking the first
+# part of such text as the answer invents one.
+_NUMBER_GOES_ON_RE = re.compile(r"[ \t]*\d|[,:.]\d")
+# "10!" is a factorial, or an exclamation: either way not plainly the number 10.
+_FACTORIAL_RE = re.compile(r"\s*\S*?\d!(?!=)")
 
 
 def _read_segment(segment: str, source: str, whole: bool) -> tuple[Answer | None, bool]:
@@ -239,6 +250,8 @@ def _read_segment(segment: str, source: str, whole: bool) -> tuple[Answer | None
     raw = segment.strip().rstrip(_TRAILING_PUNCT).strip()
     if not raw:
         return None, False
+    if _FACTORIAL_RE.match(segment):
+        return Answer(text=segment.strip(), number=None, unit=None, source=source), False
     # The lstrip takes the "*" that "***7***" (bold italic) leaves once its "**" are gone.
     cleaned = _after_equals(_clean(raw)).strip().rstrip(_TRAILING_PUNCT).lstrip("*")
     start = _APPROX_RE.match(cleaned).end()  # type: ignore[union-attr]  # it matches the empty string
@@ -248,22 +261,26 @@ def _read_segment(segment: str, source: str, whole: bool) -> tuple[Answer | None
         quantity = None  # x/0
     operator_follows = (m is not None and not m.group("unit") and not m.group("pct")
                         and _CONTINUES_RE.match(cleaned, m.end()) is not None)
+    unread = Answer(text=raw, number=None, unit=None, source=source)
     if (m is not None and quantity is not None and not operator_follows
             and (not whole or not cleaned[m.end():].strip(_TRAILING_PUNCT))):
-        return quantity, True
+        goes_on = not m.group("unit") and not m.group("pct") and _NUMBER_GOES_ON_RE.match(cleaned, m.end())
+        return (unread, False) if goes_on else (quantity, True)
     expression = read_expression(cleaned[start:], whole=whole)
     # An expression that ends where the first quantity does adds nothing to it ("1 1/2 + ..." stops
     # after "1" because "1 1" is no expression): the quantity, the older and narrower reading, wins.
     if expression is not None and (m is None or start + expression.end > m.end()):
+        if _NUMBER_GOES_ON_RE.match(cleaned, start + expression.end):
+            return unread, False
         if expression.value is not None:
             return Answer(text=expression.text, number=expression.value, unit=None, source=source), True
         covers_all = not cleaned[start + expression.end :].strip(_TRAILING_PUNCT)
         text = raw if covers_all else expression.text
         return (Answer(text=text, number=None, unit=None, source=source),
                 expression.starts_with_number and expression.has_operator)
-    if quantity is not None and not whole:
+    if quantity is not None and not whole and not _OPERAND_FOLLOWS_RE.match(cleaned, m.end()):  # type: ignore[union-attr]
         return quantity, True  # "#### 42 - done": an operator, but no expression after it
-    return Answer(text=raw, number=None, unit=None, source=source), False
+    return unread, False
 
 
 def parse_quantity(segment: str, source: str, *, whole: bool) -> Answer | None:
@@ -413,8 +430,21 @@ def readings(a: Answer, b: Answer) -> list[tuple[float, float]]:
     return pairs
 
 
+def numbers_match(x: float, y: float, rel_tol: float = 1e-6) -> bool:
+    """Whether two answer numbers agree: two integers exactly, otherwise within ``rel_tol`` (plus ``ABS_TOL``).
+
+    The relative tolerance exists for rounding (``0.333333`` against 1/3); on integers it only does harm:
+    at 1e-6 it let ``1450001`` match a gold ``1450000`` (GSM8K has golds that large). Integers here are
+    floats, so beyond 2**53 two different written integers can still compare equal.
+    """
+    if float(x).is_integer() and float(y).is_integer():
+        return x == y
+    return math.isclose(x, y, rel_tol=rel_tol, abs_tol=ABS_TOL)
+
+
 def answers_match(a: Answer | str | None, b: Answer | str | None, rel_tol: float = 1e-6) -> bool:
-    """Whether two answers agree, GSM8K-style: numbers within ``rel_tol`` (plus ``ABS_TOL``).
+    """Whether two answers agree, GSM8K-style: numbers by :func:`numbers_match` (integers exactly, others
+    within ``rel_tol`` plus ``ABS_TOL``).
 
     Units are ignored (``"18 dollars"`` matches ``"18"``; ``"2 km"`` does not match
     ``"2000 m"`` here, the verifier's unit-aware components handle that), except that a
@@ -428,7 +458,7 @@ def answers_match(a: Answer | str | None, b: Answer | str | None, rel_tol: float
     if a is None or b is None:
         return False
     if a.number is not None and b.number is not None:
-        return any(math.isclose(x, y, rel_tol=rel_tol, abs_tol=ABS_TOL) for x, y in readings(a, b))
+        return any(numbers_match(x, y, rel_tol) for x, y in readings(a, b))
     if a.number is None and b.number is None:
         if _normalise_text(a.text) == _normalise_text(b.text):
             return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vps.verify.extract import ABS_TOL, Answer, readings
+from vps.verify.extract import Answer, numbers_match, readings
 
 __all__ = ["DEFAULT_REL_SCALE", "graded_error", "numeric_loss"]
 
@@ -14,7 +14,8 @@ DEFAULT_REL_SCALE = 0.1
 
 
 def graded_error(pred: float, gold: float, rel_tol: float, rel_scale: float) -> tuple[float, dict[str, Any]]:
-    """``0`` when ``pred`` equals ``gold`` within ``rel_tol``, else ``1 - exp(-e / s)``.
+    """``0`` when ``pred`` matches ``gold`` (:func:`~vps.verify.extract.numbers_match`: integers exactly, others
+    within ``rel_tol``), else ``1 - exp(-e / s)``.
 
     ``e = (pred - gold)**2`` and ``s = (rel_scale * max(|gold|, 1))**2``: the penalty
     depends on the error relative to the gold magnitude (off by 1 on 10 is worse than off
@@ -26,7 +27,7 @@ def graded_error(pred: float, gold: float, rel_tol: float, rel_scale: float) -> 
     squared = diff * diff
     scale = (rel_scale * max(abs(gold), 1.0)) ** 2
     details: dict[str, Any] = {"pred": pred, "gold": gold, "squared_error": squared, "scale": scale}
-    if math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=ABS_TOL):
+    if numbers_match(pred, gold, rel_tol):
         return 0.0, {**details, "match": True}
     if math.isnan(squared):
         return 1.0, {**details, "match": False}

@@ -102,6 +102,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory (required): run.json, results.jsonl, report.md, report.png; "
                         "rerun the same command to resume. Locked while a run works in it (.lock)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
+    g.add_argument("--baseline-from", type=Path, default=None, metavar="RUN_DIR",
+                   help="copy the `base` rows of an earlier run over the same data instead of computing them "
+                        "(refused, naming the setting, unless model, dtype, prompt, data file and generation "
+                        "settings match; each item's prompt and gold are checked); the report says so")
     g.add_argument("--batch-order", choices=["length", "input"], default="length",
                    help="length (default): batch items of similar token length, longest first, to waste little "
                         "on padding; input: the data's order. Changes no result; a resumed run keeps its own")

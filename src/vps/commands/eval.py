@@ -182,6 +182,12 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
             seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
             refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
         check_run(loaded.items, specs, settings)
+    if args.baseline_from is not None:  # refused before the model loads
+        from ..evaluation.baseline import check_source
+
+        if not any(s.method == "base" for s in specs):
+            raise ValueError("--baseline-from supplies `base` rows, and --methods has no base")
+        check_source(args.baseline_from, settings.to_dict(specs))
     stored = run.read_settings()
     if stored is not None:  # refuse before spending time on the model
         merge_settings(stored, settings.to_dict(specs), str(args.out))
@@ -215,7 +221,7 @@ def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunD
           file=sys.stderr)
     try:
         run_evaluation(model, tok, loaded.items, specs, args.out, settings, batch_size=args.batch_size,
-                       progress=not args.no_progress, shard=shard)
+                       progress=not args.no_progress, shard=shard, baseline_from=args.baseline_from)
     except KeyboardInterrupt:
         rows = args.out / RESULTS_FILE if shard is None else run.for_rank(shard.rank).results
         print(f"interrupted: finished batches are in {rows}; rerun the same command to resume"

@@ -45,6 +45,7 @@ from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, gener
 from ..refinement.config import SAMPLINGS, RefineConfig
 from ..verify import EXTRACT_MODES, answers_match, extract_answer
 from .ablation import VOTE_METHODS, MethodSpec
+from .baseline import IMPORTED, check_source, imported_rows
 from .data import Item, LoadResult, gold_value, load_items, read_gold
 from .distributed import Shard
 from .nll import SCORINGS, solution_nll
@@ -300,6 +301,7 @@ def run_evaluation(
     clock: Callable[[], float] = time.perf_counter,
     log: Callable[[str], None] | None = None,
     shard: Shard | None = None,
+    baseline_from: str | Path | None = None,
 ) -> dict[str, int]:
     """Run every spec over ``items``, appending rows to ``out_dir``; returns rows written per config.
 
@@ -320,6 +322,10 @@ def run_evaluation(
     rows into ``results.jsonl`` (in a single process's order) after they all finished
     (``shard.sync("start")`` and ``shard.sync("finish")``). It returns the rows this rank wrote; only
     rank 0 shows a progress bar, and log lines say the rank.
+
+    ``baseline_from`` (a run directory) supplies the ``base`` rows it holds for these items instead of
+    computing them (`vps.evaluation.baseline`: refused unless its base rows would come out the same here;
+    copied rows say where they came from, and so do run.json and the report).
     """
     if shard is not None and shard.size == 1:
         shard = None
@@ -328,6 +334,11 @@ def run_evaluation(
     if is_patched(model):
         raise ValueError("pass an unpatched model; the harness patches it per configuration")
     check_run(items, specs, settings)
+    source = None
+    if baseline_from is not None:
+        if not any(s.method == "base" for s in specs):
+            raise ValueError("--baseline-from supplies `base` rows, and this run has no base method")
+        source = check_source(baseline_from, settings.to_dict(specs))
     if log is None:
         prefix = "" if shard is None else f"rank {shard.rank} of {shard.size}: "
         log = lambda msg: print(prefix + msg, file=sys.stderr, flush=True)
@@ -341,7 +352,7 @@ def run_evaluation(
         if shard is None or shard.primary:
             locks.enter_context(run.lock())
         return _run_locked(model, tokenizer, items, specs, run, settings, batch_size, progress, generate_fn,
-                           refine_fn, on_batch, clock, log, shard)
+                           refine_fn, on_batch, clock, log, shard, source)
 
 
 def check_items(items: Sequence[Item], specs: Sequence[MethodSpec]) -> None:
@@ -426,12 +437,15 @@ def _single_process_order(specs: Sequence[MethodSpec], items: Sequence[Item]) ->
 def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
                 settings: RunSettings, batch_size: int, progress: bool, generate_fn: Callable[..., Any],
                 refine_fn: Callable[..., Any] | None, on_batch: Callable[[str, list[dict[str, Any]]], None] | None,
-                clock: Callable[[], float], log: Callable[[str], None], shard: Shard | None = None) -> dict[str, int]:
+                clock: Callable[[], float], log: Callable[[str], None], shard: Shard | None = None,
+                source: tuple[RunDir, str] | None = None) -> dict[str, int]:
     primary = shard is None or shard.primary
     if primary:
         kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, write=True)
         # Without rank files (every single-process run but one after a launch) this is read_rows(repair=True).
         finished = run.merge_rank_files(_single_process_order(specs, items))
+        if source is not None:  # before the other ranks read the finished rows
+            finished += _import_baseline(run, source, specs, items, prompts, finished, log)
     if shard is not None:
         # Nobody appends before every rank is here, so every rank reads the same finished rows; the
         # others check run.json only now, when rank 0 has surely written it.
@@ -495,6 +509,27 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
         if primary:
             run.merge_rank_files(_single_process_order(specs, items))
     return written
+
+
+def _import_baseline(run: RunDir, source: tuple[RunDir, str], specs: Sequence[MethodSpec], items: Sequence[Item],
+                     prompts: dict[str, str], finished: Sequence[dict[str, Any]],
+                     log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The base rows copied from ``source`` into ``run`` (appended, and counted in run.json)."""
+    name = next(s.name for s in specs if s.method == "base")
+    done = {str(r.get("id")) for r in finished if r.get("config") == name}
+    golds = {it.id: _gold(it)[1] for it in items}
+    rows = imported_rows(source[0], source[1], name, items, prompts, golds, done)
+    if rows:
+        run.append(rows)
+        stored = run.read_settings() or {}
+        imports = stored.setdefault(IMPORTED, {})
+        before = imports.get(name, {}).get("rows", 0)
+        imports[name] = {"from": str(source[0].path), "rows": before + len(rows)}
+        write_atomic(run.run_file, dumps_strict(stored, indent=2) + "\n")
+    missing = len(items) - len(done) - len(rows)
+    log(f"{name}: {len(rows)} row(s) imported from {source[0].path}"
+        + (f"; the {missing} item(s) it lacks are computed here" if missing else ""))
+    return rows
 
 
 def _by_length(tokenizer: Any, items: Sequence[Item], prompts: dict[str, str], with_answer: bool,

@@ -126,13 +126,15 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
                 if stats is not None:
                     entry[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in stats.items()}
         entries.append(entry)
+    # Only a run that copied rows carries the key, so the summaries of every other run stay as they were.
+    imported = {"imported": settings["imported"]} if settings.get("imported") else {}
     return {
         "model": settings.get("model"), "dtype": settings.get("dtype"), "data": settings.get("data", {}),
         "n_items": n_items, "generate": settings.get("generate"), "nll": settings.get("nll"),
         "max_new_tokens": settings.get("max_new_tokens"), "temperature": settings.get("temperature"),
         "stop_strings": settings.get("stop_strings"), "extract_mode": settings.get("extract_mode"),
         "baseline": baseline, "reference": reference, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
-        "rescored_from": settings.get("rescored_from"), "configs": entries,
+        "rescored_from": settings.get("rescored_from"), **imported, "configs": entries,
     }
 
 
@@ -227,6 +229,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
                      f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
                      f"again" + ("; refine rows keep the candidate their loop chose" if refines else "")
                      + ("; vote rows keep the sample their vote chose" if votes else ""))
+    for name, record in (summary.get("imported") or {}).items():
+        lines.append(f"- **Imported rows**: {record['rows']} `{name}` row(s) copied from `{record['from']}` (same "
+                     f"settings and items, checked), not computed in this run; their seconds were measured there")
     if voters := [e for e in entries if e["method"] in VOTE_METHODS]:
         names = ", ".join(f"`{e['name']}`" for e in voters)
         lines.append(f"- **Majority vote**: {names} answer with the majority of k completions sampled at "

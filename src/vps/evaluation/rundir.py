@@ -60,8 +60,9 @@ _KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "ref
                         "refine_sampling": "global"}
 # Compared settings that runs written before they existed lack; the value is what those runs did.
 _COMPARED_DEFAULTS = {"prompt": "tutor"}
+# "imported": where rows copied from another run came from (vps.evaluation.baseline), a record, not a setting.
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
-                 "data.skipped", *_KEPT_FROM_FIRST_RUN}
+                 "data.skipped", "imported", *_KEPT_FROM_FIRST_RUN}
 
 
 class RunMismatchError(ValueError):

@@ -7,7 +7,9 @@ lent GPU machine, and a forward does the same work whatever the weights are):
 1. ops per forward: torch ops and CUDA kernel launches of one prefill, unpatched and SK-patched,
    and the difference per patched layer (eager);
 2. eager `vps bench`: prefill 1 x 2048 and 8 x 512, greedy decode batch 1 and 8, peak memory;
-3. compiled `vps bench --compile reduce-overhead` (CUDA graphs; decode into a static cache).
+3. compiled `vps bench --compile reduce-overhead` (CUDA graphs; decode into a static cache);
+4. compile time, unpatched vs SK-patched: one prefill and two decode steps into a static cache, each
+   variant compiled afresh (dynamo reset between them), its result written as soon as it is measured.
 
 Every step writes its JSON / text under --out as soon as it is done, so a run cut short by a time
 limit still returns what it measured. On a CPU, ``--tiny`` runs the same steps on a tiny Qwen2 in a
@@ -33,7 +35,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import vps
 from vps.bench import BenchSettings, format_report, run_benchmark
-from vps.bench.timing import forward_kwargs, make_inputs, sync_device
+from vps.bench.timing import forward_kwargs, make_inputs, sync_device, time_decode
+from vps.compiling import CompileClock, compile_forward, recompile_limit, uncompile_forward
 
 # Qwen2.5 architectures (the published configs' shapes; random weights).
 ARCHS: dict[str, dict[str, Any]] = {
@@ -84,11 +87,49 @@ def op_counts(model: torch.nn.Module, batch: int, tokens: int) -> dict[str, Any]
     return {"shape": [batch, tokens], "patched_layers": layers, "base": base, "sk": patched, "per_layer": per_layer}
 
 
+def compile_times(model: torch.nn.Module, mode: str, batch: int, tokens: int, out: Path) -> dict[str, Any]:
+    """Compile time of the unpatched model, then of the SK-patched one (same weights), each on a fresh dynamo.
+
+    The call compiled and timed is `time_decode` with a static cache (a prefill and two decode steps:
+    the two graphs a compiled ``generate()`` needs), first under a `CompileClock`, then once more to
+    show the compiled call's own time. Each variant's figures go to ``out`` as soon as they exist.
+    """
+    ids, mask = make_inputs(model, batch, tokens, 0)
+    result: dict[str, Any] = {"mode": mode, "shape": [batch, tokens], "decode_steps": 2}
+    for name in ("base", "sk"):
+        torch._dynamo.reset()
+        if name == "sk":
+            vps.patch(model, vps.VPSConfig(builder="sk"))
+        compile_forward(model, mode)
+        try:
+            with recompile_limit(64):
+                start = time.perf_counter()
+                with CompileClock() as clock:
+                    time_decode(model, ids, mask, 2, static=True)
+                first = time.perf_counter() - start
+                with CompileClock() as again:
+                    step_s = time_decode(model, ids, mask, 2, static=True)
+        finally:
+            uncompile_forward(model)
+            if name == "sk":
+                vps.unpatch(model)
+        # A patched model's second call can recompile (its first prefill ran without a plan): a user pays both.
+        result[name] = {"compile_s": clock.seconds + again.seconds, "compilations": clock.compilations,
+                        "first_call_s": first, "decode_step_s": step_s,
+                        "recompiled_on_second_call_s": again.seconds}
+        if name == "sk":
+            result["ratio"] = result["sk"]["compile_s"] / result["base"]["compile_s"]
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"compile {name}: {result[name]['compile_s']:.1f} s ({clock.compilations} compilation(s) in the first "
+              f"call, {again.seconds:.1f} s recompiling in the second), first call {first:.1f} s", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="directory for the results (created)")
     p.add_argument("--archs", default="qwen2.5-1.5b,qwen2.5-7b")
-    p.add_argument("--steps", default="ops,eager,compiled", help="a subset of ops,eager,compiled")
+    p.add_argument("--steps", default="ops,eager,compiled", help="a subset of ops,eager,compiled,compile")
     p.add_argument("--configs", default="sk,floor", help="vps bench configs (default: sk,floor)")
     p.add_argument("--compile-mode", default="reduce-overhead")
     p.add_argument("--tiny", action="store_true", help="a tiny Qwen2 on this machine: checks the script only")
@@ -98,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [a for a in archs if a not in ARCHS]:
         raise SystemExit(f"--archs: unknown {bad}; known: {', '.join(ARCHS)}")
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if bad := [s for s in steps if s not in ("ops", "eager", "compiled")]:
-        raise SystemExit(f"--steps: unknown {bad}; expected a subset of ops,eager,compiled")
+    if bad := [s for s in steps if s not in ("ops", "eager", "compiled", "compile")]:
+        raise SystemExit(f"--steps: unknown {bad}; expected a subset of ops,eager,compiled,compile")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tiny:
         settings = dict(prefill_shapes=[(1, 32), (2, 16)], decode_batches=[1, 2], prompt_tokens=8, new_tokens=4,
@@ -118,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 if step == "ops":
                     b, t = settings["prefill_shapes"][0]
                     result: dict[str, Any] = op_counts(model, b, t)
+                    text = json.dumps(result, indent=2)
+                elif step == "compile":
+                    result = compile_times(model, args.compile_mode, 1, settings["prompt_tokens"],
+                                           args.out / f"{name}.json")
                     text = json.dumps(result, indent=2)
                 else:
                     bench = BenchSettings(**settings, generate_batches=[], kinds=("prefill", "decode"),

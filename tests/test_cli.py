@@ -19,10 +19,10 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
-    (["refine", "hi", "--threads", "0"], "--threads must be >= 1"),
+    (["generate", "hi", "--threads", "0"], "--threads must be in [1, 1024], got 0"),
+    (["refine", "hi", "--threads", "0"], "--threads must be in [1, 1024], got 0"),
     (["refine", "hi", "--iters", "0"], "--iters: iters must be >= 1, got 0"),
-    (["refine", "hi", "--k-samples", "-1"], "--k-samples: k_samples must be >= 0, got -1"),
+    (["refine", "hi", "--k-samples", "-1"], "--k-samples: k_samples must be in [0, 64], got -1"),
     (["refine", "hi", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens must be >= 1, got 0"),
     (["refine", "hi", "--gamma", "5"], "gamma must be a finite number in [0.0, 1.0]"),
     (["generate", "hi", "--device", "cuda"], "--device cuda: "),
@@ -36,6 +36,11 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
     (["generate", "hi", "--device-map", "auto", "--device", "cpu"], "--device-map places the model itself"),
     (["generate", "hi", "--offload-folder", "/tmp/x"], "--offload-folder is only used with --device-map"),
     (["eval", "--device-map", "everywhere", "--out", "/tmp/vps-never-written"], "--device-map: expected one of"),
+    (["refine", "hi", "--k-samples", "0"], "--k-samples 0 would skip self-consistency"),
+    (["refine", "hi", "--k-samples", "65"], "--k-samples: k_samples must be in [0, 64], got 65"),
+    (["refine", "hi", "--seed", "-1"], "--seed: seed must be a whole number in [0, 2**63 - 1], got -1"),
+    (["refine", "hi", "--mode", "oracle", "--gold", ""], "--gold '': not an answer (answer_field is empty)"),
+    (["refine", "hi", "--threads", "99999999999999999999"], "--threads must be in [1, 1024]"),
 ])
 def test_user_errors_end_in_one_named_line_before_loading(argv, message, capsys, monkeypatch):
     import torch
@@ -76,7 +81,7 @@ def test_generate_compare_on_default_model(capsys):
 def test_refine_json_on_default_model(capsys):
     import json
 
-    assert main(["refine", "What is 2 + 3?", "--iters", "2", "--k-samples", "0", "--max-new-tokens", "6",
+    assert main(["refine", "What is 2 + 3?", "--iters", "2", "--k-samples", "1", "--max-new-tokens", "6",
                  "--json"]) == 0
     trace = json.loads(capsys.readouterr().out)
     assert len(trace["trace"]) == 2 and trace["oracle"] is False

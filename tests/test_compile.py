@@ -7,6 +7,8 @@ on a one-block model, as users would with ``torch.compile``.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -126,3 +128,89 @@ def test_compile_forward_and_back(monkeypatch) -> None:
         torch.testing.assert_close(model(input_ids=x, attention_mask=mask).logits, eager)
     with pytest.raises(ValueError, match="mode: expected one of"):
         compile_forward(model, "fastest")
+
+
+def test_compile_clock_counts_compilation_not_running():
+    from vps.compiling import CompileClock
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: torch.sin(t) * 2, backend="eager", fullgraph=True)
+    x = torch.randn(4)
+    with CompileClock() as first:
+        fn(x)
+    with CompileClock() as second:
+        fn(x)
+    assert first.compilations == 1 and first.seconds > 0
+    assert second.compilations == 0 and second.seconds == 0.0
+    fn(torch.randn(4, 3))  # outside any clock: nothing is counted after exit
+    assert first.compilations == 1
+
+
+def test_compiling_a_patched_model_warns_about_no_lru_cache_outside_plan_py():
+    """Dynamo warns at every call of an ``lru_cache``-wrapped function it traces (issue #31); the cached
+    constants use `vps.dtypes.cached_tensor`, which calls the function itself while compiling. plan.py's
+    ``_positions`` is the one site left (its fix: the same decorator), so it alone is tolerated."""
+    import re
+    import warnings
+
+    from vps.dtypes import cached_tensor, constant
+
+    torch._dynamo.reset()
+    model = vps.patch(TINY_MODELS["llama"](), vps.VPSConfig())
+    x, mask = _inputs()
+    forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        forward(input_ids=x, attention_mask=mask)
+    sites = [m.group(1) for w in seen if (m := re.search(r"lru_cache`-wrapped function at '([^']+)'", str(w.message)))]
+    assert not [s for s in sites if not s.startswith("plan.py:")], sites
+    # eagerly the constant is still built once and shared
+    assert constant(0.5, torch.float32, torch.device("cpu")) is constant(0.5, torch.float32, torch.device("cpu"))
+
+    @cached_tensor
+    def ramp(n: int) -> torch.Tensor:
+        return torch.arange(n)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def shifted(t):
+        return t + ramp(t.shape[0])
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(shifted(torch.ones(3, dtype=torch.long)), torch.tensor([1, 2, 3]))
+    assert not [w for w in seen if "lru_cache" in str(w.message)]
+    assert ramp(3) is ramp(3)
+
+
+def test_generate_compile_says_what_it_does_and_reports_compile_time_apart(monkeypatch, capsys):
+    """`vps generate --compile` (issue #31): "compiling..." with the scale before the first generate(),
+    the compile time on its own line, tok/s without it, and a static cache (two graphs: prefill, decode)."""
+    import functools
+
+    import vps.commands.generate as generate_command
+    from tiny_eval import tiny_model, tiny_tokenizer
+    from vps.cli import main
+    from vps.compiling import compiled_graphs
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    monkeypatch.setattr(generate_command, "load", lambda args: (model, tok))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    before = compiled_graphs()
+    assert main(["generate", "What is 2 + 3?", "--compile", "--max-new-tokens", "5", "--threads", "1"]) == 0
+    out = capsys.readouterr()
+    err = out.err.splitlines()
+    start = next(i for i, ln in enumerate(err) if ln.startswith("[compiling... torch.compile(mode default"))
+    assert "(2 blocks)" in err[start] and "expect minutes" in err[start]
+    timing = next(i for i, ln in enumerate(err) if ln.startswith("[compile time: "))
+    answer = next(i for i, ln in enumerate(err) if ln.startswith("[answer: "))
+    assert start < timing < answer
+    compiled = float(re.search(r"compile time: ([0-9.]+) s \((\d+) compilation", err[timing]).group(1))
+    assert compiled > 0
+    n, took, rate = map(float, re.search(r"(\d+) tokens in ([0-9.]+) s, ([0-9.]+) tok/s", err[answer]).groups())
+    # tok/s over the time without compilation (``took`` is printed rounded to 0.1 s)
+    assert n / (took + 0.05) <= rate <= n / max(took - 0.05, 1e-3)
+    assert rate > 2 * n / (took + compiled)
+    assert model.generation_config.cache_implementation == "static"
+    assert compiled_graphs() - before == 2  # a prefill graph and one decode graph for every step

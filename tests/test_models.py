@@ -313,3 +313,91 @@ def test_cached_copy_was_checked_against_the_gguf_logits(default_model) -> None:
     entry = Path(next(e["path"] for e in cached_models() if e["name"] == "smollm2-135m"))
     meta = json.loads((entry / models._MARKER).read_text())
     assert meta["logits_identical_to_gguf_on"] == models._PROBE_TEXT
+
+
+# --- two processes, one conversion ---------------------------------------------------------------
+
+# A child process that loads a GGUF through the real cache code. Its conversion is counted in a log
+# file (one pid per conversion) and held until the test creates the "go" file, so that the second
+# process surely arrives while the first is still converting.
+CONCURRENT_LOADER = """
+import json, os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from vps import models
+
+gguf, conversions, go = (Path(a) for a in sys.argv[1:4])
+real_load_gguf = models._load_gguf
+
+def counted_load_gguf(path):
+    with open(conversions, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    deadline = time.monotonic() + 240
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("the test never released the conversion")
+        time.sleep(0.05)
+    return real_load_gguf(path)
+
+models._load_gguf = counted_load_gguf
+model, tokenizer = models.load_model(gguf)
+ids = tokenizer("tiny test text", return_tensors="pt").input_ids
+with torch.no_grad():
+    total = float(model(ids).logits.double().sum())
+print(json.dumps({"entries": [e["path"] for e in models.cached_models()], "logits_sum": total}))
+"""
+
+
+def _wait_for(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_two_processes_loading_one_gguf_convert_it_once(cache: Path, tmp_path: Path) -> None:
+    """The second process waits on the entry's lock, says whom it waits for, and loads the first's entry."""
+    import subprocess
+    import sys
+
+    gguf_path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    conversions, go = tmp_path / "conversions.log", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VPS_CACHE_DIR": str(cache), "VPS_QUIET": "1"}
+
+    def conversion_pids() -> list[str]:
+        return conversions.read_text().split() if conversions.exists() else []
+
+    def start(name: str) -> tuple[subprocess.Popen, Path]:
+        err = tmp_path / f"{name}.err"
+        proc = subprocess.Popen([sys.executable, "-c", CONCURRENT_LOADER, str(gguf_path), str(conversions), str(go)],
+                                env=env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True)
+        return proc, err
+
+    first, first_err = start("first")
+    second = None
+    try:
+        _wait_for(lambda: len(conversion_pids()) == 1 or first.poll() is not None, "the first conversion")
+        assert conversion_pids() == [str(first.pid)], first_err.read_text()
+        second, second_err = start("second")
+        # Without a lock the second process starts a conversion of its own; with it, it says it waits.
+        _wait_for(lambda: "waiting for another process" in second_err.read_text() or len(conversion_pids()) > 1
+                  or second.poll() is not None, "the second process to wait or convert")
+        go.touch()
+        outputs = [json.loads(proc.communicate(timeout=240)[0]) for proc in (first, second)]
+    finally:
+        go.touch()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert first.returncode == 0, first_err.read_text()
+    assert second.returncode == 0, second_err.read_text()
+    assert conversion_pids() == [str(first.pid)]  # converted once, by the first process only
+    waited = second_err.read_text()
+    assert f"waiting for another process (pid {first.pid}) converting the same model gguf-tiny-" in waited
+    entries = [out["entries"] for out in outputs]
+    assert entries[0] == entries[1] and len(entries[0]) == 1  # both loaded the one published entry
+    assert outputs[0]["logits_sum"] == outputs[1]["logits_sum"]
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [Path(entries[0][0]).name]  # no scratch left

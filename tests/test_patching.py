@@ -74,6 +74,20 @@ def test_patch_twice_and_unpatch_unpatched_raise():
         vps.unpatch(model)
 
 
+def test_a_patch_that_fails_midway_leaves_the_original_model():
+    model = tiny_llama()
+    before = {name: module for name, module in model.named_modules()}
+    sizes = sorted({min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    assert len(sizes) > 1  # some layers take the rank below and some do not, so the failure comes midway
+    rank = sizes[-1]
+    with pytest.raises(ValueError, match=f"rank {rank} exceeds"):
+        vps.patch(model, vps.VPSConfig(rank=rank, topk=rank))
+    assert not vps.is_patched(model)
+    assert {name: module for name, module in model.named_modules()} == before  # the very same modules
+    vps.patch(model, cfg())  # and it patches as any model does
+    assert vps.is_patched(model)
+
+
 def test_default_targets_per_architecture():
     llama = vps.patch(tiny_llama(), cfg())
     names = set(vps.vps_layers(llama))

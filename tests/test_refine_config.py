@@ -236,5 +236,5 @@ def test_eval_uses_the_shared_threads_flag():
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args(["--threads", "2"]).threads == 2
-    with pytest.raises(ValueError, match="--threads must be >= 1"):
+    with pytest.raises(ValueError, match="--threads must be in \\[1, 1024\\]"):
         check_threads(argparse.Namespace(threads=0))

@@ -458,3 +458,141 @@ def test_a_rerun_trial_takes_the_batches_its_interrupted_run_scored(model, tok, 
     assert not PartialScores(tmp_path, {"study": 1}, VPSConfig(gamma=0.3).to_dict()).values
     again.clear()
     assert not (tmp_path / PartialScores.FILE).exists()
+
+
+# -- the test split, by content --------------------------------------------------------------------------
+def gsm8k_test_lines(n: int) -> list[str]:
+    """The first ``n`` lines of the local GSM8K test file (as `gsm8k:test` resolves it)."""
+    from vps.evaluation.data import gsm8k_path
+
+    return gsm8k_path("test").read_text(encoding="utf-8").splitlines()[:n]
+
+
+def test_a_copy_or_symlink_of_the_test_set_is_refused_by_content(model, tok, tmp_path, capsys):
+    from vps.evaluation.data import gsm8k_path
+
+    copy = tmp_path / "dev_questions.jsonl"
+    copy.write_text("\n".join(gsm8k_test_lines(20)) + "\n")
+    with pytest.raises(TestSplitError, match=r"20 of its 20 questions are in the GSM8K test set .*--allow-test-split"):
+        run(model, tok, tmp_path / "s", copy, 1)
+    link = tmp_path / "train_copy.jsonl"
+    link.symlink_to(gsm8k_path("test"))
+    with pytest.raises(TestSplitError, match="1319 of its 1319 questions are in the GSM8K test set"):
+        run(model, tok, tmp_path / "s", link, 1)
+    # Test questions hidden among others, re-cased and re-spaced: still found, and counted.
+    mixed = train_file(tmp_path, name="mixed_train.jsonl", copies=1)
+    hidden = []
+    for line in gsm8k_test_lines(3):
+        record = json.loads(line)
+        hidden.append(json.dumps({**record, "question": "  " + record["question"].upper().replace(" ", "   ")}))
+    mixed.write_text(mixed.read_text() + "\n".join(hidden) + "\n")
+    with pytest.raises(TestSplitError, match="3 of its 8 questions are in the GSM8K test set"):
+        run(model, tok, tmp_path / "s", mixed, 1)
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+    # The command line says the same in one line, naming the flag, and writes nothing.
+    rc = main(["tune", "--data", str(copy), "--sample", "20", "--out", str(tmp_path / "cli"), "--model",
+               str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--data" in err and "20 of its 20 questions" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cli").exists()
+    # The loud override still works, and labels the study.
+    out = tmp_path / "labelled"
+    run(model, tok, out, copy, 1, allow_test=True)
+    assert json.loads((out / "tune.json").read_text())["on_test"] is True
+    assert all("TUNED ON TEST DATA" in t["labels"] for t in rows(out))
+    err = capsys.readouterr().err
+    assert "TUNED ON TEST DATA" in err and "20 of its 20 questions" in err
+
+
+@pytest.mark.parametrize("name", ["contest_train.jsonl", "latest.jsonl"])
+def test_a_train_file_whose_name_contains_test_is_accepted(model, tok, tmp_path, name):
+    data = train_file(tmp_path, name=name, copies=1)
+    out = tmp_path / "study"
+    result = run(model, tok, out, data, 1)
+    assert result.counted == 1
+    assert json.loads((out / "tune.json").read_text())["on_test"] is False
+    assert all("TUNED ON TEST DATA" not in t["labels"] for t in rows(out))
+
+
+def test_without_the_gsm8k_test_file_the_content_check_says_it_did_not_run(model, tok, tmp_path, monkeypatch,
+                                                                          capsys):
+    from vps.tuning import check_split
+
+    copy = tmp_path / "dev_questions.jsonl"
+    copy.write_text("\n".join(gsm8k_test_lines(5)) + "\n")  # test questions, but nothing to compare them with
+    questions = [json.loads(line)["question"] for line in gsm8k_test_lines(5)]
+    empty = tmp_path / "no-data"
+    (empty / "gsm8k").mkdir(parents=True)
+    monkeypatch.setenv("VPS_DATA_DIR", str(empty))
+    messages: list[str] = []
+    assert check_split(str(copy), copy, False, questions, log=messages.append) is False
+    assert len(messages) == 1 and "content check against the GSM8K test set could not run" in messages[0]
+    assert "only the name was checked" in messages[0] and "VPS_DATA_DIR" in messages[0]
+    # the name check still refuses a file named as a test split
+    with pytest.raises(TestSplitError, match="its name marks a test split"):
+        run(model, tok, tmp_path / "s", train_file(tmp_path, name="my_test.jsonl", copies=1), 1)
+    assert "could not run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "says_test"), [
+    ("test.jsonl", True), ("my_test.jsonl", True), ("gsm8k-test-copy.jsonl", True), ("tests.jsonl", True),
+    ("test2.jsonl", True), ("contest_train.jsonl", False), ("latest.jsonl", False), ("attestation.jsonl", False),
+    ("train.jsonl", False)])
+def test_the_name_check_reads_test_as_a_word(name, says_test):
+    from vps.tuning import name_says_test
+
+    assert name_says_test(f"data/{name}", Path("data") / name) is says_test
+    assert name_says_test("gsm8k:test") and name_says_test("gsm8k") and not name_says_test("gsm8k:train")
+
+
+# -- which failures a trial may record -------------------------------------------------------------------
+def test_an_error_while_scoring_is_raised_not_recorded_as_a_failed_trial(model, tok, tmp_path, monkeypatch):
+    from vps.tuning import objective
+    from vps.tuning.study import counted_trials
+
+    def broken_reset(model):
+        raise ValueError("index 7 is out of bounds (a bug, not a verdict on the configuration)")
+
+    monkeypatch.setattr(objective, "reset_state", broken_reset)  # runs only for the patched scoring
+    out = tmp_path / "study"
+    with pytest.raises(ValueError, match="a bug, not a verdict"):
+        run(model, tok, out, train_file(tmp_path, copies=1), 2)
+    study = open_study(out, _settings(out))
+    assert counted_trials(study) == []  # no "failed" trial counts toward the total
+    [cut] = [t for t in study.trials if t.state.name == "FAIL"]
+    assert "failure" not in cut.user_attrs
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # its parameters queued to run again
+
+
+def test_a_non_finite_patched_nll_is_a_counted_failure(model, tok, tmp_path, monkeypatch):
+    from vps import is_patched
+    from vps.tuning.objective import ScoringTask
+
+    real = ScoringTask.score
+    monkeypatch.setattr(ScoringTask, "score", lambda self, m, t, batch: [None] * len(batch) if is_patched(m)
+                        else real(self, m, t, batch))
+    out = tmp_path / "study"
+    result = run(model, tok, out, train_file(tmp_path, copies=1), 2)
+    assert result.counted == 2 and result.best_number is None
+    assert [t["state"] for t in rows(out)] == ["fail", "fail"]
+    assert all("NLL on item" in t["failure"] and "is not finite" in t["failure"] for t in rows(out))
+
+
+def test_a_rank_beyond_a_layer_is_a_refused_configuration(model, tok, tmp_path):
+    # tiny3's k_proj / v_proj give 2 heads x 16 = 32 outputs: rank 40 cannot be patched there.
+    out = tmp_path / "study"
+    result = run(model, tok, out, train_file(tmp_path, copies=1), 1, space={"rank": [40], "gamma": [0.1]})
+    assert result.counted == 1
+    [trial] = rows(out)
+    assert trial["state"] == "fail"
+    assert trial["failure"].startswith("configuration refused: rank 40 exceeds min(d_in, d_out) = 32 of layer")
+
+
+def test_data_without_a_finite_unpatched_nll_is_refused_before_any_trial(model, tok, tmp_path, monkeypatch):
+    from vps.tuning.objective import ScoringTask
+
+    monkeypatch.setattr(ScoringTask, "score", lambda self, m, t, batch: [None] * len(batch))
+    out = tmp_path / "study"
+    with pytest.raises(ValueError, match="no finite NLL on any of the 5 items"):
+        run(model, tok, out, train_file(tmp_path, copies=1), 2)
+    assert open_study(out, _settings(out)).trials == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tiny_eval import SYSTEM, FakeRefine, settings_for, tiny_tokenizer, write_data
-from vps import cli
+from vps import VPSConfig, cli
 from vps.evaluation import MethodSpec, RunDir, rescore_run, run_evaluation
 from vps.evaluation import harness as harness_mod
 from vps.evaluation.harness import RunSettings, SettingError
@@ -45,7 +45,13 @@ def _write(path: Path, records: list[dict]) -> Path:
 @pytest.mark.parametrize("name, overrides, field, needle", [
     ("iters zero", {"refine_iters": 0}, "refine_iters", "refine_iters must be >= 1"),
     ("iters negative", {"refine_iters": -2}, "refine_iters", "refine_iters must be >= 1"),
-    ("k-samples negative", {"refine_k_samples": -1}, "refine_k_samples", "refine_k_samples must be >= 0"),
+    ("k-samples negative", {"refine_k_samples": -1}, "refine_k_samples", r"refine_k_samples must be in \[0, 64\]"),
+    ("k-samples huge", {"refine_k_samples": 10**6}, "refine_k_samples", r"refine_k_samples must be in \[0, 64\]"),
+    ("temperature tiny", {"temperature": 1e-300}, "temperature", "temperature must be 0 .greedy. or >= 0.0001"),
+    ("temperature negative", {"temperature": -0.5}, "temperature", "temperature must be 0 .greedy. or >= 0.0001"),
+    ("seed huge", {"seed": 10**23}, "seed", r"seed must be a whole number in \[0, 2\*\*63 - 1\]"),
+    ("seed negative", {"seed": -1}, "seed", r"seed must be a whole number in \[0, 2\*\*63 - 1\]"),
+    ("shots huge", {"prompt": "fewshot", "system": None, "shots": 100000}, "shots", r"shots must be in \[1, 64\]"),
     ("temperature nan", {"temperature": float("nan")}, "temperature", "finite"),
     ("temperature inf", {"temperature": float("inf")}, "temperature", "finite"),
     ("temperature -inf", {"temperature": float("-inf")}, "temperature", "finite"),
@@ -85,6 +91,21 @@ def test_run_settings_accept_good_values(tmp_path, name, overrides):
     ("votes in an NLL-only run", ["maj@3"], {"generate": False, "nll": True},
      [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "#### 7"}],
      "NLL-only run"),
+    ("a question beyond the context", ["base"], {},
+     [{"question": "Tom has 3 apples. " * 40, "answer": "#### 7"}],
+     r"item 'd-1': its prompt is [\d,]+ tokens, and --max-new-tokens 4 take it beyond the model's context of 512"),
+    ("new tokens beyond the context", ["base"], {"max_new_tokens": 10**6},
+     [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "#### 7"}],
+     "--max-new-tokens 1000000 take it beyond the model's context of 512 tokens"),
+    ("a gold solution beyond the context", ["base"], {"generate": False, "nll": True},
+     [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7. " * 60 + "#### 7"}],
+     r"its gold solution \(\d+ tokens\) take it beyond"),
+    ("a lone surrogate in a question", ["base"], {},
+     [{"question": "Tom has \ud800 apples. How many?", "answer": "#### 7"}],
+     "item 'd-1': its prompt cannot be built or encoded"),
+    ("a rank beyond the layers", ["base", "vps@rank"], {},
+     [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "#### 7"}],
+     "configuration 'vps' cannot patch this model: rank 60 exceeds min"),
 ])
 def test_run_evaluation_checks_everything_before_writing(tmp_path, model, name, methods, overrides, records,
                                                           needle):
@@ -92,7 +113,8 @@ def test_run_evaluation_checks_everything_before_writing(tmp_path, model, name, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the loader's note on items without a gold
         items, settings = settings_for(data, **{"nll": False, **overrides})
-    specs = [MethodSpec(m, m.split("@")[0], votes=int(m.split("@")[1]) if "@" in m else None) for m in methods]
+    specs = [MethodSpec("vps", "vps", VPSConfig(rank=60, topk=60)) if m == "vps@rank" else
+             MethodSpec(m, m.split("@")[0], votes=int(m.split("@")[1]) if "@" in m else None) for m in methods]
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=needle):
         run_evaluation(model, TOK, items, specs, out, settings, progress=False, refine_fn=FakeRefine(),
@@ -107,7 +129,7 @@ GOLDLESS = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer"
 
 @pytest.mark.parametrize("name, extra, needle", [
     ("iters zero", ["--methods", "refine-self", "--iters", "0"], "--iters: refine_iters must be >= 1, got 0"),
-    ("k-samples negative", ["--k-samples", "-1"], "--k-samples: refine_k_samples must be >= 0, got -1"),
+    ("k-samples negative", ["--k-samples", "-1"], "--k-samples: refine_k_samples must be in [0, 64], got -1"),
     ("k-samples zero with refine", ["--methods", "base,refine-self", "--k-samples", "0"],
      "--k-samples: refine_k_samples is 0"),
     ("temperature nan", ["--temperature", "nan"], "--temperature: temperature must be a finite number, got nan"),
@@ -116,7 +138,7 @@ GOLDLESS = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer"
     ("limit negative", ["--limit", "-1"], "--limit must be >= 0, got -1"),
     ("offset negative", ["--offset", "-3"], "--offset must be >= 0, got -3"),
     ("batch size", ["--batch-size", "0"], "--batch-size must be >= 1"),
-    ("threads", ["--threads", "0"], "--threads must be >= 1"),
+    ("threads", ["--threads", "0"], "--threads must be in [1, 1024], got 0"),
     ("offset past the end", ["--offset", "9"], "no items to evaluate: --offset 9 select(s) none of the 5 items"),
     ("limit zero", ["--limit", "0"], "--limit 0 select(s) none of the 5 items"),
     ("oracle without a gold", ["--data", "GOLDLESS", "--methods", "refine-oracle"],
@@ -128,6 +150,12 @@ GOLDLESS = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer"
     ("out below a file", ["--out", "FILE/run"], "--out FILE/run: FILE is a file, not a directory"),
     ("out holds a report but no run", ["--out", "FOREIGN"],
      "--out FOREIGN holds report.md but no run.json: it is not a run directory"),
+    ("seed beyond torch", ["--seed", "99999999999999999999999"], "--seed: seed must be a whole number in [0, 2**63 - 1]"),
+    ("threads beyond torch", ["--threads", "99999999999999999999"], "--threads must be in [1, 1024]"),
+    ("temperature tiny", ["--temperature", "1e-300"], "--temperature: temperature must be 0 (greedy) or >= 0.0001"),
+    ("shots huge", ["--prompt", "fewshot", "--shots", "100000"], "--shots: shots must be in [1, 64]"),
+    ("votes huge", ["--methods", "maj@1000000"], "'maj@1000000': method 'maj' needs votes (k) in [1, 64]"),
+    ("k-samples huge", ["--methods", "refine-self", "--k-samples", "1000"], "--k-samples: refine_k_samples must be in"),
 ])
 def test_cli_errors_are_one_named_line_before_anything_is_written(tmp_path, monkeypatch, capsys, name, extra,
                                                                    needle):

@@ -137,3 +137,31 @@ def test_cli_refuses_bad_vote_methods_before_loading(tmp_path, capsys, methods):
                    "--methods", methods])
     assert rc == 2 and "--methods" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_large_batch_of_samples_is_drawn_in_chunks_with_the_same_draws(model, monkeypatch):
+    """Memory does not grow with batch x k: a batch whose rows exceed MAX_SAMPLE_ROWS is split over several
+    generate calls, and since every prompt draws from its own stream the samples are the ones one call draws."""
+    import importlib
+
+    from vps.refinement import RefineConfig
+
+    loop = importlib.import_module("vps.refinement.loop")
+    tok = tiny_tokenizer()
+    prompts = ["Tom has 3 apples.", "Each of 5 kids has 2 toys.", "A box holds 4 pens."]
+    config = RefineConfig(k_samples=2, max_new_tokens=5, seed=3)
+    _, whole = loop.draw_samples(model, tok, prompts, config)
+    calls = []
+    decode = loop._decode
+    monkeypatch.setattr(loop, "_decode", lambda m, t, rows, *a, **k: calls.append(len(rows)) or decode(m, t, rows, *a, **k))
+    monkeypatch.setattr(loop, "MAX_SAMPLE_ROWS", 2)
+    _, chunked = loop.draw_samples(model, tok, prompts, config)
+    assert calls == [2, 2, 2]  # one prompt's k = 2 rows per call, not all 6 at once
+    assert [d.texts for d in chunked] == [d.texts for d in whole]
+    assert len({t for d in whole for t in d.texts}) > 1  # the samples differ, so equality shows the same draws
+
+
+@pytest.mark.parametrize("votes", [0, 65, 10**6])
+def test_votes_are_bounded(votes):
+    with pytest.raises(ValueError, match=r"needs votes \(k\) in \[1, 64\]"):
+        MethodSpec(f"maj@{votes}", "maj", votes=votes)

@@ -19,14 +19,13 @@ compute ``A = W^T V`` and ``x A = (W x)[out_idx] @ coef`` with gathers instead o
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .config import VPSConfig
-from .dtypes import as_float32
+from .dtypes import as_float32, cached_tensor
 from .policy import Decision
 
 
@@ -72,7 +71,7 @@ def rank_features(scores: torch.Tensor, k: int, nonnegative: bool = False) -> to
     return torch.topk(key, k, dim=-1, sorted=True).indices
 
 
-@functools.lru_cache(maxsize=64)
+@cached_tensor
 def _tie_breaker(d: int, device: torch.device) -> torch.Tensor:
     """d-1, ..., 0: the lower index wins a tie (cached: it is the same for every forward)."""
     return torch.arange(d - 1, -1, -1, device=device, dtype=torch.long)

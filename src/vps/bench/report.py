@@ -119,7 +119,8 @@ def _notes(result: dict[str, Any]) -> list[str]:
     for w in workloads:
         if w["kind"] != "prefill":
             s = base["workloads"][w["key"]]
-            lines.append(f"base {w['label']}: {s['tokens_per_s']:.1f} tokens/s")
+            rates = [f"{name} {e['workloads'][w['key']]['tokens_per_s']:.1f}" for name, e in result["configs"].items()]
+            lines.append(f"{w['label']} tokens/s: base {s['tokens_per_s']:.1f}" + "".join(f", {r}" for r in rates))
     noisy = []
     for name, entry in result["configs"].items():
         for w in workloads:
@@ -136,6 +137,25 @@ def _notes(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _compile_lines(result: dict[str, Any]) -> list[str]:
+    """Compile time of each variant (its own line) and any compilation that fell into a timed round."""
+    comp = result.get("compile")
+    if not comp or "base_compile_s" not in comp:
+        return []
+    parts = [f"base {comp['base_compile_s']:.1f} s"]
+    for name, c in comp["configs"].items():
+        ratio = f" ({c['ratio']:.2f}x)" if c["ratio"] is not None else ""
+        parts.append(f"{name} {c['compile_s']:.1f} s{ratio}")
+    lines = ["compile time (dynamo + inductor, every shape of the warm-up rounds; ratio to base): " + "; ".join(parts)]
+    timed = {"base": comp.get("timed_base_compile_s", 0.0)} | {n: c["timed_compile_s"] for n, c in comp["configs"].items()}
+    if late := {n: s for n, s in timed.items() if s > 0}:
+        lines.append("WARNING: compilation inside timed rounds (a recompile), those figures include it: "
+                     + ", ".join(f"{n} {s:.1f} s" for n, s in late.items()))
+    else:
+        lines.append("timed rounds compiled nothing: every figure (and tokens/s) excludes compile time")
+    return lines
+
+
 def format_report(result: dict[str, Any]) -> str:
-    """Machine info, the ratio table with targets, and how to read it."""
-    return "\n".join([*_preamble(result), "", *_table(result), "", *_notes(result)])
+    """Machine info, the ratio table with targets, compile times when compiled, and how to read it."""
+    return "\n".join([*_preamble(result), "", *_table(result), "", *_compile_lines(result), *_notes(result)])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compiling import compile_forward, compiled_graphs, recompile_limit
+from ..compiling import CompileClock, compile_forward, compiled_graphs, recompile_limit
 from ..config import VPSConfig
 from ..patching import is_patched, patch, patched, reuse_selection
 from .fingerprint import code_fingerprint, loadavg, machine_info, model_info
@@ -30,6 +30,8 @@ __all__ = ["SCHEMA", "run_benchmark"]
 
 SCHEMA = "vps-bench/1"
 
+COMPILE_WARMUP_LIMIT = 3  # extra warm-up calls per variant while its calls still compile
+
 Samples = dict[str | None, list[float]]  # seconds per variant (None = the unpatched model), one per round
 
 
@@ -38,7 +40,9 @@ class _Variants:
     """The unpatched model (``None``) and each config; `run` patches afresh per run and ticks the progress bar.
 
     With ``compile_mode`` every variant is its own copy of the model, patched once and compiled once
-    (`vps.compiling.compile_forward`), so switching variants between rounds never recompiles.
+    (`vps.compiling.compile_forward`), so switching variants between rounds never recompiles. Each
+    compiled run's compile time is added to `compile_s` (warm-up runs) or `timed_compile_s` (timed
+    runs: a recompilation there inflates a timed figure, and the report says so).
     """
 
     model: nn.Module
@@ -47,16 +51,27 @@ class _Variants:
     bar: Any
     compile_mode: str | None = None
     names: list[str | None] = field(init=False)
+    compile_s: dict[str | None, float] = field(init=False, default_factory=dict)
+    timed_compile_s: dict[str | None, float] = field(init=False, default_factory=dict)
+    last_compilations: int = field(init=False, default=0)  # compilations of the last compiled run
     _compiled: dict[str | None, nn.Module] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.names = [None, *self.built]
+        self.compile_s = dict.fromkeys(self.names, 0.0)
+        self.timed_compile_s = dict.fromkeys(self.names, 0.0)
 
-    def run(self, name: str | None, fn: Callable[[nn.Module], Any]) -> Any:
-        """``fn(model)`` on the unpatched model or on the model patched with config ``name``."""
+    def run(self, name: str | None, fn: Callable[[nn.Module], Any], timed: bool = False) -> Any:
+        """``fn(model)`` on the unpatched model or on the model patched with config ``name`` (``timed``: a
+        timed round, whose compile time is kept apart from the warm-up's)."""
         try:
             if self.compile_mode is not None:
-                return self._run_on(self._compiled_variant(name), name, fn)
+                model = self._compiled_variant(name)
+                with CompileClock() as clock:
+                    out = self._run_on(model, name, fn)
+                (self.timed_compile_s if timed else self.compile_s)[name] += clock.seconds
+                self.last_compilations = clock.compilations
+                return out
             with patched(self.model, self.built[name]) if name is not None else contextlib.nullcontext():
                 return self._run_on(self.model, name, fn)
         finally:
@@ -103,6 +118,13 @@ def _time_workload(variants: _Variants, w: Workload, settings: BenchSettings, lo
     for _ in range(settings.warmup):
         for v in names:
             variants.run(v, fn)
+            # Compiled: warm up until a call compiles nothing, so no timed round pays a compilation. A
+            # patched model's first forward (no plan yet) and its later ones trace differently, so the
+            # second call can recompile. Bounded: a variant that keeps recompiling shows in the report.
+            extra = 0
+            while settings.compile is not None and variants.last_compilations and extra < COMPILE_WARMUP_LIMIT:
+                variants.run(v, fn)
+                extra += 1
     per: Samples = {v: [] for v in names}
     for r in range(w.repeats):
         k = r % len(names)
@@ -110,7 +132,7 @@ def _time_workload(variants: _Variants, w: Workload, settings: BenchSettings, lo
             load = loadavg()
             if load:
                 load_samples.append(load[0])
-            per[v].append(variants.run(v, fn))
+            per[v].append(variants.run(v, fn, timed=True))
     return per
 
 
@@ -198,6 +220,18 @@ def _config_entry(name: str, cfg: VPSConfig, overrides: dict[str, Any], floor: b
     return entry
 
 
+def _compile_entry(variants: _Variants, settings: BenchSettings, graphs: int) -> dict[str, Any]:
+    """How the variants were compiled, and each one's compile time (warm-up rounds; timed rounds apart)
+    with its ratio to the unpatched model's."""
+    base = variants.compile_s[None]
+    return {"mode": settings.compile, "fullgraph": True, "graphs": graphs,
+            "cache": "static", "base_compile_s": base, "timed_base_compile_s": variants.timed_compile_s[None],
+            "configs": {name: {"compile_s": variants.compile_s[name],
+                               "ratio": variants.compile_s[name] / base if base > 0 else None,
+                               "timed_compile_s": variants.timed_compile_s[name]}
+                        for name in variants.built}}
+
+
 def _load_info(load_start: list[float] | None, load_samples: list[float]) -> dict[str, Any]:
     """The machine's load average at the start and the end, and the 1-min load seen before each timed run."""
     info: dict[str, Any] = {"loadavg_start": load_start, "loadavg_end": loadavg()}
@@ -281,9 +315,7 @@ def run_benchmark(
             "disabled" if not settings.memory
             else "CPU memory is measured in an eager subprocess: run without --compile for it" if settings.compile
             else "CPU memory needs a model_spec (a model a subprocess can load)"),
-        "compile": None if not settings.compile else {
-            "mode": settings.compile, "fullgraph": True, "graphs": compiled_graphs() - graphs_before,
-            "cache": "static"},
+        "compile": None if not settings.compile else _compile_entry(variants, settings, compiled_graphs() - graphs_before),
         "memory_error": memory_error if do_memory else None,
         "base": {"workloads": base, "memory": memory.get(None)},
         "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory)

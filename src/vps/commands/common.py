@@ -39,10 +39,22 @@ def add_threads_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
                         "each, which avoids the large slowdown of oversubscribed cores")
 
 
+# torch keeps the thread count in a C int; far beyond any machine, a count fails there with "Overflow when
+# unpacking long long", which names no flag.
+MAX_THREADS = 1024
+
+
 def check_threads(args: argparse.Namespace) -> None:
-    """Refuse a ``--threads`` below 1 (before any data or model is loaded)."""
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    """Refuse a ``--threads`` outside [1, `MAX_THREADS`] (before any data or model is loaded)."""
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+
+
+def out_dir(text: str) -> Path:
+    """``--out`` as argparse reads it: an empty value is refused, not taken as the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty value")
+    return Path(text)
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -98,7 +110,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("run")
-    g.add_argument("--out", type=Path, default=None,
+    g.add_argument("--out", type=out_dir, default=None,
                    help="output directory (required): run.json, results.jsonl, report.md, report.png; "
                         "rerun the same command to resume. Locked while a run works in it (.lock)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")

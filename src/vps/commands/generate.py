@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from ..compiling import COMPILE_MODES, check_mode
 from ..prompting import CHAT_STYLES, PromptFormat
@@ -18,6 +21,23 @@ from .common import (
 )
 
 
+# What a user waits for at the first compiled generate(), as measured (compile time grows with the depth).
+COMPILE_SCALE = ("expect minutes: the bundled 30-block SmolLM2-135M took about 8 min on 2 CPU cores (issue #31), a "
+                 "28-block 7B did not finish in 170 s on a GPU host (issue #34)")
+
+
+@contextlib.contextmanager
+def _compile_clock(active: bool) -> Iterator[Any]:
+    """A `vps.compiling.CompileClock` while ``active``, else None (an uncompiled run imports no dynamo)."""
+    if not active:
+        yield None
+        return
+    from ..compiling import CompileClock
+
+    with CompileClock() as clock:
+        yield clock
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     add_model_arguments(p)
@@ -27,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile the (patched) forward, fullgraph (MODE: "
-                        f"{', '.join(COMPILE_MODES)}; default mode when given bare); the first call compiles")
+                        f"{', '.join(COMPILE_MODES)}; default mode when given bare); decodes into a static KV "
+                        "cache (one prefill and one decode graph); the first call compiles, and the compile time "
+                        "is reported on its own line, apart from tokens/s")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--vps", dest="mode", action="store_const", const="vps", help="generate with VPS (default)")
     mode.add_argument("--no-vps", dest="mode", action="store_const", const="base", help="the unpatched model")
@@ -66,24 +88,35 @@ def run(args: argparse.Namespace) -> int:
         from ..compiling import compile_forward
 
         compile_forward(model, args.compile)  # after patching: the compiled graph holds the VPS layers
-        print(f"[forward compiled (mode {args.compile}): the first call includes compilation]", file=sys.stderr)
+        # A static cache keeps every decode step's shapes fixed: one prefill graph and one decode graph
+        # for the whole answer, where a growing dynamic cache costs a recompilation for dynamic shapes.
+        model.generation_config.cache_implementation = "static"
+        depth = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+        print(f"[compiling... torch.compile(mode {args.compile}, fullgraph) of the forward"
+              f"{f' ({depth} blocks)' if depth else ''} happens in the first generate(): {COMPILE_SCALE}; "
+              "compile time is reported apart from tokens/s]", file=sys.stderr, flush=True)
     runs = {"base": ["base"], "vps": ["vps"], "compare": ["base", "vps"]}[args.mode]
     for label in runs:
         print(f"--- {'VPS off' if label == 'base' else 'VPS on'} ---", flush=True)
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        start = time.perf_counter()
-        if label == "base" and args.mode == "compare":
-            with disabled(model):
+        with _compile_clock(args.compile is not None) as clock:
+            start = time.perf_counter()
+            if label == "base" and args.mode == "compare":
+                with disabled(model):
+                    texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature,
+                                              args.seed, streamer)
+            else:
                 texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed,
                                           streamer)
-        else:
-            texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed,
-                                      streamer)
-        took = time.perf_counter() - start
+            took = time.perf_counter() - start
+        compiled = clock.seconds if clock is not None else 0.0
+        if clock is not None:
+            print(f"[compile time: {compiled:.1f} s ({clock.compilations} compilation(s)) in this generate(), "
+                  "not counted in tok/s]", file=sys.stderr)
         answer = extract_answer(texts[0])
         cut = " - stopped at --max-new-tokens, the answer may be cut off" if n[0] >= args.max_new_tokens else ""
-        print(f"[answer: {answer.text if answer is not None else 'none found'}; {n[0]} tokens in {took:.1f} s, "
-              f"{n[0] / took:.1f} tok/s{cut}]", file=sys.stderr)
+        print(f"[answer: {answer.text if answer is not None else 'none found'}; {n[0]} tokens in "
+              f"{took - compiled:.1f} s, {n[0] / max(took - compiled, 1e-9):.1f} tok/s{cut}]", file=sys.stderr)
         if label == "vps":
             print(f"[{format_summary(model)}]", file=sys.stderr)
     return 0

@@ -43,6 +43,16 @@ def check_args(args: argparse.Namespace) -> RefineConfig:
     """Every flag checked before the model is loaded; the run's `RefineConfig` (its errors name the flag)."""
     if args.mode == "oracle" and args.gold is None:
         raise ValueError("--mode oracle needs --gold (the answer it is scored on)")
+    if args.gold is not None:
+        from ..verify import parse_gold
+
+        try:
+            parse_gold(args.gold)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--gold {args.gold!r}: not an answer ({exc})") from None
+    if args.k_samples == 0:  # as vps eval refuses it for its refine methods
+        raise ValueError("--k-samples 0 would skip self-consistency (no samples, no majority target); give at "
+                         "least 1")
     try:
         return RefineConfig(iters=args.iters, mode=args.mode, k_samples=args.k_samples,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)

@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from ..verify.extract import EXTRACT_MODES
+from .common import out_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="an evaluation directory written by `vps eval` or `vps ablate`")
     p.add_argument("--extract", choices=EXTRACT_MODES, required=True,
                    help="the extraction mode to read the stored outputs with (see docs/verification.md)")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=out_dir, default=None,
                    help="directory for the rescored rows and report (default: RUN-EXTRACT next to RUN); "
                         "rewritten whole on every call")
 

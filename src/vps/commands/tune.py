@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="search space YAML (default: the bundled vps/grids/tune_space.yaml)")
     g = p.add_argument_group("data (tuning split)")
     g.add_argument("--data", default="gsm8k:train",
-                   help="JSONL file or gsm8k:train (default); a test split is refused without --allow-test-split")
+                   help="JSONL file or gsm8k:train (default); data holding GSM8K test questions (compared by "
+                        "normalised text with the local gsm8k:test file) or named as a test split is refused "
+                        "without --allow-test-split")
     g.add_argument("--sample", type=int, default=200, help="seeded sample of N items (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of --sample and of the sampler (default 0)")
     g.add_argument("--allow-test-split", action="store_true",
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_items(args.data, sample=args.sample, seed=args.seed)
     except (ValueError, FileNotFoundError) as exc:
         raise type(exc)(f"--data: {exc}") from None
-    on_test = check_split(args.data, loaded.path, args.allow_test_split)
+    on_test = check_split(args.data, loaded.path, args.allow_test_split, [it.question for it in loaded.items])
     if not loaded.items:
         raise ValueError(f"--data: {loaded.path or args.data} has no items to tune on")
     settings = TuneSettings(
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"tune: {result.counted} trial(s) with a verdict; best is trial {result.best_number}: NLL difference "
           f"{result.best_value:+.4f} nats/token (patched - unpatched)" + (" [TUNED ON TEST DATA]" if on_test else ""))
     print(f"best config: {args.out / 'best.json'}  report: {args.out / 'report.md'}")
-    print("confirm on GSM8K test (never seen by the study):")
+    print("confirm on GSM8K test (TUNED ON TEST DATA: this confirmation is not independent of the study):"
+          if on_test else "confirm on GSM8K test (never seen by the study):")
     for command in confirm_commands(args.out, settings):
         print(f"  {command}")
     print(f"or with the seed defaults beside it ({CONFIRM_GRID}: base, vps, tuned in one paired run; --out an "

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, VPSConfig
+from ..refinement.config import MAX_SAMPLES
 
 __all__ = ["METHODS", "REFINE_METHODS", "VOTE_METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path",
            "load_grid", "parse_grid"]
@@ -58,8 +59,9 @@ class MethodSpec:
         if self.method not in _UNPATCHED and self.config is None:
             object.__setattr__(self, "config", VPSConfig())
         if self.method in VOTE_METHODS:
-            if isinstance(self.votes, bool) or not isinstance(self.votes, int) or self.votes < 1:
-                raise ValueError(f"{self.name!r}: method {self.method!r} needs votes (k) >= 1, got {self.votes!r}")
+            if isinstance(self.votes, bool) or not isinstance(self.votes, int) or not 1 <= self.votes <= MAX_SAMPLES:
+                raise ValueError(f"{self.name!r}: method {self.method!r} needs votes (k) in [1, {MAX_SAMPLES}] (the k "
+                                 f"samples of a prompt are drawn in one generate call), got {self.votes!r}")
         elif self.votes is not None:
             raise ValueError(f"{self.name!r}: only {' and '.join(VOTE_METHODS)} take votes")
 

@@ -42,7 +42,7 @@ from typing import Any
 from .._version import __version__
 from ..patching import is_patched, patched, reset_state
 from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, generate_texts, style_system
-from ..refinement.config import SAMPLINGS, RefineConfig
+from ..refinement.config import MAX_SAMPLES, MAX_SEED, SAMPLINGS, RefineConfig
 from ..verify import EXTRACT_MODES, answers_match, extract_answer
 from .ablation import VOTE_METHODS, MethodSpec
 from .baseline import IMPORTED, check_source, imported_rows
@@ -79,6 +79,12 @@ RUN_FORMAT = 1
 BATCH_ORDERS = ("length", "input")
 REFINE_BATCHINGS = ("batch", "item")
 REFINE_SAMPLINGS = SAMPLINGS
+# Below this a sampling temperature divides logits into float overflow (1e-300 made every probability NaN
+# after the base rows were written); greedy decoding is temperature 0.
+MIN_TEMPERATURE = 1e-4
+# Solved examples in a fewshot prompt: far more than any published GSM8K setting (5 or 8), and few enough that
+# the prompt's size is a setting, not an accident (100,000 asked for every train item, then overflowed).
+MAX_SHOTS = 64
 
 
 def oracle_tag(oracle: bool) -> str:
@@ -171,18 +177,22 @@ class RunSettings:
             raise SettingError("generate", "nothing to measure: enable generation, the NLL metric, or both")
         if self.max_new_tokens < 1:
             raise SettingError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise SettingError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature:
+            raise SettingError("temperature", f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE} (below it "
+                                              f"sampling overflows), got {self.temperature}")
         if self.refine_iters < 1:
             raise SettingError("refine_iters", f"refine_iters must be >= 1, got {self.refine_iters}")
-        if self.refine_k_samples < 0:
-            raise SettingError("refine_k_samples", f"refine_k_samples must be >= 0, got {self.refine_k_samples}")
+        if not 0 <= self.refine_k_samples <= MAX_SAMPLES:
+            raise SettingError("refine_k_samples", f"refine_k_samples must be in [0, {MAX_SAMPLES}], got "
+                                                   f"{self.refine_k_samples}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise SettingError("seed", f"seed must be a whole number in [0, 2**63 - 1], got {self.seed!r}")
         if self.prompt not in PROMPT_STYLES:
             raise SettingError("prompt", f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
         if self.prompt == "fewshot" and self.system is not None:
             raise SettingError("system", "the fewshot prompt uses no chat template, so it takes no system prompt")
-        if self.shots < 1:
-            raise SettingError("shots", f"shots must be >= 1, got {self.shots}")
+        if not 1 <= self.shots <= MAX_SHOTS:
+            raise SettingError("shots", f"shots must be in [1, {MAX_SHOTS}], got {self.shots}")
         if self.extract_mode not in EXTRACT_MODES:
             raise SettingError("extract_mode",
                                f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
@@ -334,6 +344,7 @@ def run_evaluation(
     if is_patched(model):
         raise ValueError("pass an unpatched model; the harness patches it per configuration")
     check_run(items, specs, settings)
+    preflight(model, tokenizer, items, specs, settings)
     source = None
     if baseline_from is not None:
         if not any(s.method == "base" for s in specs):
@@ -374,6 +385,53 @@ def check_items(items: Sequence[Item], specs: Sequence[MethodSpec]) -> None:
             if missing:
                 raise ValueError(f"{spec.name} needs each item's gold answer, and {len(missing)} item(s) have none: "
                                  f"{_some(missing)}; drop them from the data or run without {spec.name}")
+
+
+def model_context(model: Any) -> int | None:
+    """The most positions ``model`` takes (its config's ``max_position_embeddings`` or GPT-2's ``n_positions``),
+    or None when its config states none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def preflight(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec],
+              settings: RunSettings) -> None:
+    """Exercise every value the run will use, before anything is written: each item's prompt is built and
+    encoded and fits the model's context with the tokens the run adds to it, and every patched configuration
+    patches this model. A ValueError names the item or the configuration; without this a run wrote its
+    settings, then failed (a 175k-token question against an 8,192 context ran for minutes first; a rank beyond
+    the layers' size failed after the base rows), and the corrected rerun was refused as different settings."""
+    fmt = settings.prompt_format()
+    context = model_context(model)
+    n_answer = 0
+    for it in items:
+        try:
+            prompt = fmt.render(tokenizer, it.question)
+            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if settings.nll and context is not None:
+                n_answer = len(tokenizer(fmt.solution_prefix + it.answer, add_special_tokens=False)["input_ids"])
+        except (UnicodeError, TypeError, ValueError) as exc:
+            raise ValueError(f"item {it.id!r}: its prompt cannot be built or encoded ({exc})") from None
+        if context is None:
+            continue
+        added = max(settings.max_new_tokens if settings.generate else 0, n_answer if settings.nll else 0)
+        if n + added > context:
+            adds = " and ".join(part for part, on in ((f"--max-new-tokens {settings.max_new_tokens}", settings.generate),
+                                                      (f"its gold solution ({n_answer} tokens)", settings.nll)) if on)
+            raise ValueError(f"item {it.id!r}: its prompt is {n:,} tokens, and {adds} take it beyond the model's "
+                             f"context of {context:,} tokens; shorten the question, lower --max-new-tokens"
+                             + (" or --shots" if settings.prompt == "fewshot" else ""))
+    for spec in specs:
+        if spec.patched:
+            try:
+                with patched(model, spec.config):
+                    pass
+            except ValueError as exc:
+                raise ValueError(f"configuration {spec.name!r} cannot patch this model: {exc}") from None
 
 
 def _some(ids: Sequence[str], limit: int = 10) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .ablation import REFINE_METHODS, VOTE_METHODS
-from .rundir import RESULTS_FILE, RunDir, dumps_strict, write_atomic
+from .rundir import RESULTS_FILE, RunDir, RunMismatchError, dumps_strict, write_atomic
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
 __all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]
@@ -39,7 +39,21 @@ def load_run(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     settings = run.read_settings()
     if settings is None:
         raise FileNotFoundError(f"{run.run_file} not found: {out_dir} is not an evaluation directory")
-    return settings, run.read_rows()
+    rows = run.read_rows()
+    # A row the harness did not write for this run would be counted as if it had: refuse it, named.
+    configs, n_items = settings.get("configs", {}), settings.get("data", {}).get("n_items")
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["config"] not in configs:
+            raise RunMismatchError(f"{run.results}: a row of id {row['id']!r} names configuration {row['config']!r}, "
+                                   f"which {run.run_file} does not hold")
+        counts[row["config"]] = counts.get(row["config"], 0) + 1
+    over = {name: n for name, n in counts.items() if n_items is not None and n > n_items}
+    if over:
+        name, n = next(iter(over.items()))
+        raise RunMismatchError(f"{run.results}: {n} rows for configuration {name!r}, but the run has {n_items} "
+                               f"items (rows for ids not in its data)")
+    return settings, rows
 
 
 def _all_present(rows: Sequence[dict[str, Any]], key: str) -> bool:

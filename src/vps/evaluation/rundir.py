@@ -88,6 +88,32 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str]:
 
 
 # -- strict JSON -------------------------------------------------------------------------------------
+# Row fields the report and rescoring compute with, and the types the harness writes them as (None: no value).
+_ROW_TEXT = ("id", "config")
+_ROW_NUMBERS = ("nll", "seconds", "nll_seconds", "tokens", "nll_tokens")
+_ROW_OPTIONAL_TEXT = ("output", "gold_text", "pred")
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with a stored row, or None: the keys the report and rescoring rely on, with the types the
+    harness writes (checked on read, so a hand-edited row is named by its line instead of crashing a report)."""
+    for key in _ROW_TEXT:
+        if not isinstance(row.get(key), (str, int)) or isinstance(row.get(key), bool) or row.get(key) == "":
+            return f"field {key!r} must be non-empty text, got {row.get(key)!r}"
+    for key in _ROW_NUMBERS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"field {key!r} must be a number or null, got {value!r}"
+    for key in _ROW_OPTIONAL_TEXT:
+        if row.get(key) is not None and not isinstance(row.get(key), str):
+            return f"field {key!r} must be text or null, got {row.get(key)!r}"
+    if row.get("gold_text") is not None and not row["gold_text"].strip():
+        return "field 'gold_text' is blank (null means no gold)"
+    if row.get("correct") is not None and not isinstance(row["correct"], bool):
+        return f"field 'correct' must be true, false or null, got {row['correct']!r}"
+    return None
+
+
 def _jsonable(value: Any) -> Any:
     """JSON fallback for refine traces: dataclasses, tensors, numpy scalars, sets."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -418,6 +444,10 @@ class RunDir:
             if last and not ends_clean and repair:
                 with self.results.open("ab") as fh:
                     fh.write(b"\n")
+            problem = row_problem(row)
+            if problem:
+                raise RunMismatchError(f"{self.results}:{number}: {problem}; the file was changed by something other "
+                                       f"than the harness")
             key = _row_key(row)
             if key in seen:
                 warnings.warn(f"{self.results}:{number}: duplicate row for id {key[0]!r} config {key[1]!r}; "

@@ -11,11 +11,23 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig"]
+__all__ = ["MAX_SAMPLES", "MAX_SEED", "MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig", "check_seed"]
 
 MODES = ("self", "oracle")
 SAMPLINGS = ("streams", "global")
 SAMPLE_TEMPERATURE = 0.7  # of the self-consistency samples (and of the maj@k baselines that vote over them)
+#: Most samples per prompt (``k_samples``, and k of ``maj@k``): the k completions of a prompt are drawn from one
+#: random stream in one generate call, so k sets the memory of that call; a million asked for 6 GB in 41 s.
+MAX_SAMPLES = 64
+#: Seeds are whole numbers in [0, MAX_SEED]: torch takes up to 2**64 - 1, Python's random any size, and a
+#: seed outside both failed only after a run had written its settings.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, field: str = "seed") -> None:
+    """Refuse a seed torch and Python's random cannot both take (`RefineConfigError` naming ``field``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RefineConfigError(field, f"{field} must be a whole number in [0, 2**63 - 1], got {seed!r}")
 
 # Keyword names `refine` accepted before RefineConfig, mapped to its fields.
 _ALIASES = {"sample_temperature": "temperature"}
@@ -56,8 +68,9 @@ class RefineConfig:
             raise RefineConfigError("mode", f"mode must be one of {MODES}, got {self.mode!r}")
         if self.iters < 1:
             raise RefineConfigError("iters", f"iters must be >= 1, got {self.iters}")
-        if self.k_samples < 0:
-            raise RefineConfigError("k_samples", f"k_samples must be >= 0, got {self.k_samples}")
+        if not 0 <= self.k_samples <= MAX_SAMPLES:
+            raise RefineConfigError("k_samples", f"k_samples must be in [0, {MAX_SAMPLES}], got {self.k_samples}")
+        check_seed(self.seed)
         if self.max_new_tokens < 1:
             raise RefineConfigError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.sampling not in SAMPLINGS:

@@ -66,6 +66,10 @@ __all__ = [  # MODES, SAMPLINGS and SAMPLE_TEMPERATURE live in .config; kept imp
     "draw_samples", "pick_references", "refine", "refine_many", "score_candidate",
 ]
 
+#: Sampled rows (prompts x k) one generate call draws at most; a larger batch is split over several calls
+#: (`_draw`), so memory does not grow with batch x k. A batch of 8 at k = 4 or 8 is one call, as before.
+MAX_SAMPLE_ROWS = 64
+
 
 @dataclass
 class TraceRow:
@@ -312,11 +316,18 @@ def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_
     """Each prompt's k sampled texts and token counts."""
     fresh = reset_state if is_patched(model) else (lambda _m: None)
     if sampling == "streams":
-        fresh(model)
-        rows = [p for p in prompts for _ in range(k)]
-        sampler = StreamSampler(len(prompts), k, temperature, seed, next(model.parameters()).device)
-        texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler)
-        return [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(prompts))]
+        # Each prompt draws from its own stream, so splitting the prompts over several calls draws the same
+        # samples; it keeps one call's rows (prompts x k) at most MAX_SAMPLE_ROWS (or k), whatever the batch.
+        per_call = max(1, MAX_SAMPLE_ROWS // k)
+        out = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
+            fresh(model)
+            rows = [p for p in chunk for _ in range(k)]
+            sampler = StreamSampler(len(chunk), k, temperature, seed, next(model.parameters()).device)
+            texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler)
+            out += [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(chunk))]
+        return out
     out = []
     for prompt in prompts:
         fresh(model)  # each prompt's samples start from a fresh state, as in a lone call

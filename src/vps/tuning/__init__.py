@@ -7,16 +7,18 @@ Tune on a development split (GSM8K train by default), then confirm once on test 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .settings import OBJECTIVES, PRUNERS, TuneSettings, is_test_split
+from .settings import OBJECTIVES, PRUNERS, TuneSettings
 from .space import SearchSpace, SpaceError, default_space_path, load_space, parse_space
+from .split import SplitCheck, check_test_split, name_says_test
 from .study import TuneResult, run_study
 
-__all__ = ["OBJECTIVES", "PRUNERS", "SearchSpace", "SpaceError", "TestSplitError", "TuneResult", "TuneSettings",
-           "default_space_path", "is_test_split", "load_space", "parse_space", "run_study", "tune"]
+__all__ = ["OBJECTIVES", "PRUNERS", "SearchSpace", "SpaceError", "SplitCheck", "TestSplitError", "TuneResult",
+           "TuneSettings", "check_split", "check_test_split", "default_space_path", "load_space", "name_says_test",
+           "parse_space", "run_study", "tune"]
 
 
 class TestSplitError(ValueError):
@@ -25,15 +27,32 @@ class TestSplitError(ValueError):
     __test__ = False  # a name pytest would otherwise collect
 
 
-def check_split(source: str, path: str | Path | None, allow_test: bool) -> bool:
-    """Refuse a test split unless ``allow_test``; returns whether the data is a test split."""
-    on_test = is_test_split(source, path)
-    if on_test and not allow_test:
-        raise TestSplitError(f"{source} is a test split: tuning on it would choose the configuration on the data "
-                             f"that is meant to confirm it. Tune on gsm8k:train (the default); to do it anyway, "
-                             f"pass the explicit override (--allow-test-split), and every output will say "
-                             f"TUNED ON TEST DATA")
-    return on_test
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_split(source: str, path: str | Path | None, allow_test: bool, questions: Sequence[str],
+                log: Callable[[str], None] = _stderr) -> bool:
+    """Refuse data that is a test split unless ``allow_test``; returns whether it is one.
+
+    ``questions`` are those the study would tune on; any of them in the local GSM8K test set makes the
+    data a test split, as does a name that marks one (`vps.tuning.split`). Where the GSM8K test file
+    is absent, ``log`` says that only the name could be checked; with the override, it says the study
+    is TUNED ON TEST DATA and why.
+    """
+    found = check_test_split(source, path, questions)
+    if found.unchecked is not None:
+        log(f"warning: --data {source}: the content check against the GSM8K test set could not run "
+            f"({found.unchecked}); only the name was checked")
+    if found.on_test and not allow_test:
+        raise TestSplitError(f"--data {source} is a test split: {found.reason()}. Tuning on it would choose the "
+                             f"configuration on the data that is meant to confirm it. Tune on gsm8k:train (the "
+                             f"default) or data without test questions; to do it anyway, pass the explicit override "
+                             f"(--allow-test-split), and every output will say TUNED ON TEST DATA")
+    if found.on_test:
+        log(f"warning: TUNED ON TEST DATA (explicit override --allow-test-split): --data {source}: {found.reason()}; "
+            f"every output of this study says so")
+    return found.on_test
 
 
 def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: str = "gsm8k:train",
@@ -54,7 +73,7 @@ def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: 
 
     parsed = space if isinstance(space, SearchSpace) else load_space(space)
     loaded = load_items(data, sample=sample, seed=seed)
-    on_test = check_split(data, loaded.path, allow_test)
+    on_test = check_split(data, loaded.path, allow_test, [it.question for it in loaded.items])
     if not loaded.items:
         raise ValueError(f"{data}: no items to tune on")
     settings = TuneSettings(
@@ -62,6 +81,4 @@ def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: 
         data=data_info(loaded, data, sample=sample, seed=seed), space=parsed.to_dict(), dtype=dtype, prompt=prompt,
         shots=shots, system=system, batch_size=batch_size, objectives=tuple(objectives), pruner=pruner,
         prune_startup=prune_startup, prune_warmup=prune_warmup, seed=seed, on_test=on_test)
-    if on_test:
-        print("warning: TUNED ON TEST DATA (explicit override): every output of this study says so", file=sys.stderr)
     return run_study(model, tokenizer, loaded.items, out, settings, parsed, n_trials, progress=progress)

@@ -27,7 +27,8 @@ from ..kv_cache import logits_to_keep_kwargs
 from ..patching import patched, reset_state
 from ..prompting import encode
 
-__all__ = ["BaseNLL", "PartialScores", "Pruned", "ScoringTask", "TrialScore", "prefill_ratio", "score_trial"]
+__all__ = ["BaseNLL", "PartialScores", "Pruned", "ScoringTask", "TrialFailed", "TrialScore", "prefill_ratio",
+           "score_trial"]
 
 
 class Pruned(Exception):
@@ -36,6 +37,12 @@ class Pruned(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"pruned after batch {step}")
         self.step = step
+
+
+class TrialFailed(Exception):
+    """A trial's configuration gave no usable score: a patched NLL that is not finite (where the unpatched
+    one is). A verdict on the configuration, recorded as a failed trial that counts toward the study's
+    total; any other exception while scoring is an error and is raised."""
 
 
 @dataclass(frozen=True)
@@ -155,11 +162,15 @@ def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, b
                 report: Callable[[float, int], bool] | None = None, progress: Callable[[int], None] | None = None,
                 n_boot: int = 2000, seed: int = 0, partial: PartialScores | None = None) -> TrialScore:
     """Score ``cfg`` on every batch of ``task``; after each batch ``report(running_mean, step)`` may
-    answer True to prune (raises `Pruned`). A patched NLL that is not finite fails the trial (ValueError).
+    answer True to prune (raises `Pruned`). A patched NLL that is not finite where the unpatched one is
+    fails the trial (`TrialFailed`); ``base`` without a single finite value is refused (ValueError), as
+    no configuration could be scored against it.
 
     With ``partial``, batches it already holds are taken from it (the pruner sees the same running
     means as if they were scored again) and each newly scored batch is added to it.
     """
+    if not any(base.get(item) is not None for item in task.ids):
+        raise ValueError("no item has a finite unpatched NLL to pair with: no configuration can be scored")
     start = time.perf_counter()
     diffs: list[float] = []
     patched_nll: dict[str, float | None] = {}
@@ -180,14 +191,12 @@ def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, b
                 if base_nll is None:
                     continue  # the unpatched model gave no finite NLL here: nothing to pair
                 if s is None:
-                    raise ValueError(f"the patched model's NLL on item {item} is not finite")
+                    raise TrialFailed(f"the patched model's NLL on item {item} is not finite")
                 diffs.append(s - base_nll)
             if progress is not None:
                 progress(len(batch))
             if report is not None and diffs and report(statistics.fmean(diffs), step):
                 raise Pruned(step)
-    if not diffs:
-        raise ValueError("no item has a finite unpatched NLL to pair with")
     mean, low, high = paired_bootstrap_diff([0.0] * len(diffs), diffs, n_boot=n_boot, seed=seed)
     return TrialScore(mean, low, high, len(diffs), patched_nll, time.perf_counter() - start)
 

@@ -11,13 +11,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..config import VPSConfig
+from ..config import ConfigError, VPSConfig
 from ..patching import select_targets
 from .space import BLOCKS, MODULES, SpaceError
 
-__all__ = ["Placement", "TrialConfig", "trial_config"]
+__all__ = ["Placement", "TrialConfig", "check_ranks", "trial_config"]
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 _ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention)\.")
@@ -105,3 +106,15 @@ def trial_config(params: dict[str, Any], placement: Placement) -> TrialConfig:
     if layers is not None:
         fields["layers"] = layers
     return TrialConfig(VPSConfig().replace(**fields), damping)
+
+
+def check_ranks(model: nn.Module, cfg: VPSConfig) -> None:
+    """Refuse (`ConfigError`) a configuration whose largest rank exceeds ``min(d_in, d_out)`` of a layer it
+    patches, which `VPSLinear` would refuse when patching. Checked before the trial, so that it is recorded
+    as a refused configuration, while any error raised inside patching or scoring is raised, not recorded."""
+    for name in select_targets(model, cfg):
+        weight = model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)  # select_targets keeps nn.Linear and Conv1D layers only
+        smallest = min(weight.shape)  # (out, in) for Linear, (in, out) for Conv1D
+        if cfg.max_rank > smallest:
+            raise ConfigError(f"rank {cfg.max_rank} exceeds min(d_in, d_out) = {smallest} of layer {name}")

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .._version import __version__
 from ..evaluation.rundir import RunMismatchError
 from ..prompting import PROMPT_STYLES
 
-__all__ = ["OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings", "check_resume", "is_test_split"]
+__all__ = ["OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings", "check_resume"]
 
 TUNE_FORMAT = 1
 OBJECTIVES = ("nll", "overhead")
 PRUNERS = ("median", "none")
 # Stored for the record; a resumed study may differ in them.
 _NOT_COMPARED = ("format", "vps_version")
-
-
-def is_test_split(source: str, path: str | Path | None = None) -> bool:
-    """Whether a data source is a test split: ``gsm8k`` / ``gsm8k:test`` or a file whose name says test."""
-    if source.strip().lower() in ("gsm8k", "gsm8k:test"):
-        return True
-    name = Path(path if path is not None else source).name.lower()
-    return "test" in name
 
 
 @dataclass(frozen=True)

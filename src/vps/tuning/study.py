@@ -3,7 +3,10 @@
 One process works in a directory at a time (its ``.lock``, as for ``vps eval``), so a trial still
 marked running when a study opens was cut off by a kill: it is marked failed, is not counted, and its
 parameters are queued to run again. A trial reaches a verdict when it completes, is pruned, or fails
-on its own (its NLL was not finite, its configuration was refused): those count toward the target.
+on its own (its patched NLL was not finite: `TrialFailed`; its configuration was refused: a `ConfigError`
+from building it, or a rank larger than a patched layer allows): those count toward the target. Any
+other exception raised while a trial runs is an error, not a verdict: it is raised, and the trial is
+left uncounted and queued to run again.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import VPSConfig
+from ..config import ConfigError, VPSConfig
 from ..evaluation.data import Item
 from ..evaluation.rundir import RunMismatchError, dumps_strict, lock_directory, write_atomic
 from ..prompting import PromptFormat
-from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, prefill_ratio, score_trial
-from .placement import Placement, trial_config
+from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, TrialFailed, prefill_ratio, score_trial
+from .placement import Placement, check_ranks, trial_config
 from .settings import TuneSettings, check_resume
 
 __all__ = ["STUDY_NAME", "TuneResult", "run_study"]
@@ -127,6 +130,10 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
         if not base.complete(task):
             with _bar(progress, "unpatched NLL", len(items), sum(i in base.values for i in task.ids)) as bar:
                 base.compute(model, tokenizer, task, bar.update if bar else None)
+        if not any(base.values.get(i) is not None for i in task.ids):
+            # Every trial would fail the same way, whatever its configuration: not a verdict on any of them.
+            raise ValueError(f"the unpatched model gives no finite NLL on any of the {len(task.ids)} items, so no "
+                             f"configuration can be scored; check the data and the model")
         done = len(counted_trials(study))
         if done >= n_trials:
             log(f"tune: {done} trial(s) already have a verdict in {directory} (asked for {n_trials})")
@@ -168,7 +175,8 @@ def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: 
         params = space.suggest(trial)
         try:
             chosen = trial_config(params, placement)
-        except ValueError as exc:
+            check_ranks(model, chosen.config)
+        except ConfigError as exc:
             trial.set_user_attr("failure", f"configuration refused: {exc}")
             study.tell(trial, state=TrialState.FAIL)
             return
@@ -194,7 +202,7 @@ def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: 
                 trial.set_user_attr("pruned_at", exc.step)
                 study.tell(trial, state=TrialState.PRUNED)
                 return
-            except ValueError as exc:
+            except TrialFailed as exc:
                 partial.clear()
                 trial.set_user_attr("failure", str(exc))
                 study.tell(trial, state=TrialState.FAIL)

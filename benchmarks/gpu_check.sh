@@ -9,7 +9,7 @@
 #    wheel, transformers-5.24.0-py3-none-any.whl, and any dependency wheels it needs) with pip --no-index
 #    --no-deps, then records the versions. No wheel: the image's transformers is used, and env.txt says so.
 # 1. benchmarks/cuda_graph_replay.py: a decode step captured in a CUDA graph, replayed after a new prompt.
-# 2. pytest tests/test_cuda.py.
+# 2. pytest tests/test_cuda.py and the CUDA test of tests/test_layer.py.
 # 3. benchmarks/gpu_figures.py --steps ops,eager: eager figures, random-weight Qwen2.5-7B architecture.
 # 4. benchmarks/gpu_figures.py --steps compile: compile time, unpatched vs SK-patched (inductor caches off).
 # 5. benchmarks/gpu_figures.py --steps compiled: compiled (reduce-overhead) figures.
@@ -88,7 +88,8 @@ export -f install_wheels
 export WHEELS PY
 run env "$T_ENV" bash -c install_wheels
 run cuda_graph_replay "$T_REPLAY" "$PY" benchmarks/cuda_graph_replay.py --out "$RESULTS/cuda_graph_replay.json"
-run test_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+run test_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/test_layer.py::test_to_cuda_moves_gain_and_keeps_it_float32
 run figures_eager "$T_EAGER" "$PY" benchmarks/gpu_figures.py "${ARCH[@]}" --steps ops,eager --out "$RESULTS/figures"
 # A cold compile for each variant: no inductor cache from an earlier step or run shortens either.
 run compile_time "$T_COMPILE" env TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 \

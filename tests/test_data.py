@@ -236,3 +236,16 @@ def test_answer_field_that_is_no_answer_is_skipped(tmp_path: Path, value: object
     with pytest.warns(UserWarning, match="'answer' must be a string or a number"):
         result = load_items(path)
     assert result.items == [] and len(result.skipped) == 1
+
+
+def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_item(tmp_path):
+    """Editors on Windows save UTF-8 with a BOM; read as plain UTF-8 it glued to the first line's JSON."""
+    import json
+
+    from vps.evaluation import load_items
+
+    lines = [json.dumps({"question": f"q{i}?", "answer": f"#### {i}"}) for i in range(3)]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8") + b"\n")
+    loaded = load_items(path)
+    assert [it.question for it in loaded.items] == ["q0?", "q1?", "q2?"] and not loaded.skipped

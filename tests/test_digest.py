@@ -126,6 +126,8 @@ def test_marked_runs_feed_the_verdict_and_missing_runs_are_not_started(tmp_path,
     head = text.split("## Summary")[0]
     assert "## Does VPS help? (per model: the seed defaults, and a tuned configuration" in head
     assert "- **Tiny-Llama**: accuracy: no measurable effect (+20.0 pp" in head
+    verdicts = head.split("## Does VPS help?")[1]
+    assert "[BENCHMARKS.md, Cost at a glance](BENCHMARKS.md#cost-at-a-glance)" in verdicts, "what it costs, linked"
     assert "## Later run (not started)" in text and "Status: not started (run the command)." in text
 
 

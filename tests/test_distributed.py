@@ -22,11 +22,19 @@ from vps import cli
 from vps.evaluation import RunDir, RunLockedError, run_evaluation
 from vps.evaluation import distributed as dist_mod
 from vps.evaluation import rundir as rundir_mod
-from vps.evaluation.distributed import DistributedError, Shard, World, rank_device, shard_items, world_from_env
+from vps.evaluation.distributed import (
+    DistributedError,
+    Shard,
+    World,
+    lone_launch_warning,
+    rank_device,
+    shard_items,
+    world_from_env,
+)
 
 TOK = tiny_tokenizer()
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-              "TORCHELASTIC_RUN_ID", "VPS_DIST_TIMEOUT", "VPS_DIST_FINISH_TIMEOUT")
+              "TORCHELASTIC_RUN_ID", "VPS_DIST_TIMEOUT", "VPS_DIST_FINISH_TIMEOUT", "ACCELERATE_USE_CPU")
 # Timing and batching differ between a launch and a single process; everything else must not.
 NOT_COMPARED = ("seconds", "nll_seconds", "batch_size")
 
@@ -86,6 +94,42 @@ def test_world_from_env():
     ]:
         with pytest.raises(DistributedError, match=message):
             world_from_env(env)
+
+
+# What accelerate 1.15 sets: its single-process launcher (--cpu, or no --multi_gpu on fewer than two GPUs) sets
+# ACCELERATE_USE_CPU always and MASTER_ADDR / MASTER_PORT when more than one process was asked for; its multi-process
+# launcher (torch elastic) sets WORLD_SIZE and RANK and no ACCELERATE_USE_CPU.
+SIMPLE_ASKED_FOR_2 = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                      "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+def test_a_launcher_that_started_one_of_several_processes_is_named():
+    line = lone_launch_warning("eval", SIMPLE_ASKED_FOR_2)
+    assert line is not None and "\n" not in line
+    assert line.startswith("accelerate launch was asked for several processes but started this one alone")
+    assert "accelerate launch --multi_gpu --num_processes N -m vps eval" in line
+    assert "torchrun --nproc_per_node N -m vps eval" in line
+    assert "-m vps ablate" in lone_launch_warning("ablate", SIMPLE_ASKED_FOR_2)
+    assert world_from_env(SIMPLE_ASKED_FOR_2) == World(), "and the run itself is the single process it is"
+    for env in [
+        {},  # no launcher
+        {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"},  # accelerate asked for one process
+        {k: v for k, v in SIMPLE_ASKED_FOR_2.items() if k != "ACCELERATE_USE_CPU"},  # not accelerate's launcher
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "0"},  # torchrun / --multi_gpu
+        {**SIMPLE_ASKED_FOR_2, "WORLD_SIZE": "1", "RANK": "0"},  # a launch of one, said so
+    ]:
+        assert lone_launch_warning("eval", env) is None, env
+
+
+def test_the_cli_says_so_in_one_line_for_sharding_commands_only(tmp_path, monkeypatch, capsys):
+    for name, value in SIMPLE_ASKED_FOR_2.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["eval", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("vps eval: warning: accelerate launch was asked for several processes"), err
+    assert len(err) == 2 and err[1].startswith("vps eval: error: "), "then the command goes on as one process"
+    assert cli.main(["tune", "--out", str(tmp_path / "study"), "--trials", "0"]) == 2
+    assert "asked for several processes" not in capsys.readouterr().err, "vps tune runs as one process anyway"
 
 
 def test_rank_device(monkeypatch):
@@ -358,6 +402,27 @@ def test_torchrun_with_two_processes_gives_the_greedy_rows_of_one(checkpoint, re
     assert json.loads((out / "run.json").read_text()) == json.loads((reference[0] / "run.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["report.md", "report.png", "results.jsonl", "run.json",
                                                       "summary.json"], "no rank file, no lock left"
+
+
+def _accelerate(*flags: str, argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "vps", *argv]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def test_accelerate_cpu_launch_of_two_says_it_runs_one_and_the_recipe_runs_two(checkpoint, reference, tmp_path):
+    """The README's CPU recipe as written: ``--cpu`` starts one process and says so; ``--multi_gpu`` (no GPU
+    here) starts two, which give the rows of one."""
+    pytest.importorskip("accelerate")
+    lone = _accelerate("--cpu", "--num_processes", "2", argv=_argv(checkpoint, tmp_path / "lone"))
+    assert lone.returncode == 0, lone.stdout + lone.stderr
+    warned = [line for line in lone.stderr.splitlines() if "asked for several processes" in line]
+    assert len(warned) == 1 and warned[0].startswith("vps eval: warning: accelerate launch"), lone.stderr
+    assert "rank 0 of" not in lone.stderr and _same(_lines(tmp_path / "lone")) == _same(reference[1])
+    two = _accelerate("--multi_gpu", "--num_processes", "2", argv=_argv(checkpoint, tmp_path / "two"))
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "asked for several processes" not in two.stderr and "rank 1 of 2: done" in two.stderr, two.stderr
+    assert _same(_lines(tmp_path / "two")) == _same(reference[1])
 
 
 def test_two_processes_resume_what_a_launch_of_four_left(checkpoint, reference, tmp_path):

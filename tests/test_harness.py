@@ -572,3 +572,20 @@ def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, mod
     damped = [SPECS[0], MethodSpec("vps", "vps", vps.VPSConfig(damping=True))]
     with pytest.raises(RunMismatchError, match=r"configuration 'vps' changed \(config.damping\)"):
         run_evaluation(model, TOK, items[:2], damped, out, settings, **kw)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("a: {gamma: 0.3}\nb: {gamma: 0.2}\na: {rank: 3}\n", "line 3: key 'a' appears twice (first on line 1)"),
+    ("a: {gamma: 0.3, gamma: 0.2}\n", "key 'gamma' appears twice"),
+])
+def test_grid_yaml_refuses_duplicate_keys(tmp_path, body, needle):
+    (tmp_path / "g.yaml").write_text(body)
+    with pytest.raises(GridError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_grid(tmp_path / "g.yaml")
+
+
+def test_yaml_reads_scientific_notation_as_numbers():
+    from vps.strict_yaml import safe_load
+
+    assert safe_load("a: 1e-300\nb: 2E5\nc: 1.5e3\nd: '1e3'\ne: 1e\n") == {
+        "a": 1e-300, "b": 2e5, "c": 1500.0, "d": "1e3", "e": "1e"}

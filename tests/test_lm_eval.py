@@ -277,3 +277,39 @@ def test_real_default_model_through_lm_eval(tmp_path):
     samples = _samples(out)
     # greedy SmolLM2 answers the third item with EOS at once (so does `vps eval` on the same prompt)
     assert len(samples) == 4 and sum(bool(s["resps"][0][0].strip()) for s in samples) >= 3
+
+
+def test_evaluate_from_python_is_one_call(tiny, monkeypatch, in_process_cli):
+    """`vps.lmeval.evaluate` is lm-eval's simple_evaluate with `vps` registered and gsm8k_local found, both
+    of which plain ``simple_evaluate(model="vps", tasks=["gsm8k_local"])`` lacks."""
+    import vps.lmeval
+
+    monkeypatch.setenv("VPS_DATA_DIR", str(tiny["data"].parent))
+    out = vps.lmeval.evaluate(model="vps", model_args={"pretrained": tiny["ckpt"], "vps_config": tiny["cfg_path"]},
+                              tasks="gsm8k_local", limit=2, num_fewshot=2, batch_size=2,
+                              gen_kwargs={"max_gen_toks": 6}, device="cpu")
+    metrics = out["results"]["gsm8k_local"]
+    assert "exact_match,strict-match" in metrics and out["n-samples"]["gsm8k_local"]["effective"] == 2
+    assert out["config"]["vps_config"] == tiny["cfg"].to_dict()
+    samples = sorted((s for s in out["samples"]["gsm8k_local"] if s["filter"] == "strict-match"),
+                     key=lambda s: s["doc_id"])
+    assert [s["doc"]["question"] for s in samples] == [q for q, _ in TEST_QUESTIONS[:2]]
+
+
+def test_task_manager_finds_the_bundled_task_and_registers_the_models(tmp_path):
+    from lm_eval.api.registry import get_model
+
+    import vps.lmeval
+
+    manager = vps.lmeval.task_manager(include_path=tmp_path, include_defaults=False)
+    assert "gsm8k_local" in manager.all_tasks and get_model("vps") is VPSLM
+    assert manager.include_path == [str(TASKS_DIR), str(tmp_path)]  # the bundled folder first, then the caller's
+
+
+def test_the_python_route_without_lm_eval_names_the_extra(monkeypatch):
+    import vps.lmeval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    for call in (vps.lmeval.register, vps.lmeval.task_manager, vps.lmeval.evaluate):
+        with pytest.raises(ImportError, match=r"^lm-eval is not installed; pip install vps\[lm-eval\]$"):
+            call()

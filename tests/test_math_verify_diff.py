@@ -15,6 +15,7 @@ Run as a script to compare on every stored model output under results/ and print
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -29,7 +30,7 @@ from vps.verify import answers_match, extract_answer, parse_gold  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs whose rows the test reads (published, finished); the script reads every run under results/.
-TEST_RUNS = ("qwen-acc-n250", "smollm2-acc-n250", "qwen-refine-n50", "smollm2-refine-n50")
+TEST_RUNS = ("qwen-acc-n250", "smollm2-acc-n250", "qwen-refine-n50", "smollm2-refine-n50", "qwen15-bf16-acc-n250")
 
 AGREE, OURS_RIGHT, DELIBERATE = "agree", "ours right", "deliberate"
 
@@ -164,16 +165,28 @@ def stored_rows(runs: tuple[str, ...] | None = None) -> Iterator[tuple[str, dict
                 yield path.parent.name, row
 
 
+# A turn the model invents after its answer ("#### 10Human: A farmer has ..."): a few-shot prompt without a
+# chat template lets a model write the next user turn itself.
+_INVENTED_TURN = re.compile(r"(?:Human|User|Question):")
+
+
 def classify(row: dict) -> str:
-    """``"agree"``, ``"first ####"`` (the documented disagreement) or ``"unexplained"``."""
+    """``"agree"``, one of the documented disagreements (``"first ####"``, ``"invented turn"``) or
+    ``"unexplained"``."""
     gold, output = str(row["gold_text"]), row["output"]
     theirs_verdict = theirs(gold, output)
-    if ours(gold, output) is theirs_verdict:
+    ours_verdict = ours(gold, output)
+    if ours_verdict is theirs_verdict:
         return AGREE
     # "First #### wins" is our rule, math-verify reads the latest answer; our "last" mode reads that one.
     first, last = extract_answer(output, "flexible"), extract_answer(output, "last")
     if first != last and ours(gold, output, "last") is theirs_verdict:
         return "first ####"
+    # math-verify reads the last answer of a turn the model invented after its own; on the text before that
+    # turn it reads what we read.
+    turn = _INVENTED_TURN.search(output)
+    if turn is not None and theirs(gold, output[:turn.start()]) is ours_verdict:
+        return "invented turn"
     return "unexplained"
 
 

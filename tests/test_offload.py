@@ -14,7 +14,7 @@ import torch
 from accelerate import cpu_offload, disk_offload, dispatch_model
 
 import vps
-from tiny import TINY_MODELS, ids, logits
+from tiny import TINY_MODELS, ids, logits, tiny_llama
 from vps.context import VPSContext
 
 CPU = torch.device("cpu")
@@ -51,13 +51,15 @@ def test_cpu_offloaded_patched_logits_equal_in_memory(arch: str) -> None:
 
 def test_disk_offloaded_generate_equals_in_memory(tmp_path) -> None:
     cfg = vps.VPSConfig(decode_mode="frozen")
-    reference = vps.patch(TINY_MODELS["llama"](), cfg)
-    offloaded = TINY_MODELS["llama"]()
+    reference = vps.patch(tiny_llama(init=0.3), cfg)
+    offloaded = tiny_llama(init=0.3)
     disk_offload(offloaded, str(tmp_path / "offload"), execution_device=CPU)
     vps.patch(offloaded, cfg)
     x, mask = _padded()
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = reference.generate(x, **kwargs)
+    # VPS changes these tokens, so an offloaded layer that skipped it would show.
+    assert not torch.equal(want, tiny_llama(init=0.3).generate(x, **kwargs))
     got = offloaded.generate(x, **kwargs)
     assert torch.equal(got, want)
     assert all(w.is_meta for w in _target_weights(offloaded))
@@ -201,4 +203,11 @@ def test_device_map_flag_reads_a_json_file(tmp_path) -> None:
     vps.patch(model, vps.VPSConfig())
     assert vps.vps_layers(model)["model.layers.0.self_attn.q_proj"].weight.is_meta
     x, mask = _padded()
-    assert torch.isfinite(logits(model, x, mask)).all()
+    got = logits(model, x, mask)
+    # What the flag loaded is the saved model, patched: the in-memory patched copy's logits, not the unpatched.
+    from vps.models import load_model
+
+    reference, _ = load_model(directory)
+    with vps.patched(reference, vps.VPSConfig()):
+        torch.testing.assert_close(got, logits(reference, x, mask), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, logits(reference, x, mask), atol=1e-4)

@@ -234,3 +234,37 @@ def test_a_patched_model_can_be_moved_and_cast():
     assert double.dtype == torch.float64 and torch.allclose(double.float(), single, atol=1e-4)
     assert torch.equal(again, single)
     assert vps.is_patched(model)
+
+
+def test_patch_takes_a_file_a_directory_or_keyword_overrides(tmp_path):
+    model = tiny_llama()
+    want = cfg(rank=3, gamma=0.25)
+    want.save(tmp_path / "cfg.json")
+    want.save_pretrained(tmp_path / "dir")
+    for source in (str(tmp_path / "cfg.json"), tmp_path / "dir"):
+        vps.patch(model, source)
+        assert vps.get_config(model) == want
+        vps.unpatch(model)
+    vps.patch(model, tmp_path / "cfg.json", gamma=0.1)  # a file, then overrides on top of it
+    assert vps.get_config(model) == want.replace(gamma=0.1)
+    vps.unpatch(model)
+    vps.patch(model, topk=8, rank=4)  # overrides of the seed defaults
+    assert vps.get_config(model) == vps.VPSConfig(topk=8, rank=4)
+    vps.unpatch(model)
+    with vps.patched(model, rank=1, topk=8):
+        assert vps.get_config(model).rank == 1
+    assert not vps.is_patched(model)
+
+
+def test_patch_refuses_bad_sources_before_touching_the_model(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(vps.ConfigError, match=r"^config file .*nope.json does not exist$"):
+        vps.patch(model, tmp_path / "nope.json")
+    with pytest.raises(vps.ConfigError, match=r"unknown VPSConfig field 'ranks' \(did you mean 'rank'\?\)"):
+        vps.patch(model, ranks=4)
+    with pytest.raises(vps.ConfigError, match=r"unknown VPSConfig field 'gama' \(did you mean 'gamma'\?\)"):
+        with vps.patched(model, gama=0.1):
+            pass
+    with pytest.raises(TypeError, match="^cfg must be a VPSConfig"):
+        vps.patch(model, 4)
+    assert not vps.is_patched(model)

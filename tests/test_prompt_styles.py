@@ -116,7 +116,7 @@ def test_nll_only_runs_compare_the_system_prompt(tmp_path, model):
 
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", "fewshot", "--system", "x"], "no system prompt"),
-    (["--prompt", "fewshot", "--shots", "0"], "shots must be >= 1"),
+    (["--prompt", "fewshot", "--shots", "0"], "shots must be in [1, 64]"),
 ])
 def test_cli_refuses_bad_prompt_options_before_loading(tmp_path, capsys, argv, message):
     data = write_data(tmp_path / "d.jsonl")

@@ -124,3 +124,14 @@ def test_an_ablation_is_also_compared_with_its_default_configuration():
     plain = summarize_run({**settings, "configs": {"baseline": {"method": "base"}, "x": {"method": "vps"}}},
                           _nll_rows({"baseline": base, "x": default}))
     assert plain["reference"] is None and "Difference vs" not in render_markdown(plain)
+
+
+def test_report_names_each_patched_configuration():
+    from vps import VPSConfig
+    from vps.evaluation.report import configuration_lines
+
+    lines = configuration_lines({"b": {"config": None}, "v": {"config": VPSConfig(gamma=0.3).to_dict()},
+                                 "d": {"config": {k: v for k, v in VPSConfig().to_dict().items() if k != "damping"}}})
+    assert lines[0].startswith("- **VPS configuration** of each patched method")
+    assert lines[1:] == ["  - `v`: gamma=0.3", "  - `d`: the defaults"]
+    assert configuration_lines({"b": {"config": None}}) == []

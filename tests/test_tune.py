@@ -80,6 +80,8 @@ def test_three_trial_study_writes_every_output(model, tok, tmp_path):
     for t in done:
         lo, hi = t["ci"]
         assert lo <= t["nll_diff"] <= hi and t["n"] == 10 and t["seconds"] > 0
+        fb = t["fallbacks"]  # every item was scored in this process, so every item was counted
+        assert fb["items"] == 10 and 0 <= fb["items_with_any"] <= 10 and fb["total"] >= fb["items_with_any"]
     best = min(done, key=lambda t: t["nll_diff"])
     assert result.best_number == best["number"] and result.best_value == pytest.approx(best["nll_diff"])
     cfg = VPSConfig.load(out / "best.json")  # as vps eval --config reads it
@@ -95,6 +97,7 @@ def test_three_trial_study_writes_every_output(model, tok, tmp_path):
     assert grid[1].config == VPSConfig() and grid[2].config == cfg
     report = (out / "report.md").read_text()
     assert f"Trial {best['number']}" in report and "## Parameter importances" in report
+    assert f"Fallbacks to the base output: {best['fallbacks']['items_with_any']} of the 10 items" in report
     assert "10 items (sample None, seed 0)" in report
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     base = json.loads((out / "base_nll.json").read_text())
@@ -596,3 +599,69 @@ def test_data_without_a_finite_unpatched_nll_is_refused_before_any_trial(model, 
     with pytest.raises(ValueError, match="no finite NLL on any of the 5 items"):
         run(model, tok, out, train_file(tmp_path, copies=1), 2)
     assert open_study(out, _settings(out)).trials == []
+
+
+def _fake_rows(n: int) -> list[dict]:
+    return [{"number": i, "state": "complete", "nll_diff": -0.01 * i, "ci": [-0.02 * i - 0.01, 0.01]}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("n_trials, rough", [(3, True), (12, False)])
+def test_the_plot_has_integer_trial_ticks_a_title_and_marks_rough_importances(n_trials, rough):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vps.tuning.report import _figure
+    from vps.tuning.settings import TuneSettings
+
+    settings = TuneSettings(model="tiny3", data={"source": "train.jsonl", "n_items": 10}, space={})
+    fig = _figure(_fake_rows(n_trials), {"gamma": 0.7, "rank": 0.3}, settings)
+    try:
+        fig.canvas.draw()
+        history, importances = fig.axes
+        ticks = [t for t in history.get_xticks() if 0 <= t <= n_trials - 1]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks  # no tick at trial 0.5
+        assert fig._suptitle.get_text() == "vps tune: tiny3 (float32, prompt tutor) on train.jsonl, 10 items"
+        title = importances.get_title()
+        assert (f"ROUGH: {n_trials} trials < 10" in title) is rough and title.startswith("parameter importances")
+    finally:
+        plt.close(fig)
+
+
+def test_the_report_calls_importances_from_few_trials_rough():
+    from types import SimpleNamespace
+
+    from vps.tuning.report import _markdown
+    from vps.tuning.settings import TuneSettings
+
+    settings = TuneSettings(model="tiny3", data={"source": "train.jsonl", "n_items": 10}, space={})
+    space = SimpleNamespace(source="space.yaml", params=[], fixed={})
+    for n, rough in ((3, True), (10, False)):
+        rows = [{**r, "labels": [], "params": {}, "overhead": None} for r in _fake_rows(n)]
+        text = _markdown(rows, None, settings, space, {"gamma": 1.0}, None, ([], []), "PedAnovaImportanceEvaluator")
+        assert ("**Rough**: from only 3 completed trials (fewer than 10)" in text) is rough
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be a whole number in [0, 2**63 - 1], got -1"),
+    (["--seed", "99999999999999999999"], "--seed must be a whole number in [0, 2**63 - 1]"),
+    (["--prompt", "fewshot", "--shots", "100000"], "--shots must be in [1, 64], got 100000"),
+])
+def test_tune_refuses_a_seed_or_shots_it_could_not_use_before_writing(tmp_path, capsys, flags, message):
+    out = tmp_path / "study"
+    assert main(["tune", "--out", str(out), "--model", str(tmp_path / "never-loaded"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_a_space_with_a_key_twice_is_refused_and_scientific_bounds_are_numbers(tmp_path):
+    from vps.tuning import load_space
+
+    (tmp_path / "dup.yaml").write_text("gamma: {low: 0.01, high: 0.5}\nrank: {low: 1, high: 3}\ngamma: [0.1]\n")
+    with pytest.raises(SpaceError, match=r"line 3: key 'gamma' appears twice \(first on line 1\)"):
+        load_space(tmp_path / "dup.yaml")
+    (tmp_path / "sci.yaml").write_text("gamma: {low: 1e-3, high: 5e-1, log: true}\n")
+    assert load_space(tmp_path / "sci.yaml").to_dict()["params"]["gamma"]["low"] == 1e-3

@@ -153,7 +153,8 @@ def test_a_large_batch_of_samples_is_drawn_in_chunks_with_the_same_draws(model, 
     _, whole = loop.draw_samples(model, tok, prompts, config)
     calls = []
     decode = loop._decode
-    monkeypatch.setattr(loop, "_decode", lambda m, t, rows, *a, **k: calls.append(len(rows)) or decode(m, t, rows, *a, **k))
+    monkeypatch.setattr(loop, "_decode",
+                        lambda m, t, rows, *a, **k: calls.append(len(rows)) or decode(m, t, rows, *a, **k))
     monkeypatch.setattr(loop, "MAX_SAMPLE_ROWS", 2)
     _, chunked = loop.draw_samples(model, tok, prompts, config)
     assert calls == [2, 2, 2]  # one prompt's k = 2 rows per call, not all 6 at once

@@ -15,12 +15,13 @@ from transformers import (
 VOCAB = 97
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+def tiny_llama(seed: int = 0, init: float = 0.02) -> LlamaForCausalLM:
+    """Llama with grouped-query attention (4 query heads, 2 key/value heads). At the default ``init`` (the
+    weights' standard deviation) VPS moves logits but not greedy tokens; ``init=0.3`` makes it change them."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=init)
     return LlamaForCausalLM(cfg).eval()
 
 

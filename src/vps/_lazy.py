@@ -14,7 +14,14 @@ from typing import Any
 def lazy_exports(package: str, namespace: dict[str, Any], exports: Mapping[str, str]
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """The ``__getattr__`` and ``__dir__`` of ``package`` (whose globals are ``namespace``), loading
-    each name of ``exports`` (name -> submodule) from its submodule on first access."""
+    each name of ``exports`` (name -> submodule) from its submodule on first access.
+
+    ``__dir__`` lists the package's ``__all__``, which must be defined before this is called: the
+    module's own globals (``annotations``, ``TYPE_CHECKING``, this function) and the internals that
+    ``exports`` also serves are reachable but are not the API ``dir()`` and tab completion should offer.
+    """
+    if "__all__" not in namespace:
+        raise RuntimeError(f"{package} must define __all__ before lazy_exports: its __dir__ lists it")
 
     def __getattr__(name: str) -> Any:
         module = exports.get(name)
@@ -25,6 +32,6 @@ def lazy_exports(package: str, namespace: dict[str, Any], exports: Mapping[str, 
         return value
 
     def __dir__() -> list[str]:
-        return sorted({*namespace, *exports})
+        return sorted(namespace["__all__"])
 
     return __getattr__, __dir__

@@ -19,6 +19,8 @@ COMMANDS = {
     "bench": "VPS overhead vs the unpatched model: prefill, greedy decode and peak memory ratios.",
     "lm-eval": "lm-evaluation-harness with --model vps / vps-base and the offline task gsm8k_local registered.",
 }
+# Subcommands that shard their items over the processes of a launch (vps.evaluation.distributed).
+SHARDED = ("eval", "ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vps`` console script."""
     args = build_parser().parse_args(argv)
     previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    if args.command in SHARDED:
+        _warn_lone_launch(args.command)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -49,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = previous
+
+
+def _warn_lone_launch(command: str) -> None:
+    """Say so (stderr, one line) when a launcher asked for several processes and started only this one."""
+    from .evaluation.distributed import lone_launch_warning
+
+    if line := lone_launch_warning(command):
+        print(f"vps {command}: warning: {line}", file=sys.stderr)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

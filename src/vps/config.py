@@ -9,8 +9,11 @@ gets less perturbation, never more than the user asked for).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +27,18 @@ DECODE_MODES = ("frozen", "dynamic")
 # The seed specification's range of gamma: beyond it the rank-r term swamps W x and outputs degenerate
 # (gamma 1e9 gave blank text) while every forward still looks finite.
 GAMMA_MAX = 1.0
+#: The file `VPSConfig.save_pretrained` writes into a directory and `VPSConfig.from_pretrained` reads from one
+#: (PEFT's ``adapter_config.json`` convention).
+CONFIG_NAME = "vps_config.json"
 
 
 class ConfigError(ValueError):
     """A `VPSConfig` field holds a value outside its allowed range."""
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A name that is not a `VPSConfig` field. Also a TypeError, which is what Python raises for an
+    unexpected keyword argument, so code that caught that before still catches this."""
 
 
 @dataclass(frozen=True)
@@ -222,11 +233,9 @@ class VPSConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VPSConfig:
-        """Build a config from a dict; unknown keys raise `ConfigError` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown VPSConfig field(s) {unknown}; known fields: {sorted(known)}")
+        """Build a config from a dict; unknown keys raise `UnknownFieldError` (a `ConfigError`) naming
+        them and the nearest field names."""
+        check_field_names(data)
         return cls(**data)
 
     def replace(self, **overrides: Any) -> VPSConfig:
@@ -249,16 +258,53 @@ class VPSConfig:
         must hold the rank)."""
         return max(topk, rank)
 
-    def save(self, path: str | Path) -> None:
-        """Write the config as JSON, stamped with the library version."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as JSON to the file ``path``, stamped with the library version.
+
+        Raises:
+            ConfigError: ``path`` is an existing directory (`save_pretrained` writes into one).
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; VPSConfig.save writes a file: give a file name, or call "
+                              f"save_pretrained({str(path)!r}) to write {path / CONFIG_NAME}")
         data = self.to_dict()
         data["version"] = __version__
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the config as ``<directory>/vps_config.json`` (creating the directory), as PEFT's
+        ``save_pretrained`` does; returns the file written. `from_pretrained` reads it back."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"save_pretrained: {directory} is a file, not a directory; VPSConfig.save writes "
+                              f"a single file")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_NAME
+        self.save(path)
+        return path
 
     @classmethod
-    def load(cls, path: str | Path) -> VPSConfig:
-        """Read a config written by `save` (errors name the file)."""
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> VPSConfig:
+        """Read a config written by `save_pretrained` (a directory holding ``vps_config.json``) or by
+        `save` (a JSON file); the same as `load`, under the name PEFT users look for."""
+        return cls.load(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> VPSConfig:
+        """Read a config written by `save` (a JSON file) or by `save_pretrained` (a directory: its
+        ``vps_config.json`` is read). Errors name the file.
+
+        Raises:
+            ConfigError: the file is missing or not valid JSON, the directory holds no ``vps_config.json``,
+                or a field is unknown (the message suggests the nearest name) or out of range.
+        """
         path = Path(path)
+        if path.is_dir():
+            if not (path / CONFIG_NAME).is_file():
+                raise ConfigError(f"config directory {path} holds no {CONFIG_NAME} (VPSConfig.save_pretrained "
+                                  f"writes one)")
+            path = path / CONFIG_NAME
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -270,7 +316,65 @@ class VPSConfig:
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            raise type(exc)(f"{path}: {exc}") from None
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VPSConfig))
+
+
+def check_field_names(names: Any) -> None:
+    """Raise `UnknownFieldError` for names that are not `VPSConfig` fields, suggesting the nearest one
+    of each (``ranks`` -> ``rank``) and listing the fields when nothing is close."""
+    unknown = sorted(set(names) - set(FIELD_NAMES))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), FIELD_NAMES, n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    message = f"unknown VPSConfig field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}"
+    if not all("did you mean" in h for h in hints):
+        message += f"; known fields: {', '.join(FIELD_NAMES)}"
+    raise UnknownFieldError(message)
+
+
+def _checking_init(init: Any) -> Any:
+    """The dataclass ``__init__``, preceded by the field-name check: Python's own error for an unknown
+    keyword ("unexpected keyword argument 'ranks'") names no alternative."""
+
+    @functools.wraps(init)
+    def __init__(self: VPSConfig, *args: Any, **kwargs: Any) -> None:
+        check_field_names(kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+# Wrapped after the class is built: a hand-written __init__ in the class body would replace the generated one.
+VPSConfig.__init__ = _checking_init(VPSConfig.__init__)  # type: ignore[method-assign]
+
+
+def as_config(cfg: VPSConfig | str | os.PathLike[str] | None = None, **overrides: Any) -> VPSConfig:
+    """The `VPSConfig` that ``cfg`` names, with ``overrides`` applied (`VPSConfig.replace`).
+
+    ``cfg`` is a `VPSConfig`, a path to a JSON file written by `VPSConfig.save` or to a directory
+    written by `VPSConfig.save_pretrained`, or None for the seed defaults. This is what `vps.patch`
+    and `vps.patched` accept: ``vps.patch(model, "best.json")``, ``vps.patch(model, rank=4)``.
+
+    Raises:
+        ConfigError: the file cannot be read, or a field is unknown (with the nearest name) or out of range.
+        TypeError: ``cfg`` is none of the above.
+    """
+    if cfg is None:
+        base = VPSConfig()
+    elif isinstance(cfg, VPSConfig):
+        base = cfg
+    elif isinstance(cfg, (str, os.PathLike)):
+        base = VPSConfig.load(cfg)
+    else:
+        raise TypeError(f"cfg must be a VPSConfig, a path to a VPSConfig JSON file (or to a directory holding "
+                        f"{CONFIG_NAME}) or None, got {type(cfg).__name__}")
+    return base.replace(**overrides) if overrides else base
 
 
 def _int_at_least(name: str, value: Any, lo: int) -> None:

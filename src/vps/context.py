@@ -50,6 +50,8 @@ class VPSContext:
         self.mask: torch.Tensor | None = None  # (B, S) attention mask of the current call
         self.phase = "prefill"
         self.reuse_selection = False
+        # While a `vps.tracing.count_fallbacks` block is open: every eager plan's (B,) ok flags, in order.
+        self.fallback_flags: list[torch.Tensor] | None = None
         self.entropy: torch.Tensor | None = None  # (B,) from the previous forward, per sequence
         self.entropy_hint: torch.Tensor | None = None
         self._warned_4d = False

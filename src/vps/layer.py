@@ -5,6 +5,10 @@ d_out x d_in is ever formed: ``x A = (W x) V`` is a gather of the base output (t
 done), ``B = W U`` is a gather of R columns of W, and ``A``'s column norms (for the clip) come from
 R gathered rows. Per forward the layer builds a `Plan` (see `vps.plan` for its arithmetic).
 
+A forward that reuses the stored plan (frozen decoding, `vps.reuse_selection`) applies it in its
+folded form: ``out += (x @ A) @ Q`` with ``A = W^T V`` kept in the plan since it was built, so a decode
+step costs the base matmul plus two thin products (`VPSLinear._apply_folded`).
+
 The layer's own state follows the module: ``gain`` (float32, even in a half-precision model) and the
 fallback count are non-persistent buffers, so ``.to()`` moves them and no ``state_dict`` holds them.
 
@@ -24,9 +28,9 @@ from .builders import BuildInputs, Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import TokenMask, VPSContext
 from .coupling import BaseOutput, QKPair
-from .dtypes import as_float32
+from .dtypes import as_float32, constant
 from .offload import execution_device, hooked_call
-from .plan import Plan, plan_matrix
+from .plan import Plan, input_factor_t, plan_matrix
 from .policy import Decision, LayerPolicy
 
 _OWN_BUFFERS = ("gain", "_fallbacks")
@@ -55,6 +59,9 @@ class VPSLinear(nn.Module):
     base_layer: nn.Module
     gain: torch.Tensor  # buffers (registered in __init__)
     _fallbacks: torch.Tensor
+    # Whether a reused plan is applied in its folded form (x @ A) @ Q. False applies it as a prefill
+    # does, by gathering the base output: the unfolded reference the tests and benchmarks compare with.
+    folded_decode: bool = True
 
     def __init__(self, base_layer: nn.Module, cfg: VPSConfig | None = None, ctx: VPSContext | None = None,
                  name: str = "") -> None:
@@ -166,29 +173,38 @@ class VPSLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # (N, d_in): one sequence of N tokens
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        # The submodule straight from _modules: the attribute goes through nn.Module.__getattr__ after a
+        # failed ordinary lookup, which costs about as much as one of a decode step's two ops.
+        base_layer = cast(nn.Module, self._modules["base_layer"])
         if not (self.ctx.enabled and self._can_perturb):
-            return self.base_layer(x)
+            return base_layer(x)
         # Under an accelerate hook the plan, which reads W, must run while the weight is loaded.
-        return hooked_call(self.base_layer, x, self._perturbed)
+        return hooked_call(base_layer, x, self._perturbed)
 
     def _perturbed(self, x: torch.Tensor, base_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if self.ctx.reuses_plan(self.cfg.decode_mode) and self.plan is not None and self._plan_fits(x.shape[0]):
-            out, plan = base_forward(x), self.plan
+        plan = self.plan
+        # The phase is tested first: a compiled prefill then never guards on whether a plan is stored,
+        # so a later prompt's prefill replays the same graph (tests/test_compile.py).
+        if self.ctx.reuses_plan(self.cfg.decode_mode) and plan is not None and self._plan_fits(plan, x.shape[0]):
+            # Frozen decode step: everything but x is fixed since the plan was built, so nothing is
+            # gathered or mixed per step.
+            y = (self._apply_folded(base_forward(x), x, plan) if self.folded_decode
+                 else self._apply_plan(base_forward(x), plan))
         else:
             base = (self.pair.base_output(self, x, base_forward) if self.pair is not None
                     else BaseOutput(base_forward(x)))
-            out, plan = base.out, self._build_plan(x, base)
+            plan = self._build_plan(x, base)
             self.plan = self._into_buffers(plan) if self.static_plans else plan
-        y = self._apply_plan(out, plan)
+            # A prefill reads its selection from the base output it already holds: a gather of K'
+            # values per token rather than a (d_in x R) product, and the plan's statistics saw the same h.
+            y = self._apply_plan(base.out, plan)
         if y.requires_grad and torch.is_grad_enabled():
             self._capture_gradient(y, self.ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
         return y
 
-    def _plan_fits(self, batch: int) -> bool:
+    def _plan_fits(self, plan: Plan, batch: int) -> bool:
         # Only a batch-scope plan is shared by every row; a per-sequence plan must match row for row.
-        if self.plan is None:
-            return False
-        return self.plan.batch == batch or (self.cfg.scope == "batch" and self.plan.batch == 1)
+        return plan.batch == batch or (self.cfg.scope == "batch" and plan.batch == 1)
 
     def _apply_plan(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
         b, t, _ = out.shape
@@ -206,6 +222,24 @@ class VPSLinear(nn.Module):
             return torch.baddbmm(out, h_sel, q)
         return out.baddbmm_(h_sel, q)  # the base output is ours alone: update it in place
 
+    def _apply_folded(self, out: torch.Tensor, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """``out + (x @ A) @ Q``: the stored plan applied with two ops (equal to `_apply_plan` up to
+        rounding, since ``x @ A = (W x)[out_idx] @ coef`` and the bias cancels).
+
+        The gather, the bias subtraction and the SC mixing of `_apply_plan` depend on the step only
+        through ``h = W x + b``; folding them into ``A`` when the plan was built leaves one (B, T, R)
+        product and the in-place update per decode step. A plan shared by a batch (scope="batch",
+        batch 1) broadcasts by views, which launch nothing.
+        """
+        a, q = plan.a_fold, plan.q
+        b = out.shape[0]
+        if a.shape[0] != b:
+            a, q = a.expand(b, -1, -1), q.expand(b, -1, -1)
+        t = torch.bmm(x, a)  # (B, T, R)
+        if torch.is_grad_enabled():  # q may carry the gain's autograd (refinement)
+            return torch.baddbmm(out, t, q)
+        return out.baddbmm_(t, q)
+
     def _into_buffers(self, plan: Plan) -> Plan:
         """``plan`` copied into this layer's tensors for its shape (allocated by the first plan of that
         shape), so that every later plan of the shape lives at the same addresses.
@@ -215,15 +249,17 @@ class VPSLinear(nn.Module):
         """
         if plan.q.requires_grad or torch.compiler.is_compiling():
             return plan
-        parts = (plan.out_idx, plan.coef, plan.q, plan.bias_sel)
-        key = tuple(None if t is None else (t.shape, t.dtype, t.device) for t in parts)
+        # The folded factor is held too: a captured decode step reads only a_fold and q.
+        parts = (plan.out_idx, plan.coef, plan.q, plan.a_fold, plan.bias_sel)
+        key = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in parts)
         held = self._plan_buffers.get(key)
         if held is None:
             held = Plan(plan.out_idx.clone(), None if plan.coef is None else plan.coef.clone(), plan.q.clone(),
-                        None if plan.bias_sel is None else plan.bias_sel.clone(), plan.selection, plan.decision)
+                        plan.a_fold.clone(), None if plan.bias_sel is None else plan.bias_sel.clone(),
+                        plan.selection, plan.decision)
             self._plan_buffers[key] = held
             return held
-        for mine, new in zip((held.out_idx, held.coef, held.q, held.bias_sel), parts, strict=True):
+        for mine, new in zip((held.out_idx, held.coef, held.q, held.a_fold, held.bias_sel), parts, strict=True):
             if mine is not None:  # the key holds which parts are None, so new is a tensor too
                 mine.copy_(cast(torch.Tensor, new))
         held.selection, held.decision = plan.selection, plan.decision
@@ -277,10 +313,19 @@ class VPSLinear(nn.Module):
             rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
             bias = self.bias
             bias_sel = None if bias is None else bias[sel.out_idx]
+            coef = sel.coef
+            if coef is not None and sel.ok is not None:
+                # A failed SC solve can leave non-finite coefficients. Its row of Q is zeroed, but
+                # NaN * 0 is NaN, so the row would not fall back to the base output (docs/design.md §8):
+                # its coefficients are zeroed here, once per plan, for every way the plan is applied.
+                coef = torch.where(sel.ok[:, None, None], coef, constant(0.0, coef.dtype, coef.device))
+            # A^T = V^T W, which the clip needs anyway; kept (as A) so that a frozen decode step applies
+            # the plan as (x @ A) @ Q. One-hot selectors: A^T is `rows` itself, no op.
+            a_t = input_factor_t(rows, coef)
         # Damping is the same series at -gamma: the first-order term flips sign, the order-2 term does not.
         g = -(decision.gamma * gain) if self.cfg.damping else decision.gamma * gain
-        q, ok = plan_matrix(rows, cols, sel.in_idx, sel.coef, decision.rank, decision.order, g,
-                            self.cfg.tau, self.cfg.resolved_order_bounds[1], sel.ok)
+        q, ok = plan_matrix(rows, cols, sel.in_idx, coef, decision.rank, decision.order, g,
+                            self.cfg.tau, self.cfg.resolved_order_bounds[1], sel.ok, a_t)
         if torch.compiler.is_compiling():
             # A growing Python list is a guard that fails every forward; in a graph the in-place add fuses.
             self._fallbacks.add_((~ok).sum())
@@ -288,7 +333,16 @@ class VPSLinear(nn.Module):
             self._oks.append(ok)
             if len(self._oks) >= 64:
                 self._fold_fallbacks()
-        return Plan(sel.out_idx, sel.coef, q if q.dtype == dtype else q.to(dtype), bias_sel, sel, decision)
+            if self.ctx.fallback_flags is not None:  # a per-sequence count was asked for (vps.count_fallbacks)
+                self.ctx.fallback_flags.append(ok)
+        with torch.no_grad():
+            # (B, d_in, R): a view, which bmm reads in its transposed layout without a copy. It is
+            # finite wherever the base output is (the coefficients were made finite above), so a row
+            # whose Q is zero adds exactly nothing.
+            a_fold = a_t.transpose(1, 2)
+            if a_fold.dtype != dtype:
+                a_fold = a_fold.to(dtype)
+        return Plan(sel.out_idx, coef, q if q.dtype == dtype else q.to(dtype), a_fold, bias_sel, sel, decision)
 
     def _fold_fallbacks(self) -> None:
         # Plans record their (B,) ok flags and the count is folded in batches: counting on every

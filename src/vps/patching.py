@@ -9,6 +9,7 @@ the same rules; ``layers`` keeps only modules inside the listed transformer bloc
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .config import VPSConfig
+from .config import VPSConfig, as_config
 from .context import VPSContext
 from .coupling import QKPair
 from .kv_cache import forward_call_reader
@@ -47,13 +48,18 @@ class PatchState:
     handles: list[Any] = field(default_factory=list)
 
 
-def patch(model: nn.Module, cfg: VPSConfig | None = None) -> nn.Module:
+def patch(model: nn.Module, cfg: VPSConfig | str | os.PathLike[str] | None = None, **overrides: Any) -> nn.Module:
     """Wrap the model's target linear layers with `VPSLinear`, in place; returns the model.
+
+    ``cfg`` is a `VPSConfig`, a path to its JSON file (`VPSConfig.save`) or to a directory holding
+    ``vps_config.json`` (`VPSConfig.save_pretrained`), or None for the seed defaults; keyword
+    ``overrides`` change fields of it (``vps.patch(model, rank=4)``; a misspelled name is refused with
+    the nearest field named).
 
     ``generate()`` keeps working; weights are never modified (the patched model's ``state_dict``
     keeps the original keys and values). Patching an already patched model raises `PatchError`.
     """
-    cfg = cfg if cfg is not None else VPSConfig()
+    cfg = as_config(cfg, **overrides)
     if is_patched(model):
         raise PatchError("model is already patched with VPS; call vps.unpatch(model) first")
     names = select_targets(model, cfg)
@@ -98,10 +104,11 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, cfg: VPSConfig | None = None) -> Iterator[nn.Module]:
+def patched(model: nn.Module, cfg: VPSConfig | str | os.PathLike[str] | None = None,
+            **overrides: Any) -> Iterator[nn.Module]:
     """``with vps.patched(model, cfg):`` - the model patched inside the block, restored exactly after it
-    (also when the block raises)."""
-    patch(model, cfg)
+    (also when the block raises). ``cfg`` and ``overrides`` are read as `patch` reads them."""
+    patch(model, cfg, **overrides)
     try:
         yield model
     finally:

@@ -9,17 +9,22 @@ the order-2 term, so that the perturbation of a base output ``h = W x`` is
 with ``S = diag(clip scales * rank mask)``, ``g = gamma * gain``, ``B^T = W[:, in_idx]^T`` and
 ``M = V^T W U`` (R x R): order 2 adds ``gamma^2 B M A^T`` (docs/design.md §1) at the price of one R x R
 product. Clipping scales the factors A and B, as the seed does, in both terms.
+
+A plan also holds ``A = W^T V`` itself (``a_fold``, d_in x R per sequence), the folded form of
+everything in front of ``Q``: ``h[out_idx] - b[out_idx] = W[out_idx] x``, so
+``((h[out_idx] - b[out_idx]) @ coef) @ Q = (x @ A) @ Q``. A forward that reuses a stored plan (frozen
+decoding) applies it as two thin products, ``out += (x @ A) @ Q``, instead of a gather, a bias
+subtraction and the SC mixing on every step (see `VPSLinear._apply_folded`).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from .builders import Selection
-from .dtypes import constant
+from .dtypes import cached_tensor, constant
 from .policy import Decision
 from .spectral import squared_clip_scales
 
@@ -31,6 +36,7 @@ class Plan:
     out_idx: torch.Tensor  # (B, K')
     coef: torch.Tensor | None  # (B, K', R) float32
     q: torch.Tensor  # (B, R, d_out) in the compute dtype
+    a_fold: torch.Tensor  # (B, d_in, R) A = W^T V in the compute dtype: x @ a_fold = (W x)[out_idx] @ coef
     bias_sel: torch.Tensor | None  # (B, K') bias at out_idx, to turn outputs back into W x
     selection: Selection
     decision: Decision
@@ -42,7 +48,8 @@ class Plan:
 
 def plan_matrix(rows: torch.Tensor, cols: torch.Tensor, in_idx: torch.Tensor, coef: torch.Tensor | None,
                 rank: torch.Tensor, order: torch.Tensor, gamma: torch.Tensor, tau: float, max_order: int,
-                selection_ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                selection_ok: torch.Tensor | None = None,
+                a_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan matrix ``Q`` (B, R, d_out) and a (B,) flag of the rows whose plan is usable.
 
     ``rows`` is ``W[out_idx]`` (B, K', d_in) and ``cols`` is ``W[:, in_idx]^T = B^T`` (B, R, d_out),
@@ -53,9 +60,12 @@ def plan_matrix(rows: torch.Tensor, cols: torch.Tensor, in_idx: torch.Tensor, co
 
     A row is not usable where ``selection_ok`` is False or its ``Q`` is not finite (a non-finite gain,
     norm, clip scale or weight all end there); such a row of ``Q`` is zero, so it adds nothing.
+
+    ``a_t`` is ``A^T`` (B, R, d_in) when the caller has formed it already (the layer keeps it for
+    frozen decoding, see `input_factor_t`); None forms it here from ``rows`` and ``coef``.
     """
     with torch.no_grad():
-        a = rows if coef is None else coef.transpose(1, 2) @ rows  # A^T: (B, R, d_in)
+        a = a_t if a_t is not None else input_factor_t(rows, coef)  # A^T: (B, R, d_in)
         # Clipping scales A_c and B_c by s_c each, so term c is scaled by s_c^2; components beyond
         # the decided rank get 0.
         norm_b = torch.linalg.vector_norm(cols, dim=-1)
@@ -84,12 +94,18 @@ def plan_matrix(rows: torch.Tensor, cols: torch.Tensor, in_idx: torch.Tensor, co
     return torch.where(ok[:, None, None], q, constant(0.0, q.dtype, q.device)), ok
 
 
+def input_factor_t(rows: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
+    """``A^T = V^T W`` (B, R, d_in) from the rows ``W[out_idx]`` (B, K', d_in) and their mixing ``coef``
+    (B, K', R); with one-hot selectors (``coef`` None) it is the rows themselves, no op at all."""
+    return rows if coef is None else coef.transpose(1, 2) @ rows
+
+
 def _finite(t: torch.Tensor) -> torch.Tensor:
     """Where ``t`` is finite: ``t - t`` is 0 there and NaN at a NaN or an infinity (two ops; isfinite is four)."""
     return (t - t) == 0
 
 
-@functools.lru_cache(maxsize=64)
+@cached_tensor
 def _positions(n: int, device: torch.device) -> torch.Tensor:
     """0, ..., n-1 (cached: every plan of a layer compares against the same positions)."""
     return torch.arange(n, device=device)

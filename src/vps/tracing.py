@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
-from .patching import vps_layers
+from .patching import get_context, vps_layers
 
 
 def trace(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -32,6 +35,44 @@ def trace(model: nn.Module) -> dict[str, dict[str, Any]]:
             )
         out[name] = row
     return out
+
+
+class FallbackCount:
+    """Per sequence, how many plans fell back to the base output inside a `count_fallbacks` block."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.per_sequence: list[int] = [0] * batch
+
+    def add(self, flags: list[torch.Tensor]) -> None:
+        for ok in flags:
+            missed = (~ok).to("cpu", torch.long)
+            if missed.numel() == 1:  # batch scope: one plan shared by every sequence
+                missed = missed.expand(self.batch)
+            elif missed.numel() != self.batch:
+                raise ValueError(f"count_fallbacks was opened for {self.batch} sequences, and a forward inside it "
+                                 f"ran {missed.numel()}")
+            self.per_sequence = [a + int(b) for a, b in zip(self.per_sequence, missed.tolist(), strict=True)]
+
+
+@contextlib.contextmanager
+def count_fallbacks(model: nn.Module, batch: int) -> Iterator[FallbackCount]:
+    """Count, per sequence of a ``batch``-row input, the plans that fell back to the base output in the block
+    (a layer whose selection or clip failed for that sequence; each forward that builds plans counts anew).
+
+    The evaluation rows carry it, so a "VPS" row that was mostly the base model says so. Eager forwards only:
+    a compiled forward counts into the layers' totals (`trace`), not here.
+    """
+    ctx = get_context(model)
+    if ctx.fallback_flags is not None:
+        raise RuntimeError("count_fallbacks blocks do not nest")
+    count = FallbackCount(batch)
+    ctx.fallback_flags = []
+    try:
+        yield count
+    finally:
+        flags, ctx.fallback_flags = ctx.fallback_flags, None
+    count.add(flags)
 
 
 def summarize(model: nn.Module) -> dict[str, Any]:

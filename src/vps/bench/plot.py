@@ -1,6 +1,7 @@
 """A picture of a `vps bench` result: each config's ratio to the unpatched model, per workload.
 
-One panel per workload (prefill shapes, decode batches, and peak memory where measured): a bar per
+One panel per workload (prefill shapes, decode batches, and peak memory where measured), laid out in a
+grid of at most `MAX_COLUMNS` panels per row so the picture stays readable at any number of workloads: a bar per
 configuration at its median ratio, a whisker from its fastest to its slowest round (each divided by the
 base's median, so the whisker shows how noisy the configuration's own rounds were), a dashed line at
 the issue's target where one applies, and a grey line at 1.0 (the unpatched model).
@@ -16,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_benchmark"]
+__all__ = ["MAX_COLUMNS", "plot_benchmark"]
+
+MAX_COLUMNS = 3  # panels per row of the grid
 
 
 def _panels(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -47,8 +50,14 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
     if not panels or not result["configs"]:
         raise ValueError("the benchmark result has no configuration to plot")
     n_cfg = len(result["configs"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.0 * n_cfg * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    cols = min(MAX_COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
+    # A panel's width grows with its bars (0.55 in each, with room for the axis); its height is fixed.
+    panel_w = max(3.0, 1.2 + 0.55 * n_cfg)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, 0.6 + 3.1 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
         names = [r[0] for r in panel["rows"]]
         ratios = [r[1] for r in panel["rows"]]
         xs = range(len(names))
@@ -63,17 +72,19 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> Path:
         for t in targets:
             ax.axhline(t, color="#c44", linestyle="--", linewidth=1, label=f"target {t:.2f}x")
         if targets:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
         ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(panel["title"], fontsize=9)
         lows = [r[2] for r in panel["rows"] if r[2] is not None] + ratios + [1.0]
         highs = [r[3] for r in panel["rows"] if r[3] is not None] + ratios + list(targets)
         ax.set_ylim(max(0.0, min(lows) - 0.1), max(highs) + 0.1)
-    axes[0][0].set_ylabel("ratio to the unpatched model")
+    for row in axes:
+        row[0].set_ylabel("ratio to unpatched", fontsize=8)
     m, md = result["machine"], result["model"]
+    quick = " [--quick: smoke test, no targets]" if result.get("settings", {}).get("quick") else ""
     fig.suptitle(f"vps bench: {md.get('name') or '(in-memory model)'}, {md['dtype']}, {m['device']} "
-                 f"({m['device_name']}), {m['threads']} thread(s); bar = median ratio, whisker = min-max round",
-                 fontsize=9)
+                 f"({m['device_name']}), {m['threads']} thread(s){quick}\n"
+                 "bar = median ratio, whisker = fastest-slowest round, dashed = target", fontsize=9)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .settings import TARGET_MEMORY
-
 __all__ = ["format_report"]
 
 
@@ -50,6 +48,8 @@ def _preamble(result: dict[str, Any]) -> list[str]:
     lines.append(f"base (unpatched) measured in this same process, interleaved with every config in rotating order "
                  f"after {st['warmup']} warm-up run(s); medians of {st['prefill_repeats']} (prefill) / "
                  f"{st['decode_repeats']} (decode) rounds{' [--quick sizes]' if st['quick'] else ''}")
+    if st["quick"]:
+        lines.append("--quick: a smoke test at tiny sizes, not a measurement: no target applies to its ratios")
     lines.append("cells: ratio vps/base (vps ms / base ms); decode = ms per token (decode steps only, "
                  f"{st['new_tokens']} new tokens after an untimed {st['prompt_tokens']}-token prefill); "
                  f"generate() = ms per new token of one greedy generate() call ({st['new_tokens']} new tokens, "
@@ -74,41 +74,72 @@ def _preamble(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _table(result: dict[str, Any]) -> list[str]:
-    """The ratio table: a column per workload and peak memory; rows target, base and one per config."""
+# The console table is split into blocks of columns (each repeating the config column) to stay this wide.
+TABLE_WIDTH = 120
+
+
+def _columns(result: dict[str, Any]) -> list[list[str]]:
+    """The ratio table as columns: config names, then one per workload and one for peak memory (where any
+    was measured). Each column is [header, target, base, one cell per config]."""
     workloads, base = result["workloads"], result["base"]
-    header = ["config"] + [w["label"] for w in workloads] + ["peak mem"]
-    targets = ["target"]
+    columns = [["config", "target", "base", *result["configs"]]]
     for w in workloads:
         t = w["target"]
-        targets.append("" if t is None else f"<= {t:.2f}x" + (" (frozen)" if w["frozen_only"] else ""))
-    targets.append(f"<= {TARGET_MEMORY:.2f}x")
-    base_row = ["base"]
-    for w in workloads:
         s = base["workloads"][w["key"]]
-        base_row.append(f"{_ms(s['median_s'])} ms" + ("/tok" if w["kind"] != "prefill" else "")
-                        + f" [{_ms(s['min_s'])}-{_ms(s['max_s'])}]")
+        column = [w["label"], "" if t is None else f"<= {t:.2f}x" + (" (frozen)" if w["frozen_only"] else ""),
+                  f"{_ms(s['median_s'])} ms" + ("/tok" if w["kind"] != "prefill" else "")
+                  + f" [{_ms(s['min_s'])}-{_ms(s['max_s'])}]"]
+        for entry in result["configs"].values():
+            c = entry["workloads"][w["key"]]
+            column.append(_cell(c["ratio"], c["median_s"], s["median_s"], c["pass"]))
+        columns.append(column)
     base_mem = base.get("memory")
-    base_row.append(f"{base_mem['peak_mb']:.0f} MB" if base_mem else "-")
-    rows = [header, targets, base_row]
-    for name, entry in result["configs"].items():
-        row = [name]
-        for w in workloads:
-            s = entry["workloads"][w["key"]]
-            row.append(_cell(s["ratio"], s["median_s"], base["workloads"][w["key"]]["median_s"], s["pass"]))
-        mem = entry.get("memory")
-        if mem and "ratio" in mem:
-            row.append(f"{mem['ratio']:.3f}x ({mem['peak_mb']:.0f}/{base_mem['peak_mb']:.0f} MB)"
-                       + (" PASS" if mem["pass"] else " FAIL"))
-        else:
-            row.append("-")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append(" | ".join(c.ljust(widths[j]) for j, c in enumerate(r)).rstrip())
-        if i == 1:
-            lines.append("-+-".join("-" * wd for wd in widths))
+    mems = [e.get("memory") for e in result["configs"].values()]
+    if base_mem or any(mems):
+        targets = {m["target"] for m in mems if m and m.get("target") is not None}
+        column = ["peak mem", " / ".join(f"<= {t:.2f}x" for t in sorted(targets)),
+                  f"{base_mem['peak_mb']:.0f} MB" if base_mem else "-"]
+        for mem in mems:
+            if mem and "ratio" in mem and base_mem:
+                mark = "" if mem.get("pass") is None else (" PASS" if mem["pass"] else " FAIL")
+                column.append(f"{mem['ratio']:.3f}x ({mem['peak_mb']:.0f}/{base_mem['peak_mb']:.0f} MB){mark}")
+            else:
+                column.append("-")
+        columns.append(column)
+    return columns
+
+
+def _blocks(widths: list[int], limit: int) -> list[list[int]]:
+    """Column indices (after the first, which every block repeats) packed into blocks whose lines fit ``limit``;
+    a column wider than ``limit`` on its own gets a block of its own."""
+    blocks: list[list[int]] = []
+    line = limit + 1  # forces a new block for the first column
+    for i in range(1, len(widths)):
+        if line + 3 + widths[i] > limit:
+            blocks.append([])
+            line = widths[0]
+        blocks[-1].append(i)
+        line += 3 + widths[i]
+    return blocks
+
+
+def _table(result: dict[str, Any], limit: int = TABLE_WIDTH) -> list[str]:
+    """The ratio table: a column per workload and peak memory; rows target (only where a target applies), base
+    and one per config; split into blocks of columns no wider than ``limit`` characters."""
+    columns = _columns(result)
+    widths = [max(len(cell) for cell in column) for column in columns]
+    lines: list[str] = []
+    for block in _blocks(widths, limit):
+        shown = [0, *block]
+        with_target = any(columns[i][1] for i in block)
+        if lines:
+            lines.append("")
+        for row in range(len(columns[0])):
+            if row == 1 and not with_target:
+                continue
+            lines.append(" | ".join(columns[i][row].ljust(widths[i]) for i in shown).rstrip())
+            if row == (1 if with_target else 0):
+                lines.append("-+-".join("-" * widths[i] for i in shown))
     return lines
 
 
@@ -147,7 +178,8 @@ def _compile_lines(result: dict[str, Any]) -> list[str]:
         ratio = f" ({c['ratio']:.2f}x)" if c["ratio"] is not None else ""
         parts.append(f"{name} {c['compile_s']:.1f} s{ratio}")
     lines = ["compile time (dynamo + inductor, every shape of the warm-up rounds; ratio to base): " + "; ".join(parts)]
-    timed = {"base": comp.get("timed_base_compile_s", 0.0)} | {n: c["timed_compile_s"] for n, c in comp["configs"].items()}
+    timed = {"base": comp.get("timed_base_compile_s", 0.0)}
+    timed |= {n: c["timed_compile_s"] for n, c in comp["configs"].items()}
     if late := {n: s for n, s in timed.items() if s > 0}:
         lines.append("WARNING: compilation inside timed rounds (a recompile), those figures include it: "
                      + ", ".join(f"{n} {s:.1f} s" for n, s in late.items()))
@@ -157,5 +189,6 @@ def _compile_lines(result: dict[str, Any]) -> list[str]:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """Machine info, the ratio table with targets, compile times when compiled, and how to read it."""
+    """Machine info, the ratio table (with targets where they apply, in blocks of at most `TABLE_WIDTH`
+    columns), compile times when compiled, and how to read it."""
     return "\n".join([*_preamble(result), "", *_table(result), "", *_compile_lines(result), *_notes(result)])

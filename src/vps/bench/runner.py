@@ -23,7 +23,7 @@ from ..patching import is_patched, patch, patched, reuse_selection
 from .fingerprint import code_fingerprint, loadavg, machine_info, model_info
 from .memory import cuda_peak, memory_method, run_probe
 from .presets import is_floor, make_config, resolve_configs
-from .settings import TARGET_MEMORY, BenchSettings, Workload
+from .settings import BenchSettings, Workload
 from .timing import make_inputs, time_decode, time_generate, time_prefill
 
 __all__ = ["SCHEMA", "run_benchmark"]
@@ -197,26 +197,28 @@ def _workload_entry(w: Workload, vps_s: list[float], base_s: list[float], base_m
     return s
 
 
-def _memory_entry(mem: dict[str, Any] | None, base_mem: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A config's memory figures plus their ratios to base and the target verdict (as is where either is missing)."""
+def _memory_entry(mem: dict[str, Any] | None, base_mem: dict[str, Any] | None,
+                  target: float | None) -> dict[str, Any] | None:
+    """A config's memory figures plus their ratios to base and the target verdict (as is where either is missing;
+    no verdict without a target)."""
     if mem is None or base_mem is None:
         return mem
     mem = dict(mem, ratio=mem["peak_mb"] / base_mem["peak_mb"],
                workload_ratio=mem["workload_mb"] / base_mem["workload_mb"] if base_mem["workload_mb"] > 0 else None,
-               target=TARGET_MEMORY)
-    mem["pass"] = bool(mem["ratio"] <= TARGET_MEMORY)
+               target=target)
+    mem["pass"] = None if target is None else bool(mem["ratio"] <= target)
     return mem
 
 
 def _config_entry(name: str, cfg: VPSConfig, overrides: dict[str, Any], floor: bool, workloads: list[Workload],
                   samples: dict[str, Samples], base: dict[str, dict[str, Any]],
-                  memory: dict[str | None, dict[str, Any]]) -> dict[str, Any]:
+                  memory: dict[str | None, dict[str, Any]], memory_target: float | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"overrides": overrides, "config": cfg.to_dict(), "plan_reuse": floor, "workloads": {}}
     for w in workloads:
         target = None if floor else w.target_for(cfg)
         entry["workloads"][w.key] = _workload_entry(w, samples[w.key][name], samples[w.key][None],
                                                     base[w.key]["median_s"], target)
-    entry["memory"] = _memory_entry(memory.get(name), memory.get(None))
+    entry["memory"] = _memory_entry(memory.get(name), memory.get(None), memory_target)
     return entry
 
 
@@ -315,10 +317,12 @@ def run_benchmark(
             "disabled" if not settings.memory
             else "CPU memory is measured in an eager subprocess: run without --compile for it" if settings.compile
             else "CPU memory needs a model_spec (a model a subprocess can load)"),
-        "compile": None if not settings.compile else _compile_entry(variants, settings, compiled_graphs() - graphs_before),
+        "compile": (None if not settings.compile
+                    else _compile_entry(variants, settings, compiled_graphs() - graphs_before)),
         "memory_error": memory_error if do_memory else None,
         "base": {"workloads": base, "memory": memory.get(None)},
-        "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory)
+        "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory,
+                                        settings.memory_target)
                     for name, cfg in built.items()},
     }
     result["machine"].update(_load_info(load_start, load_samples))

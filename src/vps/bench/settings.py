@@ -11,8 +11,9 @@ from ..config import VPSConfig
 __all__ = ["TARGET_DECODE_B1", "TARGET_MEMORY", "TARGET_PREFILL_BATCH", "TARGET_PREFILL_LONG", "WORKLOAD_KINDS",
            "BenchSettings", "Workload"]
 
-# The overhead targets of BENCHMARKS.md (ratios to the unpatched model). Prefill targets belong to workload roles, so
-# that --quick sizes keep them: the first prefill shape is "one long sequence", the second "a batch".
+# The overhead targets of BENCHMARKS.md (ratios to the unpatched model). Prefill targets belong to workload roles (the
+# first prefill shape is "one long sequence", the second "a batch") of a measurement; --quick sizes are a smoke test
+# whose ratios say nothing about them, so a quick run has no target.
 TARGET_PREFILL_LONG = 1.10  # batch 1 x 512
 TARGET_PREFILL_BATCH = 1.05  # batch 8 x 128
 TARGET_DECODE_B1 = 1.15  # frozen decode, time per token at batch 1 (the decode loop and generate() alike)
@@ -101,16 +102,24 @@ class BenchSettings:
                 b < 1 for b in [*self.decode_batches, *self.generate_batches]):
             raise ValueError("batch sizes and token counts must be >= 1")
 
+    @property
+    def memory_target(self) -> float | None:
+        """The peak-memory target of this run (None for a --quick run: no target applies to it)."""
+        return None if self.quick else TARGET_MEMORY
+
     def workloads(self) -> list[Workload]:
-        """The workloads of the selected kinds, in run order: prefill shapes, decode batches, generate batches."""
+        """The workloads of the selected kinds, in run order: prefill shapes, decode batches, generate batches
+        (without targets in a --quick run)."""
+        prefill = () if self.quick else (TARGET_PREFILL_LONG, TARGET_PREFILL_BATCH)
+        decode = None if self.quick else TARGET_DECODE_B1
         out = []
         for i, (b, t) in enumerate(self.prefill_shapes):
-            target = (TARGET_PREFILL_LONG, TARGET_PREFILL_BATCH)[i] if i < 2 else None
-            out.append(Workload("prefill", b, t, repeats=self.prefill_repeats, target=target))
+            out.append(Workload("prefill", b, t, repeats=self.prefill_repeats,
+                                target=prefill[i] if i < len(prefill) else None))
         for i, b in enumerate(self.decode_batches):
             out.append(Workload("decode", b, self.prompt_tokens, self.new_tokens, repeats=self.decode_repeats,
-                                target=TARGET_DECODE_B1 if i == 0 else None, frozen_only=True))
+                                target=decode if i == 0 else None, frozen_only=True))
         for i, b in enumerate(self.generate_batches):
             out.append(Workload("generate", b, self.prompt_tokens, self.new_tokens, repeats=self.decode_repeats,
-                                target=TARGET_DECODE_B1 if i == 0 else None, frozen_only=True))
+                                target=decode if i == 0 else None, frozen_only=True))
         return [w for w in out if w.kind in self.kinds]

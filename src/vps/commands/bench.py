@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..compiling import COMPILE_MODES
-from .common import add_model_arguments, load
+from .common import add_model_arguments, check_threads, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test, not a measurement")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and 2 rounds: a smoke test, not a measurement (so no target applies)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="compile the base and every config the same way (torch.compile fullgraph; MODE: "
@@ -42,6 +43,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "decode step (batch 1) with the first config; top 15 torch ops and Python functions")
 
 
+def check_output_file(flag: str, path: Path) -> None:
+    """Refuse, naming ``flag``, an output path that is a directory or lies below a file (ValueError)."""
+    if str(path).strip() == "":
+        raise ValueError(f"{flag} must name a file, got an empty value")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file in it")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -51,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     configs = resolve_configs(args.configs)  # fail on a bad config before loading anything
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    for flag, value in (("--out", args.out), ("--plot", args.plot)):
+        if value:  # a path that cannot be written would lose the whole benchmark after it ran
+            check_output_file(flag, Path(value))
+    check_threads(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     make = BenchSettings.quick_settings if args.quick else BenchSettings
     kinds = tuple(k.strip() for k in args.workloads.split(",") if k.strip())

@@ -70,7 +70,8 @@ def set_threads(args: argparse.Namespace) -> None:
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("VPS configuration (defaults: the seed's)")
     g.add_argument("--config", default=None,
-                   help="VPSConfig JSON file (written by VPSConfig.save); the flags below override its fields")
+                   help="VPSConfig JSON file (VPSConfig.save) or a directory holding vps_config.json "
+                        "(VPSConfig.save_pretrained); the flags below override its fields")
     g.add_argument("--rank", type=int,
                    help=f"rank r of the perturbation (the policy's upper bound; default {_SEED.rank})")
     g.add_argument("--topk", type=int,

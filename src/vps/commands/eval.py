@@ -41,16 +41,22 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     p.add_argument("--methods", default="base,vps",
-                   help=f"comma-separated, from {', '.join(METHODS)} (default base,vps); refine-oracle reads "
-                        f"the gold answer and is labelled ORACLE")
+                   help=f"comma-separated, from {method_choices()} (default base,vps); K is the number of "
+                        f"sampled completions a majority vote counts (e.g. maj@4); refine-oracle reads the gold "
+                        f"answer and is labelled ORACLE")
     add_run_arguments(p)
     add_config_arguments(p)
+
+
+def method_choices() -> str:
+    """The ``--methods`` names as they are written: the majority votes with their ``@K``."""
+    return ", ".join(m + "@K" if m in VOTE_METHODS else m for m in METHODS)
 
 
 def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
     """``--methods`` -> specs; ``maj@K`` / ``vps-maj@K`` are majority votes over K sampled completions."""
     names = [m.strip() for m in text.split(",") if m.strip()]
-    choices = ", ".join(m + "@K" if m in VOTE_METHODS else m for m in METHODS)
+    choices = method_choices()
     parsed = []
     for name in names:
         method, at, k = name.partition("@")

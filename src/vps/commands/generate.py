@@ -7,7 +7,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..compiling import COMPILE_MODES, check_mode
 from ..prompting import CHAT_STYLES, PromptFormat
@@ -20,6 +20,8 @@ from .common import (
     set_threads,
 )
 
+if TYPE_CHECKING:
+    from ..config import VPSConfig
 
 # What a user waits for at the first compiled generate(), as measured (compile time grows with the depth).
 COMPILE_SCALE = ("expect minutes: the bundled 30-block SmolLM2-135M took about 8 min on 2 CPU cores (issue #31), a "
@@ -75,13 +77,31 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
-    cfg = config_from_args(args) if args.mode != "base" else None  # a bad VPS flag fails before loading
+    cfg: VPSConfig | None = config_from_args(args)  # a bad VPS flag fails before loading, whatever the mode
+    if args.mode == "base":
+        given = [flag for flag, value in (("--config", args.config), ("--rank", args.rank), ("--topk", args.topk),
+                                          ("--gamma", args.gamma), ("--tau", args.tau), ("--builder", args.builder),
+                                          ("--order", args.order), ("--decode-mode", args.decode_mode),
+                                          ("--no-qk-coupling", args.no_qk_coupling), ("--fixed", args.fixed))
+                 if value not in (None, False)]
+        if given:
+            raise ValueError(f"--no-vps generates with the unpatched model, so {', '.join(given)} would do nothing; "
+                             f"drop it, or use --compare to see both")
+        cfg = None
     if args.compile is not None:
         check_mode(args.compile)
     set_threads(args)
     model, tok = load(args)
     print(f"[model loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s]", file=sys.stderr)
     prompt = PromptFormat(args.prompt, args.system).render(tok, args.question)
+    from ..evaluation.harness import model_context
+
+    context, n_prompt = model_context(model), len(tok(prompt, add_special_tokens=False)["input_ids"])
+    if context is not None and n_prompt + args.max_new_tokens > context:
+        # Refused rather than run: a prompt past the context runs for minutes in one uninterruptible prefill.
+        raise ValueError(f"the prompt is {n_prompt:,} tokens and --max-new-tokens {args.max_new_tokens:,} adds more, "
+                         f"beyond the model's context of {context:,} tokens; shorten the question or lower "
+                         f"--max-new-tokens")
     if cfg is not None:
         patch(model, cfg)
     if args.compile is not None:

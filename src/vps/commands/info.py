@@ -1,4 +1,4 @@
-"""``vps info``: versions, model cache and which models are cached."""
+"""``vps info``: versions, model cache, which models are cached and where GSM8K data is read from."""
 
 from __future__ import annotations
 
@@ -31,8 +31,29 @@ def run(args: argparse.Namespace) -> int:
         # Entries made before the bundled GGUFs were pinned, and local GGUFs, record no digest.
         digest = f"gguf sha256 {m['gguf_sha256']}" if m.get("gguf_sha256") else "gguf sha256 not recorded"
         print(f"  {m['name']}: {m['path']} ({m['size_bytes'] / 1e6:.0f} MB, {digest})")
+    for line in data_lines():
+        print(line)
     if args.time_load:
         start = time.perf_counter()
         load_model()
         print(f"default model load: {time.perf_counter() - start:.2f} s")
     return 0
+
+
+def data_lines() -> list[str]:
+    """Where ``gsm8k:test`` / ``gsm8k:train`` (``vps eval --data``, ``vps tune``, lm-eval's ``gsm8k_local``)
+    are read from, resolved exactly as those commands resolve them (`vps.evaluation.data.gsm8k_path`)."""
+    import os
+
+    from ..evaluation.data import DATA_DIR_ENV, GSM8K_SPLITS, gsm8k_path
+
+    override = os.environ.get(DATA_DIR_ENV)
+    how = (f"${DATA_DIR_ENV}={override}" if override else
+           f"{DATA_DIR_ENV} not set: the first shared/data/gsm8k above the working directory, then above the package")
+    lines = [f"data (gsm8k:<split>): {how}"]
+    for split in GSM8K_SPLITS:
+        try:
+            lines.append(f"  {split}: {gsm8k_path(split)}")
+        except FileNotFoundError as exc:
+            lines.append(f"  {split}: not found ({exc})")
+    return lines

@@ -76,6 +76,14 @@ def _check(args: argparse.Namespace) -> None:
                              ("--prune-startup", args.prune_startup, 0), ("--prune-warmup", args.prune_warmup, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    # The same bounds as vps eval's (its run settings say why), checked before the study writes anything.
+    from ..evaluation.harness import MAX_SHOTS
+    from ..refinement.config import MAX_SEED
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be a whole number in [0, 2**63 - 1], got {args.seed}")
+    if args.shots > MAX_SHOTS:
+        raise ValueError(f"--shots must be in [1, {MAX_SHOTS}], got {args.shots}")
     check_threads(args)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if objectives not in (["nll"], ["nll", "overhead"]):

@@ -8,11 +8,18 @@ A patched entry may also name a `VPSConfig` file under ``config`` (as ``vps eval
 e.g. the ``best.json`` of a `vps tune` study; a relative path is read from the grid file's folder):
 its other keys then override that file instead of the defaults.
 Every error names the file, the configuration and the offending key.
+
+Some entries cannot differ from another for their method: outside refinement no gradient is captured
+and no outcome is recorded, so the fields that act only through those (L-BFGS, the improvement
+history, the gradient step) are inert, Hybrid runs SK, and SK reads none of SC's fields (top-k,
+alpha). `equivalent_entries` finds them from the configurations themselves, so `vps ablate` can skip
+an entry whose rows would repeat another's.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,11 +27,12 @@ from typing import Any
 
 import yaml
 
+from .. import strict_yaml
 from ..config import ConfigError, VPSConfig
 from ..refinement.config import MAX_SAMPLES
 
-__all__ = ["METHODS", "REFINE_METHODS", "VOTE_METHODS", "GridEntry", "GridError", "MethodSpec", "default_grid_path",
-           "load_grid", "parse_grid"]
+__all__ = ["METHODS", "REFINE_METHODS", "VOTE_METHODS", "Equivalence", "GridEntry", "GridError", "MethodSpec",
+           "acting_config", "default_grid_path", "equivalent_entries", "load_grid", "parse_grid"]
 
 METHODS = ("base", "vps", "refine-self", "refine-oracle", "maj", "vps-maj")
 VOTE_METHODS = ("maj", "vps-maj")  # majority vote over k sampled completions (unpatched / patched)
@@ -113,7 +121,7 @@ def load_grid(path: str | Path | None = None, base: VPSConfig | None = None) -> 
     except FileNotFoundError:
         raise GridError(f"grid file {path} does not exist") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else strict_yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise GridError(f"grid file {path} cannot be parsed: {exc}") from None
     return parse_grid(data, base=base, source=str(path), root=path.parent)
@@ -196,3 +204,101 @@ def _config_file(value: Any, root: Path | None, where: str) -> VPSConfig:
         return VPSConfig.load(path)
     except ConfigError as exc:
         raise GridError(f"{where}: key 'config': {exc}") from None
+
+
+# Fields that act only inside the refinement loop, with why: outside it no gradient is captured (vps.layer fills
+# gradients only in refinement's backward pass) and no outcome is fed to the policy (`update_outcome`).
+_REFINEMENT_ONLY: dict[str, str] = {
+    "lbfgs_enabled": "L-BFGS preconditions refinement's gain steps",
+    "lbfgs_m": "L-BFGS preconditions refinement's gain steps",
+    "lbfgs_scale": "it scales refinement's gain steps",
+    "grad_eta": "it moves SC's target against a gradient, which only refinement captures",
+    "history_size": "the improvement history holds refinement's outcomes",
+    "history_step": "the improvement history holds refinement's outcomes",
+}
+# Fields read only by the SC builder (its ridge coupling on the top-k candidates). SK takes the R best features of a
+# ranking whose order does not depend on how many candidates are ranked, so none of these changes its selectors.
+_SC_ONLY: dict[str, str] = {
+    "topk": "top-k sizes only SC's candidate pool",
+    "topk_bounds": "top-k sizes only SC's candidate pool",
+    "adaptive_topk": "top-k sizes only SC's candidate pool",
+    "alpha": "alpha regularises only SC's ridge solve",
+}
+
+
+def _gradient_free(spec: MethodSpec) -> bool:
+    """Whether ``spec``'s method runs without a captured gradient (every patched method but refinement)."""
+    return spec.patched and not spec.refines
+
+
+def acting_config(spec: MethodSpec) -> dict[str, Any] | None:
+    """The fields of ``spec``'s configuration that can change its outputs, builder as the one that runs;
+    None for an unpatched method.
+
+    A refinement method captures gradients, so every field acts. Any other patched method has none:
+    the refinement-only fields drop out, ``hybrid`` is written as ``sk`` (Hybrid builds SC exactly where a
+    gradient was captured), and with SK the SC-only fields drop out too. ``version`` never acts.
+    """
+    if spec.config is None:
+        return None
+    fields = spec.config.to_dict()
+    fields.pop("version", None)
+    if not _gradient_free(spec):
+        return fields
+    for name in _REFINEMENT_ONLY:
+        fields.pop(name, None)
+    if fields["builder"] == "hybrid":
+        fields["builder"] = "sk"
+    if fields["builder"] == "sk":
+        for name in _SC_ONLY:
+            fields.pop(name, None)
+    return fields
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """A grid entry whose rows cannot differ from those of the earlier entry ``same_as`` (same method, same
+    acting configuration); ``why`` says, field by field, why their configurations differ in name only."""
+
+    same_as: str
+    why: str
+
+
+def _why_inert(spec: MethodSpec, other: MethodSpec) -> str:
+    """Why the fields on which two equivalent entries' configurations differ do not act for ``spec``'s method."""
+    mine = spec.config.to_dict() if spec.config is not None else {}
+    theirs = other.config.to_dict() if other.config is not None else {}
+    differing = [k for k in mine if k != "version" and mine[k] != theirs[k]]
+    if not differing:
+        return "the same configuration"
+    reasons = []
+    for name in differing:
+        if name == "builder":
+            reasons.append(f"builders {theirs[name]} and {mine[name]} both run SK without a gradient "
+                           f"({spec.method} captures none)")
+        elif name in _REFINEMENT_ONLY:
+            reasons.append(f"{name} acts only in refinement ({_REFINEMENT_ONLY[name]})")
+        else:
+            reasons.append(f"{name} does not act under SK ({_SC_ONLY[name]})")
+    return "; ".join(reasons)
+
+
+def equivalent_entries(specs: Sequence[MethodSpec]) -> dict[str, Equivalence]:
+    """The patched entries of ``specs`` whose outputs cannot differ from an earlier entry's, by name.
+
+    Two entries are equivalent when they run the same method (and number of votes) and their
+    `acting_config` is the same; the first of each such group in grid order is the one kept. Unpatched
+    entries are never marked (the baseline always runs).
+    """
+    first: dict[str, MethodSpec] = {}
+    out: dict[str, Equivalence] = {}
+    for spec in specs:
+        acting = acting_config(spec)
+        if acting is None:
+            continue
+        key = json.dumps([spec.method, spec.votes, acting], sort_keys=True)
+        if key in first:
+            out[spec.name] = Equivalence(first[key].name, _why_inert(spec, first[key]))
+        else:
+            first[key] = spec
+    return out

@@ -251,7 +251,7 @@ def load_items(
     items: list[Item] = []
     skipped: list[tuple[int, str]] = []
     first_line_of_id: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import strict_yaml
 from .report import REPORT_MD, REPORT_PNG, write_report
 from .rundir import RESULTS_FILE, RUN_FILE
 
@@ -51,9 +52,7 @@ def load_index(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".json":
         data = json.loads(text)
     else:
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = strict_yaml.safe_load(text)
     if not isinstance(data, dict) or not isinstance(data.get("sections"), list):
         raise ResultsIndexError(f"{path}: expected a mapping with a 'sections' list")
     for i, sec in enumerate(data["sections"]):
@@ -215,6 +214,12 @@ def _tune_section(sec: dict[str, Any], path: Path, run_dir: str) -> tuple[str, l
     return f"- **{title}**: {line}.", body
 
 
+# What the verdicts above cost: BENCHMARKS.md opens with the ratios and the commands that measured them. The link is
+# relative, for a RESULTS.md written beside BENCHMARKS.md at the repository root (as the README's command does).
+COST_LINE = ("What it costs: prefill, decode and peak-memory ratios to the unpatched model on CPU and GPU, each with "
+             "its command, are in [BENCHMARKS.md, Cost at a glance](BENCHMARKS.md#cost-at-a-glance).")
+
+
 def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
     """The RESULTS.md text for ``index``; run directories are relative to ``root``."""
     root = Path(root)
@@ -264,7 +269,7 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
                   " where one was confirmed)", "",
                   "Generated from the runs marked for each model below: an accuracy effect counts when McNemar's "
                   "p < 0.05, an NLL effect when its 95% interval excludes 0.", "",
-                  *[f"- {verdict(m, ev, tuned.get(m))}" for m, ev in evidence.items()], ""]
+                  *[f"- {verdict(m, ev, tuned.get(m))}" for m, ev in evidence.items()], "", COST_LINE, ""]
     parts += ["## Summary", "", "Each line is generated from the run's statistics (paired with the baseline "
               "on the same items; 95% intervals).", "", *summary_lines, "", *body]
     return "\n".join(parts).rstrip() + "\n"

@@ -39,7 +39,8 @@ from typing import Any, TypeVar
 
 from .rundir import RunDir, RunLockedError
 
-__all__ = ["DistributedError", "Shard", "World", "rank_device", "rank_session", "shard_items", "world_from_env"]
+__all__ = ["DistributedError", "Shard", "World", "lone_launch_warning", "rank_device", "rank_session", "shard_items",
+           "world_from_env"]
 
 T = TypeVar("T")
 
@@ -104,6 +105,27 @@ def world_from_env(environ: Mapping[str, str] | None = None) -> World:
     if local is not None and local < 0:
         raise DistributedError(f"LOCAL_RANK must be >= 0, got {local}")
     return World(rank=rank, size=size, local_rank=rank if local is None else local)
+
+
+def lone_launch_warning(command: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """One line saying that a launcher was asked for several processes but started this one alone, with the
+    launches that do start them; None when that is not the case.
+
+    ``accelerate launch --cpu --num_processes N`` (and ``--num_processes N`` on a machine with fewer than
+    two GPUs) uses accelerate's single-process launcher: it starts one process and sets no ``WORLD_SIZE``
+    or ``RANK``, so `world_from_env` sees a single process and the run is not sharded. That launcher is
+    the one that sets ``ACCELERATE_USE_CPU`` (accelerate's multi-process launcher does not), and it sets
+    ``MASTER_ADDR`` only when more than one process was asked for: the two together, without
+    ``WORLD_SIZE``, are that case. ``command`` is the vps subcommand the recipe names.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env or "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env:
+        return None
+    return (f"accelerate launch was asked for several processes but started this one alone (its single-process "
+            f"launcher, used with --cpu or without --multi_gpu, sets no WORLD_SIZE), so this run is not sharded; "
+            f"for N processes run `accelerate launch --multi_gpu --num_processes N -m vps {command} ...` (without "
+            f"--cpu: on a machine without GPUs each process runs on the CPU) or `torchrun --nproc_per_node N -m vps "
+            f"{command} ...`")
 
 
 def shard_items(items: Sequence[T], rank: int, size: int) -> list[T]:

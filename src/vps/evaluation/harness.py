@@ -22,7 +22,9 @@ used at test time), ``prompt``, ``output`` (for refine methods, the text the loo
 extraction mode, for every method alike), ``gold`` (number, or text for a non-numeric gold) and ``gold_text``,
 ``correct``, ``tokens`` (generated), ``seconds`` (this item's share of its batch's wall time for
 generation, or for the NLL pass in NLL-only runs), ``nll`` (mean NLL per gold-solution token),
-``nll_tokens``, ``nll_seconds``, ``batch_size``; refine rows add ``refine`` (the loop's trace).
+``nll_tokens``, ``nll_seconds``, ``batch_size``; refine rows add ``refine`` (the loop's trace); rows of a
+patched base-or-vps configuration add ``fallbacks`` (plans of that item that fell back to the base output,
+summed over layers and forwards; rows written before it was recorded lack it).
 """
 
 from __future__ import annotations
@@ -420,8 +422,9 @@ def preflight(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence
             continue
         added = max(settings.max_new_tokens if settings.generate else 0, n_answer if settings.nll else 0)
         if n + added > context:
-            adds = " and ".join(part for part, on in ((f"--max-new-tokens {settings.max_new_tokens}", settings.generate),
-                                                      (f"its gold solution ({n_answer} tokens)", settings.nll)) if on)
+            parts = ((f"--max-new-tokens {settings.max_new_tokens}", settings.generate),
+                     (f"its gold solution ({n_answer} tokens)", settings.nll))
+            adds = " and ".join(part for part, on in parts if on)
             raise ValueError(f"item {it.id!r}: its prompt is {n:,} tokens, and {adds} take it beyond the model's "
                              f"context of {context:,} tokens; shorten the question, lower --max-new-tokens"
                              + (" or --shots" if settings.prompt == "fewshot" else ""))
@@ -615,13 +618,15 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
     """One batch of base or vps: batched generation, then the gold-solution NLL."""
     texts = [prompts[it.id] for it in batch]
     rows = [_base_row(it, spec, prompts[it.id], len(batch)) for it in batch]
+    fallbacks = [0] * len(batch)
     if settings.generate:
         if spec.patched:
             reset_state(model)
         start = clock()
-        outputs, counts = generate_fn(model, tokenizer, texts, max_new_tokens=settings.max_new_tokens,
-                                      temperature=settings.temperature, seed=settings.seed,
-                                      stop_strings=settings.stop_strings)
+        with _counting_fallbacks(model, spec, len(batch), fallbacks):
+            outputs, counts = generate_fn(model, tokenizer, texts, max_new_tokens=settings.max_new_tokens,
+                                          temperature=settings.temperature, seed=settings.seed,
+                                          stop_strings=settings.stop_strings)
         share = (clock() - start) / len(batch)
         for row, it, out, n in zip(rows, batch, outputs, counts, strict=True):
             _score(row, it, out, extract_answer(out, settings.extract_mode))
@@ -630,14 +635,33 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
         if spec.patched:
             reset_state(model)
         start = clock()
-        scores = solution_nll(model, tokenizer, texts, [solution_prefix + it.answer for it in batch],
-                              scoring=scoring)
+        with _counting_fallbacks(model, spec, len(batch), fallbacks):
+            scores = solution_nll(model, tokenizer, texts, [solution_prefix + it.answer for it in batch],
+                                  scoring=scoring)
         share = (clock() - start) / len(batch)
         for row, s in zip(rows, scores, strict=True):
             row.update(nll=_finite(s.nll), nll_tokens=s.tokens, nll_seconds=share)
             if not settings.generate:
                 row["seconds"] = share
+    if spec.patched:
+        for row, n in zip(rows, fallbacks, strict=True):
+            row["fallbacks"] = n
     return rows
+
+
+@contextlib.contextmanager
+def _counting_fallbacks(model: Any, spec: MethodSpec, batch: int, into: list[int]) -> Iterator[None]:
+    """For a patched spec, add each item's fallbacks to the base output (`vps.tracing.count_fallbacks`)
+    in the block to ``into``; nothing for the unpatched model."""
+    if not spec.patched:
+        yield
+        return
+    from ..tracing import count_fallbacks
+
+    with count_fallbacks(model, batch) as count:
+        yield
+    for i, n in enumerate(count.per_sequence):
+        into[i] += n
 
 
 def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],

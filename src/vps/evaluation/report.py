@@ -134,6 +134,10 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
             "nll_seconds_mean": _mean([r["nll_seconds"] for r in crow if r.get("nll_seconds") is not None]),
             "vs_baseline": None, "vs_reference": None,
         }
+        counted = [r["fallbacks"] for r in crow if isinstance(r.get("fallbacks"), int)]
+        if counted:  # only rows written since fallbacks were recorded carry them; other summaries stay as they were
+            entry["fallbacks"] = {"rows": len(counted), "items_with_any": sum(n > 0 for n in counted),
+                                  "total": sum(counted)}
         for key, ref in (("vs_baseline", baseline), ("vs_reference", reference)):
             if ref is not None and name not in (baseline, ref) and by_config.get(ref):
                 stats = pair_stats(by_config[ref], crow, seed=seed)
@@ -200,7 +204,30 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(summary: dict[str, Any]) -> str:
+def configuration_lines(configs: dict[str, Any]) -> list[str]:
+    """report.md's account of the VPS configuration each patched method used: the `VPSConfig` fields it sets
+    away from the defaults (values as JSON), or that it is the defaults; empty when no method is patched.
+
+    ``configs`` is run.json's ``configs``. A field missing from a stored configuration (a run written before
+    the field existed) took its default, as a resume does, so it is not named.
+    """
+    from ..config import VPSConfig
+
+    defaults = VPSConfig().to_dict()
+    patched = {name: spec["config"] for name, spec in configs.items() if spec.get("config") is not None}
+    if not patched:
+        return []
+    lines = ["- **VPS configuration** of each patched method (fields set away from `VPSConfig`'s defaults; "
+             "run.json holds every value):"]
+    for name, cfg in patched.items():
+        # ``version`` records the library that wrote the configuration and changes no output.
+        changed = [f"{key}={json.dumps(value)}" for key, value in cfg.items()
+                   if key != "version" and (key not in defaults or defaults[key] != value)]
+        lines.append(f"  - `{name}`: {', '.join(changed) if changed else 'the defaults'}")
+    return lines
+
+
+def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = None) -> str:
     """report.md: the run's description, then one table per metric."""
     data = summary["data"]
     n_items = summary["n_items"]
@@ -243,6 +270,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
                      f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
                      f"again" + ("; refine rows keep the candidate their loop chose" if refines else "")
                      + ("; vote rows keep the sample their vote chose" if votes else ""))
+    for e in entries:
+        if fb := e.get("fallbacks"):
+            partial = f" (of the {fb['rows']} rows that record it)" if fb["rows"] < e["rows"] else ""
+            lines.append(f"- **Fallbacks**: `{e['name']}`: {fb['items_with_any']} of {fb['rows']} items "
+                         f"({100 * fb['items_with_any'] / fb['rows']:.1f}%){partial} had at least one layer fall back "
+                         f"to the base output ({fb['total']} fallbacks in all); those items were partly the "
+                         f"unpatched model")
     for name, record in (summary.get("imported") or {}).items():
         lines.append(f"- **Imported rows**: {record['rows']} `{name}` row(s) copied from `{record['from']}` (same "
                      f"settings and items, checked), not computed in this run; their seconds were measured there")
@@ -256,6 +290,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
         lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "
                      f"their numbers are an upper bound, not comparable with gold-free methods")
+    lines += configuration_lines(configs or {})
     lines.append("")
 
     if rescored:
@@ -419,7 +454,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     settings, rows = load_run(out_dir)
     summary = summarize_run(settings, rows)
-    (out_dir / REPORT_MD).write_text(render_markdown(summary), encoding="utf-8")
+    (out_dir / REPORT_MD).write_text(render_markdown(summary, settings.get("configs")), encoding="utf-8")
     # Strict JSON: a statistic that is not finite (no data, no evidence) is null.
     write_atomic(out_dir / SUMMARY_JSON, dumps_strict(summary, fallback=_nan_safe, indent=2) + "\n")
     plot(summary, out_dir / REPORT_PNG)

@@ -90,7 +90,7 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str]:
 # -- strict JSON -------------------------------------------------------------------------------------
 # Row fields the report and rescoring compute with, and the types the harness writes them as (None: no value).
 _ROW_TEXT = ("id", "config")
-_ROW_NUMBERS = ("nll", "seconds", "nll_seconds", "tokens", "nll_tokens")
+_ROW_NUMBERS = ("nll", "seconds", "nll_seconds", "tokens", "nll_tokens", "fallbacks")
 _ROW_OPTIONAL_TEXT = ("output", "gold_text", "pred")
 
 

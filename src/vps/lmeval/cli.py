@@ -11,11 +11,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import TASKS_DIR, register
+from . import INSTALL_HINT, TASKS_DIR, register
 
 __all__ = ["INSTALL_HINT", "lm_eval_argv", "run_lm_eval"]
 
-INSTALL_HINT = "pip install vps[lm-eval]"
 _HELP = ("-h", "--help")
 
 

@@ -26,6 +26,7 @@ from ..evaluation.stats import paired_bootstrap_diff
 from ..kv_cache import logits_to_keep_kwargs
 from ..patching import patched, reset_state
 from ..prompting import encode
+from ..tracing import count_fallbacks
 
 __all__ = ["BaseNLL", "PartialScores", "Pruned", "ScoringTask", "TrialFailed", "TrialScore", "prefill_ratio",
            "score_trial"]
@@ -156,6 +157,16 @@ class TrialScore:
     nll: dict[str, float | None]
     seconds: float
     overhead: float | None = None
+    #: per item scored in this process (not restored from a partial trial): plans that fell back to the base
+    #: output (`vps.tracing.count_fallbacks`), so a trial that was mostly the base model says so.
+    fallbacks: dict[str, int] | None = None
+
+    def fallback_summary(self) -> dict[str, int] | None:
+        """``{"items", "items_with_any", "total"}`` over the items counted, or None when none were."""
+        if not self.fallbacks:
+            return None
+        counts = list(self.fallbacks.values())
+        return {"items": len(counts), "items_with_any": sum(n > 0 for n in counts), "total": sum(counts)}
 
 
 def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, base: dict[str, float | None],
@@ -174,6 +185,7 @@ def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, b
     start = time.perf_counter()
     diffs: list[float] = []
     patched_nll: dict[str, float | None] = {}
+    fallbacks: dict[str, int] = {}
     with patched(model, cfg), torch.no_grad():
         for step, batch in enumerate(task.batches):
             ids = [task.ids[i] for i in batch]
@@ -181,7 +193,9 @@ def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, b
                 scores = [partial.values[i] for i in ids]
             else:
                 reset_state(model)
-                scores = task.score(model, tokenizer, batch)
+                with count_fallbacks(model, len(batch)) as count:
+                    scores = task.score(model, tokenizer, batch)
+                fallbacks.update(zip(ids, count.per_sequence, strict=True))
                 if partial is not None:
                     partial.add(dict(zip(ids, scores, strict=True)))
             for i, s in zip(batch, scores, strict=True):
@@ -198,7 +212,7 @@ def score_trial(model: Any, tokenizer: Any, cfg: VPSConfig, task: ScoringTask, b
             if report is not None and diffs and report(statistics.fmean(diffs), step):
                 raise Pruned(step)
     mean, low, high = paired_bootstrap_diff([0.0] * len(diffs), diffs, n_boot=n_boot, seed=seed)
-    return TrialScore(mean, low, high, len(diffs), patched_nll, time.perf_counter() - start)
+    return TrialScore(mean, low, high, len(diffs), patched_nll, time.perf_counter() - start, fallbacks=fallbacks)
 
 
 def prefill_ratio(model: Any, tokenizer: Any, cfg: VPSConfig, prompts: Sequence[str], repeats: int = 3) -> float:

@@ -24,6 +24,9 @@ REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 CONFIRM_GRID = "confirm.yaml"
 TEST_LABEL = "TUNED ON TEST DATA"
+#: Below this many completed trials, parameter importances rest on too few points to rank parameters
+#: reliably (one lucky trial decides them); the report and the plot call them rough.
+ROUGH_IMPORTANCE_TRIALS = 10
 
 
 def _state(trial: Any) -> str:
@@ -47,6 +50,8 @@ def trial_row(trial: Any, settings: TuneSettings) -> dict[str, Any]:
         "pruned_at": attrs.get("pruned_at"), "steps": len(trial.intermediate_values),
         "failure": attrs.get("failure"), "retry_of": attrs.get("retry_of"), "labels": labels,
         "config": attrs.get("config"),
+        # Trials scored before fallbacks were counted lack the key, so their rows read as they always did.
+        **({"fallbacks": attrs["fallbacks"]} if "fallbacks" in attrs else {}),
     }
 
 
@@ -156,6 +161,18 @@ def write_outputs(directory: Path, study: Any, settings: TuneSettings, space: An
     return best
 
 
+def _completed(rows: list[dict[str, Any]]) -> int:
+    return sum(r["state"] == "complete" for r in rows)
+
+
+def _study_title(settings: TuneSettings) -> str:
+    """What the plot is of: the model and the data it was tuned on (and the test-data label)."""
+    data = settings.data
+    title = (f"vps tune: {settings.model} ({settings.dtype}, prompt {settings.prompt}) on {data.get('source')}, "
+             f"{data.get('n_items')} items")
+    return title + (f" - {TEST_LABEL}" if settings.on_test else "")
+
+
 def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, space: Any,
               importances: dict[str, float], why_none: str | None, commands: tuple[list[str], list[str]],
               evaluator: str) -> str:
@@ -193,6 +210,9 @@ def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, spa
                   "" if hi is None or hi < 0 else
                   "Its interval reaches 0 or above: on the tuning data it is not distinguishable from the unpatched "
                   "model (or is worse).", "",
+                  *([] if not (fb := b.get("fallbacks")) else [
+                      f"Fallbacks to the base output: {fb['items_with_any']} of the {fb['items']} items scored in "
+                      f"its last run had at least one ({fb['total']} in all).", ""]),
                   "Parameters: " + ", ".join(f"`{k}={_value(v)}`" for k, v in sorted(b["params"].items())), "",
                   "Saved as `best.json`; confirm on test with:", "", "```", *commands[0], "```", "",
                   f"or, with the seed defaults beside it (`{CONFIRM_GRID}`: base, `vps`, `tuned`, paired in one "
@@ -215,6 +235,10 @@ def _markdown(rows: list[dict[str, Any]], best: Any, settings: TuneSettings, spa
         lines.append("")
     lines += ["## Parameter importances", ""]
     if importances:
+        done = _completed(rows)
+        if done < ROUGH_IMPORTANCE_TRIALS:
+            lines += [f"**Rough**: from only {done} completed trials (fewer than {ROUGH_IMPORTANCE_TRIALS}); a "
+                      "single trial can reorder them.", ""]
         lines += [f"Optuna's `{evaluator}` on the NLL difference of the completed trials (a share of 1 in all; "
                   "with few trials these are rough).", "",
                   "| parameter | importance |", "|---|---|"]
@@ -233,7 +257,20 @@ def _plot(path: Path, rows: list[dict[str, Any]], importances: dict[str, float],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(rows, importances, settings)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _figure(rows: list[dict[str, Any]], importances: dict[str, float], settings: TuneSettings) -> Any:
+    """The report's figure: the optimisation history (left) and the parameter importances (right)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig.suptitle(_study_title(settings), fontsize=10)
     done = [r for r in rows if r["state"] == "complete" and r["nll_diff"] is not None]
     if done:
         xs = [r["number"] for r in done]
@@ -250,11 +287,14 @@ def _plot(path: Path, rows: list[dict[str, Any]], importances: dict[str, float],
     if pruned:
         ax.plot(pruned, [0.0] * len(pruned), "x", color="grey", label="pruned")
     ax.axhline(0.0, color="black", lw=0.8)
+    # Trials are numbered 0, 1, 2, ...: a tick at 0.5 names no trial.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("NLL patched - unpatched (nats/token)")
     ax.set_title("optimisation history" + (" - TUNED ON TEST" if settings.on_test else ""))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
+    n_done = _completed(rows)
     if importances:
         names = list(importances)[::-1]
         bx.barh(names, [importances[n] for n in names])
@@ -262,12 +302,11 @@ def _plot(path: Path, rows: list[dict[str, Any]], importances: dict[str, float],
     else:
         bx.text(0.5, 0.5, "importances need >= 2 completed trials", ha="center", va="center")
         bx.set_axis_off()
-    bx.set_title("parameter importances")
+    rough = bool(importances) and n_done < ROUGH_IMPORTANCE_TRIALS
+    bx.set_title("parameter importances" + (f" (ROUGH: {n_done} trials < {ROUGH_IMPORTANCE_TRIALS})" if rough else ""),
+                 color="C3" if rough else "black")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
 
 
 def refresh(directory: str | Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .. import strict_yaml
 from ..config import GAMMA_MAX, ConfigError, VPSConfig
 
 __all__ = ["BLOCKS", "MODULES", "Param", "SearchSpace", "SpaceError", "default_space_path", "load_space",
@@ -138,7 +139,7 @@ def load_space(path: str | Path | None = None) -> SearchSpace:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise SpaceError(f"search space file {path} cannot be read ({exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpaceError(f"search space file {path} is not valid YAML: {exc}") from None
     return parse_space(data, source=str(path))

@@ -212,6 +212,8 @@ def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: 
         trial.set_user_attr("n", score.n)
         trial.set_user_attr("seconds", score.seconds)
         trial.set_user_attr("nll", score.nll)
+        if (fallbacks := score.fallback_summary()) is not None:
+            trial.set_user_attr("fallbacks", fallbacks)
         values = [score.mean]
         if "overhead" in settings.objectives:
             ratio = prefill_ratio(model, tokenizer, chosen.config, [task.prompts[i] for i in task.batches[0]])

@@ -29,8 +29,9 @@ _EXPORTS = {
     "HybridBuilder": "builders", "spectral_clip": "spectral",
     "refine": "refinement", "refine_many": "refinement", "RefineConfig": "refinement", "RefineResult": "refinement",
     "SampleCache": "refinement", "EphemeralLBFGS": "refinement",
-    "trace": "tracing", "summarize": "tracing", "format_summary": "tracing",
+    "trace": "tracing", "summarize": "tracing", "format_summary": "tracing", "count_fallbacks": "tracing",
     "tune": "tuning", "compile_forward": "compiling", "uncompile_forward": "compiling",
+    "compile_plans": "compiling", "uncompile_plans": "compiling", "PlanCompileError": "compiling",
     "Answer": "verify", "CompositeVerifier": "verify", "extract_answer": "verify",
 }
 # Internals a user rarely calls: still reachable as vps.<name> (and from their modules), but not exported.
@@ -45,7 +46,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {**_EXPORTS, **_INTERNA
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .builders import HybridBuilder, SCBuilder, SKBuilder, make_builder
-    from .compiling import compile_forward, uncompile_forward
+    from .compiling import PlanCompileError, compile_forward, compile_plans, uncompile_forward, uncompile_plans
     from .config import ConfigError, VPSConfig
     from .coupling import QKPair
     from .layer import VPSLinear
@@ -69,6 +70,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .policy import LayerPolicy
     from .refinement import EphemeralLBFGS, RefineConfig, RefineResult, SampleCache, refine, refine_many
     from .spectral import spectral_clip
-    from .tracing import format_summary, summarize, trace
+    from .tracing import count_fallbacks, format_summary, summarize, trace
     from .tuning import tune
     from .verify import Answer, CompositeVerifier, extract_answer

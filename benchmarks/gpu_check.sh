@@ -13,6 +13,7 @@
 # 3. benchmarks/gpu_figures.py --steps ops,eager: eager figures, random-weight Qwen2.5-7B architecture.
 # 4. benchmarks/gpu_figures.py --steps compile: compile time, unpatched vs SK-patched (inductor caches off).
 # 5. benchmarks/gpu_figures.py --steps compiled: compiled (reduce-overhead) figures.
+# 6. the compiled plan region: tests/test_compiled_plans.py's CUDA test and benchmarks/plan_kernels.py.
 #
 # --quick: a tiny architecture and short limits, to check the plumbing on any machine (CPU included).
 # Results: --out DIR, else $OUT (set on the lent machine), else results-gpu-check/. summary.txt lists
@@ -41,11 +42,11 @@ export PYTHONUNBUFFERED=1
 
 if [ "$QUICK" = 1 ]; then
   ARCH=(--tiny)
-  T_ENV=60; T_REPLAY=120; T_TESTS=120; T_EAGER=240; T_COMPILE=300; T_COMPILED=300
+  T_ENV=60; T_REPLAY=120; T_TESTS=120; T_EAGER=240; T_COMPILE=300; T_COMPILED=300; T_PLANS=300
 else
   ARCH=(--archs qwen2.5-7b)
   # 8 minutes in all: compile time (step 4) gets the most, the compiled figures what remains.
-  T_ENV=30; T_REPLAY=45; T_TESTS=45; T_EAGER=120; T_COMPILE=150; T_COMPILED=90
+  T_ENV=30; T_REPLAY=45; T_TESTS=45; T_EAGER=105; T_COMPILE=120; T_COMPILED=75; T_PLANS=60
 fi
 
 SUMMARY="$RESULTS/summary.txt"
@@ -96,6 +97,10 @@ run compile_time "$T_COMPILE" env TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_A
   "$PY" benchmarks/gpu_figures.py "${ARCH[@]}" --steps compile --compile-mode default --out "$RESULTS/figures"
 run figures_compiled "$T_COMPILED" "$PY" benchmarks/gpu_figures.py "${ARCH[@]}" --steps compiled \
   --out "$RESULTS/figures"
+# The opt-in compiled plan region (vps.compile_plans): its CUDA test (inductor), then kernels per patched layer
+# and the prefill ratio at SmolLM2 shapes; the figures are in the step's log.
+run compiled_plans "$T_PLANS" bash -c "\"$PY\" -m pytest -q -p no:cacheprovider tests/test_compiled_plans.py -k cuda \
+  && \"$PY\" benchmarks/plan_kernels.py --device cuda --arch smollm2 --layers 4 --shape 8x512 --no-save"
 
 echo "--- summary ($RESULTS) ---"
 cat "$SUMMARY"

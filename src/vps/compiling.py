@@ -10,6 +10,12 @@ is not offered: measured on a tiny 4-block Llama (issue #34), dynamo compiles ev
 KV cache is guarded per block through ``cache.layers[layer_idx]``, and a patched block 0 sees an
 empty per-forward mask cache where later blocks see it filled), so it saves no compile time.
 
+`compile_plans` is the regional alternative for an eager model (issue #34, item 2): only the plan
+function of the patched layers (`vps.layer.plan_tensors`: statistics, ranking, policy, selection, clip
+and Q) is compiled, with ``dynamic=True``, once per shape class, and every layer calls the same compiled
+code, so on a GPU a plan runs as a few fused kernels instead of ~40 launches. It is opt-in; the eager
+path stays the reference and the default.
+
 Importing this module does not import torch (the command-line parser reads `COMPILE_MODES`).
 """
 
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -114,3 +120,101 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+class PlanCompileError(RuntimeError):
+    """The compiled plan region (`vps.layer.plan_tensors` under `compile_plans`) failed to compile or run."""
+
+
+# Graphs dynamo may keep for the plan function (its default, 8, is per code object and all layers share
+# this one): one per shape class (d_in x d_out of each projection kind, batch 1 or more) and per variant
+# (input ranking shared or not, padding, entropy, captured gradient / SC, autograd through the gain).
+PLAN_RECOMPILE_LIMIT = 64
+
+# (backend, mode) -> the wrapped compiled plan function. One per process, shared by every layer and model:
+# dynamo keys its cache on plan_tensors' code object, so all layers reuse the graphs of their shape class.
+_PLAN_FUNCTIONS: dict[tuple[str | Callable[..., Any], str | None], Callable[..., Any]] = {}
+
+
+def compiled_plan_function(backend: str | Callable[..., Any] = "inductor",
+                           mode: str | None = None) -> Callable[..., Any]:
+    """`vps.layer.plan_tensors` compiled with ``dynamic=True`` and ``fullgraph=True`` for ``backend``.
+
+    ``fullgraph=True`` makes a graph break, or dynamo's recompile limit, an error rather than a silent
+    eager fallback; any failure is raised as a `PlanCompileError` that names the region.
+    """
+    import torch
+
+    from .layer import plan_tensors
+
+    if mode is not None:
+        check_mode(mode, "mode")
+    key = (backend, None if mode == "default" else mode)
+    fn = _PLAN_FUNCTIONS.get(key)
+    if fn is not None:
+        return fn
+    import torch._dynamo.config as dynamo_config
+
+    compiled = torch.compile(plan_tensors, backend=backend, mode=key[1], dynamic=True, fullgraph=True)
+
+    def compiled_plan(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Inside a forward compiled as a whole (`compile_forward`) the region is traced into that graph.
+            return plan_tensors(*args)
+        # The limit is read when a call misses dynamo's cache, so raising it around the call alone leaves
+        # every other compiled function in the process at the user's limit.
+        before = dynamo_config.recompile_limit
+        if before < PLAN_RECOMPILE_LIMIT:
+            dynamo_config.recompile_limit = PLAN_RECOMPILE_LIMIT
+        try:
+            return compiled(*args)
+        except Exception as e:  # a compile or run failure of the region: say which region, never run eagerly
+            raise PlanCompileError(f"vps.compile_plans: the compiled plan region vps.layer.plan_tensors "
+                                   f"(backend={backend!r}, mode={key[1]!r}) failed: {type(e).__name__}: {e}") from e
+        finally:
+            if before < PLAN_RECOMPILE_LIMIT:
+                dynamo_config.recompile_limit = before
+
+    compiled_plan.__wrapped__ = plan_tensors  # type: ignore[attr-defined]
+    _PLAN_FUNCTIONS[key] = compiled_plan
+    return compiled_plan
+
+
+def compile_plans(model: Any, enabled: bool = True, backend: str | Callable[..., Any] = "inductor",
+                  mode: str | None = None) -> Any:
+    """Switch every `VPSLinear` of a patched ``model`` to the compiled plan function (``enabled=True``) or
+    back to the eager one (``enabled=False``, the default state after `vps.patch`); returns the model.
+
+    Regional: only the plan (statistics through Q) is compiled; the rest of the forward stays eager.
+    The first prefill of each shape class compiles (``dynamic=True``, so prompt lengths and batch sizes
+    above 1 share a graph); every layer reuses it. Raises a `PlanCompileError` naming the region when
+    compiling it fails, instead of running it eagerly.
+    """
+    from .patching import vps_layers
+
+    layers = vps_layers(model)
+    if not layers:
+        raise ValueError("compile_plans: the model has no VPS layers; vps.patch it first")
+    if enabled:
+        fn = compiled_plan_function(backend, mode)
+        for layer in layers.values():
+            layer.plan_fn = fn
+    else:
+        from .layer import plan_tensors
+
+        for layer in layers.values():
+            layer.plan_fn = plan_tensors
+    return model
+
+
+def uncompile_plans(model: Any) -> Any:
+    """The eager plan function again for every `VPSLinear` of ``model`` (= ``compile_plans(model, False)``)."""
+    return compile_plans(model, enabled=False)
+
+
+def plans_compiled(model: Any) -> bool:
+    """Whether the VPS layers of ``model`` run the compiled plan function."""
+    from .layer import plan_tensors
+    from .patching import vps_layers
+
+    return any(layer.plan_fn is not plan_tensors for layer in vps_layers(model).values())

@@ -109,18 +109,33 @@ class VPSContext:
 
     def cached_input_ranking(self, x: torch.Tensor, k: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The top-``k`` input ranking of ``x``, computed once per forward for all layers reading this tensor."""
+        hit = self.input_ranking_hit(x, k)
+        if hit is not None:
+            return hit
+        ranking = compute()
+        self.keep_input_ranking(x, k, ranking)
+        return ranking
+
+    def input_ranking_hit(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
+        """The top-``k`` ranking of ``x`` if a layer of this forward computed it already, else None."""
         if not self.in_forward:  # a standalone layer call: nothing to share
-            return compute()
+            return None
+        hit = self._ranking
+        if hit is not None and hit[0] is x and hit[1] == self._version(x) and hit[2] == k:
+            return hit[3]
+        return None
+
+    def keep_input_ranking(self, x: torch.Tensor, k: int, ranking: torch.Tensor) -> None:
+        """Remember ``ranking`` as the top-``k`` ranking of ``x`` for the rest of this forward."""
+        if self.in_forward:
+            self._ranking = (x, self._version(x), k, ranking)
+
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
         # Inference tensors keep no version counter; elsewhere an in-place change invalidates. A
         # compiled forward keys on identity alone: dynamo traces neither check, and within one traced
         # forward the layers' shared inputs are never changed in place.
-        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
-        hit = self._ranking
-        if hit is not None and hit[0] is x and hit[1] == version and hit[2] == k:
-            return hit[3]
-        ranking = compute()
-        self._ranking = (x, version, k, ranking)
-        return ranking
+        return None if torch.compiler.is_compiling() or x.is_inference() else x._version
 
     def entropy_for(self, batch: int, device: torch.device | None = None) -> torch.Tensor | None:
         """The entropy the policy may use for this forward (on ``device``, once per device), or None."""

@@ -19,12 +19,13 @@ output for the affected sequences and are counted in `fallbacks`; they never rai
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
-from .builders import BuildInputs, Selection, make_builder, rank_features
+from .builders import BuildInputs, HybridBuilder, SCBuilder, Selection, SKBuilder, make_builder, rank_features
 from .config import VPSConfig
 from .context import TokenMask, VPSContext
 from .coupling import BaseOutput, QKPair
@@ -91,6 +92,9 @@ class VPSLinear(nn.Module):
         # static_plans: each new plan is copied into tensors kept per plan shape, so a CUDA graph that
         # captured a decode step reads the current prompt's plan (see `vps.static_plans`).
         self.static_plans = False
+        # The function that turns this forward's statistics into the plan's tensors: `plan_tensors`,
+        # or the compiled copy that `vps.compile_plans` shares among all layers.
+        self.plan_fn: Callable[..., PlanParts] = plan_tensors
         self._plan_buffers: dict[tuple[Any, ...], Plan] = {}
         # Buffers, so .to() moves them with the weights; non-persistent, so checkpoints never hold them.
         self.register_buffer("gain", None, persistent=False)
@@ -267,24 +271,59 @@ class VPSLinear(nn.Module):
 
     # -- plan construction ---------------------------------------------------------------------
     def _build_plan(self, x: torch.Tensor, base: BaseOutput) -> Plan:
-        ctx = self.ctx
+        """The plan of this forward: the model-level context (mask, shared input ranking, coupling,
+        entropy, history, captured gradient) is read here, in Python; the tensor arithmetic from the
+        statistics to ``Q`` is `plan_tensors`, run as ``self.plan_fn`` (eager unless `vps.compile_plans`
+        swapped in a compiled copy)."""
+        ctx, batch_scope = self.ctx, self.cfg.scope == "batch"
         with torch.no_grad():
-            tm = ctx.token_mask(x.shape[0], x.shape[1], x.device, one_sequence=self.cfg.scope == "batch")
+            tm = ctx.token_mask(x.shape[0], x.shape[1], x.device, one_sequence=batch_scope)
             key = x
             h0 = self._without_bias(base.out)  # no_grad: nothing here joins the autograd graph
-            if self.cfg.scope == "batch":
+            if batch_scope:
                 x, h0 = _as_one_sequence(x), _as_one_sequence(h0)
             # Layers reading the same input (q/k/v, gate/up) share its ranking within one forward.
-            in_rank = ctx.cached_input_ranking(key, self.topk, lambda: rank_features(
-                input_scores(x, tm), self.topk, nonnegative=True))
-            out_rank, energy = self._output_ranking(key, h0, base, tm)
+            in_rank = ctx.input_ranking_hit(key, self.topk)
+            out_rank = energy = None
+            if self.pair is not None or base.out_rank is not None:  # the Q/K coupling ranks jointly
+                out_rank, energy = self._output_ranking(key, h0, base, tm)
             entropy = ctx.entropy_for(key.shape[0], key.device)
-            if entropy is not None and self.cfg.scope == "batch":
+            if entropy is not None and batch_scope:
                 entropy = entropy.mean().reshape(1)
-            decision = self.policy.decide(energy, entropy)
             grad = self._consume_gradient(x.shape[0])
-            selection = self.builder.build(BuildInputs(x, h0, tm.valid, in_rank, out_rank, decision, grad))
-        return self._make_plan(selection, decision, base.out.dtype)
+        gain = self.gain  # may carry autograd: refinement optimises it
+        if gain.dim() and gain.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.layer_name or 'layer'}: per-sequence gains for {gain.shape[0]} sequences, but "
+                             f"this forward plans for {x.shape[0]}")
+        # A dense mask's count is the row length, which plan_tensors reads from the shape: a Python float
+        # would be a constant a compiled plan specialises on (one graph per prompt length).
+        count = tm.count if isinstance(tm.count, torch.Tensor) else None
+        parts = self.plan_fn(self._spec, self.policy, self.builder, x, h0, tm.valid, tm.pad, count, self.weight,
+                             self.bias, gain, in_rank, out_rank, energy, entropy,
+                             self.policy.bias_for(x.shape[0]), grad, base.out.dtype)
+        if in_rank is None:
+            ctx.keep_input_ranking(key, self.topk, parts.in_rank)
+        ok = parts.ok
+        if torch.compiler.is_compiling():
+            # A growing Python list is a guard that fails every forward; in a graph the in-place add fuses.
+            self._fallbacks.add_((~ok).sum())
+        else:
+            self._oks.append(ok)
+            if len(self._oks) >= 64:
+                self._fold_fallbacks()
+            if ctx.fallback_flags is not None:  # a per-sequence count was asked for (vps.count_fallbacks)
+                ctx.fallback_flags.append(ok)
+        decision = Decision(sigma=parts.sigma, rank=parts.rank, topk=parts.topk, gamma=parts.gamma,
+                            order=parts.order, energy=parts.energy, entropy=entropy)
+        # SC always mixes the output features (coef), SK never: the name follows from the parts.
+        selection = Selection(parts.in_idx, parts.out_idx, parts.coef, parts.selection_ok,
+                              "sk" if parts.coef is None else "sc")
+        return Plan(parts.out_idx, parts.coef, parts.q, parts.a_fold, parts.bias_sel, selection, decision)
+
+    @property
+    def _spec(self) -> PlanSpec:
+        cfg = self.cfg
+        return PlanSpec(self.topk, self._transposed, cfg.tau, cfg.resolved_order_bounds[1], cfg.damping)
 
     def _output_ranking(self, key: torch.Tensor, h0: torch.Tensor, base: BaseOutput,
                         tm: TokenMask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,66 +342,12 @@ class VPSLinear(nn.Module):
         peer_scores, peer_energy = output_scores(peer_h0, tm)
         return pair.rank_jointly(self, key, scores, base.peer_out, peer_scores, peer_energy, self.topk), energy
 
-    def _make_plan(self, sel: Selection, decision: Decision, dtype: torch.dtype) -> Plan:
-        gain = self.gain  # may carry autograd: refinement optimises it
-        if gain.dim() and gain.shape[0] != decision.gamma.shape[0]:
-            raise ValueError(f"{self.layer_name or 'layer'}: per-sequence gains for {gain.shape[0]} sequences, but "
-                             f"this forward plans for {decision.gamma.shape[0]}")
-        with torch.no_grad():
-            cols = self._cols(sel.in_idx)  # W[:, in_idx]^T = B^T: (B, R, d_out)
-            rows = self._rows(sel.out_idx)  # W[out_idx]: (B, K', d_in)
-            bias = self.bias
-            bias_sel = None if bias is None else bias[sel.out_idx]
-            coef = sel.coef
-            if coef is not None and sel.ok is not None:
-                # A failed SC solve can leave non-finite coefficients. Its row of Q is zeroed, but
-                # NaN * 0 is NaN, so the row would not fall back to the base output (docs/design.md §8):
-                # its coefficients are zeroed here, once per plan, for every way the plan is applied.
-                coef = torch.where(sel.ok[:, None, None], coef, constant(0.0, coef.dtype, coef.device))
-            # A^T = V^T W, which the clip needs anyway; kept (as A) so that a frozen decode step applies
-            # the plan as (x @ A) @ Q. One-hot selectors: A^T is `rows` itself, no op.
-            a_t = input_factor_t(rows, coef)
-        # Damping is the same series at -gamma: the first-order term flips sign, the order-2 term does not.
-        g = -(decision.gamma * gain) if self.cfg.damping else decision.gamma * gain
-        q, ok = plan_matrix(rows, cols, sel.in_idx, coef, decision.rank, decision.order, g,
-                            self.cfg.tau, self.cfg.resolved_order_bounds[1], sel.ok, a_t)
-        if torch.compiler.is_compiling():
-            # A growing Python list is a guard that fails every forward; in a graph the in-place add fuses.
-            self._fallbacks.add_((~ok).sum())
-        else:
-            self._oks.append(ok)
-            if len(self._oks) >= 64:
-                self._fold_fallbacks()
-            if self.ctx.fallback_flags is not None:  # a per-sequence count was asked for (vps.count_fallbacks)
-                self.ctx.fallback_flags.append(ok)
-        with torch.no_grad():
-            # (B, d_in, R): a view, which bmm reads in its transposed layout without a copy. It is
-            # finite wherever the base output is (the coefficients were made finite above), so a row
-            # whose Q is zero adds exactly nothing.
-            a_fold = a_t.transpose(1, 2)
-            if a_fold.dtype != dtype:
-                a_fold = a_fold.to(dtype)
-        return Plan(sel.out_idx, coef, q if q.dtype == dtype else q.to(dtype), a_fold, bias_sel, sel, decision)
-
     def _fold_fallbacks(self) -> None:
         # Plans record their (B,) ok flags and the count is folded in batches: counting on every
         # forward would cost a few tensor ops per layer and forward.
         oks, self._oks = self._oks, []
         if oks:
             self._fallbacks = self._fallbacks + sum((~ok).sum() for ok in oks)
-
-    # -- weight access without materialising anything of size d_out x d_in ----------------------
-    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows ``W[idx]`` for idx (B, K) -> (B, K, d_in), float32."""
-        w = self.weight
-        # Index the leading dimension of a (transposed) view: a contiguous row gather, far cheaper
-        # than advanced indexing along the second dimension.
-        return as_float32((w.t() if self._transposed else w)[idx])
-
-    def _cols(self, idx: torch.Tensor) -> torch.Tensor:
-        """Columns ``W[:, idx]`` for idx (B, R) -> (B, R, d_out), float32."""
-        w = self.weight
-        return as_float32((w if self._transposed else w.t())[idx])
 
     def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -391,6 +376,102 @@ class VPSLinear(nn.Module):
     def clear_gradient(self) -> None:
         """Drop a captured gradient without using it."""
         self.grad_mean = None
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The Python constants of a layer that `plan_tensors` reads; equal for the layers of one config, so
+    a compiled plan guards on the same values for all of them."""
+
+    topk: int  # K candidates ranked per side
+    transposed: bool  # the weight is stored (d_in, d_out) (GPT-2 Conv1D)
+    tau: float  # spectral clip bound per rank-1 term
+    max_order: int  # 2: the order-2 term is formed (and applied where the policy chose it)
+    damping: bool  # the series at -gamma
+
+
+class PlanParts(NamedTuple):
+    """The tensors `plan_tensors` returns: a `Plan`'s, its selection's and its decision's (flat, so that a
+    compiled plan returns plain graph outputs)."""
+
+    in_rank: torch.Tensor  # (B, K) input features by descending score (shared with layers on the same input)
+    in_idx: torch.Tensor  # (B, R)
+    out_idx: torch.Tensor  # (B, K')
+    coef: torch.Tensor | None  # (B, K', R) float32; None for SK
+    selection_ok: torch.Tensor | None  # (B,) bool, SC only
+    sigma: torch.Tensor  # (B,) the decision's fields
+    rank: torch.Tensor
+    topk: torch.Tensor
+    gamma: torch.Tensor
+    order: torch.Tensor
+    energy: torch.Tensor
+    q: torch.Tensor  # (B, R, d_out) in the compute dtype
+    ok: torch.Tensor  # (B,) bool: the row's plan is usable
+    a_fold: torch.Tensor  # (B, d_in, R) in the compute dtype
+    bias_sel: torch.Tensor | None  # (B, K')
+
+
+def plan_tensors(spec: PlanSpec, policy: LayerPolicy, builder: SKBuilder | SCBuilder | HybridBuilder,
+                 x: torch.Tensor, h0: torch.Tensor, valid: torch.Tensor, pad: torch.Tensor | None,
+                 count: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor,
+                 in_rank: torch.Tensor | None, out_rank: torch.Tensor | None, energy: torch.Tensor | None,
+                 entropy: torch.Tensor | None, history_bias: float | torch.Tensor, grad: torch.Tensor | None,
+                 dtype: torch.dtype) -> PlanParts:
+    """One layer's plan from its forward's tensors: statistics, ranking, policy, selection, clip and ``Q``.
+
+    ``x`` (B, T, d_in) and ``h0`` (B, T, d_out, the base output without bias) are in the plan's layout
+    (one row for ``scope="batch"``); ``valid``, ``pad`` and ``count`` are the `TokenMask`'s fields, with
+    ``count`` None when every token is valid (the row length then). ``in_rank`` is the input ranking a
+    layer on the same input computed already (None: computed here and returned); ``out_rank`` and
+    ``energy`` come from the Q/K coupling (None: computed here). ``history_bias`` is
+    `LayerPolicy.bias_for`, ``grad`` the captured output gradient, ``gain`` the layer's gain (the only
+    input that may carry autograd) and ``dtype`` the compute dtype of ``Q`` and ``A``.
+
+    The function touches no Python state, so `vps.compile_plans` compiles it once per shape class and
+    every patched layer calls the same compiled code.
+    """
+    tm = TokenMask(valid, pad, count if count is not None else valid.shape[1])
+    with torch.no_grad():
+        if in_rank is None:
+            in_rank = rank_features(input_scores(x, tm), spec.topk, nonnegative=True)
+        if out_rank is None or energy is None:
+            scores, energy = output_scores(h0, tm)
+            out_rank = rank_features(scores, spec.topk, nonnegative=True)
+        decision = policy.decide(energy, entropy, history_bias)
+        sel = builder.build(BuildInputs(x, h0, valid, in_rank, out_rank, decision, grad))
+        cols = _gather_rows(weight if spec.transposed else weight.t(), sel.in_idx)  # W[:, in_idx]^T = B^T
+        rows = _gather_rows(weight.t() if spec.transposed else weight, sel.out_idx)  # W[out_idx]: (B, K', d_in)
+        bias_sel = None if bias is None else bias[sel.out_idx]
+        coef = sel.coef
+        if coef is not None and sel.ok is not None:
+            # A failed SC solve can leave non-finite coefficients. Its row of Q is zeroed, but
+            # NaN * 0 is NaN, so the row would not fall back to the base output (docs/design.md §8):
+            # its coefficients are zeroed here, once per plan, for every way the plan is applied.
+            coef = torch.where(sel.ok[:, None, None], coef, constant(0.0, coef.dtype, coef.device))
+        # A^T = V^T W, which the clip needs anyway; kept (as A) so that a frozen decode step applies
+        # the plan as (x @ A) @ Q. One-hot selectors: A^T is `rows` itself, no op.
+        a_t = input_factor_t(rows, coef)
+    # Damping is the same series at -gamma: the first-order term flips sign, the order-2 term does not.
+    g = -(decision.gamma * gain) if spec.damping else decision.gamma * gain
+    q, ok = plan_matrix(rows, cols, sel.in_idx, coef, decision.rank, decision.order, g,
+                        spec.tau, spec.max_order, sel.ok, a_t)
+    with torch.no_grad():
+        # (B, d_in, R): a view, which bmm reads in its transposed layout without a copy. It is
+        # finite wherever the base output is (the coefficients were made finite above), so a row
+        # whose Q is zero adds exactly nothing.
+        a_fold = a_t.transpose(1, 2)
+        if a_fold.dtype != dtype:
+            a_fold = a_fold.to(dtype)
+    return PlanParts(in_rank, sel.in_idx, sel.out_idx, coef, sel.ok, decision.sigma, decision.rank, decision.topk,
+                     decision.gamma, decision.order, decision.energy, q if q.dtype == dtype else q.to(dtype),
+                     ok, a_fold, bias_sel)
+
+
+def _gather_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``w[idx]`` for idx (B, K) -> (B, K, d), float32. Called on the weight or its transposed view:
+    indexing the leading dimension is a contiguous row gather, far cheaper than advanced indexing along
+    the second dimension, and nothing of size d_out x d_in is formed."""
+    return as_float32(w[idx])
 
 
 def input_scores(x: torch.Tensor, tm: TokenMask) -> torch.Tensor:

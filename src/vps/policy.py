@@ -119,8 +119,13 @@ class LayerPolicy:
         return torch.tensor([self._streak_bias(s) for s in streaks])
 
     # -- decisions --------------------------------------------------------------------------------
-    def sigma(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> torch.Tensor:
-        """sigma in [0, 1] per sequence from energy, entropy and the history rule."""
+    def sigma(self, energy: torch.Tensor, entropy: torch.Tensor | None = None,
+              bias: float | torch.Tensor | None = None) -> torch.Tensor:
+        """sigma in [0, 1] per sequence from energy, entropy and the history rule.
+
+        ``bias`` is the history's change to sigma when the caller has read it already (`bias_for`):
+        a compiled plan reads the history outside its graph, so the graph never guards on it.
+        """
         energy = as_float32(energy)
         # fmax ignores a NaN: NaN and anything below 0 become 0 in one op (+inf stays, giving sigma 1).
         energy = torch.fmax(energy, constant(0.0, torch.float32, energy.device))
@@ -128,16 +133,18 @@ class LayerPolicy:
         if entropy is not None and self.cfg.use_entropy:
             h = torch.nan_to_num(entropy.float(), nan=0.0, posinf=3.0, neginf=0.0).clamp_min(0.0)
             sig = torch.maximum(sig, torch.clamp(h / 3.0, max=1.0))
-        bias = self.bias_for(sig.shape[0])
+        if bias is None:
+            bias = self.bias_for(sig.shape[0])
         if isinstance(bias, torch.Tensor):
             return (sig + bias.to(sig.device)).clamp(0.0, 1.0)
         if bias:
             return (sig + bias).clamp(0.0, 1.0)
         return sig
 
-    def decide(self, energy: torch.Tensor, entropy: torch.Tensor | None = None) -> Decision:
-        """The decision for one forward; ``energy`` and ``entropy`` are (B,) tensors."""
-        sig = self.sigma(energy, entropy)
+    def decide(self, energy: torch.Tensor, entropy: torch.Tensor | None = None,
+               bias: float | torch.Tensor | None = None) -> Decision:
+        """The decision for one forward; ``energy`` and ``entropy`` are (B,) tensors, ``bias`` as in `sigma`."""
+        sig = self.sigma(energy, entropy, bias)
         lo, span = self._bounds(sig.device)
         # One product for all four knobs: columns are rank, top-k, gamma, order.
         values = torch.addcmul(lo, span, sig.unsqueeze(-1))

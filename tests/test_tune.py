@@ -665,3 +665,28 @@ def test_a_space_with_a_key_twice_is_refused_and_scientific_bounds_are_numbers(t
         load_space(tmp_path / "dup.yaml")
     (tmp_path / "sci.yaml").write_text("gamma: {low: 1e-3, high: 5e-1, log: true}\n")
     assert load_space(tmp_path / "sci.yaml").to_dict()["params"]["gamma"]["low"] == 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="bfloat16", prompt="fewshot", shots=3),
+                                dict(prompt="tutor", system="Be brief.")])
+def test_printed_confirmation_commands_parse_back_into_the_studys_settings(model, tok, tmp_path, kw):
+    """Every setting that changes a number is in the printed commands (issue #30 item 1): a confirmation run
+    exactly as printed runs in the study's regime (dtype, prompt, shots, system prompt, model)."""
+    import shlex
+
+    from vps.cli import build_parser
+
+    out = tmp_path / "study"
+    run(model, tok, out, train_file(tmp_path), 1, **kw)
+    stored = json.loads((out / "tune.json").read_text())
+    meta = json.loads((out / "best_trial.json").read_text())
+    commands = meta["confirm"] + meta["confirm_grid"]
+    assert len(commands) == 4
+    for command in commands:
+        words = shlex.split(command)
+        assert words[0] == "vps"
+        args = build_parser().parse_args(words[1:])
+        assert args.model == stored["model"] and args.dtype == stored["dtype"], command
+        assert args.prompt == stored["prompt"] and args.shots == stored["shots"], command
+        assert args.system == stored["system"], command
+        assert args.data == "gsm8k:test"

@@ -159,10 +159,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# The flags add_config_arguments defines, by attribute: each given one changes the VPSConfig config_from_args builds.
+_CONFIG_FLAGS = {"config": "--config", "rank": "--rank", "topk": "--topk", "gamma": "--gamma", "tau": "--tau",
+                 "builder": "--builder", "order": "--order", "decode_mode": "--decode-mode",
+                 "no_qk_coupling": "--no-qk-coupling", "fixed": "--fixed"}
+_FIELD_FLAGS = ("rank", "topk", "gamma", "tau", "builder", "order")  # set a VPSConfig field of the same name
+
+
+def config_flags_given(args: argparse.Namespace) -> list[str]:
+    """The VPS configuration flags given on the command line, as typed (for refusing them where they do nothing)."""
+    return [flag for name, flag in _CONFIG_FLAGS.items() if getattr(args, name) not in (None, False)]
+
+
 def config_from_args(args: argparse.Namespace) -> VPSConfig:
     cfg = VPSConfig.load(args.config) if args.config else VPSConfig()
     overrides: dict[str, Any] = {}
-    for name in ("rank", "topk", "gamma", "tau", "builder", "order"):
+    for name in _FIELD_FLAGS:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.decode_mode:

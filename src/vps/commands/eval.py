@@ -191,8 +191,6 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
     if args.baseline_from is not None:  # refused before the model loads
         from ..evaluation.baseline import check_source
 
-        if not any(s.method == "base" for s in specs):
-            raise ValueError("--baseline-from supplies `base` rows, and --methods has no base")
         check_source(args.baseline_from, settings.to_dict(specs))
     stored = run.read_settings()
     if stored is not None:  # refuse before spending time on the model

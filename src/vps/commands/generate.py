@@ -15,6 +15,7 @@ from .common import (
     add_config_arguments,
     add_model_arguments,
     add_threads_argument,
+    config_flags_given,
     config_from_args,
     load,
     set_threads,
@@ -79,12 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
     cfg: VPSConfig | None = config_from_args(args)  # a bad VPS flag fails before loading, whatever the mode
     if args.mode == "base":
-        given = [flag for flag, value in (("--config", args.config), ("--rank", args.rank), ("--topk", args.topk),
-                                          ("--gamma", args.gamma), ("--tau", args.tau), ("--builder", args.builder),
-                                          ("--order", args.order), ("--decode-mode", args.decode_mode),
-                                          ("--no-qk-coupling", args.no_qk_coupling), ("--fixed", args.fixed))
-                 if value not in (None, False)]
-        if given:
+        if given := config_flags_given(args):
             raise ValueError(f"--no-vps generates with the unpatched model, so {', '.join(given)} would do nothing; "
                              f"drop it, or use --compare to see both")
         cfg = None

@@ -78,10 +78,12 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     # The same bounds as vps eval's (its run settings say why), checked before the study writes anything.
     from ..evaluation.harness import MAX_SHOTS
-    from ..refinement.config import MAX_SEED
+    from ..refinement.config import RefineConfigError, check_seed
 
-    if not 0 <= args.seed <= MAX_SEED:
-        raise ValueError(f"--seed must be a whole number in [0, 2**63 - 1], got {args.seed}")
+    try:
+        check_seed(args.seed)
+    except RefineConfigError as exc:
+        raise ValueError(f"--{exc}") from None  # "--seed must be a whole number in ..."
     if args.shots > MAX_SHOTS:
         raise ValueError(f"--shots must be in [1, {MAX_SHOTS}], got {args.shots}")
     check_threads(args)

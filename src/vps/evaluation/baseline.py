@@ -42,6 +42,8 @@ def _base_name(settings: dict[str, Any]) -> str | None:
 def check_source(source: str | Path, settings: dict[str, Any]) -> tuple[RunDir, str]:
     """The run directory at ``source`` and the name of its base configuration, when its base rows can stand
     for this run's (``settings``: this run's ``run.json`` contents). ValueError naming the difference."""
+    if _base_name(settings) is None:
+        raise ValueError("--baseline-from supplies `base` rows, and --methods has no base")
     run = RunDir(source)
     if not run.run_file.is_file():
         raise ValueError(f"--baseline-from {source}: no {RUN_FILE} there (not a run directory written by vps eval "

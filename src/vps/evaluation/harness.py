@@ -44,7 +44,7 @@ from typing import Any
 from .._version import __version__
 from ..patching import is_patched, patched, reset_state
 from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, generate_texts, style_system
-from ..refinement.config import MAX_SAMPLES, MAX_SEED, SAMPLINGS, RefineConfig
+from ..refinement.config import MAX_SAMPLES, SAMPLINGS, RefineConfig, RefineConfigError, check_seed
 from ..verify import EXTRACT_MODES, answers_match, extract_answer
 from .ablation import VOTE_METHODS, MethodSpec
 from .baseline import IMPORTED, check_source, imported_rows
@@ -187,8 +187,10 @@ class RunSettings:
         if not 0 <= self.refine_k_samples <= MAX_SAMPLES:
             raise SettingError("refine_k_samples", f"refine_k_samples must be in [0, {MAX_SAMPLES}], got "
                                                    f"{self.refine_k_samples}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise SettingError("seed", f"seed must be a whole number in [0, 2**63 - 1], got {self.seed!r}")
+        try:
+            check_seed(self.seed)
+        except RefineConfigError as exc:
+            raise SettingError("seed", str(exc)) from None
         if self.prompt not in PROMPT_STYLES:
             raise SettingError("prompt", f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
         if self.prompt == "fewshot" and self.system is not None:
@@ -346,11 +348,9 @@ def run_evaluation(
     if is_patched(model):
         raise ValueError("pass an unpatched model; the harness patches it per configuration")
     check_run(items, specs, settings)
-    preflight(model, tokenizer, items, specs, settings)
+    rendered = preflight(model, tokenizer, items, specs, settings)
     source = None
     if baseline_from is not None:
-        if not any(s.method == "base" for s in specs):
-            raise ValueError("--baseline-from supplies `base` rows, and this run has no base method")
         source = check_source(baseline_from, settings.to_dict(specs))
     if log is None:
         prefix = "" if shard is None else f"rank {shard.rank} of {shard.size}: "
@@ -365,7 +365,7 @@ def run_evaluation(
         if shard is None or shard.primary:
             locks.enter_context(run.lock())
         return _run_locked(model, tokenizer, items, specs, run, settings, batch_size, progress, generate_fn,
-                           refine_fn, on_batch, clock, log, shard, source)
+                           refine_fn, on_batch, clock, log, rendered, shard, source)
 
 
 def check_items(items: Sequence[Item], specs: Sequence[MethodSpec]) -> None:
@@ -401,18 +401,20 @@ def model_context(model: Any) -> int | None:
 
 
 def preflight(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec],
-              settings: RunSettings) -> None:
+              settings: RunSettings) -> tuple[PromptFormat, dict[str, str]]:
     """Exercise every value the run will use, before anything is written: each item's prompt is built and
     encoded and fits the model's context with the tokens the run adds to it, and every patched configuration
     patches this model. A ValueError names the item or the configuration; without this a run wrote its
     settings, then failed (a 175k-token question against an 8,192 context ran for minutes first; a rank beyond
-    the layers' size failed after the base rows), and the corrected rerun was refused as different settings."""
+    the layers' size failed after the base rows), and the corrected rerun was refused as different settings.
+    Returns the prompt format and every item's prompt, which the run then uses."""
     fmt = settings.prompt_format()
     context = model_context(model)
     n_answer = 0
+    prompts: dict[str, str] = {}
     for it in items:
         try:
-            prompt = fmt.render(tokenizer, it.question)
+            prompt = prompts[it.id] = fmt.render(tokenizer, it.question)
             n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             if settings.nll and context is not None:
                 n_answer = len(tokenizer(fmt.solution_prefix + it.answer, add_special_tokens=False)["input_ids"])
@@ -435,6 +437,7 @@ def preflight(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence
                     pass
             except ValueError as exc:
                 raise ValueError(f"configuration {spec.name!r} cannot patch this model: {exc}") from None
+    return fmt, prompts
 
 
 def _some(ids: Sequence[str], limit: int = 10) -> str:
@@ -458,10 +461,12 @@ def check_run(items: Sequence[Item], specs: Sequence[MethodSpec], settings: RunS
 
 
 def _prepare(tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
-             settings: RunSettings, log: Callable[[str], None],
-             write: bool) -> tuple[dict[str, Any], PromptFormat, dict[str, str], list[Item]]:
+             settings: RunSettings, log: Callable[[str], None], write: bool,
+             rendered: tuple[PromptFormat, dict[str, str]]) -> tuple[dict[str, Any], PromptFormat, dict[str, str],
+                                                                     list[Item]]:
     """run.json created or checked (written when ``write``); returns the settings kept from the run's first
-    invocation, the prompt format, every item's prompt and the items in the run's order."""
+    invocation, the prompt format and every item's prompt (``rendered``, as `preflight` built them) and the
+    items in the run's order."""
     stored, added = run.prepare(settings.to_dict(specs), write=write)
     if added and run.results.exists() and write:
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
@@ -473,8 +478,7 @@ def _prepare(tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec],
                    else settings.nll if key == "nll_scoring" else True)
         if applies and value != getattr(settings, key):
             log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
-    fmt = settings.prompt_format()
-    prompts = {item.id: fmt.render(tokenizer, item.question) for item in items}
+    fmt, prompts = rendered
     ordered = list(items)
     if kept["batch_order"] == "length":
         ordered = _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
@@ -498,11 +502,12 @@ def _single_process_order(specs: Sequence[MethodSpec], items: Sequence[Item]) ->
 def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
                 settings: RunSettings, batch_size: int, progress: bool, generate_fn: Callable[..., Any],
                 refine_fn: Callable[..., Any] | None, on_batch: Callable[[str, list[dict[str, Any]]], None] | None,
-                clock: Callable[[], float], log: Callable[[str], None], shard: Shard | None = None,
+                clock: Callable[[], float], log: Callable[[str], None],
+                rendered: tuple[PromptFormat, dict[str, str]], shard: Shard | None = None,
                 source: tuple[RunDir, str] | None = None) -> dict[str, int]:
     primary = shard is None or shard.primary
     if primary:
-        kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, write=True)
+        kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, True, rendered)
         # Without rank files (every single-process run but one after a launch) this is read_rows(repair=True).
         finished = run.merge_rank_files(_single_process_order(specs, items))
         if source is not None:  # before the other ranks read the finished rows
@@ -512,7 +517,7 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
         # others check run.json only now, when rank 0 has surely written it.
         shard.sync("start")
         if not primary:
-            kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, write=False)
+            kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, False, rendered)
             finished = run.read_rows()
     scoring = kept["nll_scoring"]
     done = {(str(r.get("id")), str(r.get("config"))) for r in finished}

@@ -52,7 +52,7 @@ def test_every_layer_plans_through_the_region_as_the_inlined_plan_does(arch: str
     with torch.no_grad():
         want = model(input_ids=x, attention_mask=mask).logits
         base = TINY_MODELS[arch]()(input_ids=x, attention_mask=mask).logits
-    assert not torch.allclose(want, base, rtol=0, atol=1e-5), "VPS changes nothing on this model: the test proves nothing"
+    assert not torch.allclose(want, base, rtol=0, atol=1e-5), "VPS changes nothing here: proves nothing"
     got, called = _traced(model, x, mask)
     assert len(called) == len(vps.vps_layers(model)), called
     with monkeypatch.context() as m:

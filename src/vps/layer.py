@@ -517,7 +517,7 @@ def _make_plan_region() -> Callable[..., PlanParts]:
     def plan_in_region(key: tuple[Any, ...], spec: PlanSpec, policy: LayerPolicy,
                        builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> PlanParts:
         out = region(key, None, None, None, *args)
-        return PlanParts(*(None if t.numel() == 0 else t for t in out))
+        return PlanParts._make(None if t.numel() == 0 else t for t in out)
 
     return plan_in_region
 

@@ -115,6 +115,25 @@ def recompile_limit(limit: int) -> Iterator[None]:
         dynamo_config.recompile_limit = before
 
 
+@contextlib.contextmanager
+def cold_compiles() -> Iterator[bool]:
+    """Inductor's and dynamo's on-disk caches off for the duration, so every compilation is a cold one and
+    compile times compare: with caches on, a graph compiled by an earlier process (the unpatched model's,
+    typically) loads in seconds while a new one compiles in minutes. Yields whether caches could be
+    turned off (False on a torch without the switch: the times may then include cache hits)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "force_disable_caches"):
+        yield False
+        return
+    before = inductor_config.force_disable_caches
+    inductor_config.force_disable_caches = True
+    try:
+        yield True
+    finally:
+        inductor_config.force_disable_caches = before
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (its ``unique_graphs`` counter)."""
     from torch._dynamo.utils import counters

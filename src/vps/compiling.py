@@ -8,7 +8,10 @@ attention mask and the next-token entropy run around the compiled forward, eager
 `CompileClock` measures compile time. Regional compilation (``nn.Module.compile`` per decoder block)
 is not offered: measured on a tiny 4-block Llama (issue #34), dynamo compiles every block anew (a
 KV cache is guarded per block through ``cache.layers[layer_idx]``, and a patched block 0 sees an
-empty per-forward mask cache where later blocks see it filled), so it saves no compile time.
+empty per-forward mask cache where later blocks see it filled), so it saves no compile time. What does
+repeat exactly is each patched layer's plan: traced in a whole forward, it is one nested compile region
+(`vps.layer.plan_region`), compiled once per shape class instead of once per layer. `cold_compiles` turns
+the on-disk caches off so that compile times compare.
 
 `compile_plans` is the regional alternative for an eager model (issue #34, item 2): only the plan
 function of the patched layers (`vps.layer.plan_tensors`: statistics, ranking, policy, selection, clip

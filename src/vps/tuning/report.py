@@ -12,8 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from .._io import dumps_strict, write_atomic
 from ..config import VPSConfig
-from ..evaluation.rundir import dumps_strict, write_atomic
 from .settings import TuneSettings
 
 __all__ = ["CONFIRM_GRID", "REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "confirm_grid_commands",

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vps.evaluation.data import Item, gsm8k_path, load_items, parse_gold
+from vps.evaluation.data import Item, gsm8k_path, load_items
+from vps.verify.extract import parse_gold
 
 
 def _shared_test_split() -> Path:

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tiny_eval import SPECS, fake_generate, settings_for, tiny_model, tiny_tokenizer, write_data
+from vps import _io as io_mod
 from vps import cli
 from vps.evaluation import RunDir, RunLockedError, run_evaluation
 from vps.evaluation import distributed as dist_mod
-from vps.evaluation import rundir as rundir_mod
 from vps.evaluation.distributed import (
     DistributedError,
     Shard,
@@ -257,17 +257,17 @@ def test_rank_files_without_run_json_are_not_a_run_directory(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "rows.rank1.jsonl").write_text('{"id": "a", "config": "base"}\n')
-    with pytest.raises(rundir_mod.RunMismatchError, match=r"rows.rank1.jsonl exists without .*run.json"):
+    with pytest.raises(io_mod.RunMismatchError, match=r"rows.rank1.jsonl exists without .*run.json"):
         RunDir(out).check_target()
 
 
 # -- locks -----------------------------------------------------------------------------------------------
 HOLDER = textwrap.dedent(f"""
     import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("rundir", {str(Path(rundir_mod.__file__))!r})
-    rundir = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rundir)
-    with rundir.lock_directory(sys.argv[1], sys.argv[2]):
+    spec = importlib.util.spec_from_file_location("vps_io", {str(Path(io_mod.__file__))!r})
+    vps_io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vps_io)
+    with vps_io.lock_directory(sys.argv[1], sys.argv[2]):
         print("locked", flush=True)
         sys.stdin.readline()
 """)

@@ -40,6 +40,7 @@ def _strict(text: str) -> object:
 # -- the driver (this file as a script) --------------------------------------------------------------
 def _install(hook: str) -> None:
     """In a forked child: SIGKILL this process at the point ``hook`` names."""
+    from vps import _io
     from vps.commands import eval as eval_cmd
     from vps.evaluation import report, rundir
 
@@ -87,14 +88,14 @@ def _install(hook: str) -> None:
     elif kind == "load":  # the lock held, the model not yet loaded
         eval_cmd.load = lambda args: die()
     elif kind == "locked":  # right after the lock is taken
-        real_acquire = rundir._acquire
+        real_acquire = _io._acquire
 
         def acquire(path):
             fd = real_acquire(path)
             die()
             return fd
 
-        rundir._acquire = acquire
+        _io._acquire = acquire
     elif kind == "plot":  # report.md and summary.json written, the plot not
         report.plot = lambda *a, **k: die()
     elif kind != "none":

@@ -125,47 +125,118 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "nll_seconds")} for r in rows]
 
 
-def test_length_order_batches_similar_items_and_changes_no_result(tmp_path, model):
-    data = write_data(tmp_path / "d.jsonl")
-    items, by_length = settings_for(data, nll=False)
-    _, in_order = settings_for(data, nll=False, batch_order="input")
-    kw = dict(batch_size=2, progress=False, log=lambda _m: None)
-    seen_len: list[list[int]] = []
-    seen_in: list[list[int]] = []
-    run_evaluation(model, TOK, items, SPECS, tmp_path / "len", by_length, generate_fn=_recording_generate(seen_len),
-                   **kw)
-    run_evaluation(model, TOK, items, SPECS, tmp_path / "in", in_order, generate_fn=_recording_generate(seen_in),
-                   **kw)
-    flat_len = [n for batch in seen_len[:3] for n in batch]  # base's batches
-    flat_in = [n for batch in seen_in[:3] for n in batch]
-    assert flat_len == sorted(flat_in, reverse=True) and flat_in != flat_len
-    assert _without_timing(_rows(tmp_path / "len")) == _without_timing(_rows(tmp_path / "in"))
-    with pytest.raises(ValueError, match="batch_order"):
-        settings_for(data, batch_order="shortest")
-
-
-def test_a_run_keeps_the_batch_order_it_started_with(tmp_path, model):
+def test_batches_hold_items_of_similar_length_and_their_composition_changes_no_result(tmp_path, model):
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False)
-    out = tmp_path / "out"
-    run_evaluation(model, TOK, items, SPECS[:1], out, settings, batch_size=2, progress=False,
-                   generate_fn=_recording_generate([]), log=lambda _m: None)
-    stored = json.loads((out / "run.json").read_text())
-    assert stored["batch_order"] == "length"
-    # as written before these settings existed: such runs used the input order (and legacy values of
-    # settings this run has no use for: no refine method, no NLL)
-    for key in ("batch_order", "refine_batching", "refine_sampling", "nll_scoring"):
-        del stored[key]
-    (out / "run.json").write_text(json.dumps(stored))
-    seen: list[list[int]] = []
-    logs: list[str] = []
-    run_evaluation(model, TOK, items, SPECS, out, settings, batch_size=2, progress=False,
-                   generate_fn=_recording_generate(seen), log=logs.append)
+    kw = dict(progress=False, log=lambda _m: None)
+    seen2: list[list[int]] = []
+    seen3: list[list[int]] = []
+    run_evaluation(model, TOK, items, SPECS, tmp_path / "b2", settings, batch_size=2,
+                   generate_fn=_recording_generate(seen2), **kw)
+    run_evaluation(model, TOK, items, SPECS, tmp_path / "b3", settings, batch_size=3,
+                   generate_fn=_recording_generate(seen3), **kw)
     in_order = [len(TOK(chat_prompt(TOK, it.question, system=SYSTEM), add_special_tokens=False)
                     ["input_ids"]) for it in items]
-    assert [n for batch in seen for n in batch] == in_order
-    assert any("keeping this run's stored batch order 'input'" in m for m in logs)
-    assert not any("refine" in m or "nll scoring" in m for m in logs), "settings that do not apply are not logged"
+    assert in_order != sorted(in_order, reverse=True)  # the data's order is not the batches'
+    assert [n for batch in seen2[:3] for n in batch] == sorted(in_order, reverse=True)  # base's batches
+    assert [n for batch in seen3[:2] for n in batch] == sorted(in_order, reverse=True)
+
+    def same(out):
+        return [{k: v for k, v in r.items() if k != "batch_size"} for r in _without_timing(_rows(out))]
+
+    assert same(tmp_path / "b2") == same(tmp_path / "b3")
+
+
+# -- run.json format 1 ------------------------------------------------------------------------------------
+# The four settings of how a run computed that run.json format 1 recorded, with the values every run now uses,
+# in the place format 1 wrote them (after "command").
+FORMAT1_DEFAULTS = {"batch_order": "length", "nll_scoring": "cached", "refine_batching": "batch",
+                    "refine_sampling": "streams"}
+
+
+def _untimed(value):
+    """``value`` without the wall times it holds anywhere (the vote methods' samples time themselves)."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in ("seconds", "nll_seconds")}
+    return [_untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def _as_format1(out: Path, **modes: str | None) -> dict:
+    """Rewrite ``out``'s run.json as format 1 wrote it: the four settings after "command", with the current
+    values or ``modes`` (None: the key missing, as in a run written before the setting existed)."""
+    stored = json.loads((out / "run.json").read_text())
+    assert stored["format"] == 2 and not set(FORMAT1_DEFAULTS) & set(stored)
+    old: dict = {}
+    for key, value in stored.items():
+        old[key] = value
+        if key == "command":
+            old.update({k: v for k, v in {**FORMAT1_DEFAULTS, **modes}.items() if v is not None})
+    old["format"] = 1
+    (out / "run.json").write_text(json.dumps(old, indent=2) + "\n")
+    return old
+
+
+def test_a_partial_run_of_format_1_resumes_with_the_rows_of_an_uninterrupted_run(tmp_path, model):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data)  # generation and NLL
+    specs = [*SPECS, MethodSpec("refine-self", "refine-self"), MethodSpec("maj@2", "maj", votes=2)]
+    kw = dict(batch_size=2, progress=False, refine_fn=FakeRefine(), log=lambda _m: None)
+    full = tmp_path / "full"
+    run_evaluation(model, TOK, items, specs, full, settings, clock=Clock(), **kw)
+
+    part = tmp_path / "part"
+    seen = []
+
+    def interrupt(name, rows):
+        seen.append(name)
+        if len(seen) == 4:  # base's 3 batches, then vps's first: stop in the middle of vps
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(model, TOK, items, specs, part, settings, clock=Clock(), on_batch=interrupt, **kw)
+    old = _as_format1(part)  # as the code before format 2 left it
+    written = run_evaluation(model, TOK, items, specs, part, settings, clock=Clock(), **kw)
+    assert written == {"base": 0, "vps": 3, "refine-self": 5, "maj@2": 5}
+    assert _untimed(_rows(part)) == _untimed(_rows(full))
+    assert json.loads((part / "run.json").read_text()) == old  # the run keeps its record
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("batch_order", "input"), ("batch_order", None), ("nll_scoring", "recompute"), ("nll_scoring", None),
+    ("refine_batching", "item"), ("refine_batching", None), ("refine_sampling", "global"),
+    ("refine_sampling", None)])
+def test_a_run_of_format_1_computed_another_way_is_refused_naming_the_setting(tmp_path, model, key, value):
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data)
+    specs = [*SPECS, MethodSpec("refine-self", "refine-self")]
+    kw = dict(batch_size=2, progress=False, refine_fn=FakeRefine(), log=lambda _m: None)
+    out = tmp_path / "out"
+    run_evaluation(model, TOK, items[:2], specs, out, settings, **kw)
+    _as_format1(out, **{key: value})
+    before = (out / "run.json").read_text(), (out / "results.jsonl").read_text()
+    with pytest.raises(RunMismatchError) as err:
+        run_evaluation(model, TOK, items, specs, out, settings, **kw)
+    message = str(err.value)
+    assert "\n" not in message and f"{out}/run.json (format 1)" in message and "cannot be resumed" in message
+    shown = f"{key} {value!r}" if value is not None else f"no {key} (written before the setting existed)"
+    assert f"{shown}, now always {FORMAT1_DEFAULTS[key]!r}" in message
+    assert ((out / "run.json").read_text(), (out / "results.jsonl").read_text()) == before  # nothing written
+    write_report(out)  # it still reports
+
+
+def test_a_run_of_format_1_resumes_when_its_other_way_does_not_apply(tmp_path, model):
+    """Refine settings do not matter to a run without refine or vote methods, nor NLL scoring without NLL."""
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False)
+    kw = dict(batch_size=2, progress=False, generate_fn=fake_generate({"base": {0}, "vps": {1}}),
+              log=lambda _m: None)
+    out = tmp_path / "out"
+    run_evaluation(model, TOK, items[:2], SPECS, out, settings, **kw)
+    _as_format1(out, nll_scoring="recompute", refine_batching=None, refine_sampling="global")
+    assert run_evaluation(model, TOK, items, SPECS, out, settings, **kw) == {"base": 3, "vps": 3}
+    # adding a method the other way would apply to is refused
+    with pytest.raises(RunMismatchError, match="refine_sampling 'global', now always 'streams'"):
+        run_evaluation(model, TOK, items, [*SPECS, MethodSpec("maj@2", "maj", votes=2)], out, settings, **kw)
 
 
 def test_partial_final_line_is_dropped_and_a_bad_middle_line_is_an_error(tmp_path):
@@ -361,28 +432,6 @@ def test_nll_cached_scoring_equals_recompute(model, decode_mode):
         solution_nll(model, TOK, prompts, solutions, scoring="fast")
 
 
-def test_a_run_keeps_its_nll_scoring(tmp_path, model, monkeypatch):
-    data = write_data(tmp_path / "d.jsonl")
-    items, settings = settings_for(data, generate=False, nll=True)
-    seen = []
-    real = harness_mod.solution_nll
-
-    def spy(*args, scoring, **kwargs):
-        seen.append(scoring)
-        return real(*args, scoring=scoring, **kwargs)
-
-    monkeypatch.setattr(harness_mod, "solution_nll", spy)
-    out = tmp_path / "out"
-    run_evaluation(model, TOK, items[:2], SPECS[:1], out, settings, batch_size=2, progress=False,
-                   log=lambda _m: None)
-    stored = json.loads((out / "run.json").read_text())
-    assert seen == ["cached"] and stored["nll_scoring"] == "cached"
-    del stored["nll_scoring"]  # a run from before the setting: it scored by recomputing
-    (out / "run.json").write_text(json.dumps(stored))
-    run_evaluation(model, TOK, items, SPECS[:1], out, settings, batch_size=8, progress=False, log=lambda _m: None)
-    assert seen == ["cached", "recompute"]
-
-
 # -- grids -------------------------------------------------------------------------------------------
 def test_seed_grid_loads():
     specs = load_grid()
@@ -534,7 +583,7 @@ def test_a_resumed_run_reuses_the_samples_its_earlier_rows_recorded(tmp_path, mo
         run_evaluation(model, TOK, items[:3], [own, oracle], damaged, settings, progress=False, log=lambda _m: None)
 
 
-def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching_and_sampling(tmp_path, model):
+def test_refinement_runs_in_batches_with_per_item_sample_streams(tmp_path, model):
     data = write_data(tmp_path / "d.jsonl")
     items, settings = settings_for(data, nll=False)
     spec = [MethodSpec("refine-self", "refine-self")]
@@ -543,19 +592,10 @@ def test_refinement_runs_in_batches_and_a_run_keeps_its_refine_batching_and_samp
     run_evaluation(model, TOK, items[:3], spec, out, settings, batch_size=2, progress=False, refine_fn=fake,
                    log=lambda _m: None)
     stored = json.loads((out / "run.json").read_text())
-    assert stored["refine_batching"] == "batch" and fake.batches == [2, 1]
-    assert stored["refine_sampling"] == "streams" and fake.samplings == ["streams"] * 2
+    assert stored["format"] == 2 and not set(FORMAT1_DEFAULTS) & set(stored)  # no longer settings of a run
+    assert fake.batches == [2, 1] and fake.samplings == ["streams"] * 2
     rows = RunDir(out).read_rows()
     assert [r["batch_size"] for r in rows] == [2, 2, 1]
-    # a run from before both settings: it refined one item at a time, sampling from the global generator
-    del stored["refine_batching"], stored["refine_sampling"]
-    (out / "run.json").write_text(json.dumps(stored))
-    logs: list[str] = []
-    run_evaluation(model, TOK, items, spec, out, settings, batch_size=2, progress=False, refine_fn=fake,
-                   log=logs.append)
-    assert fake.batches == [2, 1, 1, 1] and fake.samplings[2:] == ["global", "global"]
-    assert any("keeping this run's stored refine batching 'item'" in m for m in logs)
-    assert any("keeping this run's stored refine sampling 'global'" in m for m in logs)
 
 
 def test_a_run_written_before_a_config_field_existed_still_resumes(tmp_path, model):

@@ -136,8 +136,7 @@ def test_run_settings_build_one_refine_config(tmp_path):
     _, settings = settings_for(write_data(tmp_path / "d.jsonl"), nll=False)
     cfg = settings.refine_config()
     assert (cfg.iters, cfg.k_samples, cfg.max_new_tokens, cfg.seed, cfg.sampling) == (
-        settings.refine_iters, settings.refine_k_samples, settings.max_new_tokens, settings.seed,
-        settings.refine_sampling)
+        settings.refine_iters, settings.refine_k_samples, settings.max_new_tokens, settings.seed, "streams")
     # the samples' own temperature, not the base methods' decoding temperature
     assert cfg.temperature == RefineConfig().temperature != settings.temperature
     assert settings.refine_config(mode="oracle", k_samples=8).oracle
@@ -215,7 +214,9 @@ def test_cli_choices_come_from_the_library():
     from vps.commands.common import add_run_arguments
     from vps.commands.refine import add_arguments
     from vps.config import BUILDERS, DECODE_MODES
+    from vps.prompting import PROMPT_STYLES
     from vps.refinement.config import MODES, SAMPLINGS
+    from vps.verify import EXTRACT_MODES
 
     def choices(parser, dest):
         return next(a.choices for a in parser._actions if a.dest == dest)
@@ -226,7 +227,7 @@ def test_cli_choices_come_from_the_library():
     assert tuple(choices(p, "builder")) == tuple(BUILDERS) and tuple(choices(p, "decode_mode")) == tuple(DECODE_MODES)
     run = argparse.ArgumentParser()
     add_run_arguments(run)
-    assert tuple(choices(run, "refine_sampling")) == SAMPLINGS
+    assert tuple(choices(run, "prompt")) == PROMPT_STYLES and tuple(choices(run, "extract")) == EXTRACT_MODES
 
 
 def test_eval_uses_the_shared_threads_flag():

@@ -26,9 +26,9 @@ from tiny_eval import (
     write_data,
 )
 from vps import cli
+from vps._io import dumps_strict, finite_json
 from vps.evaluation import MethodSpec, RunDir, rescore_run, run_evaluation, write_report
 from vps.evaluation import report as report_mod
-from vps.evaluation.rundir import dumps_strict, finite_json
 from vps.verify import extract_answer
 
 TOK = tiny_tokenizer()

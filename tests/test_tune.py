@@ -17,9 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tiny import tiny_gpt2
 from tiny_eval import QUESTIONS, tiny_tokenizer
 from vps import VPSConfig, patched, vps_layers
+from vps._io import RunLockedError, RunMismatchError
 from vps.cli import main
 from vps.evaluation import RunDir, load_grid
-from vps.evaluation.rundir import RunLockedError, RunMismatchError
 from vps.tuning import SpaceError, TestSplitError, parse_space, tune
 from vps.tuning.placement import Placement, trial_config
 from vps.tuning.study import open_study
@@ -144,9 +144,12 @@ def test_mismatched_resume_and_second_writer_are_refused(model, tok, tmp_path):
     data = train_file(tmp_path)
     out = tmp_path / "study"
     run(model, tok, out, data, 1)
-    with pytest.raises(RunMismatchError, match="batch_size"):
+    with pytest.raises(RunMismatchError, match="batch_size") as err:
         tune(model, tok, out, n_trials=2, data=str(data), sample=None, space=parse_space(SMALL_SPACE), batch_size=2,
              model_name="tiny3", progress=False)
+    # vps._io.check_resume's message, as for an eval run: every difference, and where the stored settings are
+    assert f"{out} holds a study with different settings" in str(err.value) and "\n" not in str(err.value)
+    assert "batch_size: stored 4, now 2" in str(err.value) and f"(see {out / 'tune.json'})" in str(err.value)
 
 
 class _in_other_process_lock:
@@ -156,7 +159,7 @@ class _in_other_process_lock:
         self.directory = directory
 
     def __enter__(self):
-        code = ("import sys,time; from vps.evaluation.rundir import lock_directory\n"
+        code = ("import sys,time; from vps._io import lock_directory\n"
                 "with lock_directory(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.directory)], stdout=subprocess.PIPE,
                                      text=True)

@@ -274,5 +274,5 @@ def test_rescore_target_errors_are_one_named_line(tmp_path, finished_run, capsys
 
 def test_an_unknown_setting_field_is_named(tmp_path):
     with pytest.raises(SettingError) as err:
-        RunSettings(model="m", data={}, batch_order="shortest")
-    assert err.value.field == "batch_order" and "batch_order must be one of" in str(err.value)
+        RunSettings(model="m", data={}, extract_mode="shortest")
+    assert err.value.field == "extract_mode" and "extract_mode must be one of" in str(err.value)

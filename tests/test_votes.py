@@ -41,7 +41,7 @@ def test_the_vote_and_its_tie_rule(name, texts, pred, chosen, tmp_path, model, m
     monkeypatch.setattr(importlib.import_module("vps.refinement.loop"), "draw_samples", fake_draws([texts]))
     items, settings = settings_for(write_data(tmp_path / "d.jsonl"), nll=False)
     spec = MethodSpec(f"maj@{len(texts)}", "maj", votes=len(texts))
-    rows = harness_mod._vote_batch(model, TOK, items[:1], spec, {items[0].id: "p"}, settings, "streams", None)
+    rows = harness_mod._vote_batch(model, TOK, items[:1], spec, {items[0].id: "p"}, settings, None)
     (row,) = rows
     assert row["pred"] == pred, name
     assert row["output"] == texts[chosen]

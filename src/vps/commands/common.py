@@ -10,7 +10,6 @@ from typing import Any
 
 from ..config import BUILDERS, DECODE_MODES, GAMMA_MAX, VPSConfig
 from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES
-from ..refinement.config import SAMPLINGS
 from ..verify.extract import EXTRACT_MODES
 
 _SEED = VPSConfig()
@@ -119,20 +118,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="copy the `base` rows of an earlier run over the same data instead of computing them "
                         "(refused, naming the setting, unless model, dtype, prompt, data file and generation "
                         "settings match; each item's prompt and gold are checked); the report says so")
-    g.add_argument("--batch-order", choices=["length", "input"], default="length",
-                   help="length (default): batch items of similar token length, longest first, to waste little "
-                        "on padding; input: the data's order. Changes no result; a resumed run keeps its own")
-    g.add_argument("--nll-scoring", choices=["cached", "recompute"], default="cached",
-                   help="cached (default): a patched model scores each gold solution from the prompt's KV cache, "
-                        "as generation decodes; recompute: rerun prompt + solution. Equal up to rounding; a resumed "
-                        "run keeps its own")
-    g.add_argument("--refine-batching", choices=["batch", "item"], default="batch",
-                   help="batch (default): refine a batch of items together, each with its own loop and state "
-                        "(decodes and surrogate steps batched); item: one at a time. A resumed run keeps its own")
-    g.add_argument("--refine-sampling", choices=SAMPLINGS, default="streams",
-                   help="streams (default): all items' self-consistency samples in one batch, each item with its own "
-                        "seeded random stream; global: one item at a time from torch's global generator (runs made "
-                        "before this option). A resumed run keeps its own")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",

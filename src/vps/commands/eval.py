@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._io import RunLockedError, check_directory
 from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
 from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
-from ..evaluation.rundir import RESULTS_FILE, RunDir, RunLockedError, check_directory, merge_settings
+from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
 from ..prompting import DEFAULT_STOP_STRINGS
-from .common import (  # noqa: F401  (add_data_arguments, add_run_arguments: they lived here)
+from .common import (
     add_config_arguments,
     add_data_arguments,
     add_run_arguments,
@@ -85,9 +86,7 @@ def report(out: Path) -> int:
 SETTING_FLAGS = {
     "refine_iters": "--iters", "refine_k_samples": "--k-samples", "temperature": "--temperature",
     "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", "shots": "--shots", "system": "--system",
-    "prompt": "--prompt", "extract_mode": "--extract", "batch_order": "--batch-order",
-    "nll_scoring": "--nll-scoring", "refine_batching": "--refine-batching", "refine_sampling": "--refine-sampling",
-    "seed": "--seed", "model": "--model", "dtype": "--dtype",
+    "prompt": "--prompt", "extract_mode": "--extract", "seed": "--seed", "model": "--model", "dtype": "--dtype",
 }
 
 
@@ -185,8 +184,7 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
             temperature=args.temperature, stop_strings=args.stop if args.stop is not None else DEFAULT_STOP_STRINGS,
             system=args.system, prompt=args.prompt, shots=args.shots, extract_mode=args.extract,
             refine_iters=args.iters, refine_k_samples=args.k_samples,
-            seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
-            refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
+            seed=args.seed, command=command)
         check_run(loaded.items, specs, settings)
     if args.baseline_from is not None:  # refused before the model loads
         from ..evaluation.baseline import check_source

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -101,14 +100,14 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import RunLockedError, RunMismatchError, check_resume, read_json_object
     from ..evaluation.data import load_items
     from ..evaluation.harness import data_info
-    from ..evaluation.rundir import RunLockedError
     from ..models import DEFAULT_MODEL
     from ..tuning import TuneSettings, check_split, load_space, run_study
     from ..tuning.files import CONFIRM_GRID, SETTINGS_FILE
     from ..tuning.report import confirm_commands, confirm_grid_commands
-    from ..tuning.settings import check_resume
+    from ..tuning.settings import NOT_COMPARED
 
     _check(args)
     try:
@@ -130,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     stored = args.out / SETTINGS_FILE
     if stored.exists():  # refuse a mismatched resume before loading the model
         try:
-            check_resume(json.loads(stored.read_text(encoding="utf-8")), settings.to_dict(), f"--out {args.out}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--out {stored} is not valid JSON ({exc}); move the directory aside") from None
+            stored_settings = read_json_object(stored)
+        except RunMismatchError as exc:
+            raise ValueError(f"--out {exc}") from None
+        check_resume(stored_settings, settings.to_dict(), f"--out {args.out}", stored, kind="study",
+                     skip=NOT_COMPARED)
     print(f"data: {len(loaded.items)} items from {loaded.path}" + (" - TUNED ON TEST DATA" if on_test else ""),
           file=sys.stderr)
     set_threads(args)

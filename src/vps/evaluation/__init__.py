@@ -16,7 +16,7 @@ _EXPORTS = {
     "DistributedError": "distributed", "Shard": "distributed", "World": "distributed", "rank_session": "distributed",
     "shard_items": "distributed", "world_from_env": "distributed",
     "RunSettings": "harness", "data_info": "harness", "run_evaluation": "harness",
-    "RunDir": "rundir", "RunLockedError": "rundir", "RunMismatchError": "rundir",
+    "RunDir": "rundir", "RunLockedError": "vps._io", "RunMismatchError": "vps._io",
     "NLLResult": "nll", "solution_nll": "nll",
     "format_console": "report", "pair_stats": "report", "summarize_run": "report", "write_report": "report",
     "rescore_run": "rescore",

@@ -41,46 +41,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import RunMismatchError, dumps_strict, write_atomic
 from .._version import __version__
 from ..patching import is_patched, patched, reset_state
 from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, generate_texts, style_system
-from ..refinement.config import MAX_SAMPLES, SAMPLINGS, RefineConfig, RefineConfigError, check_seed
+from ..refinement.config import MAX_SAMPLES, RefineConfig, RefineConfigError, check_seed
 from ..verify import EXTRACT_MODES, answers_match, extract_answer
 from .ablation import VOTE_METHODS, MethodSpec
 from .baseline import IMPORTED, check_source, imported_rows
 from .data import Item, LoadResult, gold_value, load_items, read_gold
 from .distributed import Shard
-from .nll import SCORINGS, solution_nll
-from .rundir import (  # noqa: F401  (re-exported: the run directory lived here)
-    _COMPARED_DEFAULTS,
-    _KEPT_FROM_FIRST_RUN,
-    _NOT_COMPARED,
-    LOCK_FILE,
-    RESULTS_FILE,
-    RUN_FILE,
-    RunDir,
-    RunLockedError,
-    RunMismatchError,
-    _comparable_spec,
-    _flatten,
-    _jsonable,
-    dumps_strict,
-    finite_json,
-    merge_settings,
-    write_atomic,
-)
+from .nll import solution_nll
+from .rundir import RUN_FORMAT, RunDir
 
 __all__ = [
-    "DEFAULT_STOP_STRINGS", "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunLockedError", "RunMismatchError",
-    "RunSettings", "SettingError", "check_items", "check_run", "data_info", "merge_settings", "oracle_tag",
-    "run_evaluation", "write_atomic",
+    "DEFAULT_STOP_STRINGS", "RunSettings", "SettingError", "check_items", "check_run", "data_info", "oracle_tag",
+    "run_evaluation",
 ]
 
-RUN_FORMAT = 1
-# The model's next turn, if it starts writing one: stop there and trim it.
-BATCH_ORDERS = ("length", "input")
-REFINE_BATCHINGS = ("batch", "item")
-REFINE_SAMPLINGS = SAMPLINGS
 # Below this a sampling temperature divides logits into float overflow (1e-300 made every probability NaN
 # after the base rows were written); greedy decoding is temperature 0.
 MIN_TEMPERATURE = 1e-4
@@ -125,14 +103,6 @@ class RunSettings:
     is an NLL-only run. ``prompt`` is the prompt style (`vps.prompting.PROMPT_STYLES`): "tutor" (the
     default), "boxed" (the Qwen family's own convention) or "fewshot" (lm-eval's plain-text format, with
     ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt.
-    ``batch_order="length"``
-    batches items of similar token length together (longest first), which wastes far less compute on
-    padding than the input order (~1.4x on GSM8K at batch 8); rows do not depend on their batch.
-    ``nll_scoring`` is `solution_nll`'s ``scoring`` ("cached" computes each prompt once).
-    ``refine_batching="batch"`` refines a batch of items together (`vps.refinement.refine_many`: each item
-    keeps its own loop and state; decodes and surrogate steps are batched); "item" refines one at a time.
-    ``refine_sampling`` is `vps.refinement.refine_many`'s ``sampling``: "streams" draws every item's
-    self-consistency samples in one batch from per-item random streams, "global" one item at a time.
     ``refine_iters`` (>= 1) and ``refine_k_samples`` (>= 0) are the refine methods' iterations and
     self-consistency samples; a run with a refine method needs ``refine_k_samples >= 1`` (`check_run`):
     with none, self-consistency would be skipped without a word. Every float must be finite and every
@@ -155,26 +125,12 @@ class RunSettings:
     refine_k_samples: int = 4
     seed: int = 0
     command: str = "eval"
-    batch_order: str = "length"
-    nll_scoring: str = "cached"
-    refine_batching: str = "batch"
-    refine_sampling: str = "streams"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a NaN would be stored, and then never equal itself on resume
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise SettingError(f.name, f"{f.name} must be a finite number, got {value}")
-        if self.refine_sampling not in REFINE_SAMPLINGS:
-            raise SettingError("refine_sampling",
-                               f"refine_sampling must be one of {REFINE_SAMPLINGS}, got {self.refine_sampling!r}")
-        if self.refine_batching not in REFINE_BATCHINGS:
-            raise SettingError("refine_batching",
-                               f"refine_batching must be one of {REFINE_BATCHINGS}, got {self.refine_batching!r}")
-        if self.nll_scoring not in SCORINGS:
-            raise SettingError("nll_scoring", f"nll_scoring must be one of {SCORINGS}, got {self.nll_scoring!r}")
-        if self.batch_order not in BATCH_ORDERS:
-            raise SettingError("batch_order", f"batch_order must be one of {BATCH_ORDERS}, got {self.batch_order!r}")
         if not self.generate and not self.nll:
             raise SettingError("generate", "nothing to measure: enable generation, the NLL metric, or both")
         if self.max_new_tokens < 1:
@@ -222,8 +178,7 @@ class RunSettings:
         base and vps methods' decoding, which the run.json field keeps its name for.
         """
         return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
-                            max_new_tokens=self.max_new_tokens, seed=self.seed,
-                            sampling=self.refine_sampling).replace(**changes)
+                            max_new_tokens=self.max_new_tokens, seed=self.seed).replace(**changes)
 
     def to_dict(self, specs: Sequence[MethodSpec] = ()) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -462,27 +417,16 @@ def check_run(items: Sequence[Item], specs: Sequence[MethodSpec], settings: RunS
 
 def _prepare(tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
              settings: RunSettings, log: Callable[[str], None], write: bool,
-             rendered: tuple[PromptFormat, dict[str, str]]) -> tuple[dict[str, Any], PromptFormat, dict[str, str],
-                                                                     list[Item]]:
-    """run.json created or checked (written when ``write``); returns the settings kept from the run's first
-    invocation, the prompt format and every item's prompt (``rendered``, as `preflight` built them) and the
-    items in the run's order."""
-    stored, added = run.prepare(settings.to_dict(specs), write=write)
+             rendered: tuple[PromptFormat, dict[str, str]]) -> tuple[PromptFormat, dict[str, str], list[Item]]:
+    """run.json created or checked (written when ``write``); returns the prompt format and every item's prompt
+    (``rendered``, as `preflight` built them) and the items in the run's order: by token length, longest first
+    (`_by_length`), which wastes far less compute on padding than the input order (~1.4x on GSM8K at batch 8);
+    rows do not depend on their batch."""
+    _, added = run.prepare(settings.to_dict(specs), write=write)
     if added and run.results.exists() and write:
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
-    kept = {key: stored.get(key, legacy) for key, legacy in _KEPT_FROM_FIRST_RUN.items()}
-    refines = any(s.refines for s in specs)
-    samples = any(s.samples for s in specs)
-    for key, value in kept.items():
-        applies = (samples if key == "refine_sampling" else refines if key.startswith("refine")
-                   else settings.nll if key == "nll_scoring" else True)
-        if applies and value != getattr(settings, key):
-            log(f"keeping this run's stored {key.replace('_', ' ')} {value!r} (asked for {getattr(settings, key)!r})")
     fmt, prompts = rendered
-    ordered = list(items)
-    if kept["batch_order"] == "length":
-        ordered = _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
-    return kept, fmt, prompts, ordered
+    return fmt, prompts, _by_length(tokenizer, items, prompts, with_answer=settings.nll, prefix=fmt.solution_prefix)
 
 
 def _single_process_order(specs: Sequence[MethodSpec], items: Sequence[Item]) -> Callable[[dict[str, Any]], Any]:
@@ -507,7 +451,7 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
                 source: tuple[RunDir, str] | None = None) -> dict[str, int]:
     primary = shard is None or shard.primary
     if primary:
-        kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, True, rendered)
+        fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, True, rendered)
         # Without rank files (every single-process run but one after a launch) this is read_rows(repair=True).
         finished = run.merge_rank_files(_single_process_order(specs, items))
         if source is not None:  # before the other ranks read the finished rows
@@ -517,9 +461,8 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
         # others check run.json only now, when rank 0 has surely written it.
         shard.sync("start")
         if not primary:
-            kept, fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, False, rendered)
+            fmt, prompts, items = _prepare(tokenizer, items, specs, run, settings, log, False, rendered)
             finished = run.read_rows()
-    scoring = kept["nll_scoring"]
     done = {(str(r.get("id")), str(r.get("config"))) for r in finished}
     mine = items if shard is None else shard.take(items)
     rows_file = run if shard is None else run.for_rank(shard.rank)
@@ -541,7 +484,6 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
             continue
         if len(pending) < len(mine):
             log(f"{spec.name}{tag}: resuming, {len(mine) - len(pending)} of {len(mine)} items{share} already done")
-        step = 1 if spec.refines and kept["refine_batching"] == "item" else batch_size
         # One bar per terminal: rank 0's stands for the launch (the ranks' shares are the same size).
         desc = spec.name + tag + ("" if shard is None else f" [rank 0 of {shard.size}]")
         bar = _progress(progress and primary, desc, len(mine), len(mine) - len(pending))
@@ -549,18 +491,17 @@ def _run_locked(model: Any, tokenizer: Any, items: Sequence[Item], specs: Sequen
         try:
             with _activated(model, spec):
                 refine = _default_refine() if spec.refines and refine_fn is None else refine_fn
-                for start in range(0, len(pending), step):
-                    batch = pending[start:start + step]
+                for start in range(0, len(pending), batch_size):
+                    batch = pending[start:start + batch_size]
                     if spec.refines:
                         assert refine is not None  # _default_refine() when no refine_fn was given
                         rows = _refine_batch(model, tokenizer, batch, spec, prompts, settings, refine, clock,
-                                             kept["refine_sampling"], sample_cache)
+                                             sample_cache)
                     elif spec.method in VOTE_METHODS:
-                        rows = _vote_batch(model, tokenizer, batch, spec, prompts, settings, kept["refine_sampling"],
-                                           sample_cache)
+                        rows = _vote_batch(model, tokenizer, batch, spec, prompts, settings, sample_cache)
                     else:
                         rows = _batch(model, tokenizer, batch, spec, prompts, settings, generate_fn, clock,
-                                      scoring, fmt.solution_prefix)
+                                      fmt.solution_prefix)
                     rows_file.append(rows)
                     written[spec.name] += len(rows)
                     if bar is not None:
@@ -619,7 +560,7 @@ def _progress(enabled: bool, desc: str, total: int, initial: int) -> Any:
 
 def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
            settings: RunSettings, generate_fn: Callable[..., Any], clock: Callable[[], float],
-           scoring: str = "cached", solution_prefix: str = "") -> list[dict[str, Any]]:
+           solution_prefix: str = "") -> list[dict[str, Any]]:
     """One batch of base or vps: batched generation, then the gold-solution NLL."""
     texts = [prompts[it.id] for it in batch]
     rows = [_base_row(it, spec, prompts[it.id], len(batch)) for it in batch]
@@ -641,8 +582,7 @@ def _batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, 
             reset_state(model)
         start = clock()
         with _counting_fallbacks(model, spec, len(batch), fallbacks):
-            scores = solution_nll(model, tokenizer, texts, [solution_prefix + it.answer for it in batch],
-                                  scoring=scoring)
+            scores = solution_nll(model, tokenizer, texts, [solution_prefix + it.answer for it in batch])
         share = (clock() - start) / len(batch)
         for row, s in zip(rows, scores, strict=True):
             row.update(nll=_finite(s.nll), nll_tokens=s.tokens, nll_seconds=share)
@@ -671,7 +611,7 @@ def _counting_fallbacks(model: Any, spec: MethodSpec, batch: int, into: list[int
 
 def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
                   settings: RunSettings, refine_fn: Callable[..., Any],
-                  clock: Callable[[], float], sampling: str, sample_cache: Any) -> list[dict[str, Any]]:
+                  clock: Callable[[], float], sample_cache: Any) -> list[dict[str, Any]]:
     """Refine the batch's items together; the oracle mode alone receives the gold answers.
 
     Methods that draw the same self-consistency samples (refine-self and refine-oracle of one
@@ -685,7 +625,7 @@ def _refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Metho
                 raise ValueError(f"item {it.id}: refine-oracle needs a gold answer and this item has none")
     reset_state(model)
     start = clock()
-    config = settings.refine_config(mode="oracle" if spec.oracle else "self", sampling=sampling)
+    config = settings.refine_config(mode="oracle" if spec.oracle else "self")
     results = refine_fn(model, tokenizer, [prompts[it.id] for it in batch], golds if spec.oracle else None,
                         config=config, sample_cache=sample_cache)
     share = (clock() - start) / len(batch)  # the batch's wall time divided among its items
@@ -712,7 +652,7 @@ VOTE_TIE_RULE = "most votes (answers equal within the verifier's tolerance); a t
 
 
 def _vote_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
-                settings: RunSettings, sampling: str, sample_cache: Any) -> list[dict[str, Any]]:
+                settings: RunSettings, sample_cache: Any) -> list[dict[str, Any]]:
     """``maj@k`` / ``vps-maj@k``: a majority vote over k sampled completions per item.
 
     The samples are refinement's self-consistency samples (same temperature, seed, streams and cache),
@@ -725,7 +665,7 @@ def _vote_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodS
     from ..verify.consistency import majority_answer
 
     assert spec.votes is not None  # a vote method's spec always has votes (MethodSpec checks it)
-    config = settings.refine_config(k_samples=spec.votes, sampling=sampling)
+    config = settings.refine_config(k_samples=spec.votes)
     fingerprint, drawn = draw_samples(model, tokenizer, [prompts[it.id] for it in batch], config, sample_cache)
     rel_tol = CompositeVerifier().rel_tol
     rows = []

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import RunMismatchError, dumps_strict, write_atomic
 from .ablation import REFINE_METHODS, VOTE_METHODS
-from .rundir import RESULTS_FILE, RunDir, RunMismatchError, dumps_strict, write_atomic
+from .rundir import RESULTS_FILE, RunDir
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
 __all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]

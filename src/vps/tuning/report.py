@@ -12,8 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from .._io import dumps_strict, write_atomic
 from ..config import VPSConfig
-from ..evaluation.rundir import dumps_strict, write_atomic
 from .files import (
     BEST_FILE,
     BEST_TRIAL_FILE,

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import check_resume, dumps_strict, lock_directory, read_json_object, write_atomic
 from ..config import ConfigError, VPSConfig
 from ..evaluation.data import Item
-from ..evaluation.rundir import RunMismatchError, dumps_strict, lock_directory, write_atomic
 from ..prompting import PromptFormat
 from . import report as reporting
 from .files import SETTINGS_FILE, STUDY_FILE, STUDY_NAME
 from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, TrialFailed, prefill_ratio, score_trial
 from .placement import Placement, check_ranks, trial_config
-from .settings import TuneSettings, check_resume
+from .settings import NOT_COMPARED, TuneSettings
 
 __all__ = ["TuneResult", "run_study"]
 
@@ -104,13 +104,8 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
         settings_path = directory / SETTINGS_FILE
         new = settings.to_dict()
         if settings_path.exists():
-            try:
-                import json
-
-                stored = json.loads(settings_path.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise RunMismatchError(f"{settings_path} is not valid JSON ({exc}); move the directory aside") from None
-            check_resume(stored, new, str(directory))
+            check_resume(read_json_object(settings_path), new, str(directory), settings_path, kind="study",
+                         skip=NOT_COMPARED)
         else:
             write_atomic(settings_path, dumps_strict(new, indent=2) + "\n")
         study = open_study(directory, settings)

@@ -1,4 +1,5 @@
-"""One process at a time in a run directory: the lock of eval, ablate and the rescore target.
+"""One process at a time in a directory (`vps._io.lock_directory`): the lock of eval, ablate, the rescore target
+and tune.
 
 Two `vps eval` processes on one ``--out`` used to both do all the work and write duplicate rows.
 The lock (``<dir>/.lock``, flock, recording the holder's pid and host) is held for the whole run;
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tiny_eval import SPECS, fake_generate, settings_for, tiny_tokenizer, write_data
+from vps import _io as io_mod
 from vps import cli
 from vps.evaluation import RunDir, RunLockedError, RunMismatchError, rescore_run, run_evaluation
-from vps.evaluation import rundir as rundir_mod
 
 TOK = tiny_tokenizer()
 TESTS = Path(__file__).resolve().parent
@@ -30,20 +31,20 @@ HOST = socket.gethostname()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# A process holding (or trying) a directory's lock; rundir.py imports only the standard library, so it
+# A process holding (or trying) a directory's lock; vps/_io.py imports only the standard library, so it
 # is loaded on its own and the process starts in milliseconds.
 HOLDER = textwrap.dedent(f"""
     import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("rundir", {str(Path(rundir_mod.__file__))!r})
-    rundir = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rundir)
+    spec = importlib.util.spec_from_file_location("vps_io", {str(Path(io_mod.__file__))!r})
+    vps_io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vps_io)
     mode, path = sys.argv[1], sys.argv[2]
     try:
-        with rundir.lock_directory(path):
+        with vps_io.lock_directory(path):
             print("locked", open(path + "/.lock").read().strip(), flush=True)
             if mode == "hold":
                 sys.stdin.readline()
-    except rundir.RunLockedError as exc:
+    except vps_io.RunLockedError as exc:
         print("refused", exc, flush=True)
         sys.exit(3)
 """)

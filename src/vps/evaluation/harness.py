@@ -35,21 +35,21 @@ from .._io import RunMismatchError, dumps_strict, write_atomic
 from ..patching import is_patched, patched
 from ..prompting import DEFAULT_STOP_STRINGS, PromptFormat, generate_texts
 from .baseline import IMPORTED, check_source, imported_rows
-from .checks import check_items, check_run, model_context, preflight
+
+# model_context, MAX_SHOTS and MIN_TEMPERATURE lived here before the checks and the settings had modules of their
+# own, and stay importable from here.
+from .checks import check_items, check_run, model_context, preflight  # noqa: F401
 from .data import Item
 from .distributed import Shard
 from .methods.registry import MethodSpec, RunContext, registered
 from .methods.rows import gold
 from .rundir import RunDir
-from .settings import MAX_SHOTS, MIN_TEMPERATURE, RunSettings, SettingError, data_info
+from .settings import MAX_SHOTS, MIN_TEMPERATURE, RunSettings, SettingError, data_info  # noqa: F401
 
 __all__ = [
     "DEFAULT_STOP_STRINGS", "RunSettings", "SettingError", "check_items", "check_run", "data_info", "oracle_tag",
     "run_evaluation",
 ]
-# RunSettings, SettingError, data_info, MAX_SHOTS, MIN_TEMPERATURE (vps.evaluation.settings) and the checks
-# (vps.evaluation.checks) lived here before they had modules of their own, and stay importable from here.
-_MOVED = (MAX_SHOTS, MIN_TEMPERATURE, model_context, preflight)
 
 
 def oracle_tag(oracle: bool) -> str:

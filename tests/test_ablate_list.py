@@ -12,7 +12,8 @@ import vps
 from tiny_eval import SYSTEM, tiny_model, tiny_tokenizer, write_data
 from vps import cli
 from vps.evaluation import RunDir
-from vps.evaluation.ablation import MethodSpec, acting_config, equivalent_entries, load_grid
+from vps.evaluation.ablation import acting_config, equivalent_entries, load_grid
+from vps.evaluation.methods import MethodSpec
 
 TOK = tiny_tokenizer()
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -209,7 +209,7 @@ LOADER_GOLD_CASES = [
 @pytest.mark.parametrize("name,value,gold,answer,warning", LOADER_GOLD_CASES, ids=[c[0] for c in LOADER_GOLD_CASES])
 def test_loader_gold_is_the_harness_gold(tmp_path: Path, name: str, value: object, gold: object, answer: str,
                                          warning: str | None) -> None:
-    from vps.evaluation.harness import _gold
+    from vps.evaluation.methods.rows import gold as _gold
 
     path = write_jsonl(tmp_path / "g.jsonl", [json.dumps({"question": "q", "answer": value})])
     with warnings.catch_warnings(record=True) as caught:

@@ -34,7 +34,7 @@ from vps.evaluation import (
     solution_nll,
     write_report,
 )
-from vps.evaluation import harness as harness_mod
+from vps.evaluation.methods import refine as refine_mod
 from vps.evaluation.report import REPORT_MD, SUMMARY_JSON
 from vps.kv_cache import cache_argument, output_cache
 from vps.prompting import chat_prompt
@@ -280,7 +280,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path, model):
 def test_oracle_label_in_every_output(tmp_path, model, monkeypatch, capsys):
     data = write_data(tmp_path / "d.jsonl")
     fake = FakeRefine()
-    monkeypatch.setattr(harness_mod, "_default_refine", lambda: fake)
+    monkeypatch.setattr(refine_mod, "_default_refine", lambda: fake)
     monkeypatch.setattr("vps.commands.eval.load", lambda args: (model, TOK))
     out = tmp_path / "out"
     code = cli.main(["eval", "--data", str(data), "--methods", "base,refine-self,refine-oracle", "--out", str(out),
@@ -334,7 +334,7 @@ def test_default_refine_is_the_library_function(monkeypatch):
     fake = types.ModuleType("vps.refinement.loop")
     fake.refine_many = lambda *a, **k: None
     monkeypatch.setitem(sys.modules, "vps.refinement.loop", fake)
-    assert harness_mod._default_refine() is fake.refine_many
+    assert refine_mod._default_refine() is fake.refine_many
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def torch_nn_module():
 
 def test_one_gold_reader():
     from vps.evaluation.data import Item, gold_value, read_gold
-    from vps.evaluation.harness import _gold
+    from vps.evaluation.methods.rows import gold as _gold
 
     assert read_gold("") is None and gold_value(None) is None
     assert gold_value(read_gold("#### 1,234")) == 1234.0 and gold_value(read_gold("#### six")) == "six"

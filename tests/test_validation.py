@@ -16,8 +16,8 @@ import pytest
 from tiny_eval import SYSTEM, FakeRefine, settings_for, tiny_tokenizer, write_data
 from vps import VPSConfig, cli
 from vps.evaluation import MethodSpec, RunDir, rescore_run, run_evaluation
-from vps.evaluation import harness as harness_mod
-from vps.evaluation.harness import RunSettings, SettingError
+from vps.evaluation.methods import refine as refine_mod
+from vps.evaluation.settings import RunSettings, SettingError
 
 TOK = tiny_tokenizer()
 
@@ -198,7 +198,7 @@ def test_cli_errors_are_one_named_line_before_anything_is_written(tmp_path, monk
 def test_a_refused_value_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, model, monkeypatch, capsys,
                                                                          name, bad, good, stored):
     fake = FakeRefine()
-    monkeypatch.setattr(harness_mod, "_default_refine", lambda: fake)
+    monkeypatch.setattr(refine_mod, "_default_refine", lambda: fake)
     monkeypatch.setattr("vps.commands.eval.load", lambda args: (model, TOK))
     out = tmp_path / "out"
     argv = ["eval", "--data", str(write_data(tmp_path / "d.jsonl")), "--methods", "base,refine-self", "--out",

@@ -7,7 +7,7 @@ import pytest
 import vps
 from tiny_eval import settings_for, tiny_tokenizer, write_data
 from vps.evaluation import GridError, MethodSpec, RunDir, parse_grid, run_evaluation
-from vps.evaluation import harness as harness_mod
+from vps.evaluation.methods.vote import vote_batch
 from vps.refinement.samples import DrawnSamples
 from vps.verify import extract_answer
 
@@ -41,7 +41,7 @@ def test_the_vote_and_its_tie_rule(name, texts, pred, chosen, tmp_path, model, m
     monkeypatch.setattr(importlib.import_module("vps.refinement.loop"), "draw_samples", fake_draws([texts]))
     items, settings = settings_for(write_data(tmp_path / "d.jsonl"), nll=False)
     spec = MethodSpec(f"maj@{len(texts)}", "maj", votes=len(texts))
-    rows = harness_mod._vote_batch(model, TOK, items[:1], spec, {items[0].id: "p"}, settings, None)
+    rows = vote_batch(model, TOK, items[:1], spec, {items[0].id: "p"}, settings, None)
     (row,) = rows
     assert row["pred"] == pred, name
     assert row["output"] == texts[chosen]

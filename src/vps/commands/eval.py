@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._io import RunLockedError, check_directory
-from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
 from ..evaluation.data import load_items
 from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
+from ..evaluation.methods import MethodSpec, find_method, registered
 from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
 from ..prompting import DEFAULT_STOP_STRINGS
 from .common import (
@@ -34,7 +34,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..evaluation.harness import RunSettings
+    from ..evaluation.settings import RunSettings
 # The harness (torch) and the report (numpy, scipy, matplotlib) load when a command runs, not when the
 # parser is built: `vps --help` stays instant.
 
@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def method_choices() -> str:
-    """The ``--methods`` names as they are written: the majority votes with their ``@K``."""
-    return ", ".join(m + "@K" if m in VOTE_METHODS else m for m in METHODS)
+    """The ``--methods`` names as they are written, from the registry: those that take votes with their ``@K``."""
+    return ", ".join(m.name + "@K" if m.votes else m.name for m in registered())
 
 
 def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
@@ -61,16 +61,16 @@ def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
     parsed = []
     for name in names:
         method, at, k = name.partition("@")
-        if method not in METHODS or bool(at) != (method in VOTE_METHODS) or (at and not k.isdigit()):
+        family = find_method(method)
+        if family is None or bool(at) != family.votes or (at and not k.isdigit()):
             raise ValueError(f"--methods: unknown method {name!r}; choose from {choices} (K a whole number)")
-        parsed.append((name, method, int(k) if at else None))
+        parsed.append((name, family, int(k) if at else None))
     if not names:
         raise ValueError(f"--methods: no method given; choose from {choices}")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {names}")
     cfg = config_from_args(args)
-    return [MethodSpec(name, method, None if method in ("base", "maj") else cfg, votes=k)
-            for name, method, k in parsed]
+    return [MethodSpec(name, family.name, cfg if family.patched else None, votes=k) for name, family, k in parsed]
 
 
 def report(out: Path) -> int:
@@ -93,7 +93,7 @@ SETTING_FLAGS = {
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
     """A `SettingError` re-raised as a ValueError naming the flag of its field."""
-    from ..evaluation.harness import SettingError
+    from ..evaluation.settings import SettingError
 
     try:
         yield
@@ -168,7 +168,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         except ValueError as exc:
             raise type(exc)(f"--out {exc}") from None
         return report(args.out) if world.rank == 0 else 0
-    from ..evaluation.harness import RunSettings, check_run, data_info
+    from ..evaluation.checks import check_run
+    from ..evaluation.settings import RunSettings, data_info
 
     check_flags(args, specs)
     run = check_out(args.out)

@@ -76,7 +76,7 @@ def _check(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     # The same bounds as vps eval's (its run settings say why), checked before the study writes anything.
-    from ..evaluation.harness import MAX_SHOTS
+    from ..evaluation.settings import MAX_SHOTS
     from ..refinement.config import RefineConfigError, check_seed
 
     try:
@@ -102,7 +102,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._io import RunLockedError, RunMismatchError, check_resume, read_json_object
     from ..evaluation.data import load_items
-    from ..evaluation.harness import data_info
+    from ..evaluation.settings import data_info
     from ..models import DEFAULT_MODEL
     from ..tuning import TuneSettings, check_split, load_space, run_study
     from ..tuning.files import CONFIRM_GRID, SETTINGS_FILE

@@ -146,12 +146,13 @@ def retired_modes(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     the `FORMAT1_MODES` that matter for what ``new`` computes: the batch order always, the NLL scoring when it
     scores NLL, refine batching when it runs a refine method, refine sampling when a method samples. Each as
     "key 'value' (now always 'value')"."""
-    from .ablation import REFINE_METHODS, VOTE_METHODS
+    from .methods import find_method
 
-    methods = {spec.get("method") for spec in new.get("configs", {}).values() if isinstance(spec, dict)}
+    names = {spec.get("method") for spec in new.get("configs", {}).values() if isinstance(spec, dict)}
+    methods = [m for m in map(find_method, names) if m is not None]
     applies = {"batch_order": True, "nll_scoring": bool(new.get("nll")),
-               "refine_batching": bool(methods & set(REFINE_METHODS)),
-               "refine_sampling": bool(methods & {*REFINE_METHODS, *VOTE_METHODS})}
+               "refine_batching": any(m.refines for m in methods),
+               "refine_sampling": any(m.samples for m in methods)}
     found = []
     for key, now in FORMAT1_MODES.items():
         was = computed_mode(stored, key)

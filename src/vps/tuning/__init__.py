@@ -69,7 +69,7 @@ def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: 
     refused when it is a test split, unless ``allow_test`` (then every output is labelled).
     """
     from ..evaluation.data import load_items
-    from ..evaluation.harness import data_info
+    from ..evaluation.settings import data_info
 
     parsed = space if isinstance(space, SearchSpace) else load_space(space)
     loaded = load_items(data, sample=sample, seed=seed)

@@ -18,6 +18,7 @@ output for the affected sequences and are counted in `fallbacks`; they never rai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -86,6 +87,8 @@ class VPSLinear(nn.Module):
         self._can_perturb = cfg.resolved_gamma_bounds[1] > 0
         self.policy = LayerPolicy(cfg)
         self.builder = make_builder(cfg.builder, cfg)
+        # The constants of this layer's plan, as the key of its nested compile region (see `plan_region`).
+        self._region_key = _region_key(self._spec, cfg)
         self.pair: QKPair | None = None  # set and cleared by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
@@ -298,7 +301,12 @@ class VPSLinear(nn.Module):
         # A dense mask's count is the row length, which plan_tensors reads from the shape: a Python float
         # would be a constant a compiled plan specialises on (one graph per prompt length).
         count = tm.count if isinstance(tm.count, torch.Tensor) else None
-        parts = self.plan_fn(self._spec, self.policy, self.builder, x, h0, tm.valid, tm.pad, count, self.weight,
+        plan_fn = self.plan_fn
+        if plan_fn is plan_tensors and torch.compiler.is_compiling():
+            # Traced into a whole compiled forward: one nested region that every layer of a shape class
+            # reuses, instead of the plan's ~35 ops inlined again for each of the model's patched layers.
+            plan_fn = functools.partial(plan_region(), self._region_key)
+        parts = plan_fn(self._spec, self.policy, self.builder, x, h0, tm.valid, tm.pad, count, self.weight,
                              self.bias, gain, in_rank, out_rank, energy, entropy,
                              self.policy.bias_for(x.shape[0]), grad, base.out.dtype)
         if in_rank is None:
@@ -467,6 +475,68 @@ def plan_tensors(spec: PlanSpec, policy: LayerPolicy, builder: SKBuilder | SCBui
     return PlanParts(in_rank, sel.in_idx, sel.out_idx, coef, sel.ok, decision.sigma, decision.rank, decision.topk,
                      decision.gamma, decision.order, decision.energy, q if q.dtype == dtype else q.to(dtype),
                      ok, a_fold, bias_sel)
+
+
+# A nested compile region is reused only when its inputs are tensors and constants and its outputs plain
+# tensors. A layer's Python objects (spec, policy, builder) hold nothing but its config's constants for
+# `plan_tensors`, so the region takes a constant key instead and finds one representative of each here,
+# registered when a layer is made (never while tracing: a region that reads a dict mutated in the same
+# trace is not reused).
+_REGION_OWNERS: dict[tuple[Any, ...], tuple[PlanSpec, LayerPolicy, SKBuilder | SCBuilder | HybridBuilder]] = {}
+
+# Fields of `PlanParts` that can alias an input of `plan_tensors` or another field (the shared input
+# ranking and its first R entries, the coupling's out_rank and energy, the policy's expanded decisions):
+# a region's outputs may not alias, so these small (B, ...) tensors leave it as copies. Q and A, the
+# large ones, are always fresh.
+_MAY_ALIAS = frozenset({"in_rank", "in_idx", "out_idx", "coef", "selection_ok", "sigma", "rank", "topk", "gamma",
+                        "order", "energy", "ok", "bias_sel"})
+
+
+def _region_key(spec: PlanSpec, cfg: VPSConfig) -> tuple[Any, ...]:
+    # repr, not hash: a config may hold lists (target_modules). Equal reprs plan alike.
+    key = (spec.topk, spec.transposed, spec.tau, spec.max_order, spec.damping, repr(cfg))
+    if key not in _REGION_OWNERS:
+        _REGION_OWNERS[key] = (spec, LayerPolicy(cfg), make_builder(cfg.builder, cfg))
+    return key
+
+
+def _plan_tensors_in_region(key: tuple[Any, ...], _spec: PlanSpec, _policy: LayerPolicy,
+                            _builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> tuple[torch.Tensor, ...]:
+    spec, policy, builder = _REGION_OWNERS[key]
+    parts = plan_tensors(spec, policy, builder, *args)
+    # None leaves as an empty tensor (a region returns tensors only, none aliasing another); no present
+    # field is ever empty.
+    return tuple(args[0].new_empty(0) if t is None else t.clone() if name in _MAY_ALIAS else t
+                 for name, t in zip(parts._fields, parts, strict=True))
+
+
+def _make_plan_region() -> Callable[..., PlanParts]:
+    nested = getattr(torch.compiler, "nested_compile_region", None)
+    if nested is None:
+        return lambda _key, *args: plan_tensors(*args)
+    region = nested(_plan_tensors_in_region)
+
+    def plan_in_region(key: tuple[Any, ...], spec: PlanSpec, policy: LayerPolicy,
+                       builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> PlanParts:
+        out = region(key, None, None, None, *args)
+        return PlanParts._make(None if t.numel() == 0 else t for t in out)
+
+    return plan_in_region
+
+
+# Made when the module is imported: dynamo refuses to trace nested_compile_region itself, and reuses a
+# region by its function, so there is one for the process.
+_PLAN_REGION = _make_plan_region()
+
+
+def plan_region() -> Callable[..., PlanParts]:
+    """`plan_tensors` as a nested compile region (``torch.compiler.nested_compile_region``), which a
+    patched layer calls, with its region key first, while its forward is traced as a whole by
+    ``torch.compile``: the region is compiled once per shape class and config and stamped out for every
+    patched layer of that class, so compiling a patched model no longer inlines the plan's ops once per
+    patched layer (compile times in BENCHMARKS.md). Before torch 2.8 (no nested regions) it runs
+    `plan_tensors` itself, inlined into every layer's graph."""
+    return _PLAN_REGION
 
 
 def _gather_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,11 @@ def _importances(study: Any) -> tuple[dict[str, Any], str | None]:
                                                             target=lambda t: t.values[0])
     except (RuntimeError, ValueError, ZeroDivisionError) as exc:
         return {}, f"parameter importances could not be computed: {exc}"
-    return {"__evaluator__": evaluator_cls.__name__, **dict(found)}, None
+    # Optuna's order of tied (or, by summation order, nearly tied) importances follows Python's string
+    # hashing, so it changed with PYTHONHASHSEED and RESULTS.md did not regenerate byte-identical:
+    # ordered here by value to 9 places, then by name.
+    ordered = sorted(found.items(), key=lambda kv: (-round(float(kv[1]), 9), kv[0]))
+    return {"__evaluator__": evaluator_cls.__name__, **dict(ordered)}, None
 
 
 def _value(v: Any) -> str:

@@ -269,17 +269,19 @@ def test_compiled_benchmark_compiles_each_variant_once(one_thread, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     model = tiny_llama()
-    calls = []
+    calls, cold_during = [], []
     import vps.bench.runner as runner
 
     real = runner._time_workload
 
     def spy(variants, w, settings, load_samples):
+        cold_during.append(torch._inductor.config.force_disable_caches)
         out = real(variants, w, settings, load_samples)
         calls.append(compiled_graphs())
         return out
 
     monkeypatch.setattr(runner, "_time_workload", spy)
+    caches_before = torch._inductor.config.force_disable_caches
     settings = tiny_settings(kinds=("prefill",), compile="default", memory=False)
     result = run_benchmark(model, "sk", settings, progress=False)
     assert result["compile"]["mode"] == "default" and result["compile"]["fullgraph"]
@@ -296,6 +298,9 @@ def test_compiled_benchmark_compiles_each_variant_once(one_thread, monkeypatch):
     assert comp["timed_base_compile_s"] == 0 and comp["configs"]["sk"]["timed_compile_s"] == 0
     line = next(ln for ln in report.splitlines() if ln.startswith("compile time"))
     assert f"base {comp['base_compile_s']:.1f} s" in line and f"({comp['configs']['sk']['ratio']:.2f}x)" in line
+    # Cold compiles, so the ratio is not a cache hit against a fresh compile; the switch is put back.
+    assert comp["cold"] is True and "cold, caches off" in line and all(cold_during)
+    assert torch._inductor.config.force_disable_caches is caches_before
     assert "timed rounds compiled nothing" in report
     entry = result["configs"]["sk"]["workloads"]["prefill_1x32"]
     assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0

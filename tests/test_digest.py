@@ -143,6 +143,13 @@ def test_a_confirmed_tuned_configuration_joins_the_verdict(tmp_path, model):
                    generate_fn=gen, log=lambda _m: None)
     head = build_results(load_index(_index(tmp_path, verdict="Tiny")), tmp_path).split("## Summary")[0]
     line = next(ln for ln in head.splitlines() if ln.startswith("- **Tiny**"))
-    seed, tuned = line.split("; the configuration tuned on train (`tuned`), confirmed on test: ")
+    seed, tuned = line.split("; the configuration tuned on train (`tuned`), measured on test: ")
     assert seed.startswith("- **Tiny**: accuracy: no measurable effect (+80.0 pp") and "n = 5" in seed
     assert tuned.startswith("accuracy: no measurable effect (+80.0 pp") and "McNemar p = 0.125, n = 5" in tuned
+    # While the tuned rows are partial the line says they decide nothing yet, not "on test".
+    rows = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
+    kept = [r for r in rows if json.loads(r)["config"] != "tuned" or json.loads(r)["id"] != json.loads(rows[0])["id"]]
+    (tmp_path / "run" / "results.jsonl").write_text("\n".join(kept) + "\n")
+    head = build_results(load_index(_index(tmp_path, verdict="Tiny")), tmp_path).split("## Summary")[0]
+    line = next(ln for ln in head.splitlines() if ln.startswith("- **Tiny**"))
+    assert "(`tuned`), measured on test so far (incomplete: decides nothing yet): " in line and "n = 4 of 5" in line

@@ -8,7 +8,10 @@ attention mask and the next-token entropy run around the compiled forward, eager
 `CompileClock` measures compile time. Regional compilation (``nn.Module.compile`` per decoder block)
 is not offered: measured on a tiny 4-block Llama (issue #34), dynamo compiles every block anew (a
 KV cache is guarded per block through ``cache.layers[layer_idx]``, and a patched block 0 sees an
-empty per-forward mask cache where later blocks see it filled), so it saves no compile time.
+empty per-forward mask cache where later blocks see it filled), so it saves no compile time. What does
+repeat exactly is each patched layer's plan: traced in a whole forward, it is one nested compile region
+(`vps.layer.plan_region`), compiled once per shape class instead of once per layer. `cold_compiles` turns
+the on-disk caches off so that compile times compare.
 
 `compile_plans` is the regional alternative for an eager model (issue #34, item 2): only the plan
 function of the patched layers (`vps.layer.plan_tensors`: statistics, ranking, policy, selection, clip
@@ -113,6 +116,25 @@ def recompile_limit(limit: int) -> Iterator[None]:
         yield
     finally:
         dynamo_config.recompile_limit = before
+
+
+@contextlib.contextmanager
+def cold_compiles() -> Iterator[bool]:
+    """Inductor's and dynamo's on-disk caches off for the duration, so every compilation is a cold one and
+    compile times compare: with caches on, a graph compiled by an earlier process (the unpatched model's,
+    typically) loads in seconds while a new one compiles in minutes. Yields whether caches could be
+    turned off (False on a torch without the switch: the times may then include cache hits)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "force_disable_caches"):
+        yield False
+        return
+    before = inductor_config.force_disable_caches
+    inductor_config.force_disable_caches = True
+    try:
+        yield True
+    finally:
+        inductor_config.force_disable_caches = before
 
 
 def compiled_graphs() -> int:

@@ -177,7 +177,10 @@ def _compile_lines(result: dict[str, Any]) -> list[str]:
     for name, c in comp["configs"].items():
         ratio = f" ({c['ratio']:.2f}x)" if c["ratio"] is not None else ""
         parts.append(f"{name} {c['compile_s']:.1f} s{ratio}")
-    lines = ["compile time (dynamo + inductor, every shape of the warm-up rounds; ratio to base): " + "; ".join(parts)]
+    # Results written before the caches were switched off say nothing ("cold" absent): not claimed cold.
+    how = "cold, caches off" if comp.get("cold") else "caches on: an earlier process's graphs may load from disk"
+    lines = [f"compile time (dynamo + inductor, every shape of the warm-up rounds, {how}; ratio to base): "
+             + "; ".join(parts)]
     timed = {"base": comp.get("timed_base_compile_s", 0.0)}
     timed |= {n: c["timed_compile_s"] for n, c in comp["configs"].items()}
     if late := {n: s for n, s in timed.items() if s > 0}:

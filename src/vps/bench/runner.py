@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compiling import CompileClock, compile_forward, compiled_graphs, recompile_limit
+from ..compiling import CompileClock, cold_compiles, compile_forward, compiled_graphs, recompile_limit
 from ..config import VPSConfig
 from ..patching import is_patched, patch, patched, reuse_selection
 from .fingerprint import code_fingerprint, loadavg, machine_info, model_info
@@ -222,11 +222,11 @@ def _config_entry(name: str, cfg: VPSConfig, overrides: dict[str, Any], floor: b
     return entry
 
 
-def _compile_entry(variants: _Variants, settings: BenchSettings, graphs: int) -> dict[str, Any]:
+def _compile_entry(variants: _Variants, settings: BenchSettings, graphs: int, cold: bool) -> dict[str, Any]:
     """How the variants were compiled, and each one's compile time (warm-up rounds; timed rounds apart)
-    with its ratio to the unpatched model's."""
+    with its ratio to the unpatched model's; ``cold``: compiled with the on-disk caches off."""
     base = variants.compile_s[None]
-    return {"mode": settings.compile, "fullgraph": True, "graphs": graphs,
+    return {"mode": settings.compile, "fullgraph": True, "graphs": graphs, "cold": cold,
             "cache": "static", "base_compile_s": base, "timed_base_compile_s": variants.timed_compile_s[None],
             "configs": {name: {"compile_s": variants.compile_s[name],
                                "ratio": variants.compile_s[name] / base if base > 0 else None,
@@ -293,7 +293,11 @@ def run_benchmark(
     gc.collect()
     gc.freeze()
     try:
-        with recompile_limit(64) if settings.compile else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            cold = None
+            if settings.compile:
+                stack.enter_context(recompile_limit(64))
+                cold = stack.enter_context(cold_compiles())
             for w in workloads:
                 samples[w.key] = _time_workload(variants, w, settings, load_samples)
             if do_memory:
@@ -318,7 +322,7 @@ def run_benchmark(
             else "CPU memory is measured in an eager subprocess: run without --compile for it" if settings.compile
             else "CPU memory needs a model_spec (a model a subprocess can load)"),
         "compile": (None if not settings.compile
-                    else _compile_entry(variants, settings, compiled_graphs() - graphs_before)),
+                    else _compile_entry(variants, settings, compiled_graphs() - graphs_before, bool(cold))),
         "memory_error": memory_error if do_memory else None,
         "base": {"workloads": base, "memory": memory.get(None)},
         "configs": {name: _config_entry(name, cfg, cfgs[name], name in floors, workloads, samples, base, memory,

@@ -159,7 +159,10 @@ def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]],
         return f"**{model}**: no finished comparison yet."
     text = f"**{model}**: " + ("; ".join(parts) if parts else "seed defaults: no finished comparison yet")
     if tuned_parts:
-        text += "; the configuration tuned on train (`tuned`), confirmed on test: " + "; ".join(tuned_parts)
+        # "confirmed" only once every test item is in: a partial interval decides nothing yet.
+        done = all(vs["n"] >= n_items for _title, vs, n_items in tuned or [])
+        how = "measured on test" if done else "measured on test so far (incomplete: decides nothing yet)"
+        text += f"; the configuration tuned on train (`tuned`), {how}: " + "; ".join(tuned_parts)
     return text + "."
 
 

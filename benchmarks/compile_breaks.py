@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers.tiny import ids, tiny_llama  # noqa: E402
+
 import vps  # noqa: E402
-from tiny import ids, tiny_llama  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ runs), with each distinct reason and the line it comes from.
     python benchmarks/compile_breaks.py --builder sk --unpatched
     python benchmarks/compile_breaks.py --grad     # with autograd on (gradient capture)
 
-The target is one graph and no breaks in prefill and in frozen decode (tests/test_compile.py holds
+The target is one graph and no breaks in prefill and in frozen decode (tests/core/test_compile.py holds
 it there). With ``--grad`` the Hybrid/SC gradient capture sets a Python attribute from a backward
 hook, which dynamo does not trace: a compiled forward that should feed SC is an eager-only use.
 """

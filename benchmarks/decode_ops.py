@@ -8,7 +8,7 @@ plan was built) it costs two. Both forms run in this one process: ``VPSLinear.fo
 selects the unfolded reference.
 
 Ops: every op dispatched during one KV-cached decode step (after a prefill and one uncounted step)
-is counted under a ``TorchDispatchMode``, as tests/test_op_budget.py counts them; the figure is
+is counted under a ``TorchDispatchMode``, as tests/core/test_op_budget.py counts them; the figure is
 (patched - unpatched) / patched layers, split into compute ops and views, per architecture (Llama:
 no biases; Qwen2: q/k/v biases) and builder (SK one-hot; SC mixed outputs).
 

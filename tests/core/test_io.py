@@ -1,6 +1,7 @@
 """`vps._io`: atomic writes, reading a settings file, and the one resume comparison of eval runs and tune studies.
 
-The directory lock has its own file (test_io_lock.py), strict JSON too (test_strict_json.py).
+The directory lock has its own file (test_io_lock.py, beside this one), strict JSON too
+(tests/contracts/test_strict_json.py).
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ class VPSConfig:
         "help": "selector builder: sk (activation statistics), sc (ridge-refined), hybrid (sc where a gradient "
                 "was captured, else sk) (default {default})"})
     order: int = field(default=1, metadata={
-        "flag": "--order", "choices": (1, 2), "help": "terms of the series W sum (gamma U V^T W)^j (default {default})"})
+        "flag": "--order", "choices": (1, 2),
+        "help": "terms of the series W sum (gamma U V^T W)^j (default {default})"})
     qk_coupling: bool = field(default=True, metadata={
         "flag": "--no-qk-coupling", "sets": False,
         "help": "select query and key dimensions independently (default: coupled)"})
@@ -290,9 +291,9 @@ class VPSConfig:
         """
         base = base if base is not None else cls()
         values = dict(overrides)
-        rank, topk = values.get("rank"), base.topk
-        if _is_int(rank) and "topk" not in values and _is_int(topk) and rank > topk:
-            values["topk"] = cls.pool_for(rank, topk)
+        rank = values.get("rank")
+        if isinstance(rank, int) and not isinstance(rank, bool) and "topk" not in values and rank > base.topk:
+            values["topk"] = cls.pool_for(rank, base.topk)
         gamma = values.get("gamma")
         if allow_damping and isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma < 0:
             values.update(gamma=-gamma, damping=True)
@@ -432,10 +433,6 @@ def as_config(cfg: VPSConfig | str | os.PathLike[str] | None = None, **overrides
         raise TypeError(f"cfg must be a VPSConfig, a path to a VPSConfig JSON file (or to a directory holding "
                         f"{CONFIG_NAME}) or None, got {type(cfg).__name__}")
     return base.replace(**overrides) if overrides else base
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int_at_least(name: str, value: Any, lo: int) -> None:

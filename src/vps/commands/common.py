@@ -66,7 +66,7 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 # A field's type as the dataclass records it (a string, under `from __future__ import annotations`) -> the
-# argparse type that reads its flag's value; any other field is text.
+# argparse type that reads its flag's value; any other field is text (str, argparse's own default).
 _FLAG_TYPES: dict[Any, Any] = {"int": int, int: int, "float": float, float: float}
 
 
@@ -97,7 +97,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         if "sets" in first.metadata:
             g.add_argument(flag, action="store_true", help=text)
         else:
-            g.add_argument(flag, type=_FLAG_TYPES.get(first.type), choices=first.metadata.get("choices"), help=text)
+            g.add_argument(flag, type=_FLAG_TYPES.get(first.type, str), choices=first.metadata.get("choices"),
+                           help=text)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:

@@ -449,7 +449,7 @@ def test_seed_grid_loads():
 
 @pytest.mark.parametrize("grid, needles", [
     ({"fast": {"gama": 0.3}}, ["'fast'", "gama"]),
-    ({"wide": {"rank": 64}}, ["'wide'", "topk"]),
+    ({"wide": {"rank": 64, "topk": 8}}, ["'wide'", "topk"]),  # {rank: 64} alone widens topk (test_overrides.py)
     ({"neg": {"gamma": -1}}, ["'neg'", "gamma"]),
     ({"b": {"method": "base", "rank": 2}}, ["'b'", "rank"]),
     ({"m": {"method": "sharpen"}}, ["'m'", "method"]),

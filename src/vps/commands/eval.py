@@ -30,6 +30,7 @@ from .common import (
     config_from_args,
     load,
     parse_device_map,
+    prompt_from_args,
     set_threads,
 )
 
@@ -176,6 +177,7 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
     loaded = load_data(args)
     from ..models import DEFAULT_MODEL
 
+    prompt = prompt_from_args(args)
     with flag_errors():
         settings = RunSettings(
             model=args.model or DEFAULT_MODEL, dtype=args.dtype,
@@ -183,7 +185,7 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
                            args.sample, args.seed),
             generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, stop_strings=args.stop if args.stop is not None else DEFAULT_STOP_STRINGS,
-            system=args.system, prompt=args.prompt, shots=args.shots, extract_mode=args.extract,
+            system=prompt.system, prompt=prompt.style, shots=prompt.shots, extract_mode=args.extract,
             refine_iters=args.iters, refine_k_samples=args.k_samples,
             seed=args.seed, command=command)
         check_run(loaded.items, specs, settings)

@@ -6,8 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..prompting import PROMPT_STYLES
-from .common import add_model_arguments, add_threads_argument, check_threads, load, set_threads
+from .common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    add_threads_argument,
+    check_threads,
+    load,
+    prompt_from_args,
+    set_threads,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,9 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-warmup", type=int, default=1,
                    help="batches a trial runs before it can be pruned (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
-    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES, help="prompt style (default %(default)s)")
-    g.add_argument("--shots", type=int, default=5, help="solved examples of --prompt fewshot (default 5)")
-    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's)")
+    add_prompt_arguments(g)
     add_model_arguments(p)
     add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -121,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
     on_test = check_split(args.data, loaded.path, args.allow_test_split, [it.question for it in loaded.items])
     if not loaded.items:
         raise ValueError(f"--data: {loaded.path or args.data} has no items to tune on")
+    prompt = prompt_from_args(args)
     settings = TuneSettings(
         model=args.model or DEFAULT_MODEL, data=data_info(loaded, args.data, sample=args.sample, seed=args.seed),
-        space=space.to_dict(), dtype=args.dtype, prompt=args.prompt, shots=args.shots, system=args.system,
+        space=space.to_dict(), dtype=args.dtype, prompt=prompt.style, shots=prompt.shots, system=prompt.system,
         batch_size=args.batch_size, objectives=args.objectives, pruner=args.pruner,
         prune_startup=args.prune_startup, prune_warmup=args.prune_warmup, seed=args.seed, on_test=on_test)
     stored = args.out / SETTINGS_FILE

@@ -8,7 +8,8 @@ entry (``base``, ``maj``) takes no VPS overrides: it is the unpatched model.
 A patched entry may also name a `VPSConfig` file under ``config`` (as ``vps eval --config`` reads it,
 e.g. the ``best.json`` of a `vps tune` study; a relative path is read from the grid file's folder):
 its other keys then override that file instead of the defaults.
-Every error names the file, the configuration and the offending key.
+Overrides follow `VPSConfig.from_overrides`, as ``vps eval``'s flags do: ``{rank: 64}`` widens topk to 64
+unless the entry sets topk. Every error names the file, the configuration and the offending key.
 
 Some entries cannot differ from another for their method: outside refinement no gradient is captured
 and no outcome is recorded, so the fields that act only through those (L-BFGS, the improvement
@@ -118,10 +119,10 @@ def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid",
         if unknown:
             raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method' / 'votes' / "
                             f"'config')")
-        try:
-            cfg = entry_base.replace(**overrides)
+        try:  # the override rules of every entry point: a larger rank widens topk, as `vps eval --rank` does
+            cfg = VPSConfig.from_overrides(overrides, base=entry_base, source=where)
         except ConfigError as exc:
-            raise GridError(f"{where}: {exc}") from None
+            raise GridError(str(exc)) from None
         try:
             specs.append(MethodSpec(name, method, cfg, votes=votes))
         except ValueError as exc:

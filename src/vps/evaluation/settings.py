@@ -15,10 +15,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES, PromptFormat, style_system
+from ..prompting import (
+    DEFAULT_SHOTS,
+    DEFAULT_STOP_STRINGS,
+    DEFAULT_STYLE,
+    PROMPT_STYLES,
+    PromptFormat,
+    PromptSettings,
+    style_system,
+)
 from ..refinement.config import MAX_SAMPLES, RefineConfig, RefineConfigError, check_seed
 from ..verify import EXTRACT_MODES
-from .data import LoadResult, load_items
+from .data import LoadResult
 from .rundir import RUN_FORMAT
 
 if TYPE_CHECKING:
@@ -79,8 +87,8 @@ class RunSettings:
     temperature: float = 0.0
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS
     system: str | None = None
-    prompt: str = "tutor"
-    shots: int = 5
+    prompt: str = DEFAULT_STYLE
+    shots: int = DEFAULT_SHOTS
     extract_mode: str = "flexible"
     refine_iters: int = 3
     refine_k_samples: int = 4
@@ -126,11 +134,8 @@ class RunSettings:
                                                    f"one would stop every output before its first token)")
 
     def prompt_format(self) -> PromptFormat:
-        """The run's `PromptFormat`; fewshot reads its examples from the start of GSM8K train."""
-        if self.prompt != "fewshot":
-            return PromptFormat(self.prompt, self.system)
-        pool = load_items("gsm8k:train", limit=self.shots + 1).items
-        return PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=self.shots)
+        """The run's `PromptFormat` (`PromptSettings.format`)."""
+        return PromptSettings(self.prompt, self.shots, self.system).format()
 
     def refine_config(self, **changes: Any) -> RefineConfig:
         """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``.

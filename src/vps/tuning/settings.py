@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._version import __version__
-from ..prompting import PROMPT_STYLES
+from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PROMPT_STYLES
 
 __all__ = ["NOT_COMPARED", "OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings"]
 
@@ -31,8 +31,8 @@ class TuneSettings:
     data: dict[str, Any]
     space: dict[str, Any]
     dtype: str = "float32"
-    prompt: str = "tutor"
-    shots: int = 5
+    prompt: str = DEFAULT_STYLE
+    shots: int = DEFAULT_SHOTS
     system: str | None = None
     batch_size: int = 8
     objectives: tuple[str, ...] = ("nll",)

@@ -20,7 +20,7 @@ from typing import Any
 from .._io import check_resume, dumps_strict, lock_directory, read_json_object, write_atomic
 from ..config import ConfigError, VPSConfig
 from ..evaluation.data import Item
-from ..prompting import PromptFormat
+from ..prompting import PromptFormat, PromptSettings
 from . import report as reporting
 from .files import SETTINGS_FILE, STUDY_FILE, STUDY_NAME
 from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, TrialFailed, prefill_ratio, score_trial
@@ -145,12 +145,7 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
 
 
 def _prompt_format(settings: TuneSettings) -> PromptFormat:
-    if settings.prompt != "fewshot":
-        return PromptFormat(settings.prompt, settings.system)
-    from ..evaluation.data import load_items
-
-    pool = load_items("gsm8k:train", limit=settings.shots + 1).items
-    return PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=settings.shots)
+    return PromptSettings(settings.prompt, settings.shots, settings.system).format()
 
 
 def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: dict[str, float | None],

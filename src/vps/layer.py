@@ -191,7 +191,7 @@ class VPSLinear(nn.Module):
     def _perturbed(self, x: torch.Tensor, base_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         plan = self.plan
         # The phase is tested first: a compiled prefill then never guards on whether a plan is stored,
-        # so a later prompt's prefill replays the same graph (tests/test_compile.py).
+        # so a later prompt's prefill replays the same graph (tests/core/test_compile.py).
         if self.ctx.reuses_plan(self.cfg.decode_mode) and plan is not None and self._plan_fits(plan, x.shape[0]):
             # Frozen decode step: everything but x is fixed since the plan was built, so nothing is
             # gathered or mixed per step.

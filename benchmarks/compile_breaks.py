@@ -7,7 +7,7 @@ runs), with each distinct reason and the line it comes from.
     python benchmarks/compile_breaks.py --builder sk --unpatched
     python benchmarks/compile_breaks.py --grad     # with autograd on (gradient capture)
 
-The target is one graph and no breaks in prefill and in frozen decode (tests/test_compile.py holds
+The target is one graph and no breaks in prefill and in frozen decode (tests/core/test_compile.py holds
 it there). With ``--grad`` the Hybrid/SC gradient capture sets a Python attribute from a backward
 hook, which dynamo does not trace: a compiled forward that should feed SC is an eager-only use.
 """
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers.tiny import ids, tiny_llama  # noqa: E402
+
 import vps  # noqa: E402
-from tiny import ids, tiny_llama  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ plan was built) it costs two. Both forms run in this one process: ``VPSLinear.fo
 selects the unfolded reference.
 
 Ops: every op dispatched during one KV-cached decode step (after a prefill and one uncounted step)
-is counted under a ``TorchDispatchMode``, as tests/test_op_budget.py counts them; the figure is
+is counted under a ``TorchDispatchMode``, as tests/core/test_op_budget.py counts them; the figure is
 (patched - unpatched) / patched layers, split into compute ops and views, per architecture (Llama:
 no biases; Qwen2: q/k/v biases) and builder (SK one-hot; SC mixed outputs).
 
@@ -47,7 +47,7 @@ import vps
 from vps.kv_cache import cache_argument, output_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The tests' tiny shapes (tests/tiny.py): small enough that a decode step is mostly per-op overhead,
+# The tests' tiny shapes (tests/helpers/tiny.py): small enough that a decode step is mostly per-op overhead,
 # which is what the fold removes.
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)

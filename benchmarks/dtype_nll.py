@@ -24,7 +24,7 @@ import torch
 import vps
 from vps.evaluation.data import load_items
 from vps.evaluation.nll import solution_nll
-from vps.prompting import PromptFormat
+from vps.prompting import PROMPT_STYLES, PromptSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,18 +32,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
-    p.add_argument("--prompt", default="fewshot", choices=["tutor", "boxed", "fewshot"])
+    p.add_argument("--prompt", default="fewshot", choices=PROMPT_STYLES)
     p.add_argument("--items", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     items = load_items("gsm8k:train", sample=args.items, seed=args.seed).items
-    if args.prompt == "fewshot":
-        pool = load_items("gsm8k:train", limit=6).items
-        fmt = PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=5)
-    else:
-        fmt = PromptFormat(args.prompt)
+    fmt = PromptSettings(args.prompt).format()  # fewshot: the run settings' shots of GSM8K train
     out: dict = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,
                  "prompt": args.prompt, "items": len(items), "threads": args.threads}
     nll: dict[str, list[float]] = {}

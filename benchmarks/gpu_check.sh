@@ -9,11 +9,11 @@
 #    wheel, transformers-5.24.0-py3-none-any.whl, and any dependency wheels it needs) with pip --no-index
 #    --no-deps, then records the versions. No wheel: the image's transformers is used, and env.txt says so.
 # 1. benchmarks/cuda_graph_replay.py: a decode step captured in a CUDA graph, replayed after a new prompt.
-# 2. pytest tests/test_cuda.py and the CUDA test of tests/test_layer.py.
+# 2. pytest tests/contracts/test_cuda.py and the CUDA test of tests/core/test_layer.py.
 # 3. benchmarks/gpu_figures.py --steps ops,eager: eager figures, random-weight Qwen2.5-7B architecture.
 # 4. benchmarks/gpu_figures.py --steps compile: compile time, unpatched vs SK-patched (inductor caches off).
 # 5. benchmarks/gpu_figures.py --steps compiled: compiled (reduce-overhead) figures.
-# 6. the compiled plan region: tests/test_compiled_plans.py's CUDA test and benchmarks/plan_kernels.py.
+# 6. the compiled plan region: tests/core/test_compiled_plans.py's CUDA test and benchmarks/plan_kernels.py.
 #
 # --quick: a tiny architecture and short limits, to check the plumbing on any machine (CPU included).
 # Results: --out DIR, else $OUT (set on the lent machine), else results-gpu-check/. summary.txt lists
@@ -89,8 +89,8 @@ export -f install_wheels
 export WHEELS PY
 run env "$T_ENV" bash -c install_wheels
 run cuda_graph_replay "$T_REPLAY" "$PY" benchmarks/cuda_graph_replay.py --out "$RESULTS/cuda_graph_replay.json"
-run test_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    tests/test_layer.py::test_to_cuda_moves_gain_and_keeps_it_float32
+run test_cuda "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/contracts/test_cuda.py \
+    tests/core/test_layer.py::test_to_cuda_moves_gain_and_keeps_it_float32
 run figures_eager "$T_EAGER" "$PY" benchmarks/gpu_figures.py "${ARCH[@]}" --steps ops,eager --out "$RESULTS/figures"
 # A cold compile for each variant: no inductor cache from an earlier step or run shortens either.
 run compile_time "$T_COMPILE" env TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0 \
@@ -99,7 +99,7 @@ run figures_compiled "$T_COMPILED" "$PY" benchmarks/gpu_figures.py "${ARCH[@]}" 
   --out "$RESULTS/figures"
 # The opt-in compiled plan region (vps.compile_plans): its CUDA test (inductor), then kernels per patched layer
 # and the prefill ratio at SmolLM2 shapes; the figures are in the step's log.
-run compiled_plans "$T_PLANS" bash -c "\"$PY\" -m pytest -q -p no:cacheprovider tests/test_compiled_plans.py -k cuda \
+run compiled_plans "$T_PLANS" bash -c "\"$PY\" -m pytest -q -p no:cacheprovider tests/core/test_compiled_plans.py -k cuda \
   && \"$PY\" benchmarks/plan_kernels.py --device cuda --arch smollm2 --layers 4 --shape 8x512 --no-save"
 
 echo "--- summary ($RESULTS) ---"

@@ -15,7 +15,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny Llama of the evaluation tests, with the character tokenizer of tiny_eval."""
-    from tiny_eval import tiny_model, tiny_tokenizer
+    """The tiny Llama of the evaluation tests, with the character tokenizer of tests/helpers/tiny_eval.py."""
+    from tests.helpers.tiny_eval import tiny_model, tiny_tokenizer
 
     return tiny_model(tiny_tokenizer())

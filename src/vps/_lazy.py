@@ -16,8 +16,9 @@ def lazy_exports(package: str, namespace: dict[str, Any], exports: Mapping[str, 
     """The ``__getattr__`` and ``__dir__`` of ``package`` (whose globals are ``namespace``), loading
     each name of ``exports`` (name -> submodule) from its submodule on first access.
 
-    ``__dir__`` lists the package's ``__all__``, which must be defined before this is called: the
-    module's own globals (``annotations``, ``TYPE_CHECKING``, this function) and the internals that
+    A module is named relative to ``package`` (``"rundir"``) or in full where it lies elsewhere (``"vps._io"``:
+    a name with a dot). ``__dir__`` lists the package's ``__all__``, which must be defined before this is called:
+    the module's own globals (``annotations``, ``TYPE_CHECKING``, this function) and the internals that
     ``exports`` also serves are reachable but are not the API ``dir()`` and tab completion should offer.
     """
     if "__all__" not in namespace:
@@ -27,7 +28,7 @@ def lazy_exports(package: str, namespace: dict[str, Any], exports: Mapping[str, 
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        value = getattr(importlib.import_module(module if "." in module else f"{package}.{module}"), name)
         namespace[name] = value  # later lookups skip this function
         return value
 

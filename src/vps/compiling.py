@@ -1,6 +1,6 @@
 """``torch.compile`` for a (patched) model's forward, as `vps generate --compile` and `vps bench --compile` use it.
 
-The patched forward traces as one graph with no breaks in prefill and decode (tests/test_compile.py),
+The patched forward traces as one graph with no breaks in prefill and decode (tests/core/test_compile.py),
 so the whole forward is compiled with ``fullgraph=True``: a break would be a regression and fails
 loudly instead of silently running part of the model eagerly. The model-level hooks that read the
 attention mask and the next-token entropy run around the compiled forward, eagerly.

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,23 +77,45 @@ class VPSConfig:
     a space file allows it, and labels it DAMPING (docs/design.md §1).
     """
 
-    rank: int = 2
-    topk: int = 32
-    gamma: float = 0.5
-    tau: float = 0.8
-    builder: str = "hybrid"
-    order: int = 1
-    qk_coupling: bool = True
+    # The fields `vps generate / eval / refine` expose carry their flag, help and choices here, once:
+    # `vps.commands.common.add_config_arguments` builds the flags from this metadata (`cli_fields`). A help
+    # text's "{default}" is filled with the field's default there. A switch ("sets") is a flag without a
+    # value that sets its field(s) to that value; fields sharing a flag are set together.
+    rank: int = field(default=2, metadata={
+        "flag": "--rank", "help": "rank r of the perturbation (the policy's upper bound; default {default})"})
+    topk: int = field(default=32, metadata={
+        "flag": "--topk", "help": "candidate features the selectors choose among, >= rank (default {default}; a "
+                                  "larger --rank widens it to match)"})
+    gamma: float = field(default=0.5, metadata={
+        "flag": "--gamma",
+        "help": f"perturbation scale in [0, {GAMMA_MAX}] (the policy's upper bound; default {{default}})"})
+    tau: float = field(default=0.8, metadata={
+        "flag": "--tau", "help": "clip on each rank-1 term's spectral norm, > 0 (default {default})"})
+    builder: str = field(default="hybrid", metadata={
+        "flag": "--builder", "choices": BUILDERS,
+        "help": "selector builder: sk (activation statistics), sc (ridge-refined), hybrid (sc where a gradient "
+                "was captured, else sk) (default {default})"})
+    order: int = field(default=1, metadata={
+        "flag": "--order", "choices": (1, 2),
+        "help": "terms of the series W sum (gamma U V^T W)^j (default {default})"})
+    qk_coupling: bool = field(default=True, metadata={
+        "flag": "--no-qk-coupling", "sets": False,
+        "help": "select query and key dimensions independently (default: coupled)"})
     lbfgs_enabled: bool = True
-    adaptive_rank: bool = True
-    adaptive_gamma: bool = True
+    adaptive_rank: bool = field(default=True, metadata={
+        "flag": "--fixed", "sets": False,
+        "help": "turn the adaptive policy off: rank and gamma exactly as given (default: adaptive)"})
+    adaptive_gamma: bool = field(default=True, metadata={"flag": "--fixed", "sets": False})
     alpha: float = 1e-3
 
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
     layers: list[int] | None = None
     scope: str = "sequence"
-    decode_mode: str = "frozen"
+    decode_mode: str = field(default="frozen", metadata={
+        "flag": "--decode-mode", "choices": DECODE_MODES,
+        "help": "frozen: decode steps keep the selectors built from the prompt; dynamic: rebuild them every step "
+                "(default {default})"})
 
     adaptive_topk: bool = False
     adaptive_order: bool = False
@@ -245,12 +268,41 @@ class VPSConfig:
         return VPSConfig.from_dict(data)
 
     def with_overrides(self, **overrides: Any) -> VPSConfig:
-        """`replace`, where a ``rank`` beyond this config's topk, with no topk among ``overrides``,
-        widens topk to match (`pool_for`) rather than failing: the rule of ``--rank``, bench specs and
-        tune trials."""
-        if "rank" in overrides and "topk" not in overrides and overrides["rank"] > self.topk:
-            overrides = {**overrides, "topk": VPSConfig.pool_for(overrides["rank"], self.topk)}
-        return self.replace(**overrides)
+        """`replace`, with the override rules of `from_overrides`: a ``rank`` beyond this config's topk, with
+        no topk among ``overrides``, widens topk to match (`pool_for`) rather than failing."""
+        return VPSConfig.from_overrides(overrides, base=self)
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any], *, base: VPSConfig | None = None,
+                       source: str | None = None, allow_damping: bool = False) -> VPSConfig:
+        """``base`` (None: the seed defaults) with ``overrides`` applied, validated: the one place the
+        override rules live, shared by the CLI flags, ablation grids, bench specs, the tune space and
+        trials, and lm-eval's ``vps_config``.
+
+        Rules: a ``rank`` beyond the base's topk, with no ``topk`` among ``overrides``, widens topk to
+        the rank (`pool_for`: the candidate pool must hold the rank) instead of failing; with
+        ``allow_damping`` (the tune space, where a file allows it) a negative ``gamma`` means
+        ``damping`` with gamma's magnitude, elsewhere it is out of range like any other value.
+
+        Raises:
+            ConfigError: an unknown field (`UnknownFieldError`, with the nearest name) or a value out of
+                range; the message starts with ``source`` (the file, flag or spec the overrides came
+                from) when one is given, and names the field.
+        """
+        base = base if base is not None else cls()
+        values = dict(overrides)
+        rank = values.get("rank")
+        if isinstance(rank, int) and not isinstance(rank, bool) and "topk" not in values and rank > base.topk:
+            values["topk"] = cls.pool_for(rank, base.topk)
+        gamma = values.get("gamma")
+        if allow_damping and isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma < 0:
+            values.update(gamma=-gamma, damping=True)
+        try:
+            return base.replace(**values)
+        except ConfigError as exc:
+            if source is None:
+                raise
+            raise type(exc)(f"{source}: {exc}") from None
 
     @staticmethod
     def pool_for(rank: int, topk: int) -> int:
@@ -320,6 +372,12 @@ class VPSConfig:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VPSConfig))
+
+
+def cli_fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The `VPSConfig` fields the command line sets, in declaration order: those whose metadata names a
+    ``flag`` (with its ``help``, and ``choices`` or ``sets`` where it has them)."""
+    return tuple(f for f in dataclasses.fields(VPSConfig) if "flag" in f.metadata)
 
 
 def check_field_names(names: Any) -> None:

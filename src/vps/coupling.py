@@ -8,21 +8,35 @@ query heads h that read key head h_kv (grouped-query attention: ``h // (n_heads 
 the order `repeat_kv` uses). The key takes the best joint dimensions; the query takes, for each,
 dimension j of its best-scoring head in that group. A rank-1 change to both then touches the same
 ``q_j k_j`` products instead of unrelated ones.
+
+The coupling owns the pairing: `QKPair` sets and clears the layers' ``pair`` attribute, and it asks of a
+layer only what `CoupledLayer` names, so that this module never imports `vps.layer` (which imports it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from .builders import rank_features
 from .offload import hooked_call
 
-if TYPE_CHECKING:
-    from .layer import VPSLinear
+
+class CoupledLayer(Protocol):
+    """What `QKPair` needs of a projection (`vps.layer.VPSLinear` is one): its output width, the wrapped
+    layer it calls for the partner's base output, its bias removal, and the attribute that holds its pair."""
+
+    base_layer: nn.Module
+    pair: QKPair | None
+
+    @property
+    def out_features(self) -> int: ...
+
+    def without_bias(self, out: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -50,13 +64,13 @@ class _Handoff:
 
 
 class QKPair:
-    """Couples the ``q`` and ``k`` `VPSLinear` layers of one attention block.
+    """Couples the ``q`` and ``k`` `VPSLinear` layers (any `CoupledLayer`) of one attention block.
 
     Whichever projection runs first computes both base outputs and both output rankings; the second
     one, called on the very same input, reuses them, so nothing is computed twice.
     """
 
-    def __init__(self, q: VPSLinear, k: VPSLinear, n_heads: int, n_kv_heads: int,
+    def __init__(self, q: CoupledLayer, k: CoupledLayer, n_heads: int, n_kv_heads: int,
                  head_dim: int) -> None:
         if n_heads % n_kv_heads:
             raise ValueError(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
@@ -70,7 +84,7 @@ class QKPair:
         q.pair = self
         k.pair = self
 
-    def peer(self, layer: VPSLinear) -> VPSLinear:
+    def peer(self, layer: CoupledLayer) -> CoupledLayer:
         """The other projection of the pair."""
         return self.k if layer is self.q else self.q
 
@@ -80,7 +94,7 @@ class QKPair:
         self.k.pair = None
         self._handoff = None
 
-    def base_output(self, layer: VPSLinear, x: torch.Tensor,
+    def base_output(self, layer: CoupledLayer, x: torch.Tensor,
                     base_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BaseOutput:
         """``layer``'s base output on ``x``: the partner's handoff for this very input if there is one,
         else computed here (with ``base_forward``, default ``layer.base_layer``) together with the
@@ -94,13 +108,13 @@ class QKPair:
         def with_h0(inp: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
             out = forward(inp)
-            return out, peer._without_bias(out)  # an offloaded bias is only loaded in here
+            return out, peer.without_bias(out)  # an offloaded bias is only loaded in here
 
         # The partner's weight (and bias) may be offloaded: its device hook loads them for this call.
         peer_out, peer_h0 = hooked_call(peer.base_layer, x, with_h0)
         return BaseOutput(own, peer_out=peer_out.to(own.device), peer_h0=peer_h0.to(own.device))
 
-    def rank_jointly(self, layer: VPSLinear, x: torch.Tensor, scores: torch.Tensor, peer_out: torch.Tensor,
+    def rank_jointly(self, layer: CoupledLayer, x: torch.Tensor, scores: torch.Tensor, peer_out: torch.Tensor,
                      peer_scores: torch.Tensor, peer_energy: torch.Tensor, k: int) -> torch.Tensor:
         """``layer``'s output ranking (B, k), chosen jointly with its partner's from both mean |output| scores.
 
@@ -110,7 +124,7 @@ class QKPair:
         self._handoff = _Handoff(self.peer(layer), x, BaseOutput(peer_out, out_rank=peer_rank, energy=peer_energy))
         return own_rank
 
-    def rank_outputs(self, layer: VPSLinear, own_scores: torch.Tensor, peer_scores: torch.Tensor,
+    def rank_outputs(self, layer: CoupledLayer, own_scores: torch.Tensor, peer_scores: torch.Tensor,
                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint output rankings ``(own, peer)`` of k candidates each, from mean |output| scores."""
         s_q, s_k = (own_scores, peer_scores) if layer is self.q else (peer_scores, own_scores)

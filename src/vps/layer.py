@@ -89,7 +89,7 @@ class VPSLinear(nn.Module):
         self.builder = make_builder(cfg.builder, cfg)
         # The constants of this layer's plan, as the key of its nested compile region (see `plan_region`).
         self._region_key = _region_key(self._spec, cfg)
-        self.pair: QKPair | None = None  # set by QKPair when Q/K coupling applies
+        self.pair: QKPair | None = None  # set and cleared by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
         # static_plans: each new plan is copied into tensors kept per plan shape, so a CUDA graph that
@@ -191,7 +191,7 @@ class VPSLinear(nn.Module):
     def _perturbed(self, x: torch.Tensor, base_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         plan = self.plan
         # The phase is tested first: a compiled prefill then never guards on whether a plan is stored,
-        # so a later prompt's prefill replays the same graph (tests/test_compile.py).
+        # so a later prompt's prefill replays the same graph (tests/core/test_compile.py).
         if self.ctx.reuses_plan(self.cfg.decode_mode) and plan is not None and self._plan_fits(plan, x.shape[0]):
             # Frozen decode step: everything but x is fixed since the plan was built, so nothing is
             # gathered or mixed per step.
@@ -282,7 +282,7 @@ class VPSLinear(nn.Module):
         with torch.no_grad():
             tm = ctx.token_mask(x.shape[0], x.shape[1], x.device, one_sequence=batch_scope)
             key = x
-            h0 = self._without_bias(base.out)  # no_grad: nothing here joins the autograd graph
+            h0 = self.without_bias(base.out)  # no_grad: nothing here joins the autograd graph
             if batch_scope:
                 x, h0 = _as_one_sequence(x), _as_one_sequence(h0)
             # Layers reading the same input (q/k/v, gate/up) share its ranking within one forward.
@@ -357,7 +357,9 @@ class VPSLinear(nn.Module):
         if oks:
             self._fallbacks = self._fallbacks + sum((~ok).sum() for ok in oks)
 
-    def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
+    def without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` less this layer's bias: the base output ``W x`` that plans are built from. Under an
+        accelerate hook, call it inside the hooked call: an offloaded bias is loaded only there."""
         bias = self.bias
         return out if bias is None else out - bias
 

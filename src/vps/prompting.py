@@ -22,6 +22,10 @@ CHAT_STYLES = ("tutor", "boxed")
 PROMPT_STYLES = (*CHAT_STYLES, "fewshot")
 # Where a few-shot continuation starts the next example, so generation stops there.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
+DEFAULT_STYLE = "tutor"
+# Solved examples in a fewshot prompt: lm-eval's GSM8K setting. `vps eval`, `vps tune`, their run settings and
+# `PromptFormat` all take this default from here.
+DEFAULT_SHOTS = 5
 _STYLE_SYSTEMS: dict[str, str | None] = {"tutor": DEFAULT_SYSTEM, "boxed": BOXED_SYSTEM, "fewshot": None}
 
 
@@ -37,7 +41,7 @@ class PromptFormat:
     style: str = "tutor"
     system: str | None = None  # chat styles: None means the style's own system prompt
     shots: tuple[tuple[str, str], ...] = ()  # fewshot: a pool of (question, worked answer) pairs, in order
-    n_shots: int = 5  # fewshot: how many of the pool each prompt shows
+    n_shots: int = DEFAULT_SHOTS  # fewshot: how many of the pool each prompt shows
 
     def __post_init__(self) -> None:
         if self.style not in PROMPT_STYLES:
@@ -68,6 +72,28 @@ class PromptFormat:
         shots = [(q, a) for q, a in self.shots if q.strip() != question.strip()][:self.n_shots]
         blocks = [f"Question: {q}\nAnswer: {a}" for q, a in shots]
         return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The prompt settings `vps eval` and `vps tune` share (``--prompt``, ``--shots``, ``--system``): the
+    prompt ``style`` (`PROMPT_STYLES`), the solved examples of a fewshot prompt (``shots``) and a chat
+    style's ``system`` prompt (None: the style's own). Their run settings store the three as ``prompt``,
+    ``shots`` and ``system``; `format` is the `PromptFormat` they describe."""
+
+    style: str = DEFAULT_STYLE
+    shots: int = DEFAULT_SHOTS
+    system: str | None = None
+
+    def format(self) -> PromptFormat:
+        """The `PromptFormat`; a fewshot one reads its examples from the start of GSM8K train (one spare
+        for an item that is itself a shot)."""
+        if self.style != "fewshot":
+            return PromptFormat(self.style, self.system)
+        from .evaluation.data import load_items  # the data loader is needed only for a fewshot pool
+
+        pool = load_items("gsm8k:train", limit=self.shots + 1).items
+        return PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=self.shots)
 
 
 def chat_prompt(tokenizer: Any, question: str, system: str | None = DEFAULT_SYSTEM) -> str:

@@ -54,9 +54,10 @@ def is_floor(name: str) -> bool:
     return name.split(":")[0].strip() in PLAN_REUSE_PRESETS
 
 
-def make_config(overrides: dict[str, Any]) -> VPSConfig:
-    """Seed defaults plus ``overrides`` (a larger rank widens topk to match), validated."""
-    return VPSConfig().with_overrides(**overrides)
+def make_config(overrides: dict[str, Any], source: str | None = None) -> VPSConfig:
+    """Seed defaults plus ``overrides`` by `VPSConfig.from_overrides` (a larger rank widens topk to match),
+    validated; a `ConfigError` starts with ``source`` (the spec) when given."""
+    return VPSConfig.from_overrides(overrides, source=source)
 
 
 def resolve_configs(specs: str | Iterable[str] | None) -> dict[str, dict[str, Any]]:
@@ -68,7 +69,8 @@ def resolve_configs(specs: str | Iterable[str] | None) -> dict[str, dict[str, An
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
         name, overrides = parse_config_spec(spec)
-        make_config(overrides)  # raise now, naming the bad field, rather than halfway through a run
+        # Raise now, naming the spec and the bad field, rather than halfway through a run.
+        make_config(overrides, f"bench config {name!r}")
         out[name] = overrides
     if not out:
         raise ValueError("no bench config given")

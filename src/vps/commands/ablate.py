@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation.ablation import Equivalence, MethodSpec, default_grid_path, equivalent_entries, load_grid
+from ..evaluation.ablation import Equivalence, default_grid_path, equivalent_entries, load_grid
+from ..evaluation.methods import MethodSpec
 from ..evaluation.rundir import RunDir
 from .common import add_data_arguments, add_run_arguments
 from .eval import execute

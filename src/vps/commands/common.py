@@ -4,16 +4,14 @@ and run flags of ``vps eval`` and ``vps ablate``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from ..config import BUILDERS, DECODE_MODES, GAMMA_MAX, VPSConfig
-from ..prompting import DEFAULT_STOP_STRINGS, PROMPT_STYLES
-from ..refinement.config import SAMPLINGS
+from ..config import VPSConfig, cli_fields
+from ..prompting import DEFAULT_SHOTS, DEFAULT_STOP_STRINGS, DEFAULT_STYLE, PROMPT_STYLES, PromptSettings
 from ..verify.extract import EXTRACT_MODES
-
-_SEED = VPSConfig()
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,32 +65,40 @@ def set_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
+# A field's type as the dataclass records it (a string, under `from __future__ import annotations`) -> the
+# argparse type that reads its flag's value; any other field is text (str, argparse's own default).
+_FLAG_TYPES: dict[Any, Any] = {"int": int, int: int, "float": float, float: float}
+
+
+def _flag_dest(flag: str) -> str:
+    """The attribute argparse stores a flag under (``--decode-mode`` -> ``decode_mode``)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _config_flags() -> dict[str, list[dataclasses.Field[Any]]]:
+    """Each VPS configuration flag -> the `VPSConfig` fields it sets, from the fields' metadata: the flags
+    that take a value first, then the switches, each in field order (as ``--help`` lists them)."""
+    flags: dict[str, list[dataclasses.Field[Any]]] = {}
+    for f in sorted(cli_fields(), key=lambda f: "sets" in f.metadata):  # sorted() is stable
+        flags.setdefault(f.metadata["flag"], []).append(f)
+    return flags
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per `VPSConfig` field the CLI exposes, built from the fields' metadata
+    (flag, help, choices), so the flags say what config.py says."""
     g = p.add_argument_group("VPS configuration (defaults: the seed's)")
     g.add_argument("--config", default=None,
                    help="VPSConfig JSON file (VPSConfig.save) or a directory holding vps_config.json "
                         "(VPSConfig.save_pretrained); the flags below override its fields")
-    g.add_argument("--rank", type=int,
-                   help=f"rank r of the perturbation (the policy's upper bound; default {_SEED.rank})")
-    g.add_argument("--topk", type=int,
-                   help=f"candidate features the selectors choose among, >= rank (default {_SEED.topk}; a larger "
-                        "--rank widens it to match)")
-    g.add_argument("--gamma", type=float,
-                   help=f"perturbation scale in [0, {GAMMA_MAX}] (the policy's upper bound; default {_SEED.gamma})")
-    g.add_argument("--tau", type=float,
-                   help=f"clip on each rank-1 term's spectral norm, > 0 (default {_SEED.tau})")
-    g.add_argument("--builder", choices=BUILDERS,
-                   help="selector builder: sk (activation statistics), sc (ridge-refined), hybrid (sc where a "
-                        f"gradient was captured, else sk) (default {_SEED.builder})")
-    g.add_argument("--order", type=int, choices=[1, 2],
-                   help=f"terms of the series W sum (gamma U V^T W)^j (default {_SEED.order})")
-    g.add_argument("--decode-mode", choices=DECODE_MODES,
-                   help="frozen: decode steps keep the selectors built from the prompt; dynamic: rebuild them "
-                        f"every step (default {_SEED.decode_mode})")
-    g.add_argument("--no-qk-coupling", action="store_true",
-                   help="select query and key dimensions independently (default: coupled)")
-    g.add_argument("--fixed", action="store_true",
-                   help="turn the adaptive policy off: rank and gamma exactly as given (default: adaptive)")
+    for flag, fields in _config_flags().items():
+        first = fields[0]
+        text = first.metadata["help"].format(default=first.default)
+        if "sets" in first.metadata:
+            g.add_argument(flag, action="store_true", help=text)
+        else:
+            g.add_argument(flag, type=_FLAG_TYPES.get(first.type, str), choices=first.metadata.get("choices"),
+                           help=text)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +114,23 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of --sample, generation and refinement (default 0)")
 
 
+def add_prompt_arguments(g: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--prompt``, ``--shots`` and ``--system``, the fields of `PromptSettings`, as ``vps eval``, ``vps ablate``
+    and ``vps tune`` all take them (`prompt_from_args` reads them back)."""
+    g.add_argument("--prompt", default=DEFAULT_STYLE, choices=PROMPT_STYLES,
+                   help="prompt style: tutor (chat template, step by step, '#### <answer>'), boxed (chat template, "
+                        "the Qwen family's 'reason step by step ... within \\boxed{}'), fewshot (lm-eval's plain-text "
+                        "'Question: ... Answer:' with --shots solved GSM8K train examples) (default: %(default)s)")
+    g.add_argument("--shots", type=int, default=DEFAULT_SHOTS,
+                   help="solved examples in a --prompt fewshot prompt (the first of GSM8K train; default: %(default)s)")
+    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
+
+
+def prompt_from_args(args: argparse.Namespace) -> PromptSettings:
+    """The `PromptSettings` of ``--prompt``, ``--shots`` and ``--system``."""
+    return PromptSettings(args.prompt, args.shots, args.system)
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("run")
@@ -119,32 +142,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="copy the `base` rows of an earlier run over the same data instead of computing them "
                         "(refused, naming the setting, unless model, dtype, prompt, data file and generation "
                         "settings match; each item's prompt and gold are checked); the report says so")
-    g.add_argument("--batch-order", choices=["length", "input"], default="length",
-                   help="length (default): batch items of similar token length, longest first, to waste little "
-                        "on padding; input: the data's order. Changes no result; a resumed run keeps its own")
-    g.add_argument("--nll-scoring", choices=["cached", "recompute"], default="cached",
-                   help="cached (default): a patched model scores each gold solution from the prompt's KV cache, "
-                        "as generation decodes; recompute: rerun prompt + solution. Equal up to rounding; a resumed "
-                        "run keeps its own")
-    g.add_argument("--refine-batching", choices=["batch", "item"], default="batch",
-                   help="batch (default): refine a batch of items together, each with its own loop and state "
-                        "(decodes and surrogate steps batched); item: one at a time. A resumed run keeps its own")
-    g.add_argument("--refine-sampling", choices=SAMPLINGS, default="streams",
-                   help="streams (default): all items' self-consistency samples in one batch, each item with its own "
-                        "seeded random stream; global: one item at a time from torch's global generator (runs made "
-                        "before this option). A resumed run keeps its own")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string, non-empty (repeatable); default: "
                         + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
-    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES,
-                   help="prompt style: tutor (chat template, step by step, '#### <answer>'), boxed (chat template, "
-                        "the Qwen family's 'reason step by step ... within \\boxed{}'), fewshot (lm-eval's plain-text "
-                        "'Question: ... Answer:' with --shots solved GSM8K train examples) (default: %(default)s)")
-    g.add_argument("--shots", type=int, default=5,
-                   help="solved examples in a --prompt fewshot prompt (the first of GSM8K train; default: %(default)s)")
-    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
+    add_prompt_arguments(g)
     g.add_argument("--extract", choices=EXTRACT_MODES, default="flexible",
                    help="answer extraction: flexible (first ####, else boxed / 'answer is' / last number), strict "
                         "(#### only) or last (the last marker of any kind); see docs/verification.md")
@@ -159,31 +162,29 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# The flags add_config_arguments defines, by attribute: each given one changes the VPSConfig config_from_args builds.
-_CONFIG_FLAGS = {"config": "--config", "rank": "--rank", "topk": "--topk", "gamma": "--gamma", "tau": "--tau",
-                 "builder": "--builder", "order": "--order", "decode_mode": "--decode-mode",
-                 "no_qk_coupling": "--no-qk-coupling", "fixed": "--fixed"}
-_FIELD_FLAGS = ("rank", "topk", "gamma", "tau", "builder", "order")  # set a VPSConfig field of the same name
-
-
 def config_flags_given(args: argparse.Namespace) -> list[str]:
     """The VPS configuration flags given on the command line, as typed (for refusing them where they do nothing)."""
-    return [flag for name, flag in _CONFIG_FLAGS.items() if getattr(args, name) not in (None, False)]
+    flags = ["--config", *_config_flags()]
+    return [flag for flag in flags if getattr(args, _flag_dest(flag)) not in (None, False)]
 
 
 def config_from_args(args: argparse.Namespace) -> VPSConfig:
+    """``--config`` (or the seed defaults) with the given configuration flags applied by
+    `VPSConfig.from_overrides`, whose errors start with the flags given."""
     cfg = VPSConfig.load(args.config) if args.config else VPSConfig()
     overrides: dict[str, Any] = {}
-    for name in _FIELD_FLAGS:
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.decode_mode:
-        overrides["decode_mode"] = args.decode_mode
-    if args.no_qk_coupling:
-        overrides["qk_coupling"] = False
-    if args.fixed:
-        overrides.update(adaptive_rank=False, adaptive_gamma=False)
-    return cfg.with_overrides(**overrides) if overrides else cfg
+    given: list[str] = []
+    for flag, fields in _config_flags().items():
+        value = getattr(args, _flag_dest(flag))
+        if value is None or value is False:
+            continue
+        if "sets" in fields[0].metadata:  # a switch: sets its fields to the declared value
+            overrides.update({f.name: f.metadata["sets"] for f in fields})
+            given.append(flag)
+        else:
+            overrides.update({f.name: value for f in fields})
+            given.append(f"{flag} {value}")
+    return VPSConfig.from_overrides(overrides, base=cfg, source=" ".join(given)) if overrides else cfg
 
 
 def load(args: argparse.Namespace):

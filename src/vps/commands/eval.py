@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..evaluation.ablation import METHODS, VOTE_METHODS, MethodSpec
+from .._io import RunLockedError, check_directory
 from ..evaluation.data import load_items
 from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
-from ..evaluation.rundir import RESULTS_FILE, RunDir, RunLockedError, check_directory, merge_settings
+from ..evaluation.methods import MethodSpec, find_method, registered
+from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
 from ..prompting import DEFAULT_STOP_STRINGS
-from .common import (  # noqa: F401  (add_data_arguments, add_run_arguments: they lived here)
+from .common import (
     add_config_arguments,
     add_data_arguments,
     add_run_arguments,
@@ -29,11 +30,12 @@ from .common import (  # noqa: F401  (add_data_arguments, add_run_arguments: the
     config_from_args,
     load,
     parse_device_map,
+    prompt_from_args,
     set_threads,
 )
 
 if TYPE_CHECKING:
-    from ..evaluation.harness import RunSettings
+    from ..evaluation.settings import RunSettings
 # The harness (torch) and the report (numpy, scipy, matplotlib) load when a command runs, not when the
 # parser is built: `vps --help` stays instant.
 
@@ -49,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def method_choices() -> str:
-    """The ``--methods`` names as they are written: the majority votes with their ``@K``."""
-    return ", ".join(m + "@K" if m in VOTE_METHODS else m for m in METHODS)
+    """The ``--methods`` names as they are written, from the registry: those that take votes with their ``@K``."""
+    return ", ".join(m.name + "@K" if m.votes else m.name for m in registered())
 
 
 def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
@@ -60,16 +62,16 @@ def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
     parsed = []
     for name in names:
         method, at, k = name.partition("@")
-        if method not in METHODS or bool(at) != (method in VOTE_METHODS) or (at and not k.isdigit()):
+        family = find_method(method)
+        if family is None or bool(at) != family.votes or (at and not k.isdigit()):
             raise ValueError(f"--methods: unknown method {name!r}; choose from {choices} (K a whole number)")
-        parsed.append((name, method, int(k) if at else None))
+        parsed.append((name, family, int(k) if at else None))
     if not names:
         raise ValueError(f"--methods: no method given; choose from {choices}")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {names}")
     cfg = config_from_args(args)
-    return [MethodSpec(name, method, None if method in ("base", "maj") else cfg, votes=k)
-            for name, method, k in parsed]
+    return [MethodSpec(name, family.name, cfg if family.patched else None, votes=k) for name, family, k in parsed]
 
 
 def report(out: Path) -> int:
@@ -85,16 +87,14 @@ def report(out: Path) -> int:
 SETTING_FLAGS = {
     "refine_iters": "--iters", "refine_k_samples": "--k-samples", "temperature": "--temperature",
     "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", "shots": "--shots", "system": "--system",
-    "prompt": "--prompt", "extract_mode": "--extract", "batch_order": "--batch-order",
-    "nll_scoring": "--nll-scoring", "refine_batching": "--refine-batching", "refine_sampling": "--refine-sampling",
-    "seed": "--seed", "model": "--model", "dtype": "--dtype",
+    "prompt": "--prompt", "extract_mode": "--extract", "seed": "--seed", "model": "--model", "dtype": "--dtype",
 }
 
 
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
     """A `SettingError` re-raised as a ValueError naming the flag of its field."""
-    from ..evaluation.harness import SettingError
+    from ..evaluation.settings import SettingError
 
     try:
         yield
@@ -169,13 +169,15 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
         except ValueError as exc:
             raise type(exc)(f"--out {exc}") from None
         return report(args.out) if world.rank == 0 else 0
-    from ..evaluation.harness import RunSettings, check_run, data_info
+    from ..evaluation.checks import check_run
+    from ..evaluation.settings import RunSettings, data_info
 
     check_flags(args, specs)
     run = check_out(args.out)
     loaded = load_data(args)
     from ..models import DEFAULT_MODEL
 
+    prompt = prompt_from_args(args)
     with flag_errors():
         settings = RunSettings(
             model=args.model or DEFAULT_MODEL, dtype=args.dtype,
@@ -183,10 +185,9 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
                            args.sample, args.seed),
             generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, stop_strings=args.stop if args.stop is not None else DEFAULT_STOP_STRINGS,
-            system=args.system, prompt=args.prompt, shots=args.shots, extract_mode=args.extract,
+            system=prompt.system, prompt=prompt.style, shots=prompt.shots, extract_mode=args.extract,
             refine_iters=args.iters, refine_k_samples=args.k_samples,
-            seed=args.seed, command=command, batch_order=args.batch_order, nll_scoring=args.nll_scoring,
-            refine_batching=args.refine_batching, refine_sampling=args.refine_sampling)
+            seed=args.seed, command=command)
         check_run(loaded.items, specs, settings)
     if args.baseline_from is not None:  # refused before the model loads
         from ..evaluation.baseline import check_source

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load(args)
     print(f"[model loaded in {getattr(model, 'vps_load_seconds', float('nan')):.2f} s]", file=sys.stderr)
     prompt = PromptFormat(args.prompt, args.system).render(tok, args.question)
-    from ..evaluation.harness import model_context
+    from ..evaluation.checks import model_context
 
     context, n_prompt = model_context(model), len(tok(prompt, add_special_tokens=False)["input_ids"])
     if context is not None and n_prompt + args.max_new_tokens > context:

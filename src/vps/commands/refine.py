@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluation.rundir import dumps_strict
+from .._io import dumps_strict
 from ..prompting import chat_prompt
 from ..refinement.config import MODES, SAMPLINGS, RefineConfig, RefineConfigError
 from ..verify.composite import DEFAULT_WEIGHTS

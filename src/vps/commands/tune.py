@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ..prompting import PROMPT_STYLES
-from .common import add_model_arguments, add_threads_argument, check_threads, load, set_threads
+from .common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    add_threads_argument,
+    check_threads,
+    load,
+    prompt_from_args,
+    set_threads,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,9 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-warmup", type=int, default=1,
                    help="batches a trial runs before it can be pruned (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
-    g.add_argument("--prompt", default="tutor", choices=PROMPT_STYLES, help="prompt style (default %(default)s)")
-    g.add_argument("--shots", type=int, default=5, help="solved examples of --prompt fewshot (default 5)")
-    g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's)")
+    add_prompt_arguments(g)
     add_model_arguments(p)
     add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -77,7 +81,7 @@ def _check(args: argparse.Namespace) -> None:
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     # The same bounds as vps eval's (its run settings say why), checked before the study writes anything.
-    from ..evaluation.harness import MAX_SHOTS
+    from ..evaluation.settings import MAX_SHOTS
     from ..refinement.config import RefineConfigError, check_seed
 
     try:
@@ -101,14 +105,14 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import RunLockedError, RunMismatchError, check_resume, read_json_object
     from ..evaluation.data import load_items
-    from ..evaluation.harness import data_info
-    from ..evaluation.rundir import RunLockedError
+    from ..evaluation.settings import data_info
     from ..models import DEFAULT_MODEL
     from ..tuning import TuneSettings, check_split, load_space, run_study
-    from ..tuning.report import CONFIRM_GRID, confirm_commands, confirm_grid_commands
-    from ..tuning.settings import check_resume
-    from ..tuning.study import SETTINGS_FILE
+    from ..tuning.files import CONFIRM_GRID, SETTINGS_FILE
+    from ..tuning.report import confirm_commands, confirm_grid_commands
+    from ..tuning.settings import NOT_COMPARED
 
     _check(args)
     try:
@@ -122,17 +126,20 @@ def run(args: argparse.Namespace) -> int:
     on_test = check_split(args.data, loaded.path, args.allow_test_split, [it.question for it in loaded.items])
     if not loaded.items:
         raise ValueError(f"--data: {loaded.path or args.data} has no items to tune on")
+    prompt = prompt_from_args(args)
     settings = TuneSettings(
         model=args.model or DEFAULT_MODEL, data=data_info(loaded, args.data, sample=args.sample, seed=args.seed),
-        space=space.to_dict(), dtype=args.dtype, prompt=args.prompt, shots=args.shots, system=args.system,
+        space=space.to_dict(), dtype=args.dtype, prompt=prompt.style, shots=prompt.shots, system=prompt.system,
         batch_size=args.batch_size, objectives=args.objectives, pruner=args.pruner,
         prune_startup=args.prune_startup, prune_warmup=args.prune_warmup, seed=args.seed, on_test=on_test)
     stored = args.out / SETTINGS_FILE
     if stored.exists():  # refuse a mismatched resume before loading the model
         try:
-            check_resume(json.loads(stored.read_text(encoding="utf-8")), settings.to_dict(), f"--out {args.out}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--out {stored} is not valid JSON ({exc}); move the directory aside") from None
+            stored_settings = read_json_object(stored)
+        except RunMismatchError as exc:
+            raise ValueError(f"--out {exc}") from None
+        check_resume(stored_settings, settings.to_dict(), f"--out {args.out}", stored, kind="study",
+                     skip=NOT_COMPARED)
     print(f"data: {len(loaded.items)} items from {loaded.path}" + (" - TUNED ON TEST DATA" if on_test else ""),
           file=sys.stderr)
     set_threads(args)

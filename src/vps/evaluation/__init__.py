@@ -1,5 +1,5 @@
-"""Evaluation utilities: loading items, running methods resumably (in one process or data-parallel), NLL,
-paired statistics and reports.
+"""Evaluation utilities: loading items, the methods' registry, running methods resumably (in one process or
+data-parallel), NLL, paired statistics and reports.
 
 Names load on first use, so that reading a run directory or the command line's choices does not
 import torch.
@@ -10,13 +10,14 @@ from __future__ import annotations
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "METHODS": "ablation", "GridError": "ablation", "MethodSpec": "ablation", "default_grid_path": "ablation",
-    "load_grid": "ablation", "parse_grid": "ablation",
+    "GridError": "ablation", "default_grid_path": "ablation", "load_grid": "ablation", "parse_grid": "ablation",
+    "METHODS": "methods", "Method": "methods", "MethodSpec": "methods", "register": "methods",
+    "unregister": "methods",
     "Item": "data", "LoadResult": "data", "load_items": "data",
     "DistributedError": "distributed", "Shard": "distributed", "World": "distributed", "rank_session": "distributed",
     "shard_items": "distributed", "world_from_env": "distributed",
-    "RunSettings": "harness", "data_info": "harness", "run_evaluation": "harness",
-    "RunDir": "rundir", "RunLockedError": "rundir", "RunMismatchError": "rundir",
+    "run_evaluation": "harness", "RunSettings": "settings", "SettingError": "settings", "data_info": "settings",
+    "RunDir": "rundir", "RunLockedError": "vps._io", "RunMismatchError": "vps._io",
     "NLLResult": "nll", "solution_nll": "nll",
     "format_console": "report", "pair_stats": "report", "summarize_run": "report", "write_report": "report",
     "rescore_run": "rescore",

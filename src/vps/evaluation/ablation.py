@@ -1,13 +1,15 @@
 """Ablation grids: named configurations written as overrides of `VPSConfig`.
 
 A grid file (YAML or JSON) is either a mapping ``name -> overrides`` or a list of mappings that each
-carry a ``name``. Besides `VPSConfig` fields an entry may set ``method`` (``vps`` by default, or
-``base``, ``refine-self``, ``refine-oracle``, ``maj``, ``vps-maj``) and, for the two majority-vote
-methods, ``votes`` (k). A ``base`` or ``maj`` entry takes no VPS overrides: it is the unpatched model.
+carry a ``name``. Besides `VPSConfig` fields an entry may set ``method`` (``vps`` by default, or any
+method of the registry, `vps.evaluation.methods`: ``base``, ``refine-self``, ``refine-oracle``, ``maj``,
+``vps-maj``) and, for the methods that take it (the majority votes), ``votes`` (k). An unpatched method's
+entry (``base``, ``maj``) takes no VPS overrides: it is the unpatched model.
 A patched entry may also name a `VPSConfig` file under ``config`` (as ``vps eval --config`` reads it,
 e.g. the ``best.json`` of a `vps tune` study; a relative path is read from the grid file's folder):
 its other keys then override that file instead of the defaults.
-Every error names the file, the configuration and the offending key.
+Overrides follow `VPSConfig.from_overrides`, as ``vps eval``'s flags do: ``{rank: 64}`` widens topk to 64
+unless the entry sets topk. Every error names the file, the configuration and the offending key.
 
 Some entries cannot differ from another for their method: outside refinement no gradient is captured
 and no outcome is recorded, so the fields that act only through those (L-BFGS, the improvement
@@ -29,82 +31,17 @@ import yaml
 
 from .. import strict_yaml
 from ..config import ConfigError, VPSConfig
-from ..refinement.config import MAX_SAMPLES
+from .methods.registry import MethodSpec, find_method, method_names, vote_method_names
 
-__all__ = ["METHODS", "REFINE_METHODS", "VOTE_METHODS", "Equivalence", "GridEntry", "GridError", "MethodSpec",
-           "acting_config", "default_grid_path", "equivalent_entries", "load_grid", "parse_grid"]
-
-METHODS = ("base", "vps", "refine-self", "refine-oracle", "maj", "vps-maj")
-VOTE_METHODS = ("maj", "vps-maj")  # majority vote over k sampled completions (unpatched / patched)
-REFINE_METHODS = ("refine-self", "refine-oracle")  # the refinement loop, gold-free / oracle
-_UNPATCHED = ("base", "maj")
+__all__ = ["Equivalence", "GridEntry", "GridError", "acting_config", "default_grid_path", "equivalent_entries",
+           "load_grid", "parse_grid"]
 
 
 class GridError(ConfigError):
     """A grid file cannot be read or one of its configurations is invalid."""
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """One thing to evaluate: a label, how it runs, and its VPS configuration.
-
-    ``name`` labels the rows (unique within a run); ``method`` is one of `METHODS`; ``config`` is
-    the VPS configuration for every method except ``base`` and ``maj`` (the unpatched model).
-    ``refine-oracle`` reads the gold answer at test time, so it is an *oracle* method and every output
-    says so. ``votes`` is k of the majority-vote methods (``maj@k``, ``vps-maj@k``), and only theirs.
-    """
-
-    name: str
-    method: str
-    config: VPSConfig | None = None
-    votes: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method in _UNPATCHED and self.config is not None:
-            raise ValueError(f"{self.name!r}: method {self.method!r} runs the unpatched model and takes no VPS config")
-        if self.method not in _UNPATCHED and self.config is None:
-            object.__setattr__(self, "config", VPSConfig())
-        if self.method in VOTE_METHODS:
-            if isinstance(self.votes, bool) or not isinstance(self.votes, int) or not 1 <= self.votes <= MAX_SAMPLES:
-                raise ValueError(f"{self.name!r}: method {self.method!r} needs votes (k) in [1, {MAX_SAMPLES}] (the k "
-                                 f"samples of a prompt are drawn in one generate call), got {self.votes!r}")
-        elif self.votes is not None:
-            raise ValueError(f"{self.name!r}: only {' and '.join(VOTE_METHODS)} take votes")
-
-    @property
-    def oracle(self) -> bool:
-        """Whether the method uses the gold answer at test time."""
-        return self.method == "refine-oracle"
-
-    @property
-    def patched(self) -> bool:
-        return self.method not in _UNPATCHED
-
-    @property
-    def refines(self) -> bool:
-        """Whether the method is the refinement loop (self or oracle)."""
-        return self.method in REFINE_METHODS
-
-    @property
-    def samples(self) -> bool:
-        """Whether the method draws sampled completions (refinement's self-consistency samples, votes)."""
-        return self.refines or self.method in VOTE_METHODS
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"method": self.method, "oracle": self.oracle,
-               "config": None if self.config is None else self.config.to_dict()}
-        if self.votes is not None:
-            out["votes"] = self.votes
-        return out
-
-    @classmethod
-    def from_dict(cls, name: str, data: dict[str, Any]) -> MethodSpec:
-        cfg = data.get("config")
-        return cls(name, data["method"], None if cfg is None else VPSConfig.from_dict(cfg), data.get("votes"))
-
-
+# A grid entry is a `MethodSpec` (vps.evaluation.methods), as --methods builds them.
 GridEntry = MethodSpec
 
 
@@ -160,13 +97,14 @@ def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid",
             raise GridError(f"{where}: overrides must be a mapping, got {type(body).__name__}")
         overrides = dict(body)
         method = overrides.pop("method", "vps")
-        if method not in METHODS:
-            raise GridError(f"{where}: key 'method' must be one of {METHODS}, got {method!r}")
+        family = find_method(method)
+        if family is None:
+            raise GridError(f"{where}: key 'method' must be one of {method_names()}, got {method!r}")
         votes = overrides.pop("votes", None)
-        if (votes is None) != (method not in VOTE_METHODS):
-            raise GridError(f"{where}: key 'votes' (k >= 1) is required by methods {', '.join(VOTE_METHODS)} "
+        if (votes is None) != (not family.votes):
+            raise GridError(f"{where}: key 'votes' (k >= 1) is required by methods {', '.join(vote_method_names())} "
                             f"and only by them (method {method!r}, votes {votes!r})")
-        if method in _UNPATCHED:
+        if not family.patched:
             if overrides:
                 raise GridError(f"{where}: method {method!r} runs the unpatched model and takes no VPS overrides, "
                                 f"got key(s) {sorted(overrides)}")
@@ -181,10 +119,10 @@ def parse_grid(data: Any, base: VPSConfig | None = None, source: str = "grid",
         if unknown:
             raise GridError(f"{where}: unknown key(s) {unknown} (not VPSConfig fields, nor 'method' / 'votes' / "
                             f"'config')")
-        try:
-            cfg = entry_base.replace(**overrides)
+        try:  # the override rules of every entry point: a larger rank widens topk, as `vps eval --rank` does
+            cfg = VPSConfig.from_overrides(overrides, base=entry_base, source=where)
         except ConfigError as exc:
-            raise GridError(f"{where}: {exc}") from None
+            raise GridError(str(exc)) from None
         try:
             specs.append(MethodSpec(name, method, cfg, votes=votes))
         except ValueError as exc:

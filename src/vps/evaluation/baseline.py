@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import RunMismatchError, flatten
 from .data import Item
-from .rundir import RUN_FILE, RunDir, RunMismatchError, _flatten
+from .rundir import FORMAT1_MODES, RUN_FILE, RunDir, computed_mode
 
 __all__ = ["BASE_SETTINGS", "IMPORTED", "IMPORTED_FROM", "check_source", "imported_rows"]
 
@@ -57,10 +58,12 @@ def check_source(source: str | Path, settings: dict[str, Any]) -> tuple[RunDir, 
         keys += _GENERATION
         if settings.get("temperature") or stored.get("temperature"):
             keys.append("seed")  # sampled decoding draws from the seed; greedy decoding ignores it
-    if settings.get("nll"):
-        keys.append("nll_scoring")
-    mine, theirs = _flatten(settings), _flatten(stored)
+    mine, theirs = flatten(settings), flatten(stored)
     differ = [f"{k}: there {theirs.get(k)!r}, here {mine.get(k)!r}" for k in keys if theirs.get(k) != mine.get(k)]
+    # The source must have scored NLL as every run now does (run.json format 1 recorded how it scored).
+    if settings.get("nll") and computed_mode(stored, "nll_scoring") != FORMAT1_MODES["nll_scoring"]:
+        differ.append(f"nll_scoring: there {computed_mode(stored, 'nll_scoring')!r}, here "
+                      f"{FORMAT1_MODES['nll_scoring']!r}")
     if differ:
         raise ValueError(f"--baseline-from {source}: its base rows were made with other settings, so they cannot "
                          f"stand for this run's: {'; '.join(differ)}")

@@ -16,10 +16,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The one gold rule, shared with the harness and the verifier; re-exported here for older imports.
+# The one gold rule, shared with the harness and the verifier.
 from ..verify.extract import Answer, parse_gold
 
-__all__ = ["GSM8K_SPLITS", "Item", "LoadResult", "gold_value", "gsm8k_path", "load_items", "parse_gold", "read_gold"]
+__all__ = ["GSM8K_SPLITS", "Item", "LoadResult", "gold_value", "gsm8k_path", "load_items", "read_gold"]
 
 GSM8K_SPLITS = ("test", "train")
 DATA_DIR_ENV = "VPS_DATA_DIR"

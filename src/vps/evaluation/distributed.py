@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .rundir import RunDir, RunLockedError
+from .._io import RunLockedError
+from .rundir import RunDir
 
 __all__ = ["DistributedError", "Shard", "World", "lone_launch_warning", "rank_device", "rank_session", "shard_items",
            "world_from_env"]

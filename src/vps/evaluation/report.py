@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .ablation import REFINE_METHODS, VOTE_METHODS
-from .rundir import RESULTS_FILE, RunDir, RunMismatchError, dumps_strict, write_atomic
+from .._io import RunMismatchError, dumps_strict, write_atomic
+from .methods import find_method, registered
+from .rundir import RESULTS_FILE, RunDir
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
 __all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]
@@ -227,6 +228,30 @@ def configuration_lines(configs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rescore_notes(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """What ``vps rescore`` kept of the rows of the run's methods (`Method.rescore_note`), each note once, in
+    the registry's order."""
+    present = {e["method"] for e in entries}
+    notes = [m.rescore_note for m in registered() if m.name in present and m.rescore_note is not None]
+    return list(dict.fromkeys(notes))
+
+
+def method_lines(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """The registered methods' own lines in report.md's description (`Method.report_lines`): each function
+    once, in the registry's order, given the entries (in the run's order) of every method that shares it."""
+    lines: list[str] = []
+    done: list[Any] = []
+    for method in registered():
+        write = method.report_lines
+        if write is None or any(write is seen for seen in done):
+            continue
+        done.append(write)
+        mine = [e for e in entries if (m := find_method(e["method"])) is not None and m.report_lines is write]
+        if mine:
+            lines += write(mine)
+    return lines
+
+
 def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = None) -> str:
     """report.md: the run's description, then one table per metric."""
     data = summary["data"]
@@ -264,12 +289,10 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
                      f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's")
     rescored = summary.get("rescored_from")
     if rescored:
-        refines = any(e["method"] in REFINE_METHODS for e in entries)
-        votes = any(e["method"] in VOTE_METHODS for e in entries)
+        notes = "".join(f"; {note}" for note in _rescore_notes(entries))
         lines.append(f"- **Rescored**: answers read again in {summary['extract_mode']} mode from the outputs stored in "
                      f"`{rescored['dir']}` (read there in {rescored['extract_mode']} mode); nothing was generated "
-                     f"again" + ("; refine rows keep the candidate their loop chose" if refines else "")
-                     + ("; vote rows keep the sample their vote chose" if votes else ""))
+                     f"again" + notes)
     for e in entries:
         if fb := e.get("fallbacks"):
             partial = f" (of the {fb['rows']} rows that record it)" if fb["rows"] < e["rows"] else ""
@@ -280,12 +303,7 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
     for name, record in (summary.get("imported") or {}).items():
         lines.append(f"- **Imported rows**: {record['rows']} `{name}` row(s) copied from `{record['from']}` (same "
                      f"settings and items, checked), not computed in this run; their seconds were measured there")
-    if voters := [e for e in entries if e["method"] in VOTE_METHODS]:
-        names = ", ".join(f"`{e['name']}`" for e in voters)
-        lines.append(f"- **Majority vote**: {names} answer with the majority of k completions sampled at "
-                     "refinement's temperature and seeds (`maj` unpatched, `vps-maj` patched; next to `refine-self` "
-                     "the same samples, reused); a tie goes to the answer sampled first; compare them at equal "
-                     "compute by tokens/item below")
+    lines += method_lines(entries)
     if any(e["oracle"] for e in entries):
         names = ", ".join(f"`{e['name']}`" for e in entries if e["oracle"])
         lines.append(f"- **ORACLE**: {names} read the gold answer at test time (the label they are scored on); "

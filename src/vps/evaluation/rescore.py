@@ -19,10 +19,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import RunLockedError, RunMismatchError, check_directory, dumps_strict, write_atomic
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
-from .harness import RESULTS_FILE, RUN_FILE, RunMismatchError, write_atomic
 from .report import load_run, write_report
-from .rundir import RunDir, RunLockedError, check_directory, dumps_strict
+from .rundir import RESULTS_FILE, RUN_FILE, RunDir
 
 __all__ = ["RESCORED_FROM", "rescore_rows", "rescore_run"]
 

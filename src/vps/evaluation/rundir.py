@@ -1,15 +1,13 @@
-"""The run directory of an evaluation: ``run.json``, the append-only ``results.jsonl``, its lock, strict JSON.
+"""The run directory of an evaluation: ``run.json`` and the append-only ``results.jsonl``.
 
 ``run.json`` holds the run's settings, ``results.jsonl`` one row per (item id, config name), appended
 as each batch completes (one write, flushed and fsynced). A final line cut off mid-write is dropped
-with a warning on the next read. A rerun whose settings differ is refused by `merge_settings` rather
-than mixing results.
+with a warning on the next read. A rerun whose settings differ is refused by `merge_settings` (through
+`vps._io.check_resume`) rather than mixing results.
 
-One process at a time works in a run directory: `RunDir.lock` takes an exclusive lock on
-``<dir>/.lock`` (``flock``; the file records the holder's pid and host) for the whole run. A second
-process is refused with `RunLockedError` naming the holder. The kernel drops the lock when its
-process exits, however it exits (SIGKILL included), so a lock file left by a dead process is stale
-and the next run takes it over.
+One process at a time works in a run directory: `RunDir.lock` takes the directory's exclusive lock
+(`vps._io.lock_directory`: ``<dir>/.lock``, recording the holder's pid and host) for the whole run, and a
+second process is refused with `vps._io.RunLockedError` naming the holder.
 
 A data-parallel run (`vps.evaluation.distributed`) works in the same directory with several processes:
 rank R appends to its own ``rows.rank{R}.jsonl`` under its own lock ``.lock.rank{R}`` (a second process
@@ -18,59 +16,65 @@ a single-process run or another launch is refused), and rank 0 moves the rank fi
 ``results.jsonl`` (`RunDir.merge_rank_files`) before the ranks start and after they have all finished.
 Outside a running launch, rank files are what an interrupted launch left; the next run merges them.
 
-Every JSON file written here is strict JSON: a non-finite float (NaN, inf) is written as ``null``
-(`finite_json`), never as the ``NaN`` / ``Infinity`` that strict readers reject.
+Every file written here is strict JSON (`vps._io.dumps_strict`): a non-finite float (NaN, inf) is written
+as ``null``, never as the ``NaN`` / ``Infinity`` that strict readers reject.
+
+``run.json`` format 1 also recorded how a run computed four things (`FORMAT1_MODES`): today every run computes
+them the one way named there, and format 2 records none of them. A format-1 run that computed one of them
+another way still reports, but is refused on resume, naming the setting (`retired_modes`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import re
-import socket
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import (
+    LOCK_FILE,
+    RunMismatchError,
+    check_directory,
+    check_resume,
+    dumps_strict,
+    flatten,
+    lock_directory,
+    read_json_object,
+    write_atomic,
+)
+
 __all__ = [
-    "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "RunDir", "RunLockedError", "RunMismatchError", "dumps_strict",
-    "finite_json", "merge_settings", "rank_lock_name", "rank_rows_name", "write_atomic",
+    "FORMAT1_MODES", "RESULTS_FILE", "RUN_FILE", "RUN_FORMAT", "RunDir", "computed_mode", "merge_settings",
+    "rank_lock_name", "rank_rows_name", "retired_modes", "row_problem", "rows_payload",
 ]
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
-LOCK_FILE = ".lock"
+# The format of run.json: 2 since the four settings of FORMAT1_MODES are no longer recorded.
+RUN_FORMAT = 2
 # A data-parallel rank's rows file and lock (see the module docstring).
 _RANK_ROWS = re.compile(r"rows\.rank(\d+)\.jsonl")
 # Files a run directory's report writes (vps.evaluation.report): a directory holding one of them
 # without a run.json is not a run directory, and is not overwritten.
 _REPORT_FILES = ("report.md", "summary.json", "report.png")
-# Keys of run.json that describe the run but may differ between a run and its resumption.
-# Settings of how a run computes, not of what it measures: the value stored by a run's first invocation
-# is kept for the whole run, so every row of a run is computed the same way and its cost ratios stay
-# comparable. The value is what runs written before the setting existed did. All but refine_sampling
-# change no number beyond float rounding; refine_sampling changes which random draws the
-# self-consistency samples get (not their distribution), so a run keeps it to stay reproducible.
-_KEPT_FROM_FIRST_RUN = {"batch_order": "input", "nll_scoring": "recompute", "refine_batching": "item",
-                        "refine_sampling": "global"}
+# How every run computes what run.json format 1 recorded as settings (the batch order, the NLL scoring of a
+# patched model, whether refine methods take a batch of items at a time, how self-consistency samples are
+# drawn). None but refine_sampling changes a number beyond float rounding; refine_sampling changes which
+# random draws the samples get. Runs of format 1 recorded the value they used, except those written before
+# a setting existed, which lack it (and computed it another way).
+FORMAT1_MODES = {"batch_order": "length", "nll_scoring": "cached", "refine_batching": "batch",
+                 "refine_sampling": "streams"}
 # Compared settings that runs written before they existed lack; the value is what those runs did.
 _COMPARED_DEFAULTS = {"prompt": "tutor"}
 # "imported": where rows copied from another run came from (vps.evaluation.baseline), a record, not a setting.
 _NOT_COMPARED = {"format", "vps_version", "command", "baseline", "configs", "data.source", "data.path",
-                 "data.skipped", "imported", *_KEPT_FROM_FIRST_RUN}
-
-
-class RunMismatchError(ValueError):
-    """The output directory holds a run with different settings (or is not a run directory)."""
-
-
-class RunLockedError(RuntimeError):
-    """Another process holds the run directory's lock."""
+                 "data.skipped", "imported", *FORMAT1_MODES}
+# Settings that only matter when generating.
+_GENERATION = {"max_new_tokens", "temperature", "stop_strings", "extract_mode"}
 
 
 def rank_rows_name(rank: int) -> str:
@@ -87,7 +91,7 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str]:
     return str(row.get("id")), str(row.get("config"))
 
 
-# -- strict JSON -------------------------------------------------------------------------------------
+# -- rows ----------------------------------------------------------------------------------------------
 # Row fields the report and rescoring compute with, and the types the harness writes them as (None: no value).
 _ROW_TEXT = ("id", "config")
 _ROW_NUMBERS = ("nll", "seconds", "nll_seconds", "tokens", "nll_tokens", "fallbacks")
@@ -114,72 +118,12 @@ def row_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON fallback for refine traces: dataclasses, tensors, numpy scalars, sets."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return repr(value)
-
-
-def finite_json(value: Any, fallback: Callable[[Any], Any] = _jsonable) -> Any:
-    """``value`` as plain JSON data with every non-finite float (NaN, inf) replaced by None.
-
-    None (JSON null) then means "no value": a loss with no evidence, a statistic with no data.
-    Objects JSON cannot hold go through ``fallback`` (default: dataclasses as dicts, tensors and numpy
-    values as lists / numbers, sets as lists, anything else as its repr) and are converted in turn.
-    """
-    return _finite(value, fallback, 0)
-
-
-def _finite(value: Any, fallback: Callable[[Any], Any], depth: int) -> Any:
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v, fallback, depth) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v, fallback, depth) for v in value]
-    converted = fallback(value) if depth < 8 else repr(value)
-    return _finite(converted, fallback, depth + 1)
-
-
-def dumps_strict(value: Any, fallback: Callable[[Any], Any] = _jsonable, **kwargs: Any) -> str:
-    """`json.dumps` of `finite_json` (``value``), refusing NaN / Infinity (``allow_nan=False``)."""
-    return json.dumps(finite_json(value, fallback), allow_nan=False, **kwargs)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader sees the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def rows_payload(rows: Sequence[dict[str, Any]]) -> bytes:
     """What `RunDir.append` writes for ``rows``: one strict-JSON line per row."""
     return "".join(dumps_strict(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
 # -- settings ------------------------------------------------------------------------------------------
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = spec.get("config")
     if cfg is not None:
@@ -191,30 +135,55 @@ def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {"method": spec.get("method"), "config": cfg, "votes": spec.get("votes")}
 
 
+def computed_mode(stored: dict[str, Any], key: str) -> Any:
+    """How the run whose run.json holds ``stored`` computed ``key`` (a key of `FORMAT1_MODES`): the value a
+    format-1 run.json records (None where it records none), and `FORMAT1_MODES`'s for every later format."""
+    return stored.get(key) if stored.get("format", 1) == 1 else FORMAT1_MODES[key]
+
+
+def retired_modes(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What a run with ``stored`` settings computed another way than a run with ``new`` settings would, among
+    the `FORMAT1_MODES` that matter for what ``new`` computes: the batch order always, the NLL scoring when it
+    scores NLL, refine batching when it runs a refine method, refine sampling when a method samples. Each as
+    "key 'value' (now always 'value')"."""
+    from .methods import find_method
+
+    names = {spec.get("method") for spec in new.get("configs", {}).values() if isinstance(spec, dict)}
+    methods = [m for m in map(find_method, names) if m is not None]
+    applies = {"batch_order": True, "nll_scoring": bool(new.get("nll")),
+               "refine_batching": any(m.refines for m in methods),
+               "refine_sampling": any(m.samples for m in methods)}
+    found = []
+    for key, now in FORMAT1_MODES.items():
+        was = computed_mode(stored, key)
+        if applies[key] and was != now:
+            what = f"{key} {was!r}" if was is not None else f"no {key} (written before the setting existed)"
+            found.append(f"{what}, now always {now!r}")
+    return found
+
+
 def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> dict[str, Any]:
-    """``stored`` extended with ``new``'s configurations; raises `RunMismatchError` on any difference."""
-    old_flat, new_flat = _flatten({**_COMPARED_DEFAULTS, **stored}), _flatten(new)
-    keys = {k for k in old_flat.keys() | new_flat.keys()
-            if not any(k == skip or k.startswith(skip + ".") for skip in _NOT_COMPARED)}
-    # Generation settings only matter when generating.
+    """``stored`` extended with ``new``'s configurations; raises `RunMismatchError` on any difference
+    (`vps._io.check_resume`), and on a format-1 run that computed a retired way (`retired_modes`)."""
+    retired = retired_modes(stored, new)
+    if retired:
+        raise RunMismatchError(
+            f"{where}/{RUN_FILE} (format 1) records {'; '.join(retired)}: this run was computed in a way vps no "
+            f"longer has, so it cannot be resumed (its results still report); use another --out directory")
+    skip = set(_NOT_COMPARED)
     if not new.get("generate") and not stored.get("generate"):
-        keys -= {"max_new_tokens", "temperature", "stop_strings", "extract_mode"}
-    differ = sorted(k for k in keys if old_flat.get(k) != new_flat.get(k))
-    problems = [f"{k}: stored {old_flat.get(k)!r}, now {new_flat.get(k)!r}" for k in differ]
+        skip |= _GENERATION
+    problems = []
     for name, spec in new.get("configs", {}).items():
         old = stored.get("configs", {}).get(name)
         if old is not None and _comparable_spec(old) != _comparable_spec(spec):
-            changed = _flatten(_comparable_spec(spec))
-            before = _flatten(_comparable_spec(old))
+            changed = flatten(_comparable_spec(spec))
+            before = flatten(_comparable_spec(old))
             fields = sorted(k for k in changed.keys() | before.keys() if changed.get(k) != before.get(k))
             problems.append(f"configuration {name!r} changed ({', '.join(fields)})")
     if stored.get("baseline") and new.get("baseline") and stored["baseline"] != new["baseline"]:
         problems.append(f"baseline: stored {stored['baseline']!r}, now {new['baseline']!r}")
-    if problems:
-        raise RunMismatchError(
-            f"{where} holds a run with different settings; refusing to mix results. Differences: "
-            + "; ".join(problems) + ". Use another --out directory, or rerun with the stored settings "
-            f"(see {where}/{RUN_FILE}).")
+    check_resume({**_COMPARED_DEFAULTS, **stored}, new, where, f"{where}/{RUN_FILE}", skip=skip, problems=problems)
     merged = dict(stored)
     merged["configs"] = {**stored.get("configs", {}), **new.get("configs", {})}
     merged["baseline"] = stored.get("baseline") or new.get("baseline")
@@ -222,106 +191,6 @@ def merge_settings(stored: dict[str, Any], new: dict[str, Any], where: str) -> d
         warnings.warn(f"{where} was written by vps {stored.get('vps_version')}, this is {new.get('vps_version')}",
                       stacklevel=3)
     return merged
-
-
-# -- the lock ------------------------------------------------------------------------------------------
-# Locks this process holds: resolved lock path -> [fd, depth]. flock locks belong to an open file, so a
-# second open in the same process would conflict with the first; a nested lock (the CLI around
-# run_evaluation) reuses the first instead.
-_HELD: dict[str, list[int]] = {}
-_HELD_GUARD = threading.Lock()
-
-
-def _holder(path: Path) -> str:
-    """'process PID on host HOST' as the lock file records it, or a note that it records nothing."""
-    try:
-        fields = path.read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        fields = []
-    if len(fields) >= 2:
-        return f"process {fields[0]} on host {fields[1]}"
-    return "a process that has not yet written its pid"
-
-
-def _acquire(lock_path: Path) -> int:
-    import fcntl
-
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise ValueError(f"{lock_path}: cannot create the lock file ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunLockedError(
-                f"{lock_path.parent} is in use by another run: {_holder(lock_path)} holds {lock_path}; wait "
-                f"for it to finish or use another directory") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        # A releasing holder unlinks the file before closing it: a lock on an unlinked file guards nothing.
-        try:
-            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    # Whatever the file records is stale: its writer's flock is gone, so it is no longer running.
-    record = f"{os.getpid()} {socket.gethostname() or 'localhost'}\n".encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record, 0)
-    os.fsync(fd)
-    return fd
-
-
-@contextlib.contextmanager
-def lock_directory(directory: str | Path, name: str = LOCK_FILE) -> Iterator[Path]:
-    """Hold an exclusive lock on ``directory`` (created if missing) until the block exits, however it exits.
-
-    The lock is the file ``name`` in it (``.lock``; a data-parallel rank's own is `rank_lock_name`).
-    Raises `RunLockedError` naming the holder's pid and host when another process holds it. A lock
-    already held by this process is taken again (nested use).
-    """
-    directory = Path(directory)
-    check_directory(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{directory}: cannot create the directory ({exc.strerror or exc})") from None
-    lock_path = directory / name
-    key = os.path.realpath(lock_path)
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None:
-            held[1] += 1
-        else:
-            _HELD[key] = [_acquire(lock_path), 1]
-    try:
-        yield lock_path
-    finally:
-        with _HELD_GUARD:
-            held = _HELD[key]
-            held[1] -= 1
-            if held[1] == 0:
-                del _HELD[key]
-                with contextlib.suppress(OSError):
-                    os.unlink(lock_path)
-                os.close(held[0])
-
-
-def check_directory(path: str | Path) -> None:
-    """Refuse a path that cannot be a directory: a file, or below one (ValueError naming it)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file, not a directory")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{path}: {parent} is a file, not a directory")
-            break
 
 
 # -- the output directory --------------------------------------------------------------------------
@@ -374,17 +243,8 @@ class RunDir:
             yield self
 
     def read_settings(self) -> dict[str, Any] | None:
-        if not self.run_file.exists():
-            return None
-        try:
-            data = json.loads(self.run_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RunMismatchError(f"{self.run_file} is not valid JSON ({exc}); move the directory aside") from None
-        except IsADirectoryError:
-            raise RunMismatchError(f"{self.run_file} is a directory, not a file; move it aside") from None
-        if not isinstance(data, dict):
-            raise RunMismatchError(f"{self.run_file} must hold a JSON object")
-        return data
+        """run.json's settings, or None where the directory has none (`vps._io.read_json_object`)."""
+        return read_json_object(self.run_file) if self.run_file.exists() else None
 
     def prepare(self, settings: dict[str, Any], write: bool = True) -> tuple[dict[str, Any], list[str]]:
         """Create or check run.json; returns the stored settings and the names of newly added configs.

@@ -24,7 +24,8 @@ unpatched model keeps HFLM's scorer.
   SmolLM2-135M-Instruct); from Python also a ``PreTrainedModel`` (then ``tokenizer`` is required).
 - ``vps_config``: a `VPSConfig` JSON file (``VPSConfig.save``, ``vps tune``'s ``best.json``),
   ``seed`` (the seed defaults; what ``vps`` uses when it is not given) or ``none`` (unpatched).
-  A file literally named ``seed`` or ``none`` is given as ``./seed``.
+  A file literally named ``seed`` or ``none`` is given as ``./seed``. From Python also a `VPSConfig`,
+  or a mapping of field overrides of the seed defaults (`VPSConfig.from_overrides`).
 - ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16``.
 - ``device``: a torch device; lm-eval's default ``cuda:0`` falls back to the CPU when no CUDA
   device is visible, as HFLM does.
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,15 +72,21 @@ _PRELOADED_NOTICES = ("`pretrained` model kwarg is not of type `str`",
 def resolve_config(value: Any) -> VPSConfig | None:
     """The config a ``vps_config`` model argument names; None means unpatched.
 
-    lm-eval reads ``vps_config=none`` as Python None, so None and ``"none"`` both mean unpatched.
+    lm-eval reads ``vps_config=none`` as Python None, so None and ``"none"`` both mean unpatched. From
+    Python the value may also be a mapping of `VPSConfig` field overrides of the seed defaults
+    (``{"rank": 4}``), applied by `VPSConfig.from_overrides` with the rules of every other entry point.
 
     Raises:
-        ConfigError: the value is not a VPSConfig, ``seed``, ``none`` or a readable config file.
+        ConfigError: the value is not a VPSConfig, a mapping of valid field overrides, ``seed``, ``none`` or
+            a readable config file (the message starts with ``vps_config``).
     """
     if value is None or isinstance(value, VPSConfig):
         return value
+    if isinstance(value, Mapping):  # from Python: field overrides of the seed defaults, as a grid entry gives them
+        return VPSConfig.from_overrides(value, source="vps_config")
     if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"vps_config must be a VPSConfig JSON file, {SEED!r} or {UNPATCHED!r}, got {value!r}")
+        raise ConfigError(f"vps_config must be a VPSConfig JSON file, {SEED!r} or {UNPATCHED!r} (from Python also a "
+                          f"VPSConfig or a mapping of field overrides), got {value!r}")
     text = os.fspath(value)
     if text.strip().lower() == UNPATCHED:
         return None

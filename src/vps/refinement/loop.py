@@ -57,13 +57,13 @@ from ..prompting import generate_texts
 from ..tracing import summarize, summarize_sequences
 from ..verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from ..verify.consistency import majority_answer
-from .config import MODES, SAMPLE_TEMPERATURE, SAMPLINGS, RefineConfig
+from .config import RefineConfig
 from .gains import GainOptimizer
 from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
 
-__all__ = [  # MODES, SAMPLINGS and SAMPLE_TEMPERATURE live in .config; kept importable from here
-    "MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig", "RefineResult", "TraceRow", "check_call",
-    "draw_samples", "pick_references", "refine", "refine_many", "score_candidate",
+__all__ = [
+    "RefineResult", "TraceRow", "check_call", "draw_samples", "pick_references", "refine", "refine_many",
+    "score_candidate",
 ]
 
 #: Sampled rows (prompts x k) one generate call draws at most; a larger batch is split over several calls

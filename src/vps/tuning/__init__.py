@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE
 from .settings import OBJECTIVES, PRUNERS, TuneSettings
 from .space import SearchSpace, SpaceError, default_space_path, load_space, parse_space
 from .split import SplitCheck, check_test_split, name_says_test
@@ -57,7 +58,7 @@ def check_split(source: str, path: str | Path | None, allow_test: bool, question
 
 def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: str = "gsm8k:train",
          sample: int | None = 200, seed: int = 0, space: str | Path | SearchSpace | None = None,
-         prompt: str = "tutor", shots: int = 5, system: str | None = None, batch_size: int = 8,
+         prompt: str = DEFAULT_STYLE, shots: int = DEFAULT_SHOTS, system: str | None = None, batch_size: int = 8,
          objectives: Sequence[str] = ("nll",), pruner: str = "median", prune_startup: int = 5,
          prune_warmup: int = 1, allow_test: bool = False, model_name: str | None = None,
          dtype: str = "float32", progress: bool = True) -> TuneResult:
@@ -69,7 +70,7 @@ def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: 
     refused when it is a test split, unless ``allow_test`` (then every output is labelled).
     """
     from ..evaluation.data import load_items
-    from ..evaluation.harness import data_info
+    from ..evaluation.settings import data_info
 
     parsed = space if isinstance(space, SearchSpace) else load_space(space)
     loaded = load_items(data, sample=sample, seed=seed)

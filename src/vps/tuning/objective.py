@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from .._io import dumps_strict, write_atomic
 from ..config import VPSConfig
 from ..evaluation.nll import solution_nll
-from ..evaluation.rundir import dumps_strict, write_atomic
 from ..evaluation.stats import paired_bootstrap_diff
 from ..kv_cache import logits_to_keep_kwargs
 from ..patching import patched, reset_state

@@ -93,19 +93,16 @@ def trial_config(params: dict[str, Any], placement: Placement) -> TrialConfig:
     modules, blocks = params.get("modules", "all"), params.get("blocks", "all")
     if modules not in MODULES or blocks not in BLOCKS:
         raise SpaceError(f"modules must be one of {MODULES} and blocks one of {BLOCKS}, got {modules!r}, {blocks!r}")
-    rank = fields.get("rank", VPSConfig.rank)
-    fields["topk"] = VPSConfig.pool_for(rank, fields.get("topk", VPSConfig.topk))
-    gamma = fields.get("gamma", VPSConfig.gamma)
-    damping = gamma < 0
-    if damping:
-        fields["gamma"] = -gamma
-        fields["damping"] = True
+    if "topk" in fields:  # a drawn topk is the pool's floor: widened to a drawn rank beyond it, never refused
+        fields["topk"] = VPSConfig.pool_for(fields.get("rank", VPSConfig.rank), fields["topk"])
     targets, layers = placement.targets(modules), placement.layers(blocks)
     if targets is not None:
         fields["target_modules"] = targets
     if layers is not None:
         fields["layers"] = layers
-    return TrialConfig(VPSConfig().replace(**fields), damping)
+    # No source: a refused trial's message is recorded in trials.jsonl as it always read.
+    config = VPSConfig.from_overrides(fields, allow_damping=True)
+    return TrialConfig(config, config.damping)
 
 
 def check_ranks(model: nn.Module, cfg: VPSConfig) -> None:

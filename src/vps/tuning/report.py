@@ -12,17 +12,24 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from .._io import dumps_strict, write_atomic
 from ..config import VPSConfig
-from ..evaluation.rundir import dumps_strict, write_atomic
+from .files import (
+    BEST_FILE,
+    BEST_TRIAL_FILE,
+    CONFIRM_GRID,
+    REPORT_MD,
+    REPORT_PNG,
+    SETTINGS_FILE,
+    STUDY_FILE,
+    STUDY_NAME,
+    TRIALS_FILE,
+)
 from .settings import TuneSettings
 
-__all__ = ["CONFIRM_GRID", "REPORT_MD", "REPORT_PNG", "best_trial", "confirm_commands", "confirm_grid_commands",
-           "refresh", "trial_row", "write_outputs",
+__all__ = ["best_trial", "confirm_commands", "confirm_grid_commands", "refresh", "trial_row", "write_outputs",
            "write_trials"]
 
-REPORT_MD = "report.md"
-REPORT_PNG = "report.png"
-CONFIRM_GRID = "confirm.yaml"
 TEST_LABEL = "TUNED ON TEST DATA"
 #: Below this many completed trials, parameter importances rest on too few points to rank parameters
 #: reliably (one lucky trial decides them); the report and the plot call them rough.
@@ -57,7 +64,7 @@ def trial_row(trial: Any, settings: TuneSettings) -> dict[str, Any]:
 
 def write_trials(directory: Path, study: Any, settings: TuneSettings) -> None:
     rows = [trial_row(t, settings) for t in study.get_trials(deepcopy=False)]
-    write_atomic(directory / "trials.jsonl", "".join(dumps_strict(r) + "\n" for r in rows))
+    write_atomic(directory / TRIALS_FILE, "".join(dumps_strict(r) + "\n" for r in rows))
 
 
 def best_trial(study: Any) -> Any:
@@ -82,7 +89,7 @@ def confirm_commands(directory: Path, settings: TuneSettings) -> list[str]:
     """The ordinary ``vps eval --config best.json`` runs that confirm the best configuration on GSM8K
     test: gold-solution NLL on every item, accuracy on the seeded n = 250 sample."""
     common = (f"vps eval {_run_flags(settings)} --data gsm8k:test --methods base,vps "
-              f"--config {shlex.quote(str(directory / 'best.json'))}")
+              f"--config {shlex.quote(str(directory / BEST_FILE))}")
     return [f"{common} --nll-only --out {shlex.quote(f'{directory}-confirm-nll')}",
             f"{common} --sample 250 --seed 0 --max-new-tokens 512 --out {shlex.quote(f'{directory}-confirm-acc')}"]
 
@@ -150,10 +157,10 @@ def write_outputs(directory: Path, study: Any, settings: TuneSettings, space: An
     evaluator = str(importances.pop("__evaluator__", ""))
     commands = confirm_commands(directory, settings)
     if best is not None:
-        VPSConfig.from_dict(best.user_attrs["config"]).save(directory / "best.json")
+        VPSConfig.from_dict(best.user_attrs["config"]).save(directory / BEST_FILE)
         write_atomic(directory / CONFIRM_GRID, _confirm_grid(best.number))
         row = trial_row(best, settings)
-        write_atomic(directory / "best_trial.json", dumps_strict({
+        write_atomic(directory / BEST_TRIAL_FILE, dumps_strict({
             **{k: row[k] for k in ("number", "nll_diff", "ci", "n", "overhead", "params", "labels")},
             "tuned_on": settings.data, "model": settings.model, "prompt": settings.prompt,
             "trials_with_verdict": sum(r["state"] in ("complete", "pruned", "fail") for r in rows),
@@ -320,9 +327,7 @@ def refresh(directory: str | Path) -> dict[str, Any]:
 
     import optuna
 
-    from .settings import TuneSettings
     from .space import SearchSpace
-    from .study import SETTINGS_FILE, STUDY_FILE, STUDY_NAME
 
     directory = Path(directory)
     stored = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))

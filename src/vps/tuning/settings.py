@@ -7,16 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._version import __version__
-from ..evaluation.rundir import RunMismatchError
-from ..prompting import PROMPT_STYLES
+from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PROMPT_STYLES
 
-__all__ = ["OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings", "check_resume"]
+__all__ = ["NOT_COMPARED", "OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings"]
 
 TUNE_FORMAT = 1
 OBJECTIVES = ("nll", "overhead")
 PRUNERS = ("median", "none")
-# Stored for the record; a resumed study may differ in them.
-_NOT_COMPARED = ("format", "vps_version")
+# Stored for the record; a resumed study may differ in them (`vps._io.check_resume` compares the rest).
+NOT_COMPARED = ("format", "vps_version")
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,8 @@ class TuneSettings:
     data: dict[str, Any]
     space: dict[str, Any]
     dtype: str = "float32"
-    prompt: str = "tutor"
-    shots: int = 5
+    prompt: str = DEFAULT_STYLE
+    shots: int = DEFAULT_SHOTS
     system: str | None = None
     batch_size: int = 8
     objectives: tuple[str, ...] = ("nll",)
@@ -73,12 +72,3 @@ class TuneSettings:
         d = self.to_dict()
         return {k: d[k] for k in ("model", "data", "dtype", "prompt", "shots", "system")}
 
-
-def check_resume(stored: dict[str, Any], new: dict[str, Any], where: str) -> None:
-    """Refuse to resume a study whose settings differ, naming every differing key."""
-    keys = sorted((set(stored) | set(new)) - set(_NOT_COMPARED))
-    differ = [k for k in keys if stored.get(k) != new.get(k)]
-    if differ:
-        shown = "; ".join(f"{k}: stored {stored.get(k)!r}, now {new.get(k)!r}" for k in differ)
-        raise RunMismatchError(f"{where} holds a study with other settings ({shown}); rerun with the same "
-                               f"settings to resume, or use another directory")

@@ -230,15 +230,12 @@ def _check_value(key: str, value: Any, where: str) -> None:
         raise SpaceError(f"{where}: {value!r} is not one of {BLOCKS}")
     if key in PLACEMENT_KEYS:
         return
-    if key == "gamma" and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        value = -value  # checked below as a damping magnitude (allow_damping is checked on the whole space)
-    overrides: dict[str, Any] = {key: value}
-    if key == "rank" and isinstance(value, int) and not isinstance(value, bool):
-        overrides["topk"] = max(value, VPSConfig().topk)  # a trial widens topk to the rank (see to_config)
+    # As a trial would run it (`trial_config`): a rank widens topk, a negative gamma is checked as a damping
+    # magnitude (whether the file allows damping is checked on the whole space, `_check_damping`).
     try:
-        VPSConfig().replace(**overrides)
+        VPSConfig.from_overrides({key: value}, source=where, allow_damping=True)
     except ConfigError as exc:
-        raise SpaceError(f"{where}: {exc}") from None
+        raise SpaceError(str(exc)) from None
 
 
 def _check_damping(space: SearchSpace) -> None:

@@ -17,22 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import check_resume, dumps_strict, lock_directory, read_json_object, write_atomic
 from ..config import ConfigError, VPSConfig
 from ..evaluation.data import Item
-from ..evaluation.rundir import RunMismatchError, dumps_strict, lock_directory, write_atomic
-from ..prompting import PromptFormat
+from ..prompting import PromptFormat, PromptSettings
+from . import report as reporting
+from .files import SETTINGS_FILE, STUDY_FILE, STUDY_NAME
 from .objective import BaseNLL, PartialScores, Pruned, ScoringTask, TrialFailed, prefill_ratio, score_trial
 from .placement import Placement, check_ranks, trial_config
-from .settings import TuneSettings, check_resume
+from .settings import NOT_COMPARED, TuneSettings
 
-__all__ = ["STUDY_NAME", "TuneResult", "run_study"]
-
-STUDY_NAME = "vps-tune"
-SETTINGS_FILE = "tune.json"
-STUDY_FILE = "study.db"
-TRIALS_FILE = "trials.jsonl"
-BEST_FILE = "best.json"
-BEST_TRIAL_FILE = "best_trial.json"
+__all__ = ["TuneResult", "run_study"]
 
 
 @dataclass(frozen=True)
@@ -98,8 +93,6 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
               space: Any, n_trials: int, progress: bool = True, log: Callable[[str], None] | None = None) -> TuneResult:
     """Run trials in ``directory`` until ``n_trials`` have a verdict (resuming what is there), then write
     ``trials.jsonl``, ``best.json``, ``best_trial.json``, ``report.md`` and ``report.png``."""
-    from . import report as reporting
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     directory = Path(directory)
     if n_trials < 1:
@@ -111,13 +104,8 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
         settings_path = directory / SETTINGS_FILE
         new = settings.to_dict()
         if settings_path.exists():
-            try:
-                import json
-
-                stored = json.loads(settings_path.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise RunMismatchError(f"{settings_path} is not valid JSON ({exc}); move the directory aside") from None
-            check_resume(stored, new, str(directory))
+            check_resume(read_json_object(settings_path), new, str(directory), settings_path, kind="study",
+                         skip=NOT_COMPARED)
         else:
             write_atomic(settings_path, dumps_strict(new, indent=2) + "\n")
         study = open_study(directory, settings)
@@ -157,12 +145,7 @@ def run_study(model: Any, tokenizer: Any, items: Sequence[Item], directory: str 
 
 
 def _prompt_format(settings: TuneSettings) -> PromptFormat:
-    if settings.prompt != "fewshot":
-        return PromptFormat(settings.prompt, settings.system)
-    from ..evaluation.data import load_items
-
-    pool = load_items("gsm8k:train", limit=settings.shots + 1).items
-    return PromptFormat("fewshot", shots=tuple((it.question, it.answer) for it in pool), n_shots=settings.shots)
+    return PromptSettings(settings.prompt, settings.shots, settings.system).format()
 
 
 def _one_trial(study: Any, model: Any, tokenizer: Any, task: ScoringTask, base: dict[str, float | None],

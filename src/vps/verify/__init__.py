@@ -3,8 +3,8 @@
 See ``docs/verification.md`` for the extraction rules and how each loss component is scored.
 """
 
-from vps.verify.composite import DEFAULT_WEIGHTS, CompositeVerifier
-from vps.verify.extract import EXTRACT_MODES, Answer, answers_match, extract_answer, parse_gold
+from .composite import DEFAULT_WEIGHTS, CompositeVerifier
+from .extract import EXTRACT_MODES, Answer, answers_match, extract_answer, parse_gold
 
 __all__ = [
     "Answer", "EXTRACT_MODES", "extract_answer", "answers_match", "parse_gold", "CompositeVerifier", "DEFAULT_WEIGHTS",

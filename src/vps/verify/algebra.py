@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from vps.verify.extract import Answer
+from .extract import Answer
 
 __all__ = ["SympyWorker", "algebraic_loss", "default_worker"]
 

@@ -8,11 +8,11 @@ from dataclasses import asdict
 from types import MappingProxyType
 from typing import Any
 
-from vps.verify.algebra import SympyWorker, algebraic_loss
-from vps.verify.consistency import self_consistency_loss
-from vps.verify.extract import Answer, extract_answer, parse_gold
-from vps.verify.numeric import DEFAULT_REL_SCALE, numeric_loss
-from vps.verify.units import units_loss
+from .algebra import SympyWorker, algebraic_loss
+from .consistency import self_consistency_loss
+from .extract import Answer, extract_answer, parse_gold
+from .numeric import DEFAULT_REL_SCALE, numeric_loss
+from .units import units_loss
 
 __all__ = ["DEFAULT_WEIGHTS", "CompositeVerifier"]
 

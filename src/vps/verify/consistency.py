@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vps.verify.extract import Answer, answers_match
+from .extract import Answer, answers_match
 
 __all__ = ["self_consistency_loss", "majority_answer"]
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vps.verify.arithmetic import NUMBER, read_expression, same_expression
+from .arithmetic import NUMBER, read_expression, same_expression
 
 __all__ = [
     "Answer", "EXTRACT_MODES", "SOURCES", "extract_answer", "answers_match", "numbers_match", "parse_gold",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vps.verify.extract import Answer, numbers_match, readings
+from .extract import Answer, numbers_match, readings
+from .unit_conversion import convert
 
 __all__ = ["DEFAULT_REL_SCALE", "graded_error", "numeric_loss"]
 
@@ -59,9 +60,6 @@ def numeric_loss(
         loss, details = min(scored, key=lambda scored_pair: scored_pair[0])
         return loss, details
     if pred.unit and gold.unit and pred.unit != gold.unit:
-        # Imported here because units.py scores magnitudes with graded_error from this module.
-        from vps.verify.units import convert
-
         converted = convert(pred.number, pred.unit, gold.unit)
         if converted is not None:
             value, extra = converted, {"converted_from": f"{pred.number} {pred.unit}", "unit": gold.unit}

@@ -1,0 +1,158 @@
+"""A run's settings: everything that decides its numbers, stored in ``run.json`` and checked on resume.
+
+`RunSettings` validates every value when it is built (`SettingError` names the field, which ``vps eval``
+turns into the flag); `data_info` is what run.json records about the items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._version import __version__
+from ..prompting import (
+    DEFAULT_SHOTS,
+    DEFAULT_STOP_STRINGS,
+    DEFAULT_STYLE,
+    PROMPT_STYLES,
+    PromptFormat,
+    PromptSettings,
+    style_system,
+)
+from ..refinement.config import MAX_SAMPLES, RefineConfig, RefineConfigError, check_seed
+from ..verify import EXTRACT_MODES
+from .data import LoadResult
+from .rundir import RUN_FORMAT
+
+if TYPE_CHECKING:
+    from .methods.registry import MethodSpec
+
+__all__ = ["MAX_SHOTS", "MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info"]
+
+# Below this a sampling temperature divides logits into float overflow (1e-300 made every probability NaN
+# after the base rows were written); greedy decoding is temperature 0.
+MIN_TEMPERATURE = 1e-4
+# Solved examples in a fewshot prompt: far more than any published GSM8K setting (5 or 8), and few enough that
+# the prompt's size is a setting, not an accident (100,000 asked for every train item, then overflowed).
+MAX_SHOTS = 64
+
+
+def data_info(result: LoadResult, source: str, question_field: str = "question", answer_field: str = "answer",
+              limit: int | None = None, offset: int = 0, sample: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """What run.json records about the items: how they were chosen and a hash of their content."""
+    digest = hashlib.sha256()
+    for item in result.items:
+        digest.update(json.dumps([item.id, item.question, item.answer]).encode())
+    return {
+        "source": str(source), "path": str(result.path) if result.path else None,
+        "question_field": question_field, "answer_field": answer_field, "limit": limit, "offset": offset,
+        "sample": sample, "seed": seed, "n_items": len(result.items), "items_sha256": digest.hexdigest(),
+        "skipped": len(result.skipped),
+    }
+
+
+class SettingError(ValueError):
+    """A `RunSettings` value that is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class RunSettings:
+    """Everything that decides a run's numbers; stored in ``run.json`` and checked on resume.
+
+    ``seed`` seeds generation and refinement (greedy decoding does not use it). ``generate`` False
+    is an NLL-only run. ``prompt`` is the prompt style (`vps.prompting.PROMPT_STYLES`): "tutor" (the
+    default), "boxed" (the Qwen family's own convention) or "fewshot" (lm-eval's plain-text format, with
+    ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt.
+    ``refine_iters`` (>= 1) and ``refine_k_samples`` (>= 0) are the refine methods' iterations and
+    self-consistency samples; a run with a refine method needs ``refine_k_samples >= 1`` (`check_run`):
+    with none, self-consistency would be skipped without a word. Every float must be finite and every
+    stop string non-empty. An invalid value raises `SettingError` naming its field.
+    """
+
+    model: str
+    data: dict[str, Any]
+    dtype: str = "float32"
+    generate: bool = True
+    nll: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS
+    system: str | None = None
+    prompt: str = DEFAULT_STYLE
+    shots: int = DEFAULT_SHOTS
+    extract_mode: str = "flexible"
+    refine_iters: int = 3
+    refine_k_samples: int = 4
+    seed: int = 0
+    command: str = "eval"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a NaN would be stored, and then never equal itself on resume
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingError(f.name, f"{f.name} must be a finite number, got {value}")
+        if not self.generate and not self.nll:
+            raise SettingError("generate", "nothing to measure: enable generation, the NLL metric, or both")
+        if self.max_new_tokens < 1:
+            raise SettingError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature:
+            raise SettingError("temperature", f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE} (below it "
+                                              f"sampling overflows), got {self.temperature}")
+        if self.refine_iters < 1:
+            raise SettingError("refine_iters", f"refine_iters must be >= 1, got {self.refine_iters}")
+        if not 0 <= self.refine_k_samples <= MAX_SAMPLES:
+            raise SettingError("refine_k_samples", f"refine_k_samples must be in [0, {MAX_SAMPLES}], got "
+                                                   f"{self.refine_k_samples}")
+        try:
+            check_seed(self.seed)
+        except RefineConfigError as exc:
+            raise SettingError("seed", str(exc)) from None
+        if self.prompt not in PROMPT_STYLES:
+            raise SettingError("prompt", f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
+        if self.prompt == "fewshot" and self.system is not None:
+            raise SettingError("system", "the fewshot prompt uses no chat template, so it takes no system prompt")
+        if not 1 <= self.shots <= MAX_SHOTS:
+            raise SettingError("shots", f"shots must be in [1, {MAX_SHOTS}], got {self.shots}")
+        if self.extract_mode not in EXTRACT_MODES:
+            raise SettingError("extract_mode",
+                               f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
+        if isinstance(self.stop_strings, str):
+            raise SettingError("stop_strings", f"stop_strings must be a list of strings, got {self.stop_strings!r}")
+        self.stop_strings = list(self.stop_strings)
+        for stop in self.stop_strings:
+            if not isinstance(stop, str) or not stop:
+                raise SettingError("stop_strings", f"stop strings must be non-empty text, got {stop!r} (an empty "
+                                                   f"one would stop every output before its first token)")
+
+    def prompt_format(self) -> PromptFormat:
+        """The run's `PromptFormat` (`PromptSettings.format`)."""
+        return PromptSettings(self.prompt, self.shots, self.system).format()
+
+    def refine_config(self, **changes: Any) -> RefineConfig:
+        """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``.
+
+        The samples' temperature is refinement's own (`SAMPLE_TEMPERATURE`): ``temperature`` is the
+        base and vps methods' decoding, which the run.json field keeps its name for.
+        """
+        return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
+                            max_new_tokens=self.max_new_tokens, seed=self.seed).replace(**changes)
+
+    def to_dict(self, specs: Sequence[MethodSpec] = ()) -> dict[str, Any]:
+        """run.json's content for a run of ``specs`` with these settings (the baseline: the ``base`` one)."""
+        out = dataclasses.asdict(self)
+        out["system"] = style_system(self.prompt, self.system)
+        if self.prompt != "fewshot":
+            del out["shots"]
+        base = next((s.name for s in specs if s.method == "base"), None)
+        return {"format": RUN_FORMAT, "vps_version": __version__, **out, "baseline": base,
+                "configs": {s.name: s.to_dict() for s in specs}}
+

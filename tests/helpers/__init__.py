@@ -1,0 +1,1 @@
+"""Tiny models and evaluation fixtures built in code, shared by the test folders."""

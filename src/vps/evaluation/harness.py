@@ -33,23 +33,17 @@ from typing import Any
 
 from .._io import RunMismatchError, dumps_strict, write_atomic
 from ..patching import is_patched, patched
-from ..prompting import DEFAULT_STOP_STRINGS, PromptFormat, generate_texts
+from ..prompting import PromptFormat, generate_texts
 from .baseline import IMPORTED, check_source, imported_rows
-
-# model_context, MAX_SHOTS and MIN_TEMPERATURE lived here before the checks and the settings had modules of their
-# own, and stay importable from here.
-from .checks import check_items, check_run, model_context, preflight  # noqa: F401
+from .checks import check_run, preflight
 from .data import Item
 from .distributed import Shard
 from .methods.registry import MethodSpec, RunContext, registered
 from .methods.rows import gold
 from .rundir import RunDir
-from .settings import MAX_SHOTS, MIN_TEMPERATURE, RunSettings, SettingError, data_info  # noqa: F401
+from .settings import RunSettings
 
-__all__ = [
-    "DEFAULT_STOP_STRINGS", "RunSettings", "SettingError", "check_items", "check_run", "data_info", "oracle_tag",
-    "run_evaluation",
-]
+__all__ = ["oracle_tag", "run_evaluation"]
 
 
 def oracle_tag(oracle: bool) -> str:

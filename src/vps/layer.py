@@ -484,12 +484,11 @@ def plan_tensors(spec: PlanSpec, policy: LayerPolicy, builder: SKBuilder | SCBui
 # trace is not reused).
 _REGION_OWNERS: dict[tuple[Any, ...], tuple[PlanSpec, LayerPolicy, SKBuilder | SCBuilder | HybridBuilder]] = {}
 
-# Fields of `PlanParts` that can alias an input of `plan_tensors` or another field (the shared input
-# ranking and its first R entries, the coupling's out_rank and energy, the policy's expanded decisions):
-# a region's outputs may not alias, so these small (B, ...) tensors leave it as copies. Q and A, the
-# large ones, are always fresh.
-_MAY_ALIAS = frozenset({"in_rank", "in_idx", "out_idx", "coef", "selection_ok", "sigma", "rank", "topk", "gamma",
-                        "order", "energy", "ok", "bias_sel"})
+# The fields of `PlanParts` that `plan_tensors` always makes afresh: Q and A, the large ones. A region's
+# outputs may not alias its inputs or each other, and the small (B, ...) fields can (the shared input
+# ranking and its first R entries, the coupling's out_rank and energy, the policy's expanded decisions),
+# so every other field leaves the region as a copy.
+_FRESH = frozenset({"q", "a_fold"})
 
 
 def _region_key(spec: PlanSpec, cfg: VPSConfig) -> tuple[Any, ...]:
@@ -500,13 +499,13 @@ def _region_key(spec: PlanSpec, cfg: VPSConfig) -> tuple[Any, ...]:
     return key
 
 
-def _plan_tensors_in_region(key: tuple[Any, ...], _spec: PlanSpec, _policy: LayerPolicy,
-                            _builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> tuple[torch.Tensor, ...]:
+def _plan_tensors_in_region(key: tuple[Any, ...], *args: Any) -> tuple[torch.Tensor, ...]:
+    """`plan_tensors` for the layers registered under ``key``; ``args`` are its tensor arguments."""
     spec, policy, builder = _REGION_OWNERS[key]
     parts = plan_tensors(spec, policy, builder, *args)
     # None leaves as an empty tensor (a region returns tensors only, none aliasing another); no present
     # field is ever empty.
-    return tuple(args[0].new_empty(0) if t is None else t.clone() if name in _MAY_ALIAS else t
+    return tuple(args[0].new_empty(0) if t is None else t if name in _FRESH else t.clone()
                  for name, t in zip(parts._fields, parts, strict=True))
 
 
@@ -516,9 +515,10 @@ def _make_plan_region() -> Callable[..., PlanParts]:
         return lambda _key, *args: plan_tensors(*args)
     region = nested(_plan_tensors_in_region)
 
-    def plan_in_region(key: tuple[Any, ...], spec: PlanSpec, policy: LayerPolicy,
-                       builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> PlanParts:
-        out = region(key, None, None, None, *args)
+    def plan_in_region(key: tuple[Any, ...], _spec: PlanSpec, _policy: LayerPolicy,
+                       _builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> PlanParts:
+        # The layer's spec, policy and builder stay outside: the region finds their equals by key.
+        out = region(key, *args)
         return PlanParts._make(None if t.numel() == 0 else t for t in out)
 
     return plan_in_region

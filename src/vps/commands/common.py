@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import VPSConfig, cli_fields
-from ..prompting import DEFAULT_SHOTS, DEFAULT_STOP_STRINGS, DEFAULT_STYLE, PROMPT_STYLES, PromptSettings
+from ..prompting import (
+    DEFAULT_SHOTS,
+    DEFAULT_STOP_STRINGS,
+    DEFAULT_STYLE,
+    PROMPT_STYLES,
+    PromptSettingError,
+    PromptSettings,
+)
 from ..verify.extract import EXTRACT_MODES
 
 
@@ -126,9 +133,18 @@ def add_prompt_arguments(g: argparse.ArgumentParser | argparse._ArgumentGroup) -
     g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
 
 
+# PromptSettings field (as `PromptSettingError` names it) -> the flag that sets it.
+PROMPT_FLAGS = {"prompt": "--prompt", "shots": "--shots", "system": "--system"}
+
+
 def prompt_from_args(args: argparse.Namespace) -> PromptSettings:
-    """The `PromptSettings` of ``--prompt``, ``--shots`` and ``--system``."""
-    return PromptSettings(args.prompt, args.shots, args.system)
+    """The `PromptSettings` of ``--prompt``, ``--shots`` and ``--system``; a value that breaks one of its rules
+    is a ValueError in the rule's words, after the flag (``--shots must be in [1, 64], got 0``). ``vps eval``,
+    ``vps ablate`` and ``vps tune`` call it before they read data, load a model or write anything."""
+    try:
+        return PromptSettings(args.prompt, args.shots, args.system)
+    except PromptSettingError as exc:
+        raise ValueError(exc.named(PROMPT_FLAGS[exc.field])) from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from ..evaluation.methods import MethodSpec, find_method, registered
 from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
 from ..prompting import DEFAULT_STOP_STRINGS
 from .common import (
+    PROMPT_FLAGS,
     add_config_arguments,
     add_data_arguments,
     add_run_arguments,
@@ -83,11 +84,12 @@ def report(out: Path) -> int:
     return 0
 
 
-# RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it.
+# RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it (the prompt's
+# fields are checked first, by `prompt_from_args`).
 SETTING_FLAGS = {
     "refine_iters": "--iters", "refine_k_samples": "--k-samples", "temperature": "--temperature",
-    "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", "shots": "--shots", "system": "--system",
-    "prompt": "--prompt", "extract_mode": "--extract", "seed": "--seed", "model": "--model", "dtype": "--dtype",
+    "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", **PROMPT_FLAGS,
+    "extract_mode": "--extract", "seed": "--seed", "model": "--model", "dtype": "--dtype",
 }
 
 
@@ -117,6 +119,7 @@ def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
     for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--offset", args.offset)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+    prompt_from_args(args)  # --prompt, --shots, --system: PromptSettings' rules, worded as vps tune words them
 
 
 def check_out(out: Path) -> RunDir:

@@ -76,27 +76,23 @@ def _check(args: argparse.Namespace) -> None:
     if args.out is None:
         raise ValueError("--out DIR is required (the study's directory; rerun with the same DIR to resume)")
     for flag, value, low in (("--trials", args.trials, 1), ("--sample", args.sample, 1),
-                             ("--batch-size", args.batch_size, 1), ("--shots", args.shots, 1),
+                             ("--batch-size", args.batch_size, 1),
                              ("--prune-startup", args.prune_startup, 0), ("--prune-warmup", args.prune_warmup, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     # The same bounds as vps eval's (its run settings say why), checked before the study writes anything.
-    from ..evaluation.settings import MAX_SHOTS
     from ..refinement.config import RefineConfigError, check_seed
 
     try:
         check_seed(args.seed)
     except RefineConfigError as exc:
         raise ValueError(f"--{exc}") from None  # "--seed must be a whole number in ..."
-    if args.shots > MAX_SHOTS:
-        raise ValueError(f"--shots must be in [1, {MAX_SHOTS}], got {args.shots}")
+    prompt_from_args(args)  # PromptSettings' rules, worded as vps eval and vps ablate word them
     check_threads(args)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if objectives not in (["nll"], ["nll", "overhead"]):
         raise ValueError(f"--objectives must be nll or nll,overhead, got {args.objectives!r}")
     args.objectives = tuple(objectives)
-    if args.prompt == "fewshot" and args.system is not None:
-        raise ValueError("--system: the fewshot prompt uses no chat template, so it takes no system prompt")
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
@@ -105,6 +101,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)  # before the imports below (optuna, torch): a bad flag is refused at once
     from .._io import RunLockedError, RunMismatchError, check_resume, read_json_object
     from ..evaluation.data import load_items
     from ..evaluation.settings import data_info
@@ -114,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning.report import confirm_commands, confirm_grid_commands
     from ..tuning.settings import NOT_COMPARED
 
-    _check(args)
     try:
         space = load_space(args.space)
     except ValueError as exc:

@@ -19,8 +19,8 @@ from ..prompting import (
     DEFAULT_SHOTS,
     DEFAULT_STOP_STRINGS,
     DEFAULT_STYLE,
-    PROMPT_STYLES,
     PromptFormat,
+    PromptSettingError,
     PromptSettings,
     style_system,
 )
@@ -32,14 +32,11 @@ from .rundir import RUN_FORMAT
 if TYPE_CHECKING:
     from .methods.registry import MethodSpec
 
-__all__ = ["MAX_SHOTS", "MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info"]
+__all__ = ["MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info"]
 
 # Below this a sampling temperature divides logits into float overflow (1e-300 made every probability NaN
 # after the base rows were written); greedy decoding is temperature 0.
 MIN_TEMPERATURE = 1e-4
-# Solved examples in a fewshot prompt: far more than any published GSM8K setting (5 or 8), and few enough that
-# the prompt's size is a setting, not an accident (100,000 asked for every train item, then overflowed).
-MAX_SHOTS = 64
 
 
 def data_info(result: LoadResult, source: str, question_field: str = "question", answer_field: str = "answer",
@@ -71,7 +68,8 @@ class RunSettings:
     ``seed`` seeds generation and refinement (greedy decoding does not use it). ``generate`` False
     is an NLL-only run. ``prompt`` is the prompt style (`vps.prompting.PROMPT_STYLES`): "tutor" (the
     default), "boxed" (the Qwen family's own convention) or "fewshot" (lm-eval's plain-text format, with
-    ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt.
+    ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt. The
+    three are checked by `PromptSettings` (its rules and words; the field names are the same).
     ``refine_iters`` (>= 1) and ``refine_k_samples`` (>= 0) are the refine methods' iterations and
     self-consistency samples; a run with a refine method needs ``refine_k_samples >= 1`` (`check_run`):
     with none, self-consistency would be skipped without a word. Every float must be finite and every
@@ -116,12 +114,10 @@ class RunSettings:
             check_seed(self.seed)
         except RefineConfigError as exc:
             raise SettingError("seed", str(exc)) from None
-        if self.prompt not in PROMPT_STYLES:
-            raise SettingError("prompt", f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
-        if self.prompt == "fewshot" and self.system is not None:
-            raise SettingError("system", "the fewshot prompt uses no chat template, so it takes no system prompt")
-        if not 1 <= self.shots <= MAX_SHOTS:
-            raise SettingError("shots", f"shots must be in [1, {MAX_SHOTS}], got {self.shots}")
+        try:
+            self.prompt_settings()
+        except PromptSettingError as exc:
+            raise SettingError(exc.field, str(exc)) from None
         if self.extract_mode not in EXTRACT_MODES:
             raise SettingError("extract_mode",
                                f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
@@ -133,9 +129,13 @@ class RunSettings:
                 raise SettingError("stop_strings", f"stop strings must be non-empty text, got {stop!r} (an empty "
                                                    f"one would stop every output before its first token)")
 
+    def prompt_settings(self) -> PromptSettings:
+        """The run's `PromptSettings` (``prompt``, ``shots``, ``system``), which check them."""
+        return PromptSettings(self.prompt, self.shots, self.system)
+
     def prompt_format(self) -> PromptFormat:
         """The run's `PromptFormat` (`PromptSettings.format`)."""
-        return PromptSettings(self.prompt, self.shots, self.system).format()
+        return self.prompt_settings().format()
 
     def refine_config(self, **changes: Any) -> RefineConfig:
         """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``.

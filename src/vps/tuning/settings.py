@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._version import __version__
-from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PROMPT_STYLES
+from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PromptSettings
 
 __all__ = ["NOT_COMPARED", "OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings"]
 
@@ -25,7 +25,8 @@ class TuneSettings:
     without pruning: Optuna prunes single-objective studies only). ``pruner`` "median" stops a trial
     whose running mean after a batch is worse than the median of earlier trials at that batch, once
     ``prune_startup`` trials have finished and after ``prune_warmup`` batches. ``on_test`` marks a study
-    tuned on a test split (only with an explicit override): every output says so."""
+    tuned on a test split (only with an explicit override): every output says so. ``prompt``, ``shots`` and
+    ``system`` are checked by `PromptSettings` (`vps.prompting.PromptSettingError`, naming the field)."""
 
     model: str
     data: dict[str, Any]
@@ -49,11 +50,9 @@ class TuneSettings:
             raise ValueError(f"objectives must be nll or nll,overhead, got {','.join(self.objectives)}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
-        if self.prompt not in PROMPT_STYLES:
-            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
-        for name in ("batch_size", "shots"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        PromptSettings(self.prompt, self.shots, self.system)  # the prompt's own rules
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("prune_startup", "prune_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -16,7 +16,8 @@ from tests.helpers.tiny_eval import (
     write_data,
 )
 from vps.evaluation import MethodSpec, RunDir, compare_paired, paired_bootstrap_diff, run_evaluation, write_report
-from vps.evaluation.report import REPORT_MD, REPORT_PNG, format_console
+from vps.evaluation.report import format_console
+from vps.evaluation.rundir import REPORT_MD, REPORT_PNG
 from vps.evaluation.summary import pair_stats
 
 TOK = tiny_tokenizer()

@@ -21,9 +21,7 @@ from ..evaluation.data import load_items
 from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
 from ..evaluation.methods import MethodSpec, find_method, registered
 from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
-from ..prompting import DEFAULT_STOP_STRINGS
 from .common import (
-    PROMPT_FLAGS,
     add_config_arguments,
     add_data_arguments,
     add_run_arguments,
@@ -32,6 +30,7 @@ from .common import (
     load,
     parse_device_map,
     prompt_from_args,
+    run_setting_values,
     set_threads,
 )
 
@@ -76,7 +75,8 @@ def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
 
 
 def report(out: Path) -> int:
-    from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+    from ..evaluation.report import format_console, write_report
+    from ..evaluation.rundir import REPORT_MD, REPORT_PNG
 
     summary = write_report(out)
     print(format_console(summary))
@@ -86,22 +86,15 @@ def report(out: Path) -> int:
 
 # RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it (the prompt's
 # fields are checked first, by `prompt_from_args`).
-SETTING_FLAGS = {
-    "refine_iters": "--iters", "refine_k_samples": "--k-samples", "temperature": "--temperature",
-    "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", **PROMPT_FLAGS,
-    "extract_mode": "--extract", "seed": "--seed", "model": "--model", "dtype": "--dtype",
-}
-
-
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
     """A `SettingError` re-raised as a ValueError naming the flag of its field."""
-    from ..evaluation.settings import SettingError
+    from ..evaluation.settings import SettingError, flag_of
 
     try:
         yield
     except SettingError as exc:
-        flag = SETTING_FLAGS.get(exc.field)
+        flag = flag_of(exc.field)
         raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
@@ -186,11 +179,8 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
             model=args.model or DEFAULT_MODEL, dtype=args.dtype,
             data=data_info(loaded, args.data, args.question_field, args.answer_field, args.limit, args.offset,
                            args.sample, args.seed),
-            generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, stop_strings=args.stop if args.stop is not None else DEFAULT_STOP_STRINGS,
-            system=prompt.system, prompt=prompt.style, shots=prompt.shots, extract_mode=args.extract,
-            refine_iters=args.iters, refine_k_samples=args.k_samples,
-            seed=args.seed, command=command)
+            generate=not args.nll_only, nll=args.nll or args.nll_only, **run_setting_values(args),
+            system=prompt.system, prompt=prompt.style, shots=prompt.shots, seed=args.seed, command=command)
         check_run(loaded.items, specs, settings)
     if args.baseline_from is not None:  # refused before the model loads
         from ..evaluation.baseline import check_source

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import strict_yaml
-from .report import REPORT_MD, REPORT_PNG, write_report
-from .rundir import RESULTS_FILE, RUN_FILE
+from .report import write_report
+from .rundir import REPORT_MD, REPORT_PNG, RESULTS_FILE, RUN_FILE
 
 __all__ = ["ResultsIndexError", "build_results", "finding", "load_index"]
 

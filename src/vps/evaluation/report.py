@@ -16,14 +16,10 @@ from typing import Any
 from .._io import dumps_strict, write_atomic
 from .methods import find_method, registered
 from .plot import plot
-from .rundir import RESULTS_FILE
+from .rundir import REPORT_MD, REPORT_PNG, RESULTS_FILE, SUMMARY_JSON
 from .summary import load_run, summarize_run
 
 __all__ = ["format_console", "render_markdown", "write_report"]
-
-REPORT_MD = "report.md"
-REPORT_PNG = "report.png"
-SUMMARY_JSON = "summary.json"
 
 
 # -- formatting ------------------------------------------------------------------------------------

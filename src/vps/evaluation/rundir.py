@@ -48,19 +48,24 @@ from .._io import (
 )
 
 __all__ = [
-    "FORMAT1_MODES", "RESULTS_FILE", "RUN_FILE", "RUN_FORMAT", "RunDir", "computed_mode", "merge_settings",
+    "FORMAT1_MODES", "REPORT_MD", "REPORT_PNG", "RESULTS_FILE", "RUN_FILE", "RUN_FORMAT", "SUMMARY_JSON", "RunDir",
+    "computed_mode", "merge_settings",
     "rank_lock_name", "rank_rows_name", "retired_modes", "row_problem", "rows_payload",
 ]
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
+# What a run directory's report writes (vps.evaluation.report).
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+SUMMARY_JSON = "summary.json"
 # The format of run.json: 2 since the four settings of FORMAT1_MODES are no longer recorded.
 RUN_FORMAT = 2
 # A data-parallel rank's rows file and lock (see the module docstring).
 _RANK_ROWS = re.compile(r"rows\.rank(\d+)\.jsonl")
-# Files a run directory's report writes (vps.evaluation.report): a directory holding one of them
-# without a run.json is not a run directory, and is not overwritten.
-_REPORT_FILES = ("report.md", "summary.json", "report.png")
+# A directory holding one of the report's files without a run.json is not a run directory, and is not
+# overwritten.
+_REPORT_FILES = (REPORT_MD, SUMMARY_JSON, REPORT_PNG)
 # How every run computes what run.json format 1 recorded as settings (the batch order, the NLL scoring of a
 # patched model, whether refine methods take a batch of items at a time, how self-consistency samples are
 # drawn). None but refine_sampling changes a number beyond float rounding; refine_sampling changes which

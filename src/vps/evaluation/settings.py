@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
@@ -32,7 +32,7 @@ from .rundir import RUN_FORMAT
 if TYPE_CHECKING:
     from .methods.registry import MethodSpec
 
-__all__ = ["MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info"]
+__all__ = ["MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info", "flag_of", "run_flag_fields"]
 
 # Below this a sampling temperature divides logits into float overflow (1e-300 made every probability NaN
 # after the base rows were written); greedy decoding is temperature 0.
@@ -51,6 +51,25 @@ def data_info(result: LoadResult, source: str, question_field: str = "question",
         "sample": sample, "seed": seed, "n_items": len(result.items), "items_sha256": digest.hexdigest(),
         "skipped": len(result.skipped),
     }
+
+
+def _run_flag(default: Any, flag: str, help: str, *, choices: Sequence[str] | None = None,
+              repeatable: bool = False, metavar: str | None = None) -> Any:
+    """A `RunSettings` field set by a flag of ``vps eval`` / ``vps ablate``, declared here once: its default,
+    flag, help, choices, and whether it repeats (each use adds a value; none given means the default)."""
+    return field(default=default, metadata={"flag": flag, "run_flag": True, "help": help, "choices": choices,
+                                            "repeatable": repeatable, "metavar": metavar})
+
+
+def run_flag_fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The `RunSettings` fields declared as flags of ``vps eval`` / ``vps ablate``, in field order."""
+    return tuple(f for f in dataclasses.fields(RunSettings) if f.metadata.get("run_flag"))
+
+
+def flag_of(name: str) -> str | None:
+    """The flag that sets `RunSettings` field ``name`` (None: none does)."""
+    return next((f.metadata["flag"] for f in dataclasses.fields(RunSettings) if f.name == name
+                 and "flag" in f.metadata), None)
 
 
 class SettingError(ValueError):
@@ -76,21 +95,30 @@ class RunSettings:
     stop string non-empty. An invalid value raises `SettingError` naming its field.
     """
 
-    model: str
+    # A field's ``flag`` is the command-line flag that sets it (`flag_of`); ``run_flag`` fields are declared as
+    # flags of ``vps eval`` / ``vps ablate`` from their metadata alone (`vps.commands.common.add_setting_argument`),
+    # the others by the argument groups they share with other commands (model, data, prompt).
+    model: str = field(metadata={"flag": "--model"})
     data: dict[str, Any]
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"flag": "--dtype"})
     generate: bool = True
     nll: bool = False
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS
-    system: str | None = None
-    prompt: str = DEFAULT_STYLE
-    shots: int = DEFAULT_SHOTS
-    extract_mode: str = "flexible"
-    refine_iters: int = 3
-    refine_k_samples: int = 4
-    seed: int = 0
+    max_new_tokens: int = _run_flag(256, "--max-new-tokens", "most tokens generated per answer (default: %(default)s)")
+    temperature: float = _run_flag(0.0, "--temperature", "0 = greedy (default)")
+    stop_strings: Sequence[str] = _run_flag(
+        DEFAULT_STOP_STRINGS, "--stop", "stop string, non-empty (repeatable); default: "
+        + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS), repeatable=True, metavar="TEXT")
+    system: str | None = field(default=None, metadata={"flag": "--system"})
+    prompt: str = field(default=DEFAULT_STYLE, metadata={"flag": "--prompt"})
+    shots: int = field(default=DEFAULT_SHOTS, metadata={"flag": "--shots"})
+    extract_mode: str = _run_flag(
+        "flexible", "--extract", "answer extraction: flexible (first ####, else boxed / 'answer is' / last number), "
+        "strict (#### only) or last (the last marker of any kind); see docs/verification.md", choices=EXTRACT_MODES)
+    refine_iters: int = _run_flag(3, "--iters", "refinement iterations (refine methods; >= 1)")
+    refine_k_samples: int = _run_flag(
+        4, "--k-samples", "samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 "
+        "would skip self-consistency)")
+    seed: int = field(default=0, metadata={"flag": "--seed"})
     command: str = "eval"
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import VPSConfig, cli_fields
-from ..evaluation.settings import run_flag_fields
+from ..evaluation.settings import RunSettings, run_flag_fields
 from ..prompting import (
     DEFAULT_SHOTS,
     DEFAULT_STYLE,
@@ -18,6 +18,7 @@ from ..prompting import (
     PromptSettingError,
     PromptSettings,
 )
+from ..setting_flags import flag_fields
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,8 +173,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_setting_argument(g: argparse.ArgumentParser | argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
-    """The flag of a `RunSettings` field, from the field's declaration (`run_flag_fields`): its default, help and
-    choices; a repeatable flag defaults to None (not given: the field's default, `run_setting_values`)."""
+    """The flag of a settings field, from its declaration (`vps.setting_flags.flag_field`): its default, help and
+    choices; a repeatable flag defaults to None (not given: the field's default, `setting_values`)."""
     meta = f.metadata
     if meta["repeatable"]:
         g.add_argument(meta["flag"], action="append", default=None, metavar=meta["metavar"], help=meta["help"])
@@ -182,11 +183,16 @@ def add_setting_argument(g: argparse.ArgumentParser | argparse._ArgumentGroup, f
                        metavar=meta["metavar"], help=meta["help"])
 
 
-def run_setting_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The `RunSettings` fields that ``vps eval`` / ``vps ablate`` flags set (`add_setting_argument`), by field
-    name; a repeatable flag not given is left out, so the field keeps its default."""
-    values = {f.name: getattr(args, _flag_dest(f.metadata["flag"])) for f in run_flag_fields()}
+def setting_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of settings class ``cls`` that flags built by `add_setting_argument` set, by field name; a
+    repeatable flag not given is left out, so the field keeps its default."""
+    values = {f.name: getattr(args, _flag_dest(f.metadata["flag"])) for f in flag_fields(cls)}
     return {name: value for name, value in values.items() if value is not None}
+
+
+def run_setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `RunSettings` fields that ``vps eval`` / ``vps ablate`` flags set (`setting_values`)."""
+    return setting_values(args, RunSettings)
 
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:

@@ -25,6 +25,8 @@ from ..prompting import (
     style_system,
 )
 from ..refinement.config import MAX_SAMPLES, RefineConfig, RefineConfigError, check_seed
+from ..setting_flags import flag_field, flag_fields
+from ..setting_flags import flag_of as setting_flag
 from ..verify import EXTRACT_MODES
 from .data import LoadResult
 from .rundir import RUN_FORMAT
@@ -53,23 +55,14 @@ def data_info(result: LoadResult, source: str, question_field: str = "question",
     }
 
 
-def _run_flag(default: Any, flag: str, help: str, *, choices: Sequence[str] | None = None,
-              repeatable: bool = False, metavar: str | None = None) -> Any:
-    """A `RunSettings` field set by a flag of ``vps eval`` / ``vps ablate``, declared here once: its default,
-    flag, help, choices, and whether it repeats (each use adds a value; none given means the default)."""
-    return field(default=default, metadata={"flag": flag, "run_flag": True, "help": help, "choices": choices,
-                                            "repeatable": repeatable, "metavar": metavar})
-
-
 def run_flag_fields() -> tuple[dataclasses.Field[Any], ...]:
     """The `RunSettings` fields declared as flags of ``vps eval`` / ``vps ablate``, in field order."""
-    return tuple(f for f in dataclasses.fields(RunSettings) if f.metadata.get("run_flag"))
+    return flag_fields(RunSettings)
 
 
 def flag_of(name: str) -> str | None:
     """The flag that sets `RunSettings` field ``name`` (None: none does)."""
-    return next((f.metadata["flag"] for f in dataclasses.fields(RunSettings) if f.name == name
-                 and "flag" in f.metadata), None)
+    return setting_flag(RunSettings, name)
 
 
 class SettingError(ValueError):
@@ -95,7 +88,7 @@ class RunSettings:
     stop string non-empty. An invalid value raises `SettingError` naming its field.
     """
 
-    # A field's ``flag`` is the command-line flag that sets it (`flag_of`); ``run_flag`` fields are declared as
+    # A field's ``flag`` is the command-line flag that sets it (`flag_of`); `flag_field` fields are declared as
     # flags of ``vps eval`` / ``vps ablate`` from their metadata alone (`vps.commands.common.add_setting_argument`),
     # the others by the argument groups they share with other commands (model, data, prompt).
     model: str = field(metadata={"flag": "--model"})
@@ -103,19 +96,19 @@ class RunSettings:
     dtype: str = field(default="float32", metadata={"flag": "--dtype"})
     generate: bool = True
     nll: bool = False
-    max_new_tokens: int = _run_flag(256, "--max-new-tokens", "most tokens generated per answer (default: %(default)s)")
-    temperature: float = _run_flag(0.0, "--temperature", "0 = greedy (default)")
-    stop_strings: Sequence[str] = _run_flag(
+    max_new_tokens: int = flag_field(256, "--max-new-tokens", "most tokens generated per answer (default: %(default)s)")
+    temperature: float = flag_field(0.0, "--temperature", "0 = greedy (default)")
+    stop_strings: Sequence[str] = flag_field(
         DEFAULT_STOP_STRINGS, "--stop", "stop string, non-empty (repeatable); default: "
         + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS), repeatable=True, metavar="TEXT")
     system: str | None = field(default=None, metadata={"flag": "--system"})
     prompt: str = field(default=DEFAULT_STYLE, metadata={"flag": "--prompt"})
     shots: int = field(default=DEFAULT_SHOTS, metadata={"flag": "--shots"})
-    extract_mode: str = _run_flag(
+    extract_mode: str = flag_field(
         "flexible", "--extract", "answer extraction: flexible (first ####, else boxed / 'answer is' / last number), "
         "strict (#### only) or last (the last marker of any kind); see docs/verification.md", choices=EXTRACT_MODES)
-    refine_iters: int = _run_flag(3, "--iters", "refinement iterations (refine methods; >= 1)")
-    refine_k_samples: int = _run_flag(
+    refine_iters: int = flag_field(3, "--iters", "refinement iterations (refine methods; >= 1)")
+    refine_k_samples: int = flag_field(
         4, "--k-samples", "samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 "
         "would skip self-consistency)")
     seed: int = field(default=0, metadata={"flag": "--seed"})

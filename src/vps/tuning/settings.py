@@ -8,6 +8,7 @@ from typing import Any
 
 from .._version import __version__
 from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PromptSettings
+from ..setting_flags import flag_field, flag_fields
 
 __all__ = ["NOT_COMPARED", "OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings"]
 
@@ -35,11 +36,15 @@ class TuneSettings:
     prompt: str = DEFAULT_STYLE
     shots: int = DEFAULT_SHOTS
     system: str | None = None
-    batch_size: int = 8
+    # `flag_field`s: ``vps tune`` builds these flags from their declaration here (default, help, choices, bound).
+    batch_size: int = flag_field(8, "--batch-size", "items per batch (default %(default)s)", low=1)
     objectives: tuple[str, ...] = ("nll",)
-    pruner: str = "median"
-    prune_startup: int = 5
-    prune_warmup: int = 1
+    pruner: str = flag_field("median", "--pruner", "median (default): stop a trial whose running mean after a batch "
+                             "is worse than the median of earlier trials there; none", choices=PRUNERS)
+    prune_startup: int = flag_field(5, "--prune-startup", "trials that finish before any is pruned (default "
+                                    "%(default)s)", low=0)
+    prune_warmup: int = flag_field(1, "--prune-warmup", "batches a trial runs before it can be pruned (default "
+                                   "%(default)s)", low=0)
     seed: int = 0
     on_test: bool = False
 
@@ -51,11 +56,10 @@ class TuneSettings:
         if self.pruner not in PRUNERS:
             raise ValueError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
         PromptSettings(self.prompt, self.shots, self.system)  # the prompt's own rules
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("prune_startup", "prune_warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in flag_fields(TuneSettings):
+            low = f.metadata["low"]
+            if low is not None and getattr(self, f.name) < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {getattr(self, f.name)}")
 
     @property
     def prunes(self) -> bool:

@@ -1,5 +1,6 @@
-"""Run settings declare their flags once (`RunSettings` field metadata): the flags of ``vps eval`` and
-``vps ablate``, their defaults and choices, and the flag an error names are all read from there."""
+"""Settings declare their flags once (`vps.setting_flags.flag_field` metadata on `RunSettings` and
+`TuneSettings`): the flags of ``vps eval``, ``vps ablate`` and ``vps tune``, their defaults, choices and bounds,
+and the flag an error names are all read from there."""
 
 from __future__ import annotations
 
@@ -53,3 +54,28 @@ def test_every_setting_an_error_can_name_has_a_flag():
     with pytest.raises(SettingError) as info:
         RunSettings(model="m", data={}, refine_iters=0)
     assert flag_of(info.value.field) == "--iters"
+
+
+def test_vps_tune_builds_its_declared_flags_from_tune_settings():
+    from vps.commands import tune as tune_cmd
+    from vps.setting_flags import flag_fields
+    from vps.tuning.settings import PRUNERS, TuneSettings
+
+    parser = argparse.ArgumentParser()
+    tune_cmd.add_arguments(parser)
+    defaults = parser.parse_args([])
+    declared = flag_fields(TuneSettings)
+    assert {f.name for f in declared} == {"batch_size", "pruner", "prune_startup", "prune_warmup"}
+    for f in declared:
+        assert getattr(defaults, f.name) == f.default, f.name
+    args = parser.parse_args(["--pruner", "none", "--prune-startup", "2", "--prune-warmup", "0", "--batch-size", "3"])
+    from vps.commands.common import setting_values
+
+    assert setting_values(args, TuneSettings) == {"pruner": "none", "prune_startup": 2, "prune_warmup": 0,
+                                                  "batch_size": 3}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pruner", "mean"])
+    assert next(f for f in declared if f.name == "pruner").metadata["choices"] == PRUNERS
+    # The declared bound is the settings' own check, and vps tune's before anything is written.
+    with pytest.raises(ValueError, match="prune_warmup must be >= 0, got -1"):
+        TuneSettings(model="m", data={}, space={}, prune_warmup=-1)

@@ -202,18 +202,26 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
                          _num(v.get("nll_diff"), "+.4f"), _ci(v.get("nll_diff_ci"), "nll")])
         lines += _table(["config", "method", "n", "mean NLL", "diff vs baseline", "95% CI (bootstrap)"], rows)
     lines += _reference_table(summary)
+    lines += _versus_table(summary)
     lines += ["## Cost", ""]
+    # Runs that draw samples weigh compute: their entries carry model passes (`summarize_run`).
+    passes = any("passes" in e for e in entries)
     rows = []
     for e in entries:
         v = e["vs_baseline"] or {}
         if summary["generate"]:
             cells = [_num(e["seconds_mean"], ".3f"), _num(e["tokens_mean"], ".1f")]
+            if passes:
+                p = e.get("passes") or {}
+                cells += [_num(p.get("forward_mean"), ".1f"), _num(p.get("backward_mean"), ".1f")]
             cells += [_num(e["nll_seconds_mean"], ".3f")] if summary["nll"] else []
         else:
             cells = [_num(e["seconds_mean"], ".3f")]
         rows.append([_label(e), e["method"] or "", *cells, _num(v.get("cost_ratio"), ".2f")])
     if summary["generate"]:
-        header = ["s/item (generation)", "tokens/item", *(["NLL s/item"] if summary["nll"] else [])]
+        header = ["s/item (generation)", "tokens/item",
+                  *(["forward passes/item", "backward passes/item"] if passes else []),
+                  *(["NLL s/item"] if summary["nll"] else [])]
     else:
         header = ["s/item (NLL pass)"]
     lines += _table(["config", "method", *header, "cost ratio"], rows)
@@ -221,8 +229,34 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
                  + ("generation" if summary["generate"] else "the NLL pass") + " time per item with the baseline's."
                  + (" The NLL pass of a patched configuration includes its prompt-only prefill (one more forward "
                     "over the prompt than the baseline)." if summary["nll"] else "")
+                 + (f" {PASSES_NOTE}" if passes else "")
                  + f" Plot: `{REPORT_PNG}`; per-item rows: `{RESULTS_FILE}`.")
     return "\n".join(lines) + "\n"
+
+
+# How report.md counts model passes (`Method.passes`), said under the cost table wherever it shows them.
+PASSES_NOTE = ("Forward passes count one per generated token (the first from the prompt's prefill, the rest decode "
+               "steps, over every sample and iteration) plus one per refinement surrogate step, which also runs one "
+               "backward pass; a surrogate step's forward and backward cover the whole prompt and its target, so "
+               "they cost more than a decode step.")
+
+
+def _versus_table(summary: dict[str, Any]) -> list[str]:
+    """Refinement against voting on their paired items (`summarize_run`'s ``versus``), where the run has both."""
+    versus = summary.get("versus")
+    if not versus:
+        return []
+    rows = [[f"`{c['refine']}`", f"`{c['vote']}`", _num(c["n"], "d"), _pct(c["refine_accuracy"]),
+             _pct(c["vote_accuracy"]), _pp(c["accuracy_diff"]), _ci(c["accuracy_diff_ci"], "pp"), _p(c["mcnemar_p"]),
+             _num(c["refine_only_correct"], "d"), _num(c["vote_only_correct"], "d"),
+             _num(c["forward_ratio"], ".2f"), _num(c["seconds_ratio"], ".2f")] for c in versus]
+    return ["## Refinement against voting", "",
+            *_table(["refinement", "voting", "n paired", "refinement accuracy", "voting accuracy",
+                     "diff (refinement - voting)", "95% CI (bootstrap)", "McNemar p", "only refinement correct",
+                     "only voting correct", "forward passes ratio", "seconds ratio"], rows),
+            "Ratios are refinement's per item over voting's on the paired items (above 1: refinement spent more). "
+            "Equal compute means a ratio near 1; refinement that spends more and is not better does not beat voting."
+            , ""]
 
 
 def _rescore_table(summary: dict[str, Any]) -> list[str]:

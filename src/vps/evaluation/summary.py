@@ -9,6 +9,11 @@ Oracle configurations (gold answer used at test time) are marked ``oracle``.
 Where a run also holds a configuration named ``default`` (an ablation grid's seed defaults), every
 other configuration is compared with it too, in the same way (``vs_reference``): an ablation asks
 whether a change beats the defaults, not only the unpatched model.
+
+Where a run draws samples (refinement, majority votes), compute is part of the comparison: every
+configuration gets its mean model passes per item (``passes``, from each method's `Method.passes`), and
+each gold-free refinement configuration is compared with each voting configuration on their paired items
+(``versus``): the accuracy difference, refinement minus voting, and what refinement spent relative to voting.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import RunMismatchError
+from .methods import find_method
 from .rundir import RunDir
 from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
 
@@ -139,6 +145,13 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
                 if stats is not None:
                     entry[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in stats.items()}
         entries.append(entry)
+    families = {name: find_method(spec.get("method")) for name, spec in configs.items()}
+    versus: list[dict[str, Any]] = []
+    # Only runs that draw samples weigh compute, so the summaries of every other run stay as they were.
+    if any(f is not None and f.samples for f in families.values()):
+        for entry in entries:
+            entry["passes"] = _passes(by_config[entry["name"]], families.get(entry["name"]))
+        versus = _versus(entries, by_config, families, seed)
     # Only a run that copied rows carries the key, so the summaries of every other run stay as they were.
     imported = {"imported": settings["imported"]} if settings.get("imported") else {}
     return {
@@ -148,4 +161,57 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
         "stop_strings": settings.get("stop_strings"), "extract_mode": settings.get("extract_mode"),
         "baseline": baseline, "reference": reference, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
         "rescored_from": settings.get("rescored_from"), **imported, "configs": entries,
+        **({"versus": versus} if versus else {}),
     }
+
+
+def _row_passes(rows: Sequence[dict[str, Any]], family: Any) -> dict[str, tuple[int, int]]:
+    """Each row's (forward, backward) passes by item id, where its method can say (`Method.passes`)."""
+    if family is None:
+        return {}
+    out = {}
+    for row in rows:
+        passes = family.passes(row)
+        if passes is not None:
+            out[row["id"]] = passes
+    return out
+
+
+def _passes(rows: Sequence[dict[str, Any]], family: Any) -> dict[str, Any] | None:
+    """A configuration's mean forward and backward passes per item (None when no row can say)."""
+    found = _row_passes(rows, family)
+    if not found:
+        return None
+    return {"rows": len(found), "forward_mean": _mean([f for f, _ in found.values()]),
+            "backward_mean": _mean([b for _, b in found.values()])}
+
+
+def _versus(entries: Sequence[dict[str, Any]], by_config: dict[str, list[dict[str, Any]]],
+            families: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Each gold-free refinement configuration against each voting one, on the items both finished: accuracy
+    (refinement minus voting, `pair_stats` with the vote as the baseline) and the ratios of refinement's forward
+    passes and seconds per item to voting's on those items."""
+    refiners = [e for e in entries if (f := families.get(e["name"])) is not None and f.refines and not e["oracle"]]
+    voters = [e for e in entries if (f := families.get(e["name"])) is not None and f.votes]
+    out = []
+    for r in refiners:
+        for v in voters:
+            stats = pair_stats(by_config[v["name"]], by_config[r["name"]], seed=seed)
+            if stats is None or stats.get("accuracy_diff") is None:
+                continue
+            r_passes = _row_passes(by_config[r["name"]], families[r["name"]])
+            v_passes = _row_passes(by_config[v["name"]], families[v["name"]])
+            paired = [i for i in r_passes if i in v_passes]
+            r_fwd = sum(r_passes[i][0] for i in paired)
+            v_fwd = sum(v_passes[i][0] for i in paired)
+            out.append({
+                "refine": r["name"], "vote": v["name"], "n": stats["n"],
+                "refine_accuracy": stats["method_accuracy"], "vote_accuracy": stats["base_accuracy"],
+                "accuracy_diff": stats["accuracy_diff"], "accuracy_diff_ci": list(stats["accuracy_diff_ci"]),
+                "mcnemar_p": stats["mcnemar_p"], "refine_only_correct": stats["flips_to_correct"],
+                "vote_only_correct": stats["flips_to_wrong"],
+                "forward_ratio": r_fwd / v_fwd if paired and v_fwd > 0 else None,
+                "backward_per_item": _mean([r_passes[i][1] for i in paired]) if paired else None,
+                "seconds_ratio": stats["cost_ratio"],
+            })
+    return out

@@ -20,7 +20,7 @@ from .._io import RunLockedError, check_directory
 from ..evaluation.data import load_items
 from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
 from ..evaluation.methods import MethodSpec, find_method, registered
-from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
+from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings, run_record
 from .common import (
     add_config_arguments,
     add_data_arguments,
@@ -185,10 +185,10 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
     if args.baseline_from is not None:  # refused before the model loads
         from ..evaluation.baseline import check_source
 
-        check_source(args.baseline_from, settings.to_dict(specs))
+        check_source(args.baseline_from, run_record(settings, specs))
     stored = run.read_settings()
     if stored is not None:  # refuse before spending time on the model
-        merge_settings(stored, settings.to_dict(specs), str(args.out))
+        merge_settings(stored, run_record(settings, specs), str(args.out))
     for spec in specs:
         if spec.oracle:
             print(f"note: {spec.name} is an ORACLE method (uses the gold answer at test time)", file=sys.stderr)
@@ -208,7 +208,7 @@ def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunD
 
     stored = run.read_settings()  # again, under the lock: another run may have started here meanwhile
     if stored is not None:
-        merge_settings(stored, settings.to_dict(specs), str(args.out))
+        merge_settings(stored, run_record(settings, specs), str(args.out))
     world = world if world is not None else World()
     set_threads(args)
     if world.parallel:  # one GPU per process on its machine

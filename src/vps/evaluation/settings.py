@@ -12,9 +12,8 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._version import __version__
 from ..prompting import (
     DEFAULT_SHOTS,
     DEFAULT_STOP_STRINGS,
@@ -29,10 +28,6 @@ from ..setting_flags import flag_field, flag_fields
 from ..setting_flags import flag_of as setting_flag
 from ..verify import EXTRACT_MODES
 from .data import LoadResult
-from .rundir import RUN_FORMAT
-
-if TYPE_CHECKING:
-    from .methods.registry import MethodSpec
 
 __all__ = ["MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info", "flag_of", "run_flag_fields"]
 
@@ -167,13 +162,12 @@ class RunSettings:
         return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
                             max_new_tokens=self.max_new_tokens, seed=self.seed).replace(**changes)
 
-    def to_dict(self, specs: Sequence[MethodSpec] = ()) -> dict[str, Any]:
-        """run.json's content for a run of ``specs`` with these settings (the baseline: the ``base`` one)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as run.json records them: the system prompt the style uses, and ``shots`` only for a
+        fewshot prompt (`vps.evaluation.rundir.run_record` adds the format, the version and the configurations)."""
         out = dataclasses.asdict(self)
         out["system"] = style_system(self.prompt, self.system)
         if self.prompt != "fewshot":
             del out["shots"]
-        base = next((s.name for s in specs if s.method == "base"), None)
-        return {"format": RUN_FORMAT, "vps_version": __version__, **out, "baseline": base,
-                "configs": {s.name: s.to_dict() for s in specs}}
+        return out
 

@@ -4,7 +4,7 @@
 ``torch.compile(model.forward, fullgraph=True)`` traces every patched layer's plan (statistics, ranking,
 policy, clip, Q: about 35 ops) into the model's graph. Inlined, those ops are compiled again for each of
 the model's patched layers, so compile time grows with depth far faster than the unpatched model's.
-A patched layer instead calls its plan as one nested compile region (`vps.layer.plan_region`), compiled
+A patched layer instead calls its plan as one nested compile region (`vps.plan_region`), compiled
 once per shape class and stamped out for the other layers. This script measures three variants, each in
 a fresh process with inductor's caches off (every compile is cold): the unpatched model, the patched
 model with the plan inlined (the layer's plan function swapped for a plain wrapper, which is what every
@@ -35,7 +35,7 @@ def _one(variant: str, blocks: int) -> dict[str, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import vps
-    from vps import layer as layer_mod
+    from vps import planning as planning_mod
     from vps.compiling import CompileClock, cold_compiles
 
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def _one(variant: str, blocks: int) -> dict[str, float]:
     if variant != "base":
         vps.patch(model)
     if variant == "inline":
-        plan = layer_mod.plan_tensors
+        plan = planning_mod.plan_tensors
         for layer in vps.vps_layers(model).values():
             layer.plan_fn = lambda *args: plan(*args)  # not plan_tensors itself, so no region is used
     ids = torch.randint(3, 97, (2, 16))

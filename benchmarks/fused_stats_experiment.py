@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from vps import VPSConfig, patch, reuse_selection, unpatch
+from vps import activation_stats as stats_mod
 from vps import layer as layer_mod
 from vps.bench import make_inputs, time_prefill
 from vps.context import TokenMask
@@ -84,7 +85,7 @@ def compile_kernel() -> Any:
 
 
 def fused_scores(kernel: Any) -> tuple[Any, Any]:
-    """Drop-in replacements for `vps.layer.input_scores` / `output_scores` built on the kernel."""
+    """Drop-in replacements for `vps.activation_stats.input_scores` / `output_scores` built on the kernel."""
     def input_scores(x: torch.Tensor, tm: TokenMask) -> torch.Tensor:
         s, _ = kernel.column_stats(x.contiguous(), tm.valid, tm.pad is None)
         return s
@@ -103,8 +104,8 @@ def check_kernel(fused_in: Any, fused_out: Any) -> None:
     dense = TokenMask(torch.ones_like(mask), None, float(h.shape[1]))
     masked = TokenMask(mask, ~mask.unsqueeze(-1), mask.sum(dim=1).clamp_min(1).float())
     for tm in (dense, masked):
-        torch.testing.assert_close(fused_in(h, tm), layer_mod.input_scores(h, tm))
-        for got, want in zip(fused_out(h, tm), layer_mod.output_scores(h, tm), strict=True):
+        torch.testing.assert_close(fused_in(h, tm), stats_mod.input_scores(h, tm))
+        for got, want in zip(fused_out(h, tm), stats_mod.output_scores(h, tm), strict=True):
             torch.testing.assert_close(got, want)
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     fused_in, fused_out = fused_scores(compile_kernel())
     check_kernel(fused_in, fused_out)
-    eager = (layer_mod.input_scores, layer_mod.output_scores)
+    eager = (stats_mod.input_scores, stats_mod.output_scores)
     model, _ = load_model(args.model)
     model.eval()
     variants = ("base", "sk", "sk+fused", "floor")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants:
                 if _patched(model):
                     unpatch(model)
-                layer_mod.input_scores, layer_mod.output_scores = (fused_in, fused_out) if v == "sk+fused" else eager
+                stats_mod.input_scores, stats_mod.output_scores = (fused_in, fused_out) if v == "sk+fused" else eager
                 if v == "base":
                     took = time_prefill(model, ids, mask)
                 else:
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         took = time_prefill(model, ids, mask)
                 if rnd:
                     times[v].append(took)
-        layer_mod.input_scores, layer_mod.output_scores = eager
+        stats_mod.input_scores, stats_mod.output_scores = eager
         base = statistics.median(times["base"])
         ratios = {v: statistics.median(times[v]) / base for v in variants[1:]}
         result["shapes"][f"{b}x{t}"] = {"seconds": times, "ratios": ratios}

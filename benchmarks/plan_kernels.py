@@ -2,7 +2,7 @@
 """The prefill plan compiled as a region (`vps.compile_plans`): kernels per patched layer against eager ops,
 and the prefill time against the unpatched model (issue #34, item 2).
 
-Eager: every op dispatched inside one call of the plan function (`vps.layer.plan_tensors`: statistics,
+Eager: every op dispatched inside one call of the plan function (`vps.planning.plan_tensors`: statistics,
 ranking, policy, selection, clip and Q) is counted under a ``TorchDispatchMode``, views apart, and
 averaged over the patched layers. On a GPU nearly every non-view op is one kernel launch.
 
@@ -48,7 +48,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import vps
 from vps.compiling import CompileClock, compiled_plan_function
-from vps.layer import plan_tensors
+from vps.planning import plan_tensors
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

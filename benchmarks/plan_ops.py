@@ -29,9 +29,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vps
+from vps import activation_stats as stats_mod
 from vps import builders as builders_mod
 from vps import coupling as coupling_mod
 from vps import layer as layer_mod
+from vps import planning as planning_mod
 from vps import policy as policy_mod
 
 # SmolLM2-135M's published shapes.
@@ -68,11 +70,12 @@ def _labelled(mode: _Counting) -> Iterator[None]:
         return wrapped
 
     targets: list[tuple[Any, str, str]] = [
-        (layer_mod, "input_scores", "statistics"), (layer_mod, "output_scores", "statistics"),
-        (layer_mod, "rank_features", "ranking"), (coupling_mod, "rank_features", "ranking"),
+        (stats_mod, "input_scores", "statistics"), (stats_mod, "output_scores", "statistics"),
+        (planning_mod, "rank_features", "ranking"), (layer_mod, "rank_features", "ranking"),
+        (coupling_mod, "rank_features", "ranking"),
         (policy_mod.LayerPolicy, "decide", "policy"),
         (builders_mod.SKBuilder, "build", "selection"), (builders_mod.SCBuilder, "build", "selection"),
-        (layer_mod, "plan_matrix", "clip and Q"),
+        (planning_mod, "plan_matrix", "clip and Q"),
         (layer_mod.VPSLinear, "_apply_plan", "apply"),
         (layer_mod.VPSLinear, "forward", "layer (other)"),
         (torch.nn.Linear, "forward", "linear"),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import vps
-from vps import layer as layer_mod
+from vps import activation_stats as stats_mod
 from vps.bench import make_inputs
 from vps.context import TokenMask
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, _ = vps.load_model(args.model)
     ids, mask = make_inputs(model, batch, tokens, 0)
-    real = (layer_mod.input_scores, layer_mod.output_scores)
+    real = (stats_mod.input_scores, stats_mod.output_scores)
 
     def prefill() -> float:
         with torch.no_grad():
@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "base":
             return prefill()
         stats: Any = (_stub_input, _stub_output) if variant == "sk, statistics stubbed" else real
-        layer_mod.input_scores, layer_mod.output_scores = stats
+        stats_mod.input_scores, stats_mod.output_scores = stats
         try:
             with vps.patched(model, vps.VPSConfig(builder="sk")):
                 return prefill()
         finally:
-            layer_mod.input_scores, layer_mod.output_scores = real
+            stats_mod.input_scores, stats_mod.output_scores = real
 
     variants = ["base", "sk", "sk, statistics stubbed"]
     times: dict[str, list[float]] = {v: [] for v in variants}

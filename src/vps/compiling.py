@@ -10,11 +10,11 @@ is not offered: measured on a tiny 4-block Llama (issue #34), dynamo compiles ev
 KV cache is guarded per block through ``cache.layers[layer_idx]``, and a patched block 0 sees an
 empty per-forward mask cache where later blocks see it filled), so it saves no compile time. What does
 repeat exactly is each patched layer's plan: traced in a whole forward, it is one nested compile region
-(`vps.layer.plan_region`), compiled once per shape class instead of once per layer. `cold_compiles` turns
+(`vps.plan_region`), compiled once per shape class instead of once per layer. `cold_compiles` turns
 the on-disk caches off so that compile times compare.
 
 `compile_plans` is the regional alternative for an eager model (issue #34, item 2): only the plan
-function of the patched layers (`vps.layer.plan_tensors`: statistics, ranking, policy, selection, clip
+function of the patched layers (`vps.planning.plan_tensors`: statistics, ranking, policy, selection, clip
 and Q) is compiled, with ``dynamic=True``, once per shape class, and every layer calls the same compiled
 code, so on a GPU a plan runs as a few fused kernels instead of ~40 launches. It is opt-in; the eager
 path stays the reference and the default.
@@ -145,7 +145,7 @@ def compiled_graphs() -> int:
 
 
 class PlanCompileError(RuntimeError):
-    """The compiled plan region (`vps.layer.plan_tensors` under `compile_plans`) failed to compile or run."""
+    """The compiled plan region (`vps.planning.plan_tensors` under `compile_plans`) failed to compile or run."""
 
 
 # Graphs dynamo may keep for the plan function (its default, 8, is per code object and all layers share
@@ -160,14 +160,14 @@ _PLAN_FUNCTIONS: dict[tuple[str | Callable[..., Any], str | None], Callable[...,
 
 def compiled_plan_function(backend: str | Callable[..., Any] = "inductor",
                            mode: str | None = None) -> Callable[..., Any]:
-    """`vps.layer.plan_tensors` compiled with ``dynamic=True`` and ``fullgraph=True`` for ``backend``.
+    """`vps.planning.plan_tensors` compiled with ``dynamic=True`` and ``fullgraph=True`` for ``backend``.
 
     ``fullgraph=True`` makes a graph break, or dynamo's recompile limit, an error rather than a silent
     eager fallback; any failure is raised as a `PlanCompileError` that names the region.
     """
     import torch
 
-    from .layer import plan_tensors
+    from .planning import plan_tensors
 
     if mode is not None:
         check_mode(mode, "mode")
@@ -191,7 +191,7 @@ def compiled_plan_function(backend: str | Callable[..., Any] = "inductor",
         try:
             return compiled(*args)
         except Exception as e:  # a compile or run failure of the region: say which region, never run eagerly
-            raise PlanCompileError(f"vps.compile_plans: the compiled plan region vps.layer.plan_tensors "
+            raise PlanCompileError(f"vps.compile_plans: the compiled plan region vps.planning.plan_tensors "
                                    f"(backend={backend!r}, mode={key[1]!r}) failed: {type(e).__name__}: {e}") from e
         finally:
             if before < PLAN_RECOMPILE_LIMIT:
@@ -222,7 +222,7 @@ def compile_plans(model: Any, enabled: bool = True, backend: str | Callable[...,
         for layer in layers.values():
             layer.plan_fn = fn
     else:
-        from .layer import plan_tensors
+        from .planning import plan_tensors
 
         for layer in layers.values():
             layer.plan_fn = plan_tensors
@@ -236,7 +236,7 @@ def uncompile_plans(model: Any) -> Any:
 
 def plans_compiled(model: Any) -> bool:
     """Whether the VPS layers of ``model`` run the compiled plan function."""
-    from .layer import plan_tensors
     from .patching import vps_layers
+    from .planning import plan_tensors
 
     return any(layer.plan_fn is not plan_tensors for layer in vps_layers(model).values())

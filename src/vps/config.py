@@ -277,7 +277,7 @@ class VPSConfig:
                        source: str | None = None, allow_damping: bool = False) -> VPSConfig:
         """``base`` (None: the seed defaults) with ``overrides`` applied, validated: the one place the
         override rules live, shared by the CLI flags, ablation grids, bench specs, the tune space and
-        trials, and lm-eval's ``vps_config``.
+        trials, lm-eval's ``vps_config`` and the keyword overrides of `vps.patch` / `vps.patched`.
 
         Rules: a ``rank`` beyond the base's topk, with no ``topk`` among ``overrides``, widens topk to
         the rank (`pool_for`: the candidate pool must hold the rank) instead of failing; with
@@ -413,7 +413,8 @@ VPSConfig.__init__ = _checking_init(VPSConfig.__init__)  # type: ignore[method-a
 
 
 def as_config(cfg: VPSConfig | str | os.PathLike[str] | None = None, **overrides: Any) -> VPSConfig:
-    """The `VPSConfig` that ``cfg`` names, with ``overrides`` applied (`VPSConfig.replace`).
+    """The `VPSConfig` that ``cfg`` names, with ``overrides`` applied by the override rules of
+    `VPSConfig.from_overrides` (a larger ``rank`` widens topk unless ``topk`` is given).
 
     ``cfg`` is a `VPSConfig`, a path to a JSON file written by `VPSConfig.save` or to a directory
     written by `VPSConfig.save_pretrained`, or None for the seed defaults. This is what `vps.patch`
@@ -432,7 +433,7 @@ def as_config(cfg: VPSConfig | str | os.PathLike[str] | None = None, **overrides
     else:
         raise TypeError(f"cfg must be a VPSConfig, a path to a VPSConfig JSON file (or to a directory holding "
                         f"{CONFIG_NAME}) or None, got {type(cfg).__name__}")
-    return base.replace(**overrides) if overrides else base
+    return VPSConfig.from_overrides(overrides, base=base) if overrides else base
 
 
 def _int_at_least(name: str, value: Any, lo: int) -> None:

@@ -3,7 +3,8 @@
 With ``A = W^T V`` and ``B = W U`` the output is ``W x + b + gamma * (x A) B^T``. Nothing of size
 d_out x d_in is ever formed: ``x A = (W x) V`` is a gather of the base output (the matmul is already
 done), ``B = W U`` is a gather of R columns of W, and ``A``'s column norms (for the clip) come from
-R gathered rows. Per forward the layer builds a `Plan` (see `vps.plan` for its arithmetic).
+R gathered rows. Per forward the layer builds a `Plan` (see `vps.plan` for its arithmetic) with
+`vps.planning.plan_tensors`, the pure function from its forward's tensors to the plan's.
 
 A forward that reuses the stored plan (frozen decoding, `vps.reuse_selection`) applies it in its
 folded form: ``out += (x @ A) @ Q`` with ``A = W^T V`` kept in the plan since it was built, so a decode
@@ -20,19 +21,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .builders import BuildInputs, HybridBuilder, SCBuilder, Selection, SKBuilder, make_builder, rank_features
+from . import activation_stats
+from .builders import Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import TokenMask, VPSContext
 from .coupling import BaseOutput, QKPair
-from .dtypes import as_float32, constant
 from .offload import execution_device, hooked_call
-from .plan import Plan, input_factor_t, plan_matrix
+from .plan import Plan
+from .plan_region import plan_region, region_key
+from .planning import PlanParts, PlanSpec, plan_tensors
 from .policy import Decision, LayerPolicy
 
 _OWN_BUFFERS = ("gain", "_fallbacks")
@@ -88,7 +90,7 @@ class VPSLinear(nn.Module):
         self.policy = LayerPolicy(cfg)
         self.builder = make_builder(cfg.builder, cfg)
         # The constants of this layer's plan, as the key of its nested compile region (see `plan_region`).
-        self._region_key = _region_key(self._spec, cfg)
+        self._region_key = region_key(self._spec, cfg)
         self.pair: QKPair | None = None  # set and cleared by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
         self.plan: Plan | None = None
@@ -339,7 +341,7 @@ class VPSLinear(nn.Module):
         if base.out_rank is not None:  # the coupled partner already ranked this output
             assert base.energy is not None  # handed over together with out_rank (QKPair.rank_jointly)
             return base.out_rank, base.energy
-        scores, energy = output_scores(h0, tm)
+        scores, energy = activation_stats.output_scores(h0, tm)
         if base.peer_out is None:
             return rank_features(scores, self.topk, nonnegative=True), energy
         pair = self.pair
@@ -347,7 +349,7 @@ class VPSLinear(nn.Module):
         peer_h0 = base.peer_h0
         if self.cfg.scope == "batch":
             peer_h0 = _as_one_sequence(peer_h0)
-        peer_scores, peer_energy = output_scores(peer_h0, tm)
+        peer_scores, peer_energy = activation_stats.output_scores(peer_h0, tm)
         return pair.rank_jointly(self, key, scores, base.peer_out, peer_scores, peer_energy, self.topk), energy
 
     def _fold_fallbacks(self) -> None:
@@ -386,197 +388,6 @@ class VPSLinear(nn.Module):
     def clear_gradient(self) -> None:
         """Drop a captured gradient without using it."""
         self.grad_mean = None
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """The Python constants of a layer that `plan_tensors` reads; equal for the layers of one config, so
-    a compiled plan guards on the same values for all of them."""
-
-    topk: int  # K candidates ranked per side
-    transposed: bool  # the weight is stored (d_in, d_out) (GPT-2 Conv1D)
-    tau: float  # spectral clip bound per rank-1 term
-    max_order: int  # 2: the order-2 term is formed (and applied where the policy chose it)
-    damping: bool  # the series at -gamma
-
-
-class PlanParts(NamedTuple):
-    """The tensors `plan_tensors` returns: a `Plan`'s, its selection's and its decision's (flat, so that a
-    compiled plan returns plain graph outputs)."""
-
-    in_rank: torch.Tensor  # (B, K) input features by descending score (shared with layers on the same input)
-    in_idx: torch.Tensor  # (B, R)
-    out_idx: torch.Tensor  # (B, K')
-    coef: torch.Tensor | None  # (B, K', R) float32; None for SK
-    selection_ok: torch.Tensor | None  # (B,) bool, SC only
-    sigma: torch.Tensor  # (B,) the decision's fields
-    rank: torch.Tensor
-    topk: torch.Tensor
-    gamma: torch.Tensor
-    order: torch.Tensor
-    energy: torch.Tensor
-    q: torch.Tensor  # (B, R, d_out) in the compute dtype
-    ok: torch.Tensor  # (B,) bool: the row's plan is usable
-    a_fold: torch.Tensor  # (B, d_in, R) in the compute dtype
-    bias_sel: torch.Tensor | None  # (B, K')
-
-
-def plan_tensors(spec: PlanSpec, policy: LayerPolicy, builder: SKBuilder | SCBuilder | HybridBuilder,
-                 x: torch.Tensor, h0: torch.Tensor, valid: torch.Tensor, pad: torch.Tensor | None,
-                 count: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor,
-                 in_rank: torch.Tensor | None, out_rank: torch.Tensor | None, energy: torch.Tensor | None,
-                 entropy: torch.Tensor | None, history_bias: float | torch.Tensor, grad: torch.Tensor | None,
-                 dtype: torch.dtype) -> PlanParts:
-    """One layer's plan from its forward's tensors: statistics, ranking, policy, selection, clip and ``Q``.
-
-    ``x`` (B, T, d_in) and ``h0`` (B, T, d_out, the base output without bias) are in the plan's layout
-    (one row for ``scope="batch"``); ``valid``, ``pad`` and ``count`` are the `TokenMask`'s fields, with
-    ``count`` None when every token is valid (the row length then). ``in_rank`` is the input ranking a
-    layer on the same input computed already (None: computed here and returned); ``out_rank`` and
-    ``energy`` come from the Q/K coupling (None: computed here). ``history_bias`` is
-    `LayerPolicy.bias_for`, ``grad`` the captured output gradient, ``gain`` the layer's gain (the only
-    input that may carry autograd) and ``dtype`` the compute dtype of ``Q`` and ``A``.
-
-    The function touches no Python state, so `vps.compile_plans` compiles it once per shape class and
-    every patched layer calls the same compiled code.
-    """
-    tm = TokenMask(valid, pad, count if count is not None else valid.shape[1])
-    with torch.no_grad():
-        if in_rank is None:
-            in_rank = rank_features(input_scores(x, tm), spec.topk, nonnegative=True)
-        if out_rank is None or energy is None:
-            scores, energy = output_scores(h0, tm)
-            out_rank = rank_features(scores, spec.topk, nonnegative=True)
-        decision = policy.decide(energy, entropy, history_bias)
-        sel = builder.build(BuildInputs(x, h0, valid, in_rank, out_rank, decision, grad))
-        cols = _gather_rows(weight if spec.transposed else weight.t(), sel.in_idx)  # W[:, in_idx]^T = B^T
-        rows = _gather_rows(weight.t() if spec.transposed else weight, sel.out_idx)  # W[out_idx]: (B, K', d_in)
-        bias_sel = None if bias is None else bias[sel.out_idx]
-        coef = sel.coef
-        if coef is not None and sel.ok is not None:
-            # A failed SC solve can leave non-finite coefficients. Its row of Q is zeroed, but
-            # NaN * 0 is NaN, so the row would not fall back to the base output (docs/design.md §8):
-            # its coefficients are zeroed here, once per plan, for every way the plan is applied.
-            coef = torch.where(sel.ok[:, None, None], coef, constant(0.0, coef.dtype, coef.device))
-        # A^T = V^T W, which the clip needs anyway; kept (as A) so that a frozen decode step applies
-        # the plan as (x @ A) @ Q. One-hot selectors: A^T is `rows` itself, no op.
-        a_t = input_factor_t(rows, coef)
-    # Damping is the same series at -gamma: the first-order term flips sign, the order-2 term does not.
-    g = -(decision.gamma * gain) if spec.damping else decision.gamma * gain
-    q, ok = plan_matrix(rows, cols, sel.in_idx, coef, decision.rank, decision.order, g,
-                        spec.tau, spec.max_order, sel.ok, a_t)
-    with torch.no_grad():
-        # (B, d_in, R): a view, which bmm reads in its transposed layout without a copy. It is
-        # finite wherever the base output is (the coefficients were made finite above), so a row
-        # whose Q is zero adds exactly nothing.
-        a_fold = a_t.transpose(1, 2)
-        if a_fold.dtype != dtype:
-            a_fold = a_fold.to(dtype)
-    return PlanParts(in_rank, sel.in_idx, sel.out_idx, coef, sel.ok, decision.sigma, decision.rank, decision.topk,
-                     decision.gamma, decision.order, decision.energy, q if q.dtype == dtype else q.to(dtype),
-                     ok, a_fold, bias_sel)
-
-
-# A nested compile region is reused only when its inputs are tensors and constants and its outputs plain
-# tensors. A layer's Python objects (spec, policy, builder) hold nothing but its config's constants for
-# `plan_tensors`, so the region takes a constant key instead and finds one representative of each here,
-# registered when a layer is made (never while tracing: a region that reads a dict mutated in the same
-# trace is not reused).
-_REGION_OWNERS: dict[tuple[Any, ...], tuple[PlanSpec, LayerPolicy, SKBuilder | SCBuilder | HybridBuilder]] = {}
-
-# The fields of `PlanParts` that `plan_tensors` always makes afresh: Q and A, the large ones. A region's
-# outputs may not alias its inputs or each other, and the small (B, ...) fields can (the shared input
-# ranking and its first R entries, the coupling's out_rank and energy, the policy's expanded decisions),
-# so every other field leaves the region as a copy.
-_FRESH = frozenset({"q", "a_fold"})
-
-
-def _region_key(spec: PlanSpec, cfg: VPSConfig) -> tuple[Any, ...]:
-    # repr, not hash: a config may hold lists (target_modules). Equal reprs plan alike.
-    key = (spec.topk, spec.transposed, spec.tau, spec.max_order, spec.damping, repr(cfg))
-    if key not in _REGION_OWNERS:
-        _REGION_OWNERS[key] = (spec, LayerPolicy(cfg), make_builder(cfg.builder, cfg))
-    return key
-
-
-def _plan_tensors_in_region(key: tuple[Any, ...], *args: Any) -> tuple[torch.Tensor, ...]:
-    """`plan_tensors` for the layers registered under ``key``; ``args`` are its tensor arguments."""
-    spec, policy, builder = _REGION_OWNERS[key]
-    parts = plan_tensors(spec, policy, builder, *args)
-    # None leaves as an empty tensor (a region returns tensors only, none aliasing another); no present
-    # field is ever empty.
-    return tuple(args[0].new_empty(0) if t is None else t if name in _FRESH else t.clone()
-                 for name, t in zip(parts._fields, parts, strict=True))
-
-
-def _make_plan_region() -> Callable[..., PlanParts]:
-    nested = getattr(torch.compiler, "nested_compile_region", None)
-    if nested is None:
-        return lambda _key, *args: plan_tensors(*args)
-    region = nested(_plan_tensors_in_region)
-
-    def plan_in_region(key: tuple[Any, ...], _spec: PlanSpec, _policy: LayerPolicy,
-                       _builder: SKBuilder | SCBuilder | HybridBuilder, *args: Any) -> PlanParts:
-        # The layer's spec, policy and builder stay outside: the region finds their equals by key.
-        out = region(key, *args)
-        return PlanParts._make(None if t.numel() == 0 else t for t in out)
-
-    return plan_in_region
-
-
-# Made when the module is imported: dynamo refuses to trace nested_compile_region itself, and reuses a
-# region by its function, so there is one for the process.
-_PLAN_REGION = _make_plan_region()
-
-
-def plan_region() -> Callable[..., PlanParts]:
-    """`plan_tensors` as a nested compile region (``torch.compiler.nested_compile_region``), which a
-    patched layer calls, with its region key first, while its forward is traced as a whole by
-    ``torch.compile``: the region is compiled once per shape class and config and stamped out for every
-    patched layer of that class, so compiling a patched model no longer inlines the plan's ops once per
-    patched layer (compile times in BENCHMARKS.md). Before torch 2.8 (no nested regions) it runs
-    `plan_tensors` itself, inlined into every layer's graph."""
-    return _PLAN_REGION
-
-
-def _gather_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``w[idx]`` for idx (B, K) -> (B, K, d), float32. Called on the weight or its transposed view:
-    indexing the leading dimension is a contiguous row gather, far cheaper than advanced indexing along
-    the second dimension, and nothing of size d_out x d_in is formed."""
-    return as_float32(w[idx])
-
-
-def input_scores(x: torch.Tensor, tm: TokenMask) -> torch.Tensor:
-    """Per-sequence total |x| over the valid tokens (float32), (B, d_in).
-
-    The selection ranks features by mean |x|; a row's total is its mean times the row's (positive)
-    token count, so it ranks alike and saves a division per statistic.
-    """
-    return _masked_abs(x, tm).sum(dim=1, dtype=torch.float32)
-
-
-def output_scores(h0: torch.Tensor, tm: TokenMask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence total |W x| (B, d_out), ranking as the mean does (see `input_scores`), and the energy
-    mean((W x)^2) (B,) over the valid tokens, both float32."""
-    a = _masked_abs(h0, tm)
-    total = a.sum(dim=1, dtype=torch.float32)
-    # The norm reads |h| while it is still in cache: cheaper than a second pass over h itself. It
-    # refuses to narrow, so a float64 model accumulates in float64.
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    squares = as_float32(torch.linalg.vector_norm(a, ord=2, dim=(1, 2), dtype=acc).square())
-    return total, squares / (tm.count * a.shape[2])
-
-
-def _masked_abs(t: torch.Tensor, tm: TokenMask) -> torch.Tensor:
-    # abs().sum beats vector_norm(ord=1) over the token dimension by ~7x on CPU (measured). Writing
-    # |x| into one buffer reused across layers instead of a fresh tensor per layer made no measurable
-    # difference to a prefill (vps bench, SmolLM2, 1 thread).
-    a = t.abs()
-    if tm.pad is not None:
-        # Padding is zeroed by a fill, not multiplied by 0: a non-finite value at a padded position
-        # must not leak into any statistic.
-        a.masked_fill_(tm.pad, 0)
-    return a
 
 
 def _as_one_sequence(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,34 @@ DEFAULT_STYLE = "tutor"
 # Solved examples in a fewshot prompt: lm-eval's GSM8K setting. `vps eval`, `vps tune`, their run settings and
 # `PromptFormat` all take this default from here.
 DEFAULT_SHOTS = 5
+# The most solved examples a fewshot prompt may show: far more than any published GSM8K setting (5 or 8), and
+# few enough that the prompt's size is a setting, not an accident (100,000 asked for every train item, then
+# overflowed). `PromptSettings` refuses a count outside [1, MAX_SHOTS].
+MAX_SHOTS = 64
 _STYLE_SYSTEMS: dict[str, str | None] = {"tutor": DEFAULT_SYSTEM, "boxed": BOXED_SYSTEM, "fewshot": None}
+
+
+class PromptSettingError(ValueError):
+    """A prompt setting that breaks a rule of `PromptSettings`. ``field`` names it as run settings, study
+    settings and flags do (``prompt``, ``shots``, ``system``); ``reason`` is the rule's wording after that
+    name, so a command puts its flag in front instead (`named`), and every entry point reads the same."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+    def named(self, name: str) -> str:
+        """The message with ``name`` (a flag such as ``--shots``) in place of the field's name."""
+        return f"{name} {self.reason}"
+
+
+def _check_style(style: str, system: str | None = None) -> None:
+    """The prompt style is one of `PROMPT_STYLES`, and only a chat style takes a system prompt."""
+    if style not in PROMPT_STYLES:
+        raise PromptSettingError("prompt", f"must be one of {PROMPT_STYLES}, got {style!r}")
+    if style == "fewshot" and system is not None:
+        raise PromptSettingError("system", "cannot be given with the fewshot prompt, which uses no chat template")
 
 
 def style_system(style: str, system: str | None = None) -> str | None:
@@ -44,10 +71,7 @@ class PromptFormat:
     n_shots: int = DEFAULT_SHOTS  # fewshot: how many of the pool each prompt shows
 
     def __post_init__(self) -> None:
-        if self.style not in PROMPT_STYLES:
-            raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {self.style!r}")
-        if self.style == "fewshot" and self.system is not None:
-            raise ValueError("the fewshot prompt style has no system prompt (it uses no chat template)")
+        _check_style(self.style, self.system)  # the same rules, and words, as `PromptSettings`
         if self.n_shots < 0:
             raise ValueError(f"n_shots must be >= 0, got {self.n_shots}")
         if self.style == "fewshot" and self.n_shots and len(self.shots) < self.n_shots + 1:
@@ -79,11 +103,22 @@ class PromptSettings:
     """The prompt settings `vps eval` and `vps tune` share (``--prompt``, ``--shots``, ``--system``): the
     prompt ``style`` (`PROMPT_STYLES`), the solved examples of a fewshot prompt (``shots``) and a chat
     style's ``system`` prompt (None: the style's own). Their run settings store the three as ``prompt``,
-    ``shots`` and ``system``; `format` is the `PromptFormat` they describe."""
+    ``shots`` and ``system``; `format` is the `PromptFormat` they describe.
+
+    The rules of a prompt live here, and every entry point (`RunSettings`, `TuneSettings`, the flags of
+    ``vps eval``, ``vps ablate`` and ``vps tune``) checks them by building one: the style is one of
+    `PROMPT_STYLES`, ``shots`` is in [1, `MAX_SHOTS`] (whatever the style, so a stored setting is always
+    valid), and the fewshot style takes no system prompt. A broken rule raises `PromptSettingError`, naming
+    the field as the run settings do."""
 
     style: str = DEFAULT_STYLE
     shots: int = DEFAULT_SHOTS
     system: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_style(self.style, self.system)
+        if not 1 <= self.shots <= MAX_SHOTS:
+            raise PromptSettingError("shots", f"must be in [1, {MAX_SHOTS}], got {self.shots}")
 
     def format(self) -> PromptFormat:
         """The `PromptFormat`; a fewshot one reads its examples from the start of GSM8K train (one spare

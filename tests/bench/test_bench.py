@@ -217,11 +217,12 @@ def test_generate_workload_makes_exactly_the_asked_tokens(one_thread):
 
 
 def test_profile_splits_the_forward_into_vps_parts(one_thread):
+    from vps import activation_stats as stats_mod
     from vps import layer as layer_mod
     from vps.bench.profiling import profile_patched
 
     model = tiny_llama()
-    originals = (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, layer_mod.output_scores)
+    originals = (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, stats_mod.output_scores)
     text = profile_patched(model, {"builder": "sk"}, tiny_settings(), row_limit=5)
     assert "patched prefill 2x16: VPS parts" in text and "patched decode step, batch 1: VPS parts" in text
     prefill = text.split("=== patched prefill 2x16: torch ops")[0]
@@ -234,7 +235,7 @@ def test_profile_splits_the_forward_into_vps_parts(one_thread):
     decode = text.split("=== patched decode step, batch 1: VPS parts")[1].split("\n===")[0]
     assert "plan building (selection, policy, clip, Q): 0.0 ms" in decode
     assert not vps.is_patched(model)
-    assert (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, layer_mod.output_scores) == originals
+    assert (layer_mod.VPSLinear._build_plan, layer_mod.VPSLinear._apply, stats_mod.output_scores) == originals
 
 
 def test_plot_of_a_result_and_from_its_json(tmp_path, one_thread):

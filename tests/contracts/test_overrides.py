@@ -15,7 +15,7 @@ import pytest
 
 from vps.bench.presets import make_config, parse_config_spec, resolve_configs
 from vps.commands.common import add_config_arguments, add_prompt_arguments, config_from_args, prompt_from_args
-from vps.config import ConfigError, VPSConfig, cli_fields
+from vps.config import ConfigError, VPSConfig, as_config, cli_fields
 from vps.evaluation.ablation import parse_grid
 from vps.evaluation.settings import RunSettings
 from vps.prompting import DEFAULT_SHOTS, PromptSettings
@@ -45,6 +45,7 @@ def _every_path(field: str, value: object) -> dict[str, VPSConfig | None]:
         "cli": _cli(f"--{field}", str(value)),
         "bench": make_config(parse_config_spec(f"hybrid:{field}={value}")[1]),
         "trial": trial_config({field: value}, _ANYWHERE).config,
+        "patch": as_config(**{field: value}),  # what vps.patch(model, **overrides) applies
     } | ({"lm-eval": _lm_eval_config({field: value})} if HAVE_LM_EVAL else {})
 
 

@@ -29,6 +29,7 @@ from vps import cli
 from vps._io import dumps_strict, finite_json
 from vps.evaluation import MethodSpec, RunDir, rescore_run, run_evaluation, write_report
 from vps.evaluation import report as report_mod
+from vps.evaluation.summary import summarize_run
 from vps.verify import extract_answer
 
 TOK = tiny_tokenizer()
@@ -103,9 +104,9 @@ def refine_run(tmp_path, model, monkeypatch):
     items, settings = settings_for(write_data(tmp_path / "d.jsonl"), nll=False)
     out = tmp_path / "out"
     specs = [*SPECS, MethodSpec("refine-self", "refine-self"), MethodSpec("refine-oracle", "refine-oracle")]
-    real = report_mod.summarize_run
-    # a statistic that is not finite, as a summary can hold one (e.g. a mean over no data)
-    monkeypatch.setattr(report_mod, "summarize_run", lambda s, r: {**real(s, r), "probe": NAN})
+    # a statistic that is not finite, as a summary can hold one (e.g. a mean over no data); patched where
+    # write_report looks it up
+    monkeypatch.setattr(report_mod, "summarize_run", lambda s, r: {**summarize_run(s, r), "probe": NAN})
     run_evaluation(model, TOK, items[:3], specs, out, settings, batch_size=2, progress=False,
                    generate_fn=fake_generate({"base": {0}, "vps": {1}}), refine_fn=NaNRefine(), clock=Clock(),
                    log=lambda _m: None)

@@ -154,7 +154,7 @@ GOLDLESS = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer"
      "--seed: seed must be a whole number in [0, 2**63 - 1]"),
     ("threads beyond torch", ["--threads", "99999999999999999999"], "--threads must be in [1, 1024]"),
     ("temperature tiny", ["--temperature", "1e-300"], "--temperature: temperature must be 0 (greedy) or >= 0.0001"),
-    ("shots huge", ["--prompt", "fewshot", "--shots", "100000"], "--shots: shots must be in [1, 64]"),
+    ("shots huge", ["--prompt", "fewshot", "--shots", "100000"], "--shots must be in [1, 64], got 100000"),
     ("votes huge", ["--methods", "maj@1000000"], "'maj@1000000': method 'maj' needs votes (k) in [1, 64]"),
     ("k-samples huge", ["--methods", "refine-self", "--k-samples", "1000"], "--k-samples: refine_k_samples must be in"),
 ])

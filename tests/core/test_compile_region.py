@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import vps
 from tests.helpers.tiny import TINY_MODELS, ids
-from vps import layer as layer_mod
+from vps import plan_region as region_mod
+from vps import planning as planning_mod
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"),
                                 reason="torch without nested compile regions inlines every plan")
@@ -56,7 +57,7 @@ def test_every_layer_plans_through_the_region_as_the_inlined_plan_does(arch: str
     got, called = _traced(model, x, mask)
     assert len(called) == len(vps.vps_layers(model)), called
     with monkeypatch.context() as m:
-        m.setattr(layer_mod, "_PLAN_REGION", lambda _key, *args: layer_mod.plan_tensors(*args))
+        m.setattr(region_mod, "_PLAN_REGION", lambda _key, *args: planning_mod.plan_tensors(*args))
         inlined, none = _traced(model, x, mask)
     assert none == []
     torch.testing.assert_close(got, inlined, rtol=0, atol=1e-6)
@@ -80,7 +81,7 @@ def test_deeper_model_adds_no_new_plan_subgraphs() -> None:
 def test_outside_compile_the_eager_plan_runs(monkeypatch) -> None:
     """Eagerly, a patched layer calls `plan_tensors` itself: the region exists only inside a traced forward."""
     calls = []
-    monkeypatch.setattr(layer_mod, "_plan_tensors_in_region", lambda *a: calls.append(a))
+    monkeypatch.setattr(region_mod, "_plan_tensors_in_region", lambda *a: calls.append(a))
     model = vps.patch(_llama(1))
     with torch.no_grad():
         model(input_ids=ids(1, 5))

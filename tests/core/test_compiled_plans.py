@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 import vps
 from tests.helpers.tiny import ids, tiny_llama
 from vps.compiling import PlanCompileError, plans_compiled
-from vps.layer import plan_tensors
+from vps.planning import plan_tensors
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -107,7 +107,7 @@ def test_a_failing_region_raises_a_named_error() -> None:
     model = vps.patch(tiny_llama(init=0.3), vps.VPSConfig())
     torch._dynamo.reset()
     vps.compile_plans(model, backend=broken_backend)
-    with pytest.raises(PlanCompileError, match=r"vps\.layer\.plan_tensors"):
+    with pytest.raises(PlanCompileError, match=r"vps\.planning\.plan_tensors"):
         _logits(model, ids(1, 5))
     vps.compile_plans(model, enabled=False)
     _logits(model, ids(1, 5))  # eager again

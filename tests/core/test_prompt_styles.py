@@ -46,8 +46,8 @@ def test_system_text_per_style(style, system, expected):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"style": "chatty"}, "prompt style"),
-    ({"style": "fewshot", "system": "x", "shots": POOL}, "no system prompt"),
+    ({"style": "chatty"}, "prompt must be one of"),
+    ({"style": "fewshot", "system": "x", "shots": POOL}, "system cannot be given with the fewshot prompt"),
     ({"style": "fewshot", "shots": POOL[:3], "n_shots": 3}, "pool of n_shots"),
     ({"style": "fewshot", "shots": POOL, "n_shots": -1}, "n_shots"),
 ])
@@ -115,8 +115,8 @@ def test_nll_only_runs_compare_the_system_prompt(tmp_path, model):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompt", "fewshot", "--system", "x"], "no system prompt"),
-    (["--prompt", "fewshot", "--shots", "0"], "shots must be in [1, 64]"),
+    (["--prompt", "fewshot", "--system", "x"], "--system cannot be given with the fewshot prompt"),
+    (["--prompt", "fewshot", "--shots", "0"], "--shots must be in [1, 64], got 0"),
 ])
 def test_cli_refuses_bad_prompt_options_before_loading(tmp_path, capsys, argv, message):
     data = write_data(tmp_path / "d.jsonl")

@@ -35,7 +35,7 @@ from vps.evaluation import (
     write_report,
 )
 from vps.evaluation.methods import refine as refine_mod
-from vps.evaluation.report import REPORT_MD, SUMMARY_JSON
+from vps.evaluation.rundir import REPORT_MD, SUMMARY_JSON
 from vps.kv_cache import cache_argument, output_cache
 from vps.prompting import chat_prompt
 from vps.verify import extract_answer

@@ -16,7 +16,9 @@ from tests.helpers.tiny_eval import (
     write_data,
 )
 from vps.evaluation import MethodSpec, RunDir, compare_paired, paired_bootstrap_diff, run_evaluation, write_report
-from vps.evaluation.report import REPORT_MD, REPORT_PNG, format_console, pair_stats
+from vps.evaluation.report import format_console
+from vps.evaluation.rundir import REPORT_MD, REPORT_PNG
+from vps.evaluation.summary import pair_stats
 
 TOK = tiny_tokenizer()
 
@@ -103,7 +105,8 @@ def _nll_rows(values: dict[str, list[float]]) -> list[dict]:
 
 def test_an_ablation_is_also_compared_with_its_default_configuration():
     from vps.evaluation.digest import finding
-    from vps.evaluation.report import render_markdown, summarize_run
+    from vps.evaluation.report import render_markdown
+    from vps.evaluation.summary import summarize_run
 
     base = [1.0, 1.2, 0.9, 1.1, 1.3, 1.0]
     default = [b - 0.05 for b in base]

@@ -18,7 +18,7 @@ from tests.helpers.tiny_eval import (
 )
 from vps.cli import main
 from vps.evaluation import MethodSpec, RunMismatchError, compare_paired, rescore_run, run_evaluation
-from vps.evaluation.report import REPORT_MD, REPORT_PNG
+from vps.evaluation.rundir import REPORT_MD, REPORT_PNG
 from vps.patching import is_patched
 
 TOK = tiny_tokenizer()

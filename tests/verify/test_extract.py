@@ -1,4 +1,4 @@
-"""Table-driven tests for vps.verify.extract: final-answer extraction and matching."""
+"""Table-driven tests for final-answer extraction and matching (vps.verify.quantity, .extract and .compare)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vps.verify import EXTRACT_MODES, Answer, answers_match, extract_answer, parse_gold
-from vps.verify.extract import numbers_match
+from vps.verify.compare import numbers_match
 
 NONE = object()  # expected: extract_answer returns None
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from .. import activation_stats as stats_mod
 from .. import layer as layer_mod
 from ..kv_cache import cache_argument, output_cache
 from ..patching import patched
@@ -44,7 +45,7 @@ def _labelled_parts() -> Iterator[None]:
     # Patched through setattr on the module and the class: the profiler swaps these functions for the duration
     # of the block only, which static typing cannot express.
     cls: Any = layer_mod.VPSLinear
-    mod: Any = layer_mod
+    mod: Any = stats_mod
     saved = {"_build_plan": cls._build_plan, "_apply_plan": cls._apply_plan,
              "input_scores": mod.input_scores, "output_scores": mod.output_scores}
     cls._build_plan = wrap(saved["_build_plan"], "vps::plan")

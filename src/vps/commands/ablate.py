@@ -9,7 +9,7 @@ from pathlib import Path
 from ..evaluation.ablation import Equivalence, default_grid_path, equivalent_entries, load_grid
 from ..evaluation.methods import MethodSpec
 from ..evaluation.rundir import RunDir
-from .common import add_data_arguments, add_run_arguments
+from .common import add_data_arguments, add_run_arguments, prompt_from_args
 from .eval import execute
 
 
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in specs:
             print(_list_line(spec, same, kept))
         return 0
+    prompt_from_args(args)  # a bad --prompt / --shots / --system is the only line said (execute checks it again)
     skipped = [name for name, why in kept.items() if why is None]
     if skipped:
         print(f"skipping {len(skipped)} configuration(s) that cannot differ from an earlier one for their method: "

@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import VPSConfig, cli_fields
-from ..prompting import DEFAULT_SHOTS, DEFAULT_STOP_STRINGS, DEFAULT_STYLE, PROMPT_STYLES, PromptSettings
-from ..verify.extract import EXTRACT_MODES
+from ..evaluation.settings import RunSettings, run_flag_fields
+from ..prompting import (
+    DEFAULT_SHOTS,
+    DEFAULT_STYLE,
+    PROMPT_STYLES,
+    PromptSettingError,
+    PromptSettings,
+)
+from ..setting_flags import flag_fields
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,9 +133,18 @@ def add_prompt_arguments(g: argparse.ArgumentParser | argparse._ArgumentGroup) -
     g.add_argument("--system", default=None, help="system prompt of a chat prompt style (default: the style's own)")
 
 
+# PromptSettings field (as `PromptSettingError` names it) -> the flag that sets it.
+PROMPT_FLAGS = {"prompt": "--prompt", "shots": "--shots", "system": "--system"}
+
+
 def prompt_from_args(args: argparse.Namespace) -> PromptSettings:
-    """The `PromptSettings` of ``--prompt``, ``--shots`` and ``--system``."""
-    return PromptSettings(args.prompt, args.shots, args.system)
+    """The `PromptSettings` of ``--prompt``, ``--shots`` and ``--system``; a value that breaks one of its rules
+    is a ValueError in the rule's words, after the flag (``--shots must be in [1, 64], got 0``). ``vps eval``,
+    ``vps ablate`` and ``vps tune`` call it before they read data, load a model or write anything."""
+    try:
+        return PromptSettings(args.prompt, args.shots, args.system)
+    except PromptSettingError as exc:
+        raise ValueError(exc.named(PROMPT_FLAGS[exc.field])) from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,24 +158,41 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="copy the `base` rows of an earlier run over the same data instead of computing them "
                         "(refused, naming the setting, unless model, dtype, prompt, data file and generation "
                         "settings match; each item's prompt and gold are checked); the report says so")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop string, non-empty (repeatable); default: "
-                        + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS))
+    fields = {f.name: f for f in run_flag_fields()}
+    for name in ("max_new_tokens", "temperature", "stop_strings"):
+        add_setting_argument(g, fields.pop(name))
     add_prompt_arguments(g)
-    g.add_argument("--extract", choices=EXTRACT_MODES, default="flexible",
-                   help="answer extraction: flexible (first ####, else boxed / 'answer is' / last number), strict "
-                        "(#### only) or last (the last marker of any kind); see docs/verification.md")
+    add_setting_argument(g, fields.pop("extract_mode"))
     g.add_argument("--nll", action="store_true", help="also score the gold-solution NLL (one extra forward pair)")
     g.add_argument("--nll-only", action="store_true", help="only the gold-solution NLL, no generation (cheap)")
-    g.add_argument("--iters", type=int, default=3, help="refinement iterations (refine methods; >= 1)")
-    g.add_argument("--k-samples", type=int, default=4,
-                   help="samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 would "
-                        "skip self-consistency)")
+    for f in fields.values():  # the refine methods' settings, and any setting declared after them
+        add_setting_argument(g, f)
     g.add_argument("--report-only", action="store_true", help="only rewrite the report from --out's rows")
     add_threads_argument(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_setting_argument(g: argparse.ArgumentParser | argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
+    """The flag of a settings field, from its declaration (`vps.setting_flags.flag_field`): its default, help and
+    choices; a repeatable flag defaults to None (not given: the field's default, `setting_values`)."""
+    meta = f.metadata
+    if meta["repeatable"]:
+        g.add_argument(meta["flag"], action="append", default=None, metavar=meta["metavar"], help=meta["help"])
+    else:
+        g.add_argument(meta["flag"], type=type(f.default), default=f.default, choices=meta["choices"],
+                       metavar=meta["metavar"], help=meta["help"])
+
+
+def setting_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of settings class ``cls`` that flags built by `add_setting_argument` set, by field name; a
+    repeatable flag not given is left out, so the field keeps its default."""
+    values = {f.name: getattr(args, _flag_dest(f.metadata["flag"])) for f in flag_fields(cls)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def run_setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `RunSettings` fields that ``vps eval`` / ``vps ablate`` flags set (`setting_values`)."""
+    return setting_values(args, RunSettings)
 
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:

@@ -20,8 +20,7 @@ from .._io import RunLockedError, check_directory
 from ..evaluation.data import load_items
 from ..evaluation.distributed import Shard, World, rank_device, rank_session, world_from_env
 from ..evaluation.methods import MethodSpec, find_method, registered
-from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings
-from ..prompting import DEFAULT_STOP_STRINGS
+from ..evaluation.rundir import RESULTS_FILE, RunDir, merge_settings, run_record
 from .common import (
     add_config_arguments,
     add_data_arguments,
@@ -31,6 +30,7 @@ from .common import (
     load,
     parse_device_map,
     prompt_from_args,
+    run_setting_values,
     set_threads,
 )
 
@@ -75,7 +75,8 @@ def parse_methods(text: str, args: argparse.Namespace) -> list[MethodSpec]:
 
 
 def report(out: Path) -> int:
-    from ..evaluation.report import REPORT_MD, REPORT_PNG, format_console, write_report
+    from ..evaluation.report import format_console, write_report
+    from ..evaluation.rundir import REPORT_MD, REPORT_PNG
 
     summary = write_report(out)
     print(format_console(summary))
@@ -83,23 +84,17 @@ def report(out: Path) -> int:
     return 0
 
 
-# RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it.
-SETTING_FLAGS = {
-    "refine_iters": "--iters", "refine_k_samples": "--k-samples", "temperature": "--temperature",
-    "stop_strings": "--stop", "max_new_tokens": "--max-new-tokens", "shots": "--shots", "system": "--system",
-    "prompt": "--prompt", "extract_mode": "--extract", "seed": "--seed", "model": "--model", "dtype": "--dtype",
-}
-
-
+# RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it (the prompt's
+# fields are checked first, by `prompt_from_args`).
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
     """A `SettingError` re-raised as a ValueError naming the flag of its field."""
-    from ..evaluation.settings import SettingError
+    from ..evaluation.settings import SettingError, flag_of
 
     try:
         yield
     except SettingError as exc:
-        flag = SETTING_FLAGS.get(exc.field)
+        flag = flag_of(exc.field)
         raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
@@ -117,6 +112,7 @@ def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
     for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--offset", args.offset)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+    prompt_from_args(args)  # --prompt, --shots, --system: PromptSettings' rules, worded as vps tune words them
 
 
 def check_out(out: Path) -> RunDir:
@@ -183,19 +179,16 @@ def execute(args: argparse.Namespace, specs: list[MethodSpec], command: str) -> 
             model=args.model or DEFAULT_MODEL, dtype=args.dtype,
             data=data_info(loaded, args.data, args.question_field, args.answer_field, args.limit, args.offset,
                            args.sample, args.seed),
-            generate=not args.nll_only, nll=args.nll or args.nll_only, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, stop_strings=args.stop if args.stop is not None else DEFAULT_STOP_STRINGS,
-            system=prompt.system, prompt=prompt.style, shots=prompt.shots, extract_mode=args.extract,
-            refine_iters=args.iters, refine_k_samples=args.k_samples,
-            seed=args.seed, command=command)
+            generate=not args.nll_only, nll=args.nll or args.nll_only, **run_setting_values(args),
+            system=prompt.system, prompt=prompt.style, shots=prompt.shots, seed=args.seed, command=command)
         check_run(loaded.items, specs, settings)
     if args.baseline_from is not None:  # refused before the model loads
         from ..evaluation.baseline import check_source
 
-        check_source(args.baseline_from, settings.to_dict(specs))
+        check_source(args.baseline_from, run_record(settings, specs))
     stored = run.read_settings()
     if stored is not None:  # refuse before spending time on the model
-        merge_settings(stored, settings.to_dict(specs), str(args.out))
+        merge_settings(stored, run_record(settings, specs), str(args.out))
     for spec in specs:
         if spec.oracle:
             print(f"note: {spec.name} is an ORACLE method (uses the gold answer at test time)", file=sys.stderr)
@@ -215,7 +208,7 @@ def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunD
 
     stored = run.read_settings()  # again, under the lock: another run may have started here meanwhile
     if stored is not None:
-        merge_settings(stored, settings.to_dict(specs), str(args.out))
+        merge_settings(stored, run_record(settings, specs), str(args.out))
     world = world if world is not None else World()
     set_threads(args)
     if world.parallel:  # one GPU per process on its machine

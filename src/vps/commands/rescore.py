@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.report import REPORT_MD, format_console
+    from ..evaluation.report import format_console
     from ..evaluation.rescore import rescore_run
+    from ..evaluation.rundir import REPORT_MD
 
     out = args.out or args.run.with_name(f"{args.run.name}-{args.extract}")
     summary = rescore_run(args.run, out, args.extract)

@@ -6,14 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..setting_flags import flag_fields
+from ..tuning.settings import TuneSettings
 from .common import (
     add_model_arguments,
     add_prompt_arguments,
+    add_setting_argument,
     add_threads_argument,
     check_threads,
     load,
     prompt_from_args,
     set_threads,
+    setting_values,
 )
 
 
@@ -39,14 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objectives", default="nll",
                    help="nll (paired NLL difference, default) or nll,overhead (also the prefill cost ratio: a "
                         "Pareto front, without pruning)")
-    g.add_argument("--pruner", choices=["median", "none"], default="median",
-                   help="median (default): stop a trial whose running mean after a batch is worse than the median "
-                        "of earlier trials there; none")
-    g.add_argument("--prune-startup", type=int, default=5,
-                   help="trials that finish before any is pruned (default %(default)s)")
-    g.add_argument("--prune-warmup", type=int, default=1,
-                   help="batches a trial runs before it can be pruned (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=8, help="items per batch (default 8)")
+    fields = {f.name: f for f in flag_fields(TuneSettings)}
+    for name in ("pruner", "prune_startup", "prune_warmup", "batch_size"):  # the order --help shows
+        add_setting_argument(g, fields.pop(name))
+    assert not fields, f"TuneSettings declares flags vps tune does not place: {sorted(fields)}"
     add_prompt_arguments(g)
     add_model_arguments(p)
     add_threads_argument(p)
@@ -75,28 +75,24 @@ def _check(args: argparse.Namespace) -> None:
     check_single_process()
     if args.out is None:
         raise ValueError("--out DIR is required (the study's directory; rerun with the same DIR to resume)")
-    for flag, value, low in (("--trials", args.trials, 1), ("--sample", args.sample, 1),
-                             ("--batch-size", args.batch_size, 1), ("--shots", args.shots, 1),
-                             ("--prune-startup", args.prune_startup, 0), ("--prune-warmup", args.prune_warmup, 0)):
+    declared = [(f.metadata["flag"], getattr(args, f.name), f.metadata["low"]) for f in flag_fields(TuneSettings)
+                if f.metadata["low"] is not None]
+    for flag, value, low in (("--trials", args.trials, 1), ("--sample", args.sample, 1), *declared):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     # The same bounds as vps eval's (its run settings say why), checked before the study writes anything.
-    from ..evaluation.settings import MAX_SHOTS
     from ..refinement.config import RefineConfigError, check_seed
 
     try:
         check_seed(args.seed)
     except RefineConfigError as exc:
         raise ValueError(f"--{exc}") from None  # "--seed must be a whole number in ..."
-    if args.shots > MAX_SHOTS:
-        raise ValueError(f"--shots must be in [1, {MAX_SHOTS}], got {args.shots}")
+    prompt_from_args(args)  # PromptSettings' rules, worded as vps eval and vps ablate word them
     check_threads(args)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if objectives not in (["nll"], ["nll", "overhead"]):
         raise ValueError(f"--objectives must be nll or nll,overhead, got {args.objectives!r}")
     args.objectives = tuple(objectives)
-    if args.prompt == "fewshot" and args.system is not None:
-        raise ValueError("--system: the fewshot prompt uses no chat template, so it takes no system prompt")
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
@@ -105,6 +101,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)  # before the imports below (optuna, torch): a bad flag is refused at once
     from .._io import RunLockedError, RunMismatchError, check_resume, read_json_object
     from ..evaluation.data import load_items
     from ..evaluation.settings import data_info
@@ -114,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning.report import confirm_commands, confirm_grid_commands
     from ..tuning.settings import NOT_COMPARED
 
-    _check(args)
     try:
         space = load_space(args.space)
     except ValueError as exc:
@@ -130,8 +126,7 @@ def run(args: argparse.Namespace) -> int:
     settings = TuneSettings(
         model=args.model or DEFAULT_MODEL, data=data_info(loaded, args.data, sample=args.sample, seed=args.seed),
         space=space.to_dict(), dtype=args.dtype, prompt=prompt.style, shots=prompt.shots, system=prompt.system,
-        batch_size=args.batch_size, objectives=args.objectives, pruner=args.pruner,
-        prune_startup=args.prune_startup, prune_warmup=args.prune_warmup, seed=args.seed, on_test=on_test)
+        objectives=args.objectives, **setting_values(args, TuneSettings), seed=args.seed, on_test=on_test)
     stored = args.out / SETTINGS_FILE
     if stored.exists():  # refuse a mismatched resume before loading the model
         try:

@@ -19,7 +19,7 @@ _EXPORTS = {
     "run_evaluation": "harness", "RunSettings": "settings", "SettingError": "settings", "data_info": "settings",
     "RunDir": "rundir", "RunLockedError": "vps._io", "RunMismatchError": "vps._io",
     "NLLResult": "nll", "solution_nll": "nll",
-    "format_console": "report", "pair_stats": "report", "summarize_run": "report", "write_report": "report",
+    "format_console": "report", "pair_stats": "summary", "summarize_run": "summary", "write_report": "report",
     "rescore_run": "rescore",
     "compare_paired": "stats", "mcnemar_exact": "stats", "paired_bootstrap_diff": "stats",
     "wilson_interval": "stats",

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The one gold rule, shared with the harness and the verifier.
-from ..verify.extract import Answer, parse_gold
+from ..verify.extract import parse_gold
+from ..verify.quantity import Answer
 
 __all__ = ["GSM8K_SPLITS", "Item", "LoadResult", "gold_value", "gsm8k_path", "load_items", "read_gold"]
 

@@ -12,6 +12,7 @@ An index file (YAML or JSON) lists the runs to publish::
         preliminary: false
         note: optional free text
         verdict: SmolLM2-135M-Instruct   # optional: this run's `vps` row is evidence for that model's verdict
+        versus: SmolLM2-135M-Instruct    # optional: its refinement-against-voting comparison joins that verdict
 
 For each section the report is rewritten from the directory's rows (`write_report`), its status
 (complete, or how many rows each configuration still lacks) and one finding per configuration are
@@ -19,7 +20,8 @@ derived from the statistics, and the run's ``report.md`` is embedded below the c
 with a ``verdict`` (a model's name) feed the top of the file: per model, one sentence on whether VPS
 (its ``vps`` configuration) helps, hurts or does nothing measurable, from those runs' statistics, and
 how a ``tuned`` configuration in the same runs fares (a `vps tune` study's best, added by its
-``confirm.yaml``). Run
+``confirm.yaml``); sections with ``versus`` add whether refinement beats voting at equal compute (`against_voting`).
+Run
 ``python -m vps.evaluation.digest results/index.yaml -o RESULTS.md``.
 """
 
@@ -32,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import strict_yaml
-from .report import REPORT_MD, REPORT_PNG, write_report
-from .rundir import RESULTS_FILE, RUN_FILE
+from .report import write_report
+from .rundir import REPORT_MD, REPORT_PNG, RESULTS_FILE, RUN_FILE
 
-__all__ = ["ResultsIndexError", "build_results", "finding", "load_index"]
+__all__ = ["ResultsIndexError", "against_voting", "build_results", "finding", "load_index"]
 
 
 class ResultsIndexError(ValueError):
@@ -148,14 +150,40 @@ def _parts(evidence: list[tuple[str, dict[str, Any], int]]) -> list[str]:
     return parts
 
 
+def against_voting(comparison: dict[str, Any], n_items: int) -> str:
+    """One clause on a refinement-against-voting comparison (`summarize_run`'s ``versus``): whether refinement
+    beats voting, and whether at equal compute (its forward passes per item against voting's)."""
+    p, diff, ratio = comparison["mcnemar_p"], comparison["accuracy_diff"], comparison["forward_ratio"]
+    n = comparison["n"]
+    stats = (f"{comparison['refine_accuracy'] * 100:.1f}% vs {comparison['vote_accuracy'] * 100:.1f}%, "
+             f"{diff * 100:+.1f} pp {_ci(comparison['accuracy_diff_ci'], 100, '+.1f')}, McNemar p = {p:.3g}, n = {n}"
+             + ("" if n >= n_items else f" of {n_items}"))
+    spent = "" if ratio is None else f" at {ratio:.2f}x voting's forward passes"
+    if p < 0.05 and diff > 0:
+        outcome = ("refinement beats voting at equal or lower compute" if ratio is not None and ratio <= 1 else
+                   "refinement beats voting, but spends more compute: not shown at equal compute")
+    elif p < 0.05:
+        outcome = "voting beats refinement" + (", which spends more" if ratio is not None and ratio > 1 else "")
+    elif ratio is not None and ratio > 1:
+        outcome = "refinement does not beat voting, although it spends more compute"
+    else:
+        outcome = "no measurable difference between refinement and voting"
+    how = "" if n >= n_items else " (so far; incomplete: decides nothing yet)"
+    return (f"refinement (`{comparison['refine']}`) against voting (`{comparison['vote']}`){how}: {outcome} "
+            f"({stats}{spent})")
+
+
 def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]],
-            tuned: list[tuple[str, dict[str, Any], int]] | None = None) -> str:
+            tuned: list[tuple[str, dict[str, Any], int]] | None = None,
+            versus: list[tuple[dict[str, Any], int]] | None = None) -> str:
     """One sentence per model from its ``vps``-vs-baseline statistics: ``evidence`` is (section title,
     the ``vps`` entry's ``vs_baseline``, the run's item count) per run marked for this model; ``tuned``
-    the same for a ``tuned`` configuration (a `vps tune` study's best, confirmed in those runs)."""
+    the same for a ``tuned`` configuration (a `vps tune` study's best, confirmed in those runs); ``versus``
+    (comparison, the run's item count) the refinement-against-voting comparisons of runs marked ``versus``."""
     parts = _parts(evidence)
     tuned_parts = _parts(tuned or [])
-    if not parts and not tuned_parts:
+    voting = [against_voting(c, n) for c, n in versus or []]
+    if not parts and not tuned_parts and not voting:
         return f"**{model}**: no finished comparison yet."
     text = f"**{model}**: " + ("; ".join(parts) if parts else "seed defaults: no finished comparison yet")
     if tuned_parts:
@@ -163,6 +191,8 @@ def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]],
         done = all(vs["n"] >= n_items for _title, vs, n_items in tuned or [])
         how = "measured on test" if done else "measured on test so far (incomplete: decides nothing yet)"
         text += f"; the configuration tuned on train (`tuned`), {how}: " + "; ".join(tuned_parts)
+    if voting:
+        text += "; " + "; ".join(voting)
     return text + "."
 
 
@@ -232,6 +262,7 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
     body, summary_lines = [], []
     evidence: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
     tuned: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
+    versus: dict[str, list[tuple[dict[str, Any], int]]] = {}
     for sec in index["sections"]:
         run_dir = sec["dir"].rstrip("/")
         if (root / run_dir / "tune.json").exists():
@@ -252,6 +283,9 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
                 found = into.setdefault(str(sec["verdict"]), [])
                 if entry is not None:
                     found.append((sec["title"], entry["vs_baseline"], summary["n_items"]))
+        if sec.get("versus"):
+            versus.setdefault(str(sec["versus"]), []).extend(
+                (comparison, summary["n_items"]) for comparison in summary.get("versus", []))
         complete, status = _status(summary)
         title = sec["title"] + (" (preliminary)" if sec.get("preliminary") else "")
         title += "" if complete else " (partial)"
@@ -268,11 +302,16 @@ def build_results(index: dict[str, Any], root: str | Path = ".") -> str:
         if (root / run_dir / REPORT_PNG).exists():
             body += [f"![{sec['title']}]({run_dir}/{REPORT_PNG})", ""]
     if evidence:
+        for model in versus:  # a model with a voting comparison only still gets its line
+            evidence.setdefault(model, [])
+        against = (" Where a run compares refinement with voting, the line says whether refinement beats voting "
+                   "at equal compute (forward passes per item).") if any(versus.values()) else ""
         parts += ["## Does VPS help? (per model: the seed defaults, and a tuned configuration"
                   " where one was confirmed)", "",
                   "Generated from the runs marked for each model below: an accuracy effect counts when McNemar's "
-                  "p < 0.05, an NLL effect when its 95% interval excludes 0.", "",
-                  *[f"- {verdict(m, ev, tuned.get(m))}" for m, ev in evidence.items()], "", COST_LINE, ""]
+                  "p < 0.05, an NLL effect when its 95% interval excludes 0." + against, "",
+                  *[f"- {verdict(m, ev, tuned.get(m), versus.get(m))}" for m, ev in evidence.items()], "",
+                  COST_LINE, ""]
     parts += ["## Summary", "", "Each line is generated from the run's statistics (paired with the baseline "
               "on the same items; 95% intervals).", "", *summary_lines, "", *body]
     return "\n".join(parts).rstrip() + "\n"

@@ -40,7 +40,7 @@ from .data import Item
 from .distributed import Shard
 from .methods.registry import MethodSpec, RunContext, registered
 from .methods.rows import gold
-from .rundir import RunDir
+from .rundir import RunDir, run_record
 from .settings import RunSettings
 
 __all__ = ["oracle_tag", "run_evaluation"]
@@ -132,7 +132,7 @@ def run_evaluation(
     rendered = preflight(model, tokenizer, items, specs, settings)
     source = None
     if baseline_from is not None:
-        source = check_source(baseline_from, settings.to_dict(specs))
+        source = check_source(baseline_from, run_record(settings, specs))
     if log is None:
         prefix = "" if shard is None else f"rank {shard.rank} of {shard.size}: "
         log = lambda msg: print(prefix + msg, file=sys.stderr, flush=True)
@@ -178,7 +178,7 @@ def _prepare(tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec],
     (``rendered``, as `preflight` built them) and the items in the run's order: by token length, longest first
     (`_by_length`), which wastes far less compute on padding than the input order (~1.4x on GSM8K at batch 8);
     rows do not depend on their batch."""
-    _, added = run.prepare(settings.to_dict(specs), write=write)
+    _, added = run.prepare(run_record(settings, specs), write=write)
     if added and run.results.exists() and write:
         log(f"adding configuration(s) {', '.join(added)} to {run.path}")
     fmt, prompts = rendered

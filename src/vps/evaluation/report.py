@@ -1,14 +1,8 @@
-"""Statistics and the written report of an evaluation directory: report.md, report.png, summary.json.
+"""The written report of an evaluation directory: report.md, the console table, and `write_report`.
 
-Every configuration is compared with the baseline on the items both have finished: accuracy with a
-Wilson 95% interval, the accuracy difference with a paired bootstrap 95% interval, the exact
-McNemar p-value, the flips, the mean gold-solution NLL difference with a paired bootstrap interval,
-and the cost as the ratio of seconds per item to the baseline's (all from `compare_paired`).
-Oracle configurations (gold answer used at test time) are labelled ORACLE wherever they appear.
-
-Where a run also holds a configuration named ``default`` (an ablation grid's seed defaults), every
-other configuration is compared with it too, in the same way (``vs_reference``): an ablation asks
-whether a change beats the defaults, not only the unpatched model.
+`write_report` writes report.md, summary.json (`vps.evaluation.summary`: the statistics) and report.png
+(`vps.evaluation.plot`). Oracle configurations (gold answer used at test time) are labelled ORACLE
+wherever they appear.
 """
 
 from __future__ import annotations
@@ -19,142 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import RunMismatchError, dumps_strict, write_atomic
+from .._io import dumps_strict, write_atomic
 from .methods import find_method, registered
-from .rundir import RESULTS_FILE, RunDir
-from .stats import compare_paired, paired_bootstrap_diff, wilson_interval
+from .plot import plot
+from .rundir import REPORT_MD, REPORT_PNG, RESULTS_FILE, SUMMARY_JSON
+from .summary import load_run, summarize_run
 
-__all__ = ["format_console", "load_run", "pair_stats", "render_markdown", "summarize_run", "write_report"]
-
-REPORT_MD = "report.md"
-REPORT_PNG = "report.png"
-SUMMARY_JSON = "summary.json"
-BOOTSTRAP_SEED = 0
-BOOTSTRAP_RESAMPLES = 10000  # compare_paired's default
-REFERENCE_CONFIG = "default"
-
-
-def load_run(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """run.json and every complete row of ``out_dir``."""
-    run = RunDir(out_dir)
-    settings = run.read_settings()
-    if settings is None:
-        raise FileNotFoundError(f"{run.run_file} not found: {out_dir} is not an evaluation directory")
-    rows = run.read_rows()
-    # A row the harness did not write for this run would be counted as if it had: refuse it, named.
-    configs, n_items = settings.get("configs", {}), settings.get("data", {}).get("n_items")
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row["config"] not in configs:
-            raise RunMismatchError(f"{run.results}: a row of id {row['id']!r} names configuration {row['config']!r}, "
-                                   f"which {run.run_file} does not hold")
-        counts[row["config"]] = counts.get(row["config"], 0) + 1
-    over = {name: n for name, n in counts.items() if n_items is not None and n > n_items}
-    if over:
-        name, n = next(iter(over.items()))
-        raise RunMismatchError(f"{run.results}: {n} rows for configuration {name!r}, but the run has {n_items} "
-                               f"items (rows for ids not in its data)")
-    return settings, rows
-
-
-def _all_present(rows: Sequence[dict[str, Any]], key: str) -> bool:
-    return bool(rows) and all(r.get(key) is not None for r in rows)
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def pair_stats(base_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
-               seed: int = BOOTSTRAP_SEED) -> dict[str, Any] | None:
-    """`compare_paired` on the items both row sets hold (paired by id, in item order), or None.
-
-    Accuracy statistics need ``correct`` on every paired row; NLL needs ``nll``; the cost ratio
-    needs ``seconds``. An NLL-only pair gets the same keys with the accuracy ones set to None and
-    the NLL difference from `paired_bootstrap_diff` (what `compare_paired` uses).
-    """
-    base_by_id = {r["id"]: r for r in base_rows}
-    pairs = sorted(((base_by_id[r["id"]], r) for r in rows if r["id"] in base_by_id),
-                   key=lambda p: (p[0].get("index", 0), str(p[0]["id"])))
-    if not pairs:
-        return None
-    b, m = [p[0] for p in pairs], [p[1] for p in pairs]
-    nll = (([r["nll"] for r in b], [r["nll"] for r in m])
-           if _all_present(b, "nll") and _all_present(m, "nll") else (None, None))
-    secs = (([r["seconds"] for r in b], [r["seconds"] for r in m])
-            if _all_present(b, "seconds") and _all_present(m, "seconds") and sum(r["seconds"] for r in b) > 0
-            else (None, None))
-    if _all_present(b, "correct") and _all_present(m, "correct"):
-        out = compare_paired([r["correct"] for r in b], [r["correct"] for r in m], nll[0], nll[1],
-                             secs[0], secs[1], seed=seed)
-    else:
-        out = {key: None for key in ("base_accuracy", "base_accuracy_ci", "method_accuracy", "method_accuracy_ci",
-                                     "accuracy_diff", "accuracy_diff_ci", "flips_to_correct", "flips_to_wrong",
-                                     "mcnemar_p", "nll_diff", "nll_diff_ci", "base_seconds_mean",
-                                     "method_seconds_mean", "cost_ratio")}
-        out["n"] = len(pairs)
-        if nll[0] is not None:
-            diff, low, high = paired_bootstrap_diff(nll[0], nll[1], seed=seed)
-            out.update(nll_diff=diff, nll_diff_ci=(low, high))
-        if secs[0] is not None:
-            base_mean, method_mean = _mean(secs[0]), _mean(secs[1])
-            assert base_mean is not None and method_mean is not None  # pairs is not empty
-            out.update(base_seconds_mean=base_mean, method_seconds_mean=method_mean,
-                       cost_ratio=method_mean / base_mean)
-    return out
-
-
-def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
-                  seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
-    """Per-configuration numbers and comparisons with the baseline (the content of summary.json)."""
-    configs = settings.get("configs", {})
-    by_config: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-    for row in rows:
-        by_config.setdefault(row["config"], []).append(row)
-    n_items = settings.get("data", {}).get("n_items")
-    baseline = settings.get("baseline")
-    if baseline is None:
-        baseline = next((n for n, s in configs.items() if s.get("method") == "base"), None)
-    reference = REFERENCE_CONFIG if by_config.get(REFERENCE_CONFIG) and baseline != REFERENCE_CONFIG else None
-    entries = []
-    for name, crow in by_config.items():
-        spec = configs.get(name, {})
-        oracle = bool(spec.get("oracle")) or any(r.get("oracle") for r in crow)
-        scored = [r for r in crow if r.get("correct") is not None]
-        correct = sum(bool(r["correct"]) for r in scored)
-        nlls = [r["nll"] for r in crow if r.get("nll") is not None]
-        entry: dict[str, Any] = {
-            "name": name, "method": spec.get("method") or (crow[0].get("method") if crow else None), "oracle": oracle,
-            "rows": len(crow), "complete": n_items is None or len(crow) >= n_items,
-            "n_scored": len(scored), "correct": correct if scored else None,
-            "accuracy": correct / len(scored) if scored else None,
-            "accuracy_ci": list(wilson_interval(correct, len(scored))) if scored else None,
-            "nll_mean": _mean(nlls), "n_nll": len(nlls),
-            "seconds_mean": _mean([r["seconds"] for r in crow if r.get("seconds") is not None]),
-            "tokens_mean": _mean([r["tokens"] for r in crow if r.get("tokens") is not None]),
-            "nll_seconds_mean": _mean([r["nll_seconds"] for r in crow if r.get("nll_seconds") is not None]),
-            "vs_baseline": None, "vs_reference": None,
-        }
-        counted = [r["fallbacks"] for r in crow if isinstance(r.get("fallbacks"), int)]
-        if counted:  # only rows written since fallbacks were recorded carry them; other summaries stay as they were
-            entry["fallbacks"] = {"rows": len(counted), "items_with_any": sum(n > 0 for n in counted),
-                                  "total": sum(counted)}
-        for key, ref in (("vs_baseline", baseline), ("vs_reference", reference)):
-            if ref is not None and name not in (baseline, ref) and by_config.get(ref):
-                stats = pair_stats(by_config[ref], crow, seed=seed)
-                if stats is not None:
-                    entry[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in stats.items()}
-        entries.append(entry)
-    # Only a run that copied rows carries the key, so the summaries of every other run stay as they were.
-    imported = {"imported": settings["imported"]} if settings.get("imported") else {}
-    return {
-        "model": settings.get("model"), "dtype": settings.get("dtype"), "data": settings.get("data", {}),
-        "n_items": n_items, "generate": settings.get("generate"), "nll": settings.get("nll"),
-        "max_new_tokens": settings.get("max_new_tokens"), "temperature": settings.get("temperature"),
-        "stop_strings": settings.get("stop_strings"), "extract_mode": settings.get("extract_mode"),
-        "baseline": baseline, "reference": reference, "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed},
-        "rescored_from": settings.get("rescored_from"), **imported, "configs": entries,
-    }
+__all__ = ["format_console", "render_markdown", "write_report"]
 
 
 # -- formatting ------------------------------------------------------------------------------------
@@ -337,18 +202,26 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
                          _num(v.get("nll_diff"), "+.4f"), _ci(v.get("nll_diff_ci"), "nll")])
         lines += _table(["config", "method", "n", "mean NLL", "diff vs baseline", "95% CI (bootstrap)"], rows)
     lines += _reference_table(summary)
+    lines += _versus_table(summary)
     lines += ["## Cost", ""]
+    # Runs that draw samples weigh compute: their entries carry model passes (`summarize_run`).
+    passes = any("passes" in e for e in entries)
     rows = []
     for e in entries:
         v = e["vs_baseline"] or {}
         if summary["generate"]:
             cells = [_num(e["seconds_mean"], ".3f"), _num(e["tokens_mean"], ".1f")]
+            if passes:
+                p = e.get("passes") or {}
+                cells += [_num(p.get("forward_mean"), ".1f"), _num(p.get("backward_mean"), ".1f")]
             cells += [_num(e["nll_seconds_mean"], ".3f")] if summary["nll"] else []
         else:
             cells = [_num(e["seconds_mean"], ".3f")]
         rows.append([_label(e), e["method"] or "", *cells, _num(v.get("cost_ratio"), ".2f")])
     if summary["generate"]:
-        header = ["s/item (generation)", "tokens/item", *(["NLL s/item"] if summary["nll"] else [])]
+        header = ["s/item (generation)", "tokens/item",
+                  *(["forward passes/item", "backward passes/item"] if passes else []),
+                  *(["NLL s/item"] if summary["nll"] else [])]
     else:
         header = ["s/item (NLL pass)"]
     lines += _table(["config", "method", *header, "cost ratio"], rows)
@@ -356,8 +229,34 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
                  + ("generation" if summary["generate"] else "the NLL pass") + " time per item with the baseline's."
                  + (" The NLL pass of a patched configuration includes its prompt-only prefill (one more forward "
                     "over the prompt than the baseline)." if summary["nll"] else "")
+                 + (f" {PASSES_NOTE}" if passes else "")
                  + f" Plot: `{REPORT_PNG}`; per-item rows: `{RESULTS_FILE}`.")
     return "\n".join(lines) + "\n"
+
+
+# How report.md counts model passes (`Method.passes`), said under the cost table wherever it shows them.
+PASSES_NOTE = ("Forward passes count one per generated token (the first from the prompt's prefill, the rest decode "
+               "steps, over every sample and iteration) plus one per refinement surrogate step, which also runs one "
+               "backward pass; a surrogate step's forward and backward cover the whole prompt and its target, so "
+               "they cost more than a decode step.")
+
+
+def _versus_table(summary: dict[str, Any]) -> list[str]:
+    """Refinement against voting on their paired items (`summarize_run`'s ``versus``), where the run has both."""
+    versus = summary.get("versus")
+    if not versus:
+        return []
+    rows = [[f"`{c['refine']}`", f"`{c['vote']}`", _num(c["n"], "d"), _pct(c["refine_accuracy"]),
+             _pct(c["vote_accuracy"]), _pp(c["accuracy_diff"]), _ci(c["accuracy_diff_ci"], "pp"), _p(c["mcnemar_p"]),
+             _num(c["refine_only_correct"], "d"), _num(c["vote_only_correct"], "d"),
+             _num(c["forward_ratio"], ".2f"), _num(c["seconds_ratio"], ".2f")] for c in versus]
+    return ["## Refinement against voting", "",
+            *_table(["refinement", "voting", "n paired", "refinement accuracy", "voting accuracy",
+                     "diff (refinement - voting)", "95% CI (bootstrap)", "McNemar p", "only refinement correct",
+                     "only voting correct", "forward passes ratio", "seconds ratio"], rows),
+            "Ratios are refinement's per item over voting's on the paired items (above 1: refinement spent more). "
+            "Equal compute means a ratio near 1; refinement that spends more and is not better does not beat voting."
+            , ""]
 
 
 def _rescore_table(summary: dict[str, Any]) -> list[str]:
@@ -413,54 +312,6 @@ def format_console(summary: dict[str, Any]) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
-
-
-def plot(summary: dict[str, Any], path: str | Path) -> None:
-    """report.png: accuracy difference (and NLL difference) vs the baseline, with 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    compared = [e for e in summary["configs"] if e["vs_baseline"]]
-    panels = []
-    if summary["generate"] and any(e["vs_baseline"].get("accuracy_diff") is not None for e in compared):
-        panels.append(("accuracy_diff", "accuracy_diff_ci", 100.0, "accuracy − baseline (percentage points)"))
-    if summary["nll"] and any(e["vs_baseline"].get("nll_diff") is not None for e in compared):
-        panels.append(("nll_diff", "nll_diff_ci", 1.0, "gold-solution NLL − baseline (nats/token)"))
-    height = max(2.5, 0.35 * len(compared) + 1.5)
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.0 * max(1, len(panels)), height), squeeze=False)
-    title = (f"{summary['model']} on {summary['data'].get('source')}, n = {summary['n_items']}"
-             + (f" (sample seed {summary['data'].get('seed')})" if summary["data"].get("sample") else "")
-             + f"; baseline: {summary['baseline']}"
-             + (f"; answers re-read in {summary['extract_mode']} mode" if summary.get("rescored_from") else ""))
-    if not panels:
-        ax = axes[0][0]
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no comparison with a baseline in this run", ha="center", va="center")
-    labels = [e["name"] + (" (ORACLE)" if e["oracle"] else "") for e in compared]
-    ys = list(range(len(compared)))[::-1]
-    for ax, (key, ci_key, scale, xlabel) in zip(axes[0], panels, strict=False):
-        for y, e in zip(ys, compared, strict=True):
-            v = e["vs_baseline"]
-            if v.get(key) is None:
-                continue
-            x = v[key] * scale
-            lo, hi = (c * scale for c in v[ci_key])
-            ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", capsize=3,
-                        color="tab:red" if e["oracle"] else "tab:blue")
-        ax.axvline(0.0, color="0.5", lw=1, ls="--")
-        ax.set_yticks(ys)
-        ax.set_yticklabels(labels)
-        ax.set_xlabel(xlabel)
-        ax.grid(axis="x", alpha=0.3)
-        for tick, e in zip(ax.get_yticklabels(), compared, strict=True):
-            if e["oracle"]:
-                tick.set_color("tab:red")
-    fig.suptitle(title + "\n95% paired bootstrap intervals", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(out_dir: str | Path) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Any
 
 from .._io import RunLockedError, RunMismatchError, check_directory, dumps_strict, write_atomic
 from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
-from .report import load_run, write_report
+from .report import write_report
 from .rundir import RESULTS_FILE, RUN_FILE, RunDir
+from .summary import load_run
 
 __all__ = ["RESCORED_FROM", "rescore_rows", "rescore_run"]
 

@@ -33,7 +33,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._io import (
     LOCK_FILE,
@@ -46,21 +46,31 @@ from .._io import (
     read_json_object,
     write_atomic,
 )
+from .._version import __version__
+
+if TYPE_CHECKING:
+    from .methods.registry import MethodSpec
+    from .settings import RunSettings
 
 __all__ = [
-    "FORMAT1_MODES", "RESULTS_FILE", "RUN_FILE", "RUN_FORMAT", "RunDir", "computed_mode", "merge_settings",
-    "rank_lock_name", "rank_rows_name", "retired_modes", "row_problem", "rows_payload",
+    "FORMAT1_MODES", "REPORT_MD", "REPORT_PNG", "RESULTS_FILE", "RUN_FILE", "RUN_FORMAT", "SUMMARY_JSON", "RunDir",
+    "computed_mode", "merge_settings", "rank_lock_name", "rank_rows_name", "retired_modes", "row_problem",
+    "rows_payload", "run_record",
 ]
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
+# What a run directory's report writes (vps.evaluation.report).
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+SUMMARY_JSON = "summary.json"
 # The format of run.json: 2 since the four settings of FORMAT1_MODES are no longer recorded.
 RUN_FORMAT = 2
 # A data-parallel rank's rows file and lock (see the module docstring).
 _RANK_ROWS = re.compile(r"rows\.rank(\d+)\.jsonl")
-# Files a run directory's report writes (vps.evaluation.report): a directory holding one of them
-# without a run.json is not a run directory, and is not overwritten.
-_REPORT_FILES = ("report.md", "summary.json", "report.png")
+# A directory holding one of the report's files without a run.json is not a run directory, and is not
+# overwritten.
+_REPORT_FILES = (REPORT_MD, SUMMARY_JSON, REPORT_PNG)
 # How every run computes what run.json format 1 recorded as settings (the batch order, the NLL scoring of a
 # patched model, whether refine methods take a batch of items at a time, how self-consistency samples are
 # drawn). None but refine_sampling changes a number beyond float rounding; refine_sampling changes which
@@ -133,6 +143,14 @@ def _comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
         # field always defaults to the old behaviour), so the run still resumes.
         cfg = {k: v for k, v in {**VPSConfig().to_dict(), **cfg}.items() if k != "version"}
     return {"method": spec.get("method"), "config": cfg, "votes": spec.get("votes")}
+
+
+def run_record(settings: RunSettings, specs: Sequence[MethodSpec]) -> dict[str, Any]:
+    """run.json's content for a run of ``specs`` with ``settings``: the format and version it was written with,
+    the settings (`RunSettings.to_dict`), the baseline (the ``base`` configuration) and every configuration."""
+    base = next((s.name for s in specs if s.method == "base"), None)
+    return {"format": RUN_FORMAT, "vps_version": __version__, **settings.to_dict(), "baseline": base,
+            "configs": {s.name: s.to_dict() for s in specs}}
 
 
 def computed_mode(stored: dict[str, Any], key: str) -> Any:

@@ -11,35 +11,29 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from .._version import __version__
 from ..prompting import (
     DEFAULT_SHOTS,
     DEFAULT_STOP_STRINGS,
     DEFAULT_STYLE,
-    PROMPT_STYLES,
     PromptFormat,
+    PromptSettingError,
     PromptSettings,
     style_system,
 )
 from ..refinement.config import MAX_SAMPLES, RefineConfig, RefineConfigError, check_seed
+from ..setting_flags import flag_field, flag_fields
+from ..setting_flags import flag_of as setting_flag
 from ..verify import EXTRACT_MODES
 from .data import LoadResult
-from .rundir import RUN_FORMAT
 
-if TYPE_CHECKING:
-    from .methods.registry import MethodSpec
-
-__all__ = ["MAX_SHOTS", "MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info"]
+__all__ = ["MIN_TEMPERATURE", "RunSettings", "SettingError", "data_info", "flag_of", "run_flag_fields"]
 
 # Below this a sampling temperature divides logits into float overflow (1e-300 made every probability NaN
 # after the base rows were written); greedy decoding is temperature 0.
 MIN_TEMPERATURE = 1e-4
-# Solved examples in a fewshot prompt: far more than any published GSM8K setting (5 or 8), and few enough that
-# the prompt's size is a setting, not an accident (100,000 asked for every train item, then overflowed).
-MAX_SHOTS = 64
 
 
 def data_info(result: LoadResult, source: str, question_field: str = "question", answer_field: str = "answer",
@@ -54,6 +48,16 @@ def data_info(result: LoadResult, source: str, question_field: str = "question",
         "sample": sample, "seed": seed, "n_items": len(result.items), "items_sha256": digest.hexdigest(),
         "skipped": len(result.skipped),
     }
+
+
+def run_flag_fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The `RunSettings` fields declared as flags of ``vps eval`` / ``vps ablate``, in field order."""
+    return flag_fields(RunSettings)
+
+
+def flag_of(name: str) -> str | None:
+    """The flag that sets `RunSettings` field ``name`` (None: none does)."""
+    return setting_flag(RunSettings, name)
 
 
 class SettingError(ValueError):
@@ -71,28 +75,38 @@ class RunSettings:
     ``seed`` seeds generation and refinement (greedy decoding does not use it). ``generate`` False
     is an NLL-only run. ``prompt`` is the prompt style (`vps.prompting.PROMPT_STYLES`): "tutor" (the
     default), "boxed" (the Qwen family's own convention) or "fewshot" (lm-eval's plain-text format, with
-    ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt.
+    ``shots`` solved examples from GSM8K train). ``system`` None means the style's own system prompt. The
+    three are checked by `PromptSettings` (its rules and words; the field names are the same).
     ``refine_iters`` (>= 1) and ``refine_k_samples`` (>= 0) are the refine methods' iterations and
     self-consistency samples; a run with a refine method needs ``refine_k_samples >= 1`` (`check_run`):
     with none, self-consistency would be skipped without a word. Every float must be finite and every
     stop string non-empty. An invalid value raises `SettingError` naming its field.
     """
 
-    model: str
+    # A field's ``flag`` is the command-line flag that sets it (`flag_of`); `flag_field` fields are declared as
+    # flags of ``vps eval`` / ``vps ablate`` from their metadata alone (`vps.commands.common.add_setting_argument`),
+    # the others by the argument groups they share with other commands (model, data, prompt).
+    model: str = field(metadata={"flag": "--model"})
     data: dict[str, Any]
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"flag": "--dtype"})
     generate: bool = True
     nll: bool = False
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS
-    system: str | None = None
-    prompt: str = DEFAULT_STYLE
-    shots: int = DEFAULT_SHOTS
-    extract_mode: str = "flexible"
-    refine_iters: int = 3
-    refine_k_samples: int = 4
-    seed: int = 0
+    max_new_tokens: int = flag_field(256, "--max-new-tokens", "most tokens generated per answer (default: %(default)s)")
+    temperature: float = flag_field(0.0, "--temperature", "0 = greedy (default)")
+    stop_strings: Sequence[str] = flag_field(
+        DEFAULT_STOP_STRINGS, "--stop", "stop string, non-empty (repeatable); default: "
+        + ", ".join(repr(s) for s in DEFAULT_STOP_STRINGS), repeatable=True, metavar="TEXT")
+    system: str | None = field(default=None, metadata={"flag": "--system"})
+    prompt: str = field(default=DEFAULT_STYLE, metadata={"flag": "--prompt"})
+    shots: int = field(default=DEFAULT_SHOTS, metadata={"flag": "--shots"})
+    extract_mode: str = flag_field(
+        "flexible", "--extract", "answer extraction: flexible (first ####, else boxed / 'answer is' / last number), "
+        "strict (#### only) or last (the last marker of any kind); see docs/verification.md", choices=EXTRACT_MODES)
+    refine_iters: int = flag_field(3, "--iters", "refinement iterations (refine methods; >= 1)")
+    refine_k_samples: int = flag_field(
+        4, "--k-samples", "samples for self-consistency (refine methods; >= 1 when a refine method runs, since 0 "
+        "would skip self-consistency)")
+    seed: int = field(default=0, metadata={"flag": "--seed"})
     command: str = "eval"
 
     def __post_init__(self) -> None:
@@ -116,12 +130,10 @@ class RunSettings:
             check_seed(self.seed)
         except RefineConfigError as exc:
             raise SettingError("seed", str(exc)) from None
-        if self.prompt not in PROMPT_STYLES:
-            raise SettingError("prompt", f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
-        if self.prompt == "fewshot" and self.system is not None:
-            raise SettingError("system", "the fewshot prompt uses no chat template, so it takes no system prompt")
-        if not 1 <= self.shots <= MAX_SHOTS:
-            raise SettingError("shots", f"shots must be in [1, {MAX_SHOTS}], got {self.shots}")
+        try:
+            self.prompt_settings()
+        except PromptSettingError as exc:
+            raise SettingError(exc.field, str(exc)) from None
         if self.extract_mode not in EXTRACT_MODES:
             raise SettingError("extract_mode",
                                f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
@@ -133,9 +145,13 @@ class RunSettings:
                 raise SettingError("stop_strings", f"stop strings must be non-empty text, got {stop!r} (an empty "
                                                    f"one would stop every output before its first token)")
 
+    def prompt_settings(self) -> PromptSettings:
+        """The run's `PromptSettings` (``prompt``, ``shots``, ``system``), which check them."""
+        return PromptSettings(self.prompt, self.shots, self.system)
+
     def prompt_format(self) -> PromptFormat:
         """The run's `PromptFormat` (`PromptSettings.format`)."""
-        return PromptSettings(self.prompt, self.shots, self.system).format()
+        return self.prompt_settings().format()
 
     def refine_config(self, **changes: Any) -> RefineConfig:
         """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``.
@@ -146,13 +162,12 @@ class RunSettings:
         return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
                             max_new_tokens=self.max_new_tokens, seed=self.seed).replace(**changes)
 
-    def to_dict(self, specs: Sequence[MethodSpec] = ()) -> dict[str, Any]:
-        """run.json's content for a run of ``specs`` with these settings (the baseline: the ``base`` one)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as run.json records them: the system prompt the style uses, and ``shots`` only for a
+        fewshot prompt (`vps.evaluation.rundir.run_record` adds the format, the version and the configurations)."""
         out = dataclasses.asdict(self)
         out["system"] = style_system(self.prompt, self.system)
         if self.prompt != "fewshot":
             del out["shots"]
-        base = next((s.name for s in specs if s.method == "base"), None)
-        return {"format": RUN_FORMAT, "vps_version": __version__, **out, "baseline": base,
-                "configs": {s.name: s.to_dict() for s in specs}}
+        return out
 

@@ -9,17 +9,24 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .._lazy import lazy_exports
 from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE
 from .settings import OBJECTIVES, PRUNERS, TuneSettings
 from .space import SearchSpace, SpaceError, default_space_path, load_space, parse_space
 from .split import SplitCheck, check_test_split, name_says_test
-from .study import TuneResult, run_study
+
+if TYPE_CHECKING:
+    from .study import TuneResult
 
 __all__ = ["OBJECTIVES", "PRUNERS", "SearchSpace", "SpaceError", "SplitCheck", "TestSplitError", "TuneResult",
            "TuneSettings", "check_split", "check_test_split", "default_space_path", "load_space", "name_says_test",
            "parse_space", "run_study", "tune"]
+
+# The study loop imports torch and Optuna: it loads on first use, so that the command line (which reads
+# `TuneSettings` to declare ``vps tune``'s flags) stays free of both.
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {"TuneResult": "study", "run_study": "study"})
 
 
 class TestSplitError(ValueError):
@@ -71,6 +78,7 @@ def tune(model: Any, tokenizer: Any, out: str | Path, n_trials: int = 40, data: 
     """
     from ..evaluation.data import load_items
     from ..evaluation.settings import data_info
+    from .study import run_study
 
     parsed = space if isinstance(space, SearchSpace) else load_space(space)
     loaded = load_items(data, sample=sample, seed=seed)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._version import __version__
-from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PROMPT_STYLES
+from ..prompting import DEFAULT_SHOTS, DEFAULT_STYLE, PromptSettings
+from ..setting_flags import flag_field, flag_fields
 
 __all__ = ["NOT_COMPARED", "OBJECTIVES", "PRUNERS", "TUNE_FORMAT", "TuneSettings"]
 
@@ -25,7 +26,8 @@ class TuneSettings:
     without pruning: Optuna prunes single-objective studies only). ``pruner`` "median" stops a trial
     whose running mean after a batch is worse than the median of earlier trials at that batch, once
     ``prune_startup`` trials have finished and after ``prune_warmup`` batches. ``on_test`` marks a study
-    tuned on a test split (only with an explicit override): every output says so."""
+    tuned on a test split (only with an explicit override): every output says so. ``prompt``, ``shots`` and
+    ``system`` are checked by `PromptSettings` (`vps.prompting.PromptSettingError`, naming the field)."""
 
     model: str
     data: dict[str, Any]
@@ -34,11 +36,15 @@ class TuneSettings:
     prompt: str = DEFAULT_STYLE
     shots: int = DEFAULT_SHOTS
     system: str | None = None
-    batch_size: int = 8
+    # `flag_field`s: ``vps tune`` builds these flags from their declaration here (default, help, choices, bound).
+    batch_size: int = flag_field(8, "--batch-size", "items per batch (default %(default)s)", low=1)
     objectives: tuple[str, ...] = ("nll",)
-    pruner: str = "median"
-    prune_startup: int = 5
-    prune_warmup: int = 1
+    pruner: str = flag_field("median", "--pruner", "median (default): stop a trial whose running mean after a batch "
+                             "is worse than the median of earlier trials there; none", choices=PRUNERS)
+    prune_startup: int = flag_field(5, "--prune-startup", "trials that finish before any is pruned (default "
+                                    "%(default)s)", low=0)
+    prune_warmup: int = flag_field(1, "--prune-warmup", "batches a trial runs before it can be pruned (default "
+                                   "%(default)s)", low=0)
     seed: int = 0
     on_test: bool = False
 
@@ -49,14 +55,11 @@ class TuneSettings:
             raise ValueError(f"objectives must be nll or nll,overhead, got {','.join(self.objectives)}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"pruner must be one of {PRUNERS}, got {self.pruner!r}")
-        if self.prompt not in PROMPT_STYLES:
-            raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
-        for name in ("batch_size", "shots"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("prune_startup", "prune_warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        PromptSettings(self.prompt, self.shots, self.system)  # the prompt's own rules
+        for f in flag_fields(TuneSettings):
+            low = f.metadata["low"]
+            if low is not None and getattr(self, f.name) < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {getattr(self, f.name)}")
 
     @property
     def prunes(self) -> bool:

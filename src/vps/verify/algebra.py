@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .extract import Answer
+from .quantity import Answer
 
 __all__ = ["SympyWorker", "algebraic_loss", "default_worker"]
 

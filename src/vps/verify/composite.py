@@ -10,8 +10,9 @@ from typing import Any
 
 from .algebra import SympyWorker, algebraic_loss
 from .consistency import self_consistency_loss
-from .extract import Answer, extract_answer, parse_gold
+from .extract import extract_answer, parse_gold
 from .numeric import DEFAULT_REL_SCALE, numeric_loss
+from .quantity import Answer
 from .units import units_loss
 
 __all__ = ["DEFAULT_WEIGHTS", "CompositeVerifier"]

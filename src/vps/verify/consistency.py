@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .extract import Answer, answers_match
+from .compare import answers_match
+from .quantity import Answer
 
 __all__ = ["self_consistency_loss", "majority_answer"]
 

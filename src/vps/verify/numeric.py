@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .extract import Answer, numbers_match, readings
+from .compare import numbers_match, readings
+from .quantity import Answer
 from .unit_conversion import convert
 
 __all__ = ["DEFAULT_REL_SCALE", "graded_error", "numeric_loss"]
@@ -15,7 +16,7 @@ DEFAULT_REL_SCALE = 0.1
 
 
 def graded_error(pred: float, gold: float, rel_tol: float, rel_scale: float) -> tuple[float, dict[str, Any]]:
-    """``0`` when ``pred`` matches ``gold`` (:func:`~vps.verify.extract.numbers_match`: integers exactly, others
+    """``0`` when ``pred`` matches ``gold`` (:func:`~vps.verify.compare.numbers_match`: integers exactly, others
     within ``rel_tol``), else ``1 - exp(-e / s)``.
 
     ``e = (pred - gold)**2`` and ``s = (rel_scale * max(|gold|, 1))**2``: the penalty

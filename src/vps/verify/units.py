@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .extract import Answer
 from .numeric import graded_error
+from .quantity import Answer
 from .unit_conversion import convert, parse_unit
 
 __all__ = ["units_loss"]

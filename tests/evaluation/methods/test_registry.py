@@ -27,7 +27,7 @@ from vps.evaluation.methods import (
     unregister,
 )
 from vps.evaluation.methods.rows import COMMON_FIELDS, new_row, score
-from vps.evaluation.report import REPORT_MD
+from vps.evaluation.rundir import REPORT_MD
 from vps.patching import is_patched
 from vps.verify import extract_answer
 

@@ -16,7 +16,7 @@ from ..data import Item
 from .registry import BatchRunner, Method, MethodSpec, RunContext, register
 from .rows import gold, new_row, score
 
-__all__ = ["refine_batch"]
+__all__ = ["refine_batch", "refine_passes"]
 
 
 def _default_refine() -> Callable[..., Any]:
@@ -74,7 +74,18 @@ def _start(ctx: RunContext, spec: MethodSpec) -> BatchRunner:
                                       ctx.clock, ctx.sample_cache)
 
 
+def refine_passes(row: dict[str, Any]) -> tuple[int, int] | None:
+    """A refine row's (forward, backward) passes: one forward per token it generated (self-consistency samples and
+    every iteration's decode, `generation_passes`), plus one forward and one backward for each iteration after the
+    first, whose surrogate step back-propagates through the prompt and its target."""
+    tokens, trace = row.get("tokens"), (row.get("refine") or {}).get("trace")
+    if not isinstance(tokens, int) or not isinstance(trace, list):
+        return None
+    steps = sum(1 for entry in trace if isinstance(entry, dict) and entry.get("surrogate") is not None)
+    return tokens + steps, steps
+
+
 _TRAITS: dict[str, Any] = dict(patched=True, samples=True, refines=True, row_fields=("refine",), sample_field="refine",
-                               rescore_note="refine rows keep the candidate their loop chose")
+                               rescore_note="refine rows keep the candidate their loop chose", passes=refine_passes)
 register(Method("refine-self", _start, **_TRAITS))
 register(Method("refine-oracle", _start, oracle=True, **_TRAITS))

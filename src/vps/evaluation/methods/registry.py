@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from ..data import Item
     from ..settings import RunSettings
 
-__all__ = ["BatchRunner", "Method", "MethodSpec", "RunContext", "find_method", "get_method", "method_names",
-           "register", "registered", "unregister", "vote_method_names"]
+__all__ = ["BatchRunner", "Method", "MethodSpec", "RunContext", "find_method", "generation_passes", "get_method",
+           "method_names", "register", "registered", "unregister", "vote_method_names"]
 
 Row = dict[str, Any]
 # A method's runner for one configuration: a batch of items in, one row per item out (in the batch's order).
@@ -57,6 +57,14 @@ class RunContext:
     sample_cache: Any = None
 
 
+def generation_passes(row: Row) -> tuple[int, int] | None:
+    """The model passes a generating row spent, (forward, backward): one forward per generated token (the first
+    token comes from the prompt's prefill, each later one from a decode step) and no backward; None when the row
+    records no tokens (an NLL-only row). Methods whose rows spend more register their own `Method.passes`."""
+    tokens = row.get("tokens")
+    return None if not isinstance(tokens, int) else (tokens, 0)
+
+
 @dataclass(frozen=True)
 class Method:
     """One evaluation method as the registry holds it.
@@ -71,6 +79,8 @@ class Method:
     ``row_fields``: the keys its rows add after the common ones. ``report_lines(entries)``: its lines in
     report.md's description, given the summary entries of every method that shares the same function (so a
     family states its note once). ``rescore_note``: what ``vps rescore`` keeps of its rows, said in the report.
+    ``passes(row)``: the (forward, backward) model passes the row spent, for comparing methods at equal compute
+    (default `generation_passes`).
     """
 
     name: str
@@ -84,6 +94,7 @@ class Method:
     sample_field: str | None = None
     report_lines: Callable[[Sequence[dict[str, Any]]], list[str]] | None = None
     rescore_note: str | None = None
+    passes: Callable[[Row], tuple[int, int] | None] = generation_passes
 
     def __post_init__(self) -> None:
         # "@" and "," are the --methods syntax (name@K, comma-separated); a name holding them could not be given.

@@ -153,3 +153,19 @@ def test_a_confirmed_tuned_configuration_joins_the_verdict(tmp_path, model):
     head = build_results(load_index(_index(tmp_path, verdict="Tiny")), tmp_path).split("## Summary")[0]
     line = next(ln for ln in head.splitlines() if ln.startswith("- **Tiny**"))
     assert "(`tuned`), measured on test so far (incomplete: decides nothing yet): " in line and "n = 4 of 5" in line
+
+
+@pytest.mark.parametrize("ci, n, says", [
+    ((-0.002, -0.0001), 10, "measured on test: confirmed (its NLL interval lies below 0): gold-solution NLL: helps"),
+    ((-0.0003, 0.0008), 10, "measured on test: not confirmed (confirmation needs its NLL interval wholly below 0)"),
+    ((-0.002, -0.0001), 9, "measured on test so far (incomplete: decides nothing yet): gold-solution NLL"),
+])
+def test_a_tuned_nll_confirmation_is_stated_by_the_rule(ci, n, says):
+    """Once every test item is in, a configuration tuned on NLL is confirmed only where its interval is below 0;
+    an incomplete one is neither."""
+    from vps.evaluation.digest import verdict
+
+    vs = {"n": n, "nll_diff": (ci[0] + ci[1]) / 2, "nll_diff_ci": list(ci), "accuracy_diff": None}
+    line = verdict("M", [], [("t", vs, 10)])
+    assert says in line
+    assert ("confirmed" in line) == (n == 10)

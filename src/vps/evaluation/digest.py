@@ -20,7 +20,8 @@ derived from the statistics, and the run's ``report.md`` is embedded below the c
 with a ``verdict`` (a model's name) feed the top of the file: per model, one sentence on whether VPS
 (its ``vps`` configuration) helps, hurts or does nothing measurable, from those runs' statistics, and
 how a ``tuned`` configuration in the same runs fares (a `vps tune` study's best, added by its
-``confirm.yaml``); sections with ``versus`` add whether refinement beats voting at equal compute (`against_voting`).
+``confirm.yaml``; once all its test rows are in, confirmed only where its NLL interval lies below 0);
+sections with ``versus`` add whether refinement beats voting at equal compute (`against_voting`).
 Run
 ``python -m vps.evaluation.digest results/index.yaml -o RESULTS.md``.
 """
@@ -190,6 +191,12 @@ def verdict(model: str, evidence: list[tuple[str, dict[str, Any], int]],
         # "confirmed" only once every test item is in: a partial interval decides nothing yet.
         done = all(vs["n"] >= n_items for _title, vs, n_items in tuned or [])
         how = "measured on test" if done else "measured on test so far (incomplete: decides nothing yet)"
+        nll = [vs["nll_diff_ci"] for _title, vs, _n in tuned or [] if vs.get("nll_diff") is not None]
+        if done and nll:
+            # The confirmation rule the tuning section states before the rows exist: a configuration tuned to
+            # lower the NLL is confirmed only where every test interval of its NLL difference lies below 0.
+            how += (": confirmed (its NLL interval lies below 0)" if all(hi < 0 for _lo, hi in nll) else
+                    ": not confirmed (confirmation needs its NLL interval wholly below 0)")
         text += f"; the configuration tuned on train (`tuned`), {how}: " + "; ".join(tuned_parts)
     if voting:
         text += "; " + "; ".join(voting)

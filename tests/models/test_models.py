@@ -21,14 +21,6 @@ from vps.models import MODEL_ALIASES, ModelLoadError, cache_dir, cached_models, 
 from vps.models.cache import CACHE_FORMAT, MARKER
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("VPS_CACHE_DIR", str(root))
-    monkeypatch.setenv("VPS_QUIET", "1")
-    return root
-
-
 def write_tiny_llama_gguf(path: Path, seed: int = 0) -> Path:
     """A one-layer llama with a byte-level BPE tokenizer and no chat template, as float32 GGUF."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode

@@ -149,9 +149,10 @@ def summarize_run(settings: dict[str, Any], rows: Sequence[dict[str, Any]],
     versus: list[dict[str, Any]] = []
     # Only runs that draw samples weigh compute, so the summaries of every other run stay as they were.
     if any(f is not None and f.samples for f in families.values()):
+        row_passes = {name: _row_passes(by_config[name], families.get(name)) for name in by_config}
         for entry in entries:
-            entry["passes"] = _passes(by_config[entry["name"]], families.get(entry["name"]))
-        versus = _versus(entries, by_config, families, seed)
+            entry["passes"] = _passes(row_passes[entry["name"]])
+        versus = _versus(entries, by_config, families, row_passes, seed)
     # Only a run that copied rows carries the key, so the summaries of every other run stay as they were.
     imported = {"imported": settings["imported"]} if settings.get("imported") else {}
     return {
@@ -177,9 +178,9 @@ def _row_passes(rows: Sequence[dict[str, Any]], family: Any) -> dict[str, tuple[
     return out
 
 
-def _passes(rows: Sequence[dict[str, Any]], family: Any) -> dict[str, Any] | None:
-    """A configuration's mean forward and backward passes per item (None when no row can say)."""
-    found = _row_passes(rows, family)
+def _passes(found: dict[str, tuple[int, int]]) -> dict[str, Any] | None:
+    """A configuration's mean forward and backward passes per item, from its rows' (`_row_passes`); None when
+    no row can say."""
     if not found:
         return None
     return {"rows": len(found), "forward_mean": _mean([f for f, _ in found.values()]),
@@ -187,7 +188,8 @@ def _passes(rows: Sequence[dict[str, Any]], family: Any) -> dict[str, Any] | Non
 
 
 def _versus(entries: Sequence[dict[str, Any]], by_config: dict[str, list[dict[str, Any]]],
-            families: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+            families: dict[str, Any], row_passes: dict[str, dict[str, tuple[int, int]]],
+            seed: int) -> list[dict[str, Any]]:
     """Each gold-free refinement configuration against each voting one, on the items both finished: accuracy
     (refinement minus voting, `pair_stats` with the vote as the baseline) and the ratios of refinement's forward
     passes and seconds per item to voting's on those items."""
@@ -199,8 +201,7 @@ def _versus(entries: Sequence[dict[str, Any]], by_config: dict[str, list[dict[st
             stats = pair_stats(by_config[v["name"]], by_config[r["name"]], seed=seed)
             if stats is None or stats.get("accuracy_diff") is None:
                 continue
-            r_passes = _row_passes(by_config[r["name"]], families[r["name"]])
-            v_passes = _row_passes(by_config[v["name"]], families[v["name"]])
+            r_passes, v_passes = row_passes[r["name"]], row_passes[v["name"]]
             paired = [i for i in r_passes if i in v_passes]
             r_fwd = sum(r_passes[i][0] for i in paired)
             v_fwd = sum(v_passes[i][0] for i in paired)

@@ -183,6 +183,8 @@ def test_a_sample_cache_reuses_samples_drawn_with_the_same_settings_only():
     assert [r.samples_reused for r in mixed] == [True, False]
     other = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8, rank=1))
     assert not any(r.samples_reused for r in refine_many(other, tok, prompts, sample_cache=cache, **kw))
+    # sets drawn with other settings are kept beside the first ones: more sets than prompts
+    assert len(cache) > cache.prompts == 3
 
 
 def test_a_results_sample_record_restores_its_samples_in_a_new_cache():

@@ -225,7 +225,8 @@ def _run_locked(job: _Job) -> dict[str, int]:
     written: dict[str, int] = {}
     sample_cache = _sample_cache(finished) if samples else None
     if sample_cache is not None and len(sample_cache):
-        log(f"refine: samples of {len(sample_cache)} item(s) restored from earlier rows, to be reused where they apply")
+        log(f"refine: {len(sample_cache)} sample set(s) of {sample_cache.prompts} item(s) restored from earlier rows,"
+            " to be reused where they apply")
     context = RunContext(job.model, job.tokenizer, job.settings, prompts, fmt.solution_prefix, job.generate_fn,
                          job.refine_fn, job.clock, sample_cache)
 

@@ -81,6 +81,11 @@ class SampleCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    @property
+    def prompts(self) -> int:
+        """How many distinct prompts have samples (one prompt can hold sets drawn with several settings)."""
+        return len({prompt for prompt, _ in self._store})
+
     def get(self, prompt: str, fingerprint: str) -> DrawnSamples | None:
         """The samples stored for ``prompt`` drawn with these settings, marked reused, or None."""
         found = self._store.get((prompt, fingerprint))

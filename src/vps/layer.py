@@ -31,6 +31,7 @@ from .builders import Selection, make_builder, rank_features
 from .config import VPSConfig
 from .context import TokenMask, VPSContext
 from .coupling import BaseOutput, QKPair
+from .lean_gather import gather_features
 from .offload import execution_device, hooked_call
 from .plan import Plan
 from .plan_region import plan_region, region_key
@@ -222,7 +223,7 @@ class VPSLinear(nn.Module):
             idx, q = idx.expand(b, -1), q.expand(b, -1, -1)
             bias_sel = None if bias_sel is None else bias_sel.expand(b, -1)
             coef = None if coef is None else coef.expand(b, -1, -1)
-        h_sel = torch.gather(out, 2, idx.unsqueeze(1).expand(b, t, idx.shape[1]))
+        h_sel = gather_features(out, idx.unsqueeze(1).expand(b, t, idx.shape[1]))
         if bias_sel is not None:
             h_sel = h_sel - bias_sel.unsqueeze(1)
         if coef is not None:

@@ -41,6 +41,7 @@ runs exactly should that ever change.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -374,6 +375,11 @@ def _target_ids(tokenizer: Any, prompt: str, reference: Answer | None) -> torch.
     return ids if ids.numel() else None
 
 
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (HuggingFace causal LMs: the last N positions)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _surrogate_step(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
                     targets: Sequence[torch.Tensor | None], gains: GainOptimizer, device: torch.device
                     ) -> list[dict[str, Any]]:
@@ -403,11 +409,15 @@ def _surrogate_step(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     for p in params:  # gradients are needed for activations and gains only, never for weights
         p.requires_grad_(False)
     try:
+        # Only the positions from the earliest target on are scored: the vocabulary-wide logits of the
+        # prompt's other positions (and their gradient's zeros) would be the step's largest single tensors.
+        lo = min(firsts) - 1 if _keeps_logits(model) else 0
+        kwargs = {"logits_to_keep": width - lo} if lo > 0 else {}
         with gains.tracking(), torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
             losses = []
             for i, (seq, first) in enumerate(zip(seqs, firsts, strict=True)):
-                pred = logits[i, first - 1: seq.numel() - 1].float()
+                pred = logits[i, first - 1 - lo: seq.numel() - 1 - lo].float()
                 losses.append(torch.nn.functional.cross_entropy(pred, ids[i, first: seq.numel()]))
             torch.stack(losses).sum().backward()
         steps = gains.step()

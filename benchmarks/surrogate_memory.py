@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Memory of refinement's surrogate step (one teacher-forced forward and backward to the gains), four ways.
+
+The step back-propagates through every patched layer over the whole prompt, so its memory grows with
+prompt length x batch; on Qwen2.5-Coder-1.5B with the 5-shot GSM8K prompt it decided how large a batch
+`vps eval --methods refine-self` could run (issue #30). Two savings change nothing the step computes:
+
+- ``lean gather``: the plan's gather of selected output features saves only its index for the backward
+  pass, not the layer's whole base output (`vps.lean_gather`);
+- ``kept logits``: logits are formed only from the earliest scored position on (``logits_to_keep``).
+
+Each variant runs in its own process (peak RSS is per process) on the same first GSM8K test questions with
+the answer target ``#### <gold>``, and reports the process's peak RSS, the RSS before the step (model
+loaded), the bytes autograd saved for the backward pass, and a digest of the losses and the gains'
+gradient, which must agree across variants.
+
+    python benchmarks/surrogate_memory.py --model smollm2-135m --dtype float32 --batch 4 --threads 1 \\
+        --out benchmarks/results/surrogate-memory-smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {  # name: (lean gather, kept logits)
+    "before": (False, False),
+    "lean gather": (True, False),
+    "kept logits": (False, True),
+    "both (the library's step)": (True, True),
+}
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    return kb / 1e6
+
+
+def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
+    """One variant, in this process."""
+    import torch
+
+    import vps
+    from vps import layer as layer_module
+    from vps.evaluation.data import load_items, read_gold
+    from vps.models import load_model
+    from vps.prompting import PromptSettings
+    from vps.refinement import loop
+    from vps.refinement.gains import GainOptimizer
+
+    torch.set_num_threads(args.threads)
+    if not lean:
+        layer_module.gather_features = lambda s, i: torch.gather(s, 2, i)  # type: ignore[attr-defined]
+    if not keep:
+        loop._keeps_logits = lambda model: False  # type: ignore[assignment]
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    vps.patch(model, vps.VPSConfig())
+    fmt = PromptSettings("fewshot", args.shots).format()
+    items = load_items("gsm8k:test", limit=args.batch).items
+    prompts = [fmt.render(tok, it.question) for it in items]
+    targets = [loop._target_ids(tok, p, read_gold(it.answer)) for p, it in zip(prompts, items, strict=True)]
+    gains = GainOptimizer(model, batch=len(prompts))
+    recorded = {}
+    step = gains.step
+
+    def recording_step():
+        recorded["grad"] = gains.gradient().clone()
+        return step()
+
+    gains.step = recording_step  # type: ignore[method-assign]
+    saved = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    rss_before = _rss_gb()
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    losses = [info["loss"] for info in infos]
+    digest = hashlib.sha256(json.dumps(losses).encode() + recorded["grad"].numpy().tobytes()).hexdigest()[:16]
+    tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    return {
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "rss_before_step_gb": rss_before,
+        "saved_activation_gb": sum(v for k, v in saved.items() if k not in params) / 1e9,
+        "seconds": seconds,
+        "prompt_tokens": tokens,
+        "losses": losses,
+        "digest": digest,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=4, help="prompts in the step (default: 4)")
+    p.add_argument("--shots", type=int, default=5, help="solved examples in the fewshot prompt (default: 5)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--variant", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.out is not None and not args.out.parent.is_dir():
+        p.error(f"--out: folder {args.out.parent} does not exist")
+    if args.variant is not None:  # a child: one variant, its result as JSON on stdout
+        print(json.dumps(_measure(args, *VARIANTS[args.variant])))
+        return 0
+    runs = {}
+    for name in VARIANTS:
+        cmd = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch),
+               "--shots", str(args.shots), "--threads", str(args.threads), "--variant", name]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        r = runs[name]
+        print(f"{name:28s} peak RSS {r['peak_rss_gb']:6.2f} GB (model {r['rss_before_step_gb']:5.2f} GB), "
+              f"saved for backward {r['saved_activation_gb']:6.2f} GB, {r['seconds']:6.1f} s, digest {r['digest']}",
+              flush=True)
+    digests = {r["digest"] for r in runs.values()}
+    result = {
+        "command": "python benchmarks/surrogate_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": args.model, "dtype": args.dtype, "batch": args.batch, "shots": args.shots, "threads": args.threads,
+        "identical_losses_and_gradients": len(digests) == 1,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": runs,
+    }
+    print("losses and gains' gradient identical across variants:", result["identical_losses_and_gradients"])
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if len(digests) == 1 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,9 +10,9 @@ prompt length x batch; on Qwen2.5-Coder-1.5B with the 5-shot GSM8K prompt it dec
 - ``kept logits``: logits are formed only from the earliest scored position on (``logits_to_keep``).
 
 Each variant runs in its own process (peak RSS is per process) on the same first GSM8K test questions with
-the answer target ``#### <gold>``, and reports the process's peak RSS, the RSS before the step (model
-loaded), the bytes autograd saved for the backward pass, and a digest of the losses and the gains'
-gradient, which must agree across variants.
+the answer target ``#### <gold>``, and reports the RSS before the step (model loaded), the highest RSS
+sampled during the step (every 5 ms), the process's ru_maxrss (loading included), the bytes autograd saved
+for the backward pass, and a digest of the losses and the gains' gradient, which must agree across variants.
 
     python benchmarks/surrogate_memory.py --model smollm2-135m --dtype float32 --batch 4 --threads 1 \\
         --out benchmarks/results/surrogate-memory-smollm2.json
@@ -26,6 +26,7 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,16 +84,31 @@ def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     rss_before = _rss_gb()
+    # The process's ru_maxrss also covers loading; the step's own peak is sampled while it runs.
+    step_peak = [rss_before]
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            step_peak[0] = max(step_peak[0], _rss_gb())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cpu"))
     seconds = time.perf_counter() - t0
+    running.clear()
+    sampler.join()
     losses = [info["loss"] for info in infos]
     digest = hashlib.sha256(json.dumps(losses).encode() + recorded["grad"].numpy().tobytes()).hexdigest()[:16]
     tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     return {
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "rss_before_step_gb": rss_before,
+        "step_peak_rss_gb": step_peak[0],
         "saved_activation_gb": sum(v for k, v in saved.items() if k not in params) / 1e9,
         "seconds": seconds,
         "prompt_tokens": tokens,
@@ -125,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
         r = runs[name]
-        print(f"{name:28s} peak RSS {r['peak_rss_gb']:6.2f} GB (model {r['rss_before_step_gb']:5.2f} GB), "
+        print(f"{name:28s} step's peak RSS {r['step_peak_rss_gb']:6.2f} GB "
+              f"(model loaded: {r['rss_before_step_gb']:5.2f} GB), "
               f"saved for backward {r['saved_activation_gb']:6.2f} GB, {r['seconds']:6.1f} s, digest {r['digest']}",
               flush=True)
     digests = {r["digest"] for r in runs.values()}

@@ -1,7 +1,8 @@
 """Per-model forward context shared by the patched layers: valid-token mask, phase, entropy.
 
 `vps.patch` installs a forward pre-hook and a forward hook on the top-level model. The pre-hook
-reads the call's ``attention_mask`` (so padding never counts in any statistic) and whether a
+reads the call's ``attention_mask`` (so padding never counts in any statistic; a 4-D mask, as generate()
+passes with a static cache, is read through `current_tokens_mask`) and whether a
 non-empty KV cache was passed (prefill vs decode; the cache is found by type, see `vps.kv_cache`).
 The forward hook computes the model's own next-token entropy H at the last valid position of each
 sequence, and warns when a forward continued a cache that the pre-hook did not see.
@@ -54,7 +55,7 @@ class VPSContext:
         self.fallback_flags: list[torch.Tensor] | None = None
         self.entropy: torch.Tensor | None = None  # (B,) from the previous forward, per sequence
         self.entropy_hint: torch.Tensor | None = None
-        self._warned_4d = False
+        self._warned_mask = False
         self._warned_hidden_cache = False
         self._tokens: int | None = None
         self._valid: dict[tuple[int, int, torch.device], tuple[torch.Tensor, bool]] = {}
@@ -161,15 +162,15 @@ class VPSContext:
         self._valid, self._token_masks, self._ranking = {}, {}, None
         self._entropy_on = {}
         self.in_forward = True
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            self.mask = attention_mask
-        else:
-            if isinstance(attention_mask, torch.Tensor) and not self._warned_4d:
-                warnings.warn("vps: a non-2D attention_mask was passed; statistics count every token",
-                              stacklevel=3)
-                self._warned_4d = True
-            self.mask = None
-        self.phase = "decode" if cache_length(call.cache) > 0 else "prefill"
+        past = cache_length(call.cache)
+        self.mask, readable = read_padding(attention_mask, call.tokens, past)
+        if not readable and not self._warned_mask:
+            what = (f"of shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor)
+                    else f"of type {type(attention_mask).__name__}")
+            warnings.warn(f"vps: an attention_mask {what} was passed, from which vps cannot read which tokens are "
+                          "padding; statistics count every token", stacklevel=3)
+            self._warned_mask = True
+        self.phase = "decode" if past > 0 else "prefill"
         if self.phase == "prefill":
             self.entropy = self.entropy_hint
             self.entropy_hint = None
@@ -201,6 +202,51 @@ class VPSContext:
                 "and the selectors were rebuilt from the new tokens (frozen decoding is not frozen). The cache "
                 "argument is likely passed in a form this vps version does not recognise; please report it "
                 "with your transformers version.", HiddenCacheWarning, stacklevel=3)
+
+
+def read_padding(attention_mask: Any, tokens: int | None, past: int) -> tuple[torch.Tensor | None, bool]:
+    """The mask the statistics read for a forward: (B, >= tokens), its last ``tokens`` columns marking the
+    new tokens that are real, or None when every token counts; and whether ``attention_mask`` could be read.
+
+    A 2-D mask is used as it is. A 4-D one is read by `current_tokens_mask`, except for a single new token,
+    which generate() only passes for a generated (real) token. A mapping (generate() of a model with
+    several attention types passes one mask per type, e.g. ``{"full_attention": ...}``) is read through
+    its full-attention mask, else its first: in every kind a real token attends to itself.
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if attention_mask is None:
+        return None, True
+    if not isinstance(attention_mask, torch.Tensor):
+        return None, False
+    if attention_mask.dim() == 2:
+        return attention_mask, True
+    if attention_mask.dim() == 4:
+        if tokens == 1:
+            return None, True
+        found = current_tokens_mask(attention_mask, tokens, past)
+        return found, found is not None
+    return None, False
+
+
+def current_tokens_mask(mask: torch.Tensor, tokens: int | None, past: int) -> torch.Tensor | None:
+    """(B, tokens) bool: which of a forward's new tokens are real, read from a 4-D attention mask (B, 1 or
+    heads, queries, keys), or None when the mask's shape does not allow it.
+
+    generate() with a static cache (and any caller with its own 4-D mask) passes the mask already
+    expanded, so padding is no longer a column of ones and zeros. A token may attend to itself exactly
+    when it is real: the new tokens sit at key positions ``past .. past + tokens - 1``, and the diagonal
+    of that block is the 2-D padding mask. A boolean mask marks attended entries True; an additive float
+    mask holds 0 there and a large negative number (the dtype's minimum, or -inf) where masked.
+    """
+    if tokens is None or mask.shape[2] != tokens or mask.shape[3] < past + tokens:
+        return None
+    diagonal = torch.diagonal(mask[:, 0, :, past:past + tokens], dim1=1, dim2=2)
+    if diagonal.dtype == torch.bool:
+        return diagonal
+    if not diagonal.is_floating_point():  # an integer mask: 1 attends, 0 does not
+        return diagonal != 0
+    return diagonal > torch.finfo(diagonal.dtype).min / 2
 
 
 def next_token_entropy(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,16 @@ import vps
 from tests.helpers.tiny import TINY_MODELS, ids
 from vps import layer as layer_mod
 from vps.context import HiddenCacheWarning, next_token_entropy
-from vps.kv_cache import cache_argument, cache_length, find_cache, forward_call_reader, is_cache, output_cache
+from vps.kv_cache import (
+    ForwardCall,
+    cache_argument,
+    cache_length,
+    find_cache,
+    forward_call_reader,
+    is_cache,
+    output_cache,
+)
+from vps.patching import get_context
 
 NEW_TOKENS = 6
 CFG = dict(topk=8, gamma=0.8, adaptive_gamma=False, tau=10.0)
@@ -202,3 +211,68 @@ def test_no_deprecated_cache_name_comes_from_vps_code(monkeypatch, one_thread, t
                    or "`cache`" in str(w.message)]
     assert about_cache == []
     assert [m for m in logged if "past_key_values" in m or "cache_params" in m] == []
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_static_cache_generate_counts_no_padding(arch, attn, one_thread):
+    """generate() with a static cache hands the model a 4-D mask (boolean for sdpa, additive float for
+    eager). The plans it builds for a left-padded batch must equal those built from the 2-D mask of a
+    dynamic cache, which padding never enters; before vps read the 4-D mask, they counted every pad."""
+    x, mask = left_padded(3, 8)
+    kw = dict(return_dict_in_generate=True, output_logits=True)
+    runs = []
+    for cache in ({}, {"cache_implementation": "static"}):
+        model = TINY_MODELS[arch]()
+        model.config._attn_implementation = attn
+        vps.patch(model, vps.VPSConfig(**CFG))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "cannot read which tokens are padding" warning
+            out = generate(model, x, mask, **kw, **cache)
+            with vps.disabled(model):
+                base = generate(model, x, mask, **kw, **cache)
+        gap = max((a - b).abs().max().item() for a, b in zip(out.logits, base.logits, strict=True))
+        assert gap > 1e-2, "the perturbation should change the logits, or the equalities below prove nothing"
+        plans = {name: layer.plan for name, layer in vps.vps_layers(model).items()}  # frozen: the prefill's
+        runs.append((out.sequences, plans))
+    (tokens, plans), (static_tokens, static_plans) = runs
+    for name, plan in plans.items():
+        other = static_plans[name]
+        assert torch.equal(plan.out_idx, other.out_idx), name
+        torch.testing.assert_close(plan.q, other.q, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(tokens, static_tokens)
+
+
+def test_a_4d_mask_is_read_by_its_diagonal():
+    from vps.context import current_tokens_mask
+
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    causal = torch.ones(4, 6, dtype=torch.bool).tril(diagonal=2)  # 2 tokens already in the cache
+    attend = causal & torch.cat([torch.ones(2, 2, dtype=torch.bool), valid], dim=1)[:, None, :]
+    bool_mask = attend[:, None]  # (2, 1, 4, 6)
+    float_mask = torch.where(bool_mask, 0.0, torch.finfo(torch.float32).min)
+    for mask in (bool_mask, float_mask, bool_mask.long(), torch.where(bool_mask, 0.0, float("-inf"))):
+        assert torch.equal(current_tokens_mask(mask, 4, past=2), valid)
+    assert current_tokens_mask(bool_mask, 3, past=2) is None  # the mask is not of this forward's tokens
+    assert current_tokens_mask(bool_mask, 4, past=3) is None
+
+
+def test_a_mask_vps_cannot_read_is_reported_once(one_thread):
+    from vps.context import read_padding
+
+    valid = torch.tensor([[False, True, True]])
+    four_d = (torch.ones(3, 3, dtype=torch.bool).tril() & valid[:, None, :])[:, None]
+    assert torch.equal(read_padding({"sliding_attention": four_d}, 3, 0)[0], valid)
+    assert read_padding(four_d, 1, 2) == (None, True)  # one generated token
+    assert read_padding(None, 3, 0) == (None, True)
+    assert read_padding(torch.ones(1, 3, 3), 3, 0) == (None, False)
+    # A mask of a kind vps cannot read (flex attention's BlockMask, say) is reported, once per model.
+    ctx = get_context(vps.patch(TINY_MODELS["llama"](), vps.VPSConfig(**CFG)))
+    with pytest.warns(UserWarning, match="attention_mask of type object was passed, from which vps cannot read"):
+        ctx.begin(ForwardCall(attention_mask=object(), cache=None, tokens=3))
+    assert ctx.mask is None
+    ctx.end(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctx.begin(ForwardCall(attention_mask=torch.ones(1, 3, 3), cache=None, tokens=3))
+        ctx.end(None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -124,11 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="prompts in the step (default: 4)")
     p.add_argument("--shots", type=int, default=5, help="solved examples in the fewshot prompt (default: 5)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="run each variant with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: allocations from that size "
+                        "on are mapped and returned to the system when freed (default: glibc's own, which "
+                        "rises to 32 MiB as large blocks are freed)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--variant", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.mmap_threshold is not None and args.mmap_threshold < 0:
+        p.error(f"--mmap-threshold must be >= 0, got {args.mmap_threshold}")
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     if args.variant is not None:  # a child: one variant, its result as JSON on stdout
@@ -138,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in VARIANTS:
         cmd = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch),
                "--shots", str(args.shots), "--threads", str(args.threads), "--variant", name]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
         r = runs[name]
         print(f"{name:28s} step's peak RSS {r['step_peak_rss_gb']:6.2f} GB "
@@ -149,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python benchmarks/surrogate_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "dtype": args.dtype, "batch": args.batch, "shots": args.shots, "threads": args.threads,
+        "mmap_threshold": args.mmap_threshold,
         "identical_losses_and_gradients": len(digests) == 1,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,

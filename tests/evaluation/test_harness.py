@@ -561,7 +561,7 @@ def test_a_resumed_run_reuses_the_samples_its_earlier_rows_recorded(tmp_path, mo
     run_evaluation(model, TOK, items[:2], [own], out, settings, progress=False, log=lambda _m: None)
     # a new process: nothing in memory, only the rows on disk
     run_evaluation(model, TOK, items[:2], [own, oracle], out, settings, progress=False, log=messages.append)
-    assert any("samples of 2 item(s) restored" in m for m in messages)
+    assert any("2 sample set(s) of 2 item(s) restored" in m for m in messages)
     by = {(r["config"], r["id"]): r for r in RunDir(out).read_rows()}
     fresh_out = tmp_path / "fresh"
     run_evaluation(model, TOK, items[:2], [oracle], fresh_out, settings, progress=False, log=lambda _m: None)
@@ -629,3 +629,32 @@ def test_yaml_reads_scientific_notation_as_numbers():
 
     assert safe_load("a: 1e-300\nb: 2E5\nc: 1.5e3\nd: '1e3'\ne: 1e\n") == {
         "a": 1e-300, "b": 2e5, "c": 1500.0, "d": "1e3", "e": "1e"}
+
+
+def test_refine_and_vote_methods_stop_at_the_runs_stop_strings(tmp_path, model):
+    """The run's --stop ends the samples that maj@K votes over and refinement's samples and decodes, as it ends
+    the base and vps methods' generation: their answers and token counts stop where the text does."""
+    data = write_data(tmp_path / "d.jsonl")
+    specs = [MethodSpec("maj@2", "maj", votes=2), MethodSpec("refine-self", "refine-self")]
+    kw = dict(nll=False, max_new_tokens=12, refine_iters=2, refine_k_samples=2)
+
+    def run(out: Path, stops: list[str]) -> list[dict]:
+        items, settings = settings_for(data, stop_strings=stops, **kw)
+        assert settings.refine_config().stop_strings == tuple(stops)
+        run_evaluation(model, TOK, items[:2], specs, out, settings, progress=False, log=lambda _m: None)
+        return RunDir(out).read_rows()
+
+    def texts(rows: list[dict]) -> list[str]:
+        found = []
+        for row in rows:
+            held = row.get("refine") or row.get("vote")
+            found += held["sample_record"]["texts"] + [t["text"] for t in (row.get("refine") or {}).get("trace", [])]
+        return found
+
+    free = run(tmp_path / "free", [])
+    stop = next(t[2:4] for t in texts(free) if len(t) > 6 and t[2:4].strip() == t[2:4])
+    stopped = run(tmp_path / "stopped", [stop])
+    assert texts(stopped) and not any(stop in t for t in texts(stopped))
+    for config in ("maj@2", "refine-self"):
+        assert sum(r["tokens"] for r in stopped if r["config"] == config) < \
+            sum(r["tokens"] for r in free if r["config"] == config), config

@@ -9,6 +9,7 @@ import vps
 from tests.helpers.tiny_eval import tiny_model, tiny_tokenizer
 from vps.prompting import chat_prompt
 from vps.refinement import RefineConfig, TraceRow
+from vps.refinement.config import RefineConfigError
 from vps.refinement.loop import pick_references, refine, refine_many, score_candidate
 from vps.refinement.samples import settings_fingerprint
 from vps.verify import CompositeVerifier, extract_answer, parse_gold
@@ -72,6 +73,19 @@ def test_the_sample_fingerprint_is_unchanged():
     assert settings_fingerprint(old, None) == "8a07efc99e98c178"
     # refine-self and refine-oracle share samples: iters and mode are not part of it
     assert settings_fingerprint(old.replace(iters=9, mode="oracle"), None) == "8a07efc99e98c178"
+
+
+def test_stop_strings_are_texts_and_join_the_fingerprint_only_when_given():
+    assert RefineConfig(stop_strings=["\nQuestion:"]).stop_strings == ("\nQuestion:",)
+    for bad in ([""], ["ok", 3], "\nQuestion:"):
+        with pytest.raises(RefineConfigError, match="stop_strings must be non-empty texts") as err:
+            RefineConfig(stop_strings=bad)  # type: ignore[arg-type]
+        assert err.value.field == "stop_strings"
+    plain = RefineConfig(k_samples=3, max_new_tokens=16, temperature=0.5, seed=7, sampling="global")
+    assert settings_fingerprint(plain.replace(stop_strings=()), None) == "8a07efc99e98c178"
+    stopped = settings_fingerprint(plain.replace(stop_strings=("\nQuestion:",)), None)
+    assert stopped != "8a07efc99e98c178"
+    assert stopped != settings_fingerprint(plain.replace(stop_strings=("\n\nQ:",)), None)
 
 
 def test_a_config_and_the_keywords_give_the_same_result(setup):

@@ -231,3 +231,24 @@ def test_refine_many_needs_per_sequence_selectors_and_matching_golds():
         refine_many(model, tok, prompts, ["#### 2"], mode="oracle", iters=1, k_samples=0, max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one prompt"):
         refine_many(model, tok, [], iters=1)
+
+
+def test_stop_strings_end_every_sample_and_decode():
+    """A few-shot prompt's continuation runs on into made-up questions; refinement's samples and decodes stop
+    where generation does, so neither their answers nor their token counts come from past a stop string."""
+    from vps.refinement.loop import refine_many
+
+    tok = tiny_tokenizer()
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
+    prompts = [chat_prompt(tok, q, system=None) for q in ("What is 12 - 5 + 2?", "What is 3 + 4?")]
+    kw = dict(iters=2, k_samples=3, max_new_tokens=12, seed=1)
+    free = refine_many(model, tok, prompts, **kw)
+    texts = [t for r in free for t in r.sample_record["texts"]] + [row["text"] for r in free for row in r.trace]
+    # a two-character stop that the unstopped outputs contain, well before their end
+    stop = next(t[2:4] for t in texts if len(t) > 6 and t[2:4].strip() == t[2:4])
+    stopped = refine_many(model, tok, prompts, stop_strings=[stop], **kw)
+    cut = [t for r in stopped for t in r.sample_record["texts"]] + [row["text"] for r in stopped for row in r.trace]
+    assert not any(stop in t for t in cut)
+    assert sum(r.tokens for r in stopped) < sum(r.tokens for r in free)
+    # the samples drawn without stops are not reused for a run with them
+    assert stopped[0].sample_record["settings"] != free[0].sample_record["settings"]

@@ -154,13 +154,15 @@ class RunSettings:
         return self.prompt_settings().format()
 
     def refine_config(self, **changes: Any) -> RefineConfig:
-        """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``.
+        """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``: its
+        decodes and samples stop at the run's stop strings, as the base and vps methods' generation does.
 
         The samples' temperature is refinement's own (`SAMPLE_TEMPERATURE`): ``temperature`` is the
         base and vps methods' decoding, which the run.json field keeps its name for.
         """
         return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
-                            max_new_tokens=self.max_new_tokens, seed=self.seed).replace(**changes)
+                            max_new_tokens=self.max_new_tokens, seed=self.seed,
+                            stop_strings=tuple(self.stop_strings)).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as run.json records them: the system prompt the style uses, and ``shots`` only for a

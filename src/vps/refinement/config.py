@@ -47,6 +47,9 @@ class RefineConfig:
     answer is target and reference), ``k_samples`` self-consistency samples (>= 0) drawn at
     ``temperature`` (> 0 when any are drawn) with ``sampling`` "streams" or "global" (see
     `vps.refinement.loop`), ``max_new_tokens`` (>= 1) per decode and ``seed`` of the samples.
+    ``stop_strings`` (non-empty texts; a list is kept as a tuple) end every decode and sample where one first
+    appears, as they end generation in `vps.prompting.generate_texts`: a few-shot prompt's continuation
+    otherwise runs on into made-up questions, and answers would be read from them.
 
     An invalid value raises `RefineConfigError` (a ValueError) naming its field.
     """
@@ -58,8 +61,13 @@ class RefineConfig:
     seed: int = 0
     temperature: float = SAMPLE_TEMPERATURE
     sampling: str = "streams"
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, list):
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if not isinstance(self.stop_strings, tuple) or not all(isinstance(t, str) and t for t in self.stop_strings):
+            raise RefineConfigError("stop_strings", f"stop_strings must be non-empty texts, got {self.stop_strings!r}")
         for name in ("iters", "k_samples", "max_new_tokens", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

@@ -233,7 +233,8 @@ def _iterate(model: nn.Module, tokenizer: Any, prompts: list[str], targets: Sequ
     for it in range(config.iters):
         t0 = time.perf_counter()
         surrogate = _surrogate_step(model, tokenizer, prompts, targets, gains, device) if it > 0 else None
-        texts, n, first_logits = _decode(model, tokenizer, prompts, config.max_new_tokens, 0.0)
+        texts, n, first_logits = _decode(model, tokenizer, prompts, config.max_new_tokens, 0.0,
+                                         stop_strings=config.stop_strings)
         entropy = next_token_entropy(first_logits[:, None, :])
         rows = [score_candidate(it, config.oracle, texts[i], n[i], float(entropy[i]), references[i], samples[i],
                                 verifier, None if surrogate is None else surrogate[i], prev_loss[i])
@@ -304,7 +305,7 @@ def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], confi
     if missing:
         start = time.perf_counter()
         texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, config.max_new_tokens, config.temperature,
-                      config.seed, config.sampling)
+                      config.seed, config.sampling, config.stop_strings)
         share = (time.perf_counter() - start) / len(missing)
         for i, (t, n) in zip(missing, texts, strict=True):
             found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share, texts=list(t))
@@ -313,7 +314,7 @@ def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], confi
 
 
 def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int, temperature: float,
-          seed: int, sampling: str) -> list[tuple[list[str], list[int]]]:
+          seed: int, sampling: str, stop_strings: Sequence[str] = ()) -> list[tuple[list[str], list[int]]]:
     """Each prompt's k sampled texts and token counts."""
     fresh = reset_state if is_patched(model) else (lambda _m: None)
     if sampling == "streams":
@@ -326,14 +327,15 @@ def _draw(model: nn.Module, tokenizer: Any, prompts: list[str], k: int, max_new_
             fresh(model)
             rows = [p for p in chunk for _ in range(k)]
             sampler = StreamSampler(len(chunk), k, temperature, seed, next(model.parameters()).device)
-            texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler)
+            texts, n, _ = _decode(model, tokenizer, rows, max_new_tokens, 0.0, processor=sampler,
+                                  stop_strings=stop_strings)
             out += [(texts[i * k:(i + 1) * k], n[i * k:(i + 1) * k]) for i in range(len(chunk))]
         return out
     out = []
     for prompt in prompts:
         fresh(model)  # each prompt's samples start from a fresh state, as in a lone call
         torch.manual_seed(seed)
-        texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature)
+        texts, n, _ = _decode(model, tokenizer, [prompt] * k, max_new_tokens, temperature, stop_strings=stop_strings)
         out.append((texts, n))
     return out
 
@@ -344,12 +346,13 @@ def _comparable(total: float) -> float:
 
 
 def _decode(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float,
-            processor: LogitsProcessor | None = None) -> tuple[list[str], list[int], torch.Tensor]:
+            processor: LogitsProcessor | None = None, stop_strings: Sequence[str] = ()
+            ) -> tuple[list[str], list[int], torch.Tensor]:
     """Generate; also return the first step's logits (the next-token distribution after the prompt)."""
     first = _FirstScores()
     # generate's output_logits would keep every step's logits: 512 steps x 32 rows x a 152k vocabulary
     # is 10 GB in float32, where only the first step is wanted.
-    texts, counts = generate_texts(model, tokenizer, prompts, max_new_tokens, temperature,
+    texts, counts = generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, stop_strings=stop_strings,
                                    logits_processors=[first] + ([processor] if processor is not None else []))
     assert first.scores is not None  # generate runs at least one step (it refuses max_new_tokens < 1)
     return texts, counts, first.scores

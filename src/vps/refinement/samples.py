@@ -27,10 +27,14 @@ def settings_fingerprint(refine: RefineConfig, config: Any) -> str:
     sample settings (not ``iters`` nor ``mode``: refine-self and refine-oracle share samples) and the
     patched ``config`` (None when unpatched).
 
-    Stored sample records are matched against this digest, so its input stays the tuple it always was.
+    Stored sample records are matched against this digest, so its input stays the tuple it always was; stop
+    strings, added later, join it only when there are some.
     """
-    text = repr((refine.k_samples, refine.max_new_tokens, float(refine.temperature), refine.seed, refine.sampling,
-                 repr(config)))
+    fields: tuple[Any, ...] = (refine.k_samples, refine.max_new_tokens, float(refine.temperature), refine.seed,
+                               refine.sampling, repr(config))
+    if refine.stop_strings:
+        fields += (refine.stop_strings,)
+    text = repr(fields)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

@@ -214,8 +214,8 @@ def test_no_deprecated_cache_name_comes_from_vps_code(monkeypatch, one_thread, t
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_static_cache_generate_counts_no_padding(arch, attn, one_thread):
+@pytest.mark.parametrize(("attn", "scope"), [("sdpa", "sequence"), ("eager", "sequence"), ("sdpa", "batch")])
+def test_a_static_cache_generate_counts_no_padding(arch, attn, scope, one_thread):
     """generate() with a static cache hands the model a 4-D mask (boolean for sdpa, additive float for
     eager). The plans it builds for a left-padded batch must equal those built from the 2-D mask of a
     dynamic cache, which padding never enters; before vps read the 4-D mask, they counted every pad."""
@@ -225,7 +225,7 @@ def test_a_static_cache_generate_counts_no_padding(arch, attn, one_thread):
     for cache in ({}, {"cache_implementation": "static"}):
         model = TINY_MODELS[arch]()
         model.config._attn_implementation = attn
-        vps.patch(model, vps.VPSConfig(**CFG))
+        vps.patch(model, vps.VPSConfig(**CFG, scope=scope))
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "cannot read which tokens are padding" warning
             out = generate(model, x, mask, **kw, **cache)

@@ -88,6 +88,16 @@ def test_stop_strings_are_texts_and_join_the_fingerprint_only_when_given():
     assert stopped != settings_fingerprint(plain.replace(stop_strings=("\n\nQ:",)), None)
 
 
+def test_the_extraction_mode_is_checked_and_joins_the_fingerprint_unless_flexible():
+    with pytest.raises(RefineConfigError, match="extract_mode must be one of") as err:
+        RefineConfig(extract_mode="loose")
+    assert err.value.field == "extract_mode"
+    plain = RefineConfig(k_samples=3, max_new_tokens=16, temperature=0.5, seed=7, sampling="global")
+    assert settings_fingerprint(plain.replace(extract_mode="flexible"), None) == "8a07efc99e98c178"
+    strict, last = (settings_fingerprint(plain.replace(extract_mode=m), None) for m in ("strict", "last"))
+    assert len({strict, last, "8a07efc99e98c178"}) == 3
+
+
 def test_a_config_and_the_keywords_give_the_same_result(setup):
     model, tok, prompt = setup
     by_keywords = refine(model, tok, prompt, iters=2, k_samples=2, max_new_tokens=5, seed=1)
@@ -154,6 +164,10 @@ def test_run_settings_build_one_refine_config(tmp_path):
     # the samples' own temperature, not the base methods' decoding temperature
     assert cfg.temperature == RefineConfig().temperature != settings.temperature
     assert settings.refine_config(mode="oracle", k_samples=8).oracle
+    # the run's stop strings and extraction rule reach every sample and candidate
+    assert cfg.stop_strings == tuple(settings.stop_strings) and cfg.extract_mode == settings.extract_mode
+    _, strict = settings_for(write_data(tmp_path / "e.jsonl"), nll=False, extract_mode="strict", stop_strings=["##!"])
+    assert (strict.refine_config().extract_mode, strict.refine_config().stop_strings) == ("strict", ("##!",))
 
 
 def test_cli_refine_builds_its_config_from_the_flags():

@@ -252,3 +252,27 @@ def test_stop_strings_end_every_sample_and_decode():
     assert sum(r.tokens for r in stopped) < sum(r.tokens for r in free)
     # the samples drawn without stops are not reused for a run with them
     assert stopped[0].sample_record["settings"] != free[0].sample_record["settings"]
+
+
+def test_samples_and_candidates_are_read_in_the_configured_extraction_mode():
+    """Votes, the target answer and the chosen candidate follow the run's --extract rule, not always the
+    flexible one."""
+    from vps.refinement.loop import draw_samples, refine_many
+    from vps.verify import extract_answer
+
+    tok = tiny_tokenizer()
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
+    prompts = [chat_prompt(tok, q, system=None) for q in ("What is 12 - 5 + 2?", "What is 3 + 4?")]
+    kw = dict(iters=2, k_samples=4, max_new_tokens=16, seed=1)
+    read = {}
+    for mode in ("flexible", "strict"):
+        config = vps.refinement.RefineConfig(extract_mode=mode, **kw)
+        _, drawn = draw_samples(model, tok, prompts, config)
+        for d in drawn:
+            assert d.answers == [extract_answer(t, mode) for t in d.texts]
+        read[mode] = [a for d in drawn for a in d.answers]
+        for r in refine_many(model, tok, prompts, extract_mode=mode, **kw):
+            assert [row["answer"] for row in r.trace] == [
+                None if (a := extract_answer(row["text"], mode)) is None else a.text for row in r.trace]
+    # the tiny model's text holds numbers but no "#### x": flexible reads some, strict none
+    assert any(a is not None for a in read["flexible"]) and all(a is None for a in read["strict"])

@@ -155,14 +155,16 @@ class RunSettings:
 
     def refine_config(self, **changes: Any) -> RefineConfig:
         """The refine methods' `RefineConfig` (and the vote methods' sample settings), with ``changes``: its
-        decodes and samples stop at the run's stop strings, as the base and vps methods' generation does.
+        decodes and samples stop at the run's stop strings, as the base and vps methods' generation does, and
+        read answers in the run's extraction mode.
 
         The samples' temperature is refinement's own (`SAMPLE_TEMPERATURE`): ``temperature`` is the
         base and vps methods' decoding, which the run.json field keeps its name for.
         """
         return RefineConfig(iters=self.refine_iters, k_samples=self.refine_k_samples,
                             max_new_tokens=self.max_new_tokens, seed=self.seed,
-                            stop_strings=tuple(self.stop_strings)).replace(**changes)
+                            stop_strings=tuple(self.stop_strings),
+                            extract_mode=self.extract_mode).replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as run.json records them: the system prompt the style uses, and ``shots`` only for a

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..verify.extract import EXTRACT_MODES
+
 __all__ = ["MAX_SAMPLES", "MAX_SEED", "MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig", "check_seed"]
 
 MODES = ("self", "oracle")
@@ -49,7 +51,9 @@ class RefineConfig:
     `vps.refinement.loop`), ``max_new_tokens`` (>= 1) per decode and ``seed`` of the samples.
     ``stop_strings`` (non-empty texts; a list is kept as a tuple) end every decode and sample where one first
     appears, as they end generation in `vps.prompting.generate_texts`: a few-shot prompt's continuation
-    otherwise runs on into made-up questions, and answers would be read from them.
+    otherwise runs on into made-up questions, and answers would be read from them. ``extract_mode`` (one of
+    `vps.verify.EXTRACT_MODES`) is how answers are read from the samples and the candidates, so the votes,
+    the target answer and the chosen candidate follow the same rule as the run's scoring.
 
     An invalid value raises `RefineConfigError` (a ValueError) naming its field.
     """
@@ -62,8 +66,12 @@ class RefineConfig:
     temperature: float = SAMPLE_TEMPERATURE
     sampling: str = "streams"
     stop_strings: tuple[str, ...] = ()
+    extract_mode: str = "flexible"
 
     def __post_init__(self) -> None:
+        if self.extract_mode not in EXTRACT_MODES:
+            raise RefineConfigError("extract_mode", f"extract_mode must be one of {EXTRACT_MODES}, "
+                                                    f"got {self.extract_mode!r}")
         if isinstance(self.stop_strings, list):
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(t, str) and t for t in self.stop_strings):

@@ -237,7 +237,8 @@ def _iterate(model: nn.Module, tokenizer: Any, prompts: list[str], targets: Sequ
                                          stop_strings=config.stop_strings)
         entropy = next_token_entropy(first_logits[:, None, :])
         rows = [score_candidate(it, config.oracle, texts[i], n[i], float(entropy[i]), references[i], samples[i],
-                                verifier, None if surrogate is None else surrogate[i], prev_loss[i])
+                                verifier, None if surrogate is None else surrogate[i], prev_loss[i],
+                                config.extract_mode)
                 for i in range(b)]
         totals = [row.total for row in rows]
         if surrogate is not None:
@@ -256,10 +257,11 @@ def _iterate(model: nn.Module, tokenizer: Any, prompts: list[str], targets: Sequ
 
 def score_candidate(it: int, oracle: bool, text: str, tokens: int, entropy: float, reference: Answer | None,
                     samples: Sequence[Answer | None], verifier: CompositeVerifier,
-                    surrogate: dict[str, Any] | None, prev_loss: float) -> TraceRow:
-    """One decoded candidate scored by the verifier against ``reference`` (and the samples, given two
-    or more); ``improved`` compares its loss with ``prev_loss`` after a surrogate step."""
-    answer = extract_answer(text)
+                    surrogate: dict[str, Any] | None, prev_loss: float, extract_mode: str = "flexible") -> TraceRow:
+    """One decoded candidate, its answer read in ``extract_mode``, scored by the verifier against ``reference``
+    (and the samples, given two or more); ``improved`` compares its loss with ``prev_loss`` after a surrogate
+    step."""
+    answer = extract_answer(text, extract_mode)
     loss = verifier.compute_loss(answer, reference, list(samples) if len(samples) >= 2 else None)
     row = TraceRow(iter=it, oracle=oracle, text=text, answer=answer, tokens=tokens, entropy=entropy,
                    loss={"total": loss["total"], "components": loss["components"],
@@ -275,7 +277,7 @@ def _result(config: RefineConfig, trace: list[TraceRow], reference: Answer | Non
     best = min(range(len(trace)), key=lambda j: (trace[j].total, j))
     return RefineResult(
         mode=config.mode, oracle=config.oracle, best_index=best, best_text=trace[best].text,
-        best_answer=extract_answer(trace[best].text), trace=[row.to_dict() for row in trace],
+        best_answer=extract_answer(trace[best].text, config.extract_mode), trace=[row.to_dict() for row in trace],
         reference=None if reference is None else reference.text,
         samples=[None if a is None else a.text for a in drawn.answers], seconds=seconds,
         tokens=drawn.tokens + sum(row.tokens for row in trace),
@@ -308,7 +310,7 @@ def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], confi
                       config.seed, config.sampling, config.stop_strings)
         share = (time.perf_counter() - start) / len(missing)
         for i, (t, n) in zip(missing, texts, strict=True):
-            found[i] = DrawnSamples([extract_answer(x) for x in t], sum(n), share, texts=list(t))
+            found[i] = DrawnSamples([extract_answer(x, config.extract_mode) for x in t], sum(n), share, texts=list(t))
             cache.put(prompts[i], fingerprint, found[i])
     return fingerprint, [found[i] for i in range(len(prompts))]
 

@@ -28,12 +28,15 @@ def settings_fingerprint(refine: RefineConfig, config: Any) -> str:
     patched ``config`` (None when unpatched).
 
     Stored sample records are matched against this digest, so its input stays the tuple it always was; stop
-    strings, added later, join it only when there are some.
+    strings and the extraction mode (the records keep the answers read from the samples), added later, join
+    it only when they are not the defaults.
     """
     fields: tuple[Any, ...] = (refine.k_samples, refine.max_new_tokens, float(refine.temperature), refine.seed,
                                refine.sampling, repr(config))
     if refine.stop_strings:
         fields += (refine.stop_strings,)
+    if refine.extract_mode != "flexible":
+        fields += (("extract", refine.extract_mode),)
     text = repr(fields)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

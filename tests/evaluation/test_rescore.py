@@ -141,3 +141,36 @@ def test_cli_writes_next_to_the_run_by_default(run_dir, capsys):
     assert (run_dir.with_name("run-last") / REPORT_MD).exists()
     assert main(["rescore", str(run_dir), "--extract", "strict", "--out", str(run_dir)]) == 2
     assert "must differ" in capsys.readouterr().err
+
+
+def test_a_vote_row_is_voted_again_in_the_new_mode(tmp_path, model, monkeypatch):
+    """A maj@K row's vote depends on how its samples are read: two samples state a wrong answer first and box
+    the gold last, one states the gold. Read flexibly the vote is wrong 2:1; read by the last marker all
+    three agree on the gold. The rescored row says so, and its votes are those of the new reading."""
+    from vps.refinement import loop
+    from vps.refinement.samples import DrawnSamples
+    from vps.verify import extract_answer
+
+    def draw(model, tokenizer, prompts, config, cache=None):
+        drawn = []
+        for p in prompts:
+            gold = next(a for q, a in QUESTIONS if q in p).rsplit("#### ", 1)[1]
+            texts = [f"#### 999\nchecking: \\boxed{{{gold}}}"] * 2 + [f"so #### {gold}"]
+            drawn.append(DrawnSamples([extract_answer(t, config.extract_mode) for t in texts], 9, 0.1, texts=texts))
+        return "fingerprint", drawn
+
+    monkeypatch.setattr(loop, "draw_samples", draw)
+    items, settings = settings_for(write_data(tmp_path / "d.jsonl"), nll=False)
+    run = tmp_path / "run"
+    run_evaluation(model, TOK, items, [MethodSpec("base", "base"), MethodSpec("maj@3", "maj", votes=3)], run,
+                   settings, batch_size=2, progress=False, generate_fn=_generate, clock=Clock(), log=lambda _m: None)
+    before = rows_by_config(run)["maj@3"]
+    assert all(r["pred"] == "999" and not r["correct"] and r["vote"]["winner_votes"] == 2 for r in before)
+    rescore_run(run, tmp_path / "last", "last")
+    after = rows_by_config(tmp_path / "last")["maj@3"]
+    assert all(r["correct"] and r["vote"]["winner_votes"] == 3 and "sample_record" not in r["vote"] for r in after)
+    assert [r["vote"]["answers"] for r in after] == [[r["gold_text"]] * 3 for r in after]
+    # and in the run's own mode the vote comes out as stored
+    rescore_run(run, tmp_path / "flexible", "flexible")
+    same = rows_by_config(tmp_path / "flexible")["maj@3"]
+    assert [(r["pred"], r["correct"]) for r in same] == [(r["pred"], r["correct"]) for r in before]

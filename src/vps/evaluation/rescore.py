@@ -4,7 +4,9 @@ Accuracy depends on how an answer is read from the text as well as on the text. 
 every output, so the reading can change without generating again: `rescore_run` writes a new
 evaluation directory whose rows carry the new extraction and correctness, then its report. Nothing
 is generated again: a refine row keeps the candidate its loop chose; only that candidate's answer is
-read again. Rows without an output (NLL-only) are copied as they are.
+read again. A vote row (``maj@K``, ``vps-maj@K``) whose samples are stored is voted again, its samples
+read in the new mode, as the run would have voted in it. Rows without an output (NLL-only) are copied
+as they are.
 
 The rescored rows leave out the prompt, the output and the refine trace (they stay in the source
 run), and ``run.json`` records where the rows came from, so the report says so. Before rescoring,
@@ -20,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .._io import RunLockedError, RunMismatchError, check_directory, dumps_strict, write_atomic
-from ..verify import EXTRACT_MODES, answers_match, extract_answer, parse_gold
+from ..verify import EXTRACT_MODES, CompositeVerifier, answers_match, extract_answer, parse_gold
+from ..verify.consistency import majority_answer
 from .report import write_report
 from .rundir import RESULTS_FILE, RUN_FILE, RunDir
 from .summary import load_run
@@ -36,9 +39,25 @@ def _gold(row: dict[str, Any]) -> Any:
     return parse_gold(str(text)) if text is not None else None
 
 
-def _read(row: dict[str, Any], mode: str) -> tuple[Any, bool]:
-    answer = extract_answer(row["output"], mode)
-    return answer, bool(answers_match(answer, _gold(row)))
+def _vote_texts(row: dict[str, Any]) -> list[str] | None:
+    vote = row.get("vote")
+    record = vote.get("sample_record") if isinstance(vote, dict) else None
+    texts = record.get("texts") if isinstance(record, dict) else None
+    return texts if isinstance(texts, list) and texts else None
+
+
+def _read(row: dict[str, Any], mode: str) -> tuple[Any, bool, dict[str, Any] | None]:
+    """A row's answer read in ``mode``, whether it is correct, and for a vote row its votes in that mode."""
+    texts = _vote_texts(row)
+    if texts is None:
+        answer = extract_answer(row["output"], mode)
+        return answer, bool(answers_match(answer, _gold(row))), None
+    # The vote itself depends on how its samples are read: vote again, as `vote_batch` does.
+    votes = [extract_answer(t, mode) for t in texts]
+    winner, count = majority_answer(votes, CompositeVerifier().rel_tol)
+    answer = None if winner is None else extract_answer(texts[votes.index(winner)], mode)
+    return answer, bool(answers_match(answer, _gold(row))), {
+        "answers": [None if a is None else a.text for a in votes], "winner_votes": count}
 
 
 def rescore_rows(rows: Sequence[dict[str, Any]], mode: str, original_mode: str
@@ -58,16 +77,18 @@ def rescore_rows(rows: Sequence[dict[str, Any]], mode: str, original_mode: str
         out.append(new)
         if row.get("output") is None or row.get("correct") is None:
             continue
-        again, again_correct = _read(row, original_mode)
+        again, again_correct, _ = _read(row, original_mode)
         if again_correct != bool(row["correct"]) or (again.text if again else None) != row.get("pred"):
             raise RunMismatchError(
                 f"item {row.get('id')!r} ({row.get('config')}): reading its output in the run's own "
                 f"{original_mode!r} mode gives {again.text if again else None!r} (correct={again_correct}), "
                 f"but the row says {row.get('pred')!r} (correct={row['correct']}); the extraction rules "
                 f"changed since this run, so its rows cannot be rescored against them")
-        answer, correct = _read(row, mode)
+        answer, correct, votes = _read(row, mode)
         new.update(pred=answer.text if answer else None, pred_number=answer.number if answer else None,
                    pred_source=answer.source if answer else None, correct=correct)
+        if votes is not None:  # the samples stay in the source run, as the outputs do
+            new["vote"] = {k: v for k, v in row["vote"].items() if k != "sample_record"} | votes
         c = counts.setdefault(str(row["config"]), {"rows": 0, "changed": 0, "correct_before": 0,
                                                    "correct_after": 0})
         c["rows"] += 1

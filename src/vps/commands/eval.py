@@ -84,11 +84,10 @@ def report(out: Path) -> int:
     return 0
 
 
-# RunSettings field -> the flag that sets it, so an invalid value is named as the user typed it (the prompt's
-# fields are checked first, by `prompt_from_args`).
 @contextlib.contextmanager
 def flag_errors() -> Iterator[None]:
-    """A `SettingError` re-raised as a ValueError naming the flag of its field."""
+    """A `SettingError` re-raised as a ValueError naming the flag of its field (`flag_of`), so an invalid value
+    is named as the user typed it; the prompt's fields are checked before, by `prompt_from_args`."""
     from ..evaluation.settings import SettingError, flag_of
 
     try:

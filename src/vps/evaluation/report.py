@@ -255,8 +255,8 @@ def _versus_table(summary: dict[str, Any]) -> list[str]:
                      "diff (refinement - voting)", "95% CI (bootstrap)", "McNemar p", "only refinement correct",
                      "only voting correct", "forward passes ratio", "seconds ratio"], rows),
             "Ratios are refinement's per item over voting's on the paired items (above 1: refinement spent more). "
-            "Equal compute means a ratio near 1; refinement that spends more and is not better does not beat voting."
-            , ""]
+            "Equal compute means a ratio near 1; refinement that spends more and is not better does not beat voting.",
+            ""]
 
 
 def _rescore_table(summary: dict[str, Any]) -> list[str]:

@@ -54,8 +54,8 @@ def _read(row: dict[str, Any], mode: str) -> tuple[Any, bool, dict[str, Any] | N
         return answer, bool(answers_match(answer, _gold(row))), None
     # The vote itself depends on how its samples are read: vote again, as `vote_batch` does.
     votes = [extract_answer(t, mode) for t in texts]
-    winner, count = majority_answer(votes, CompositeVerifier().rel_tol)
-    answer = None if winner is None else extract_answer(texts[votes.index(winner)], mode)
+    # The winner is one of ``votes``: the reading, in this mode, of the first sample that carries it.
+    answer, count = majority_answer(votes, CompositeVerifier().rel_tol)
     return answer, bool(answers_match(answer, _gold(row))), {
         "answers": [None if a is None else a.text for a in votes], "winner_votes": count}
 

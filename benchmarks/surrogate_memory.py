@@ -10,9 +10,11 @@ prompt length x batch; on Qwen2.5-Coder-1.5B with the 5-shot GSM8K prompt it dec
 - ``kept logits``: logits are formed only from the earliest scored position on (``logits_to_keep``).
 
 Each variant runs in its own process (peak RSS is per process) on the same first GSM8K test questions with
-the answer target ``#### <gold>``, and reports the RSS before the step (model loaded), the highest RSS
-sampled during the step (every 5 ms), the process's ru_maxrss (loading included), the bytes autograd saved
-for the backward pass, and a digest of the losses and the gains' gradient, which must agree across variants.
+the answer target ``#### <gold>``, and reports the RSS before the step (model loaded), the step's peak RSS
+(VmHWM reset after loading, as `vps bench`'s memory probe does, `vps.bench.memory`), the bytes autograd saved
+for the backward pass (GiB), and a digest of the losses and the gains' gradient, which must agree across
+variants. Unlike the probe, it leaves glibc's allocator as it is unless ``--mmap-threshold`` is given, since
+what a refinement run meets by default is the point.
 
     python benchmarks/surrogate_memory.py --model smollm2-135m --dtype float32 --batch 4 --threads 1 \\
         --out benchmarks/results/surrogate-memory-smollm2.json
@@ -21,13 +23,12 @@ for the backward pass, and a digest of the losses and the gains' gradient, which
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,10 +40,8 @@ VARIANTS = {  # name: (lean gather, kept logits)
 }
 
 
-def _rss_gb() -> float:
-    with open("/proc/self/status") as fh:
-        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-    return kb / 1e6
+def _gib(mib: float | None) -> float | None:
+    return None if mib is None else mib / 1024
 
 
 def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
@@ -51,6 +50,7 @@ def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
 
     import vps
     from vps import layer as layer_module
+    from vps.bench.memory import _current_rss_mb, _peak_rss_mb, _reset_peak_rss
     from vps.evaluation.data import load_items, read_gold
     from vps.models import load_model
     from vps.prompting import PromptSettings
@@ -84,33 +84,24 @@ def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
         return t
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    rss_before = _rss_gb()
-    # The process's ru_maxrss also covers loading; the step's own peak is sampled while it runs.
-    step_peak = [rss_before]
-    running = threading.Event()
-    running.set()
-
-    def sample() -> None:
-        while running.is_set():
-            step_peak[0] = max(step_peak[0], _rss_gb())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    # As `vps bench`'s memory probe measures: the peak RSS (VmHWM) is reset once the model is loaded, so the
+    # peak read after the step is the step's own (weights and runtime included), loading left out.
+    gc.collect()
+    reset = _reset_peak_rss()
+    before = _current_rss_mb()
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    running.clear()
-    sampler.join()
+    peak = _peak_rss_mb()
     losses = [info["loss"] for info in infos]
     digest = hashlib.sha256(json.dumps(losses).encode() + recorded["grad"].numpy().tobytes()).hexdigest()[:16]
     tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     return {
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-        "rss_before_step_gb": rss_before,
-        "step_peak_rss_gb": step_peak[0],
-        "saved_activation_gb": sum(v for k, v in saved.items() if k not in params) / 1e9,
+        "rss_before_step_gib": _gib(before),
+        "step_peak_gib": _gib(peak),
+        "peak_reset": reset,  # False: no /proc/self/clear_refs, and the peak includes loading
+        "saved_activation_gib": sum(v for k, v in saved.items() if k not in params) / 2**30,
         "seconds": seconds,
         "prompt_tokens": tokens,
         "losses": losses,
@@ -151,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
         r = runs[name]
-        print(f"{name:28s} step's peak RSS {r['step_peak_rss_gb']:6.2f} GB "
-              f"(model loaded: {r['rss_before_step_gb']:5.2f} GB), "
-              f"saved for backward {r['saved_activation_gb']:6.2f} GB, {r['seconds']:6.1f} s, digest {r['digest']}",
+        print(f"{name:28s} step's peak RSS {r['step_peak_gib']:6.2f} GiB "
+              f"(model loaded: {r['rss_before_step_gib']:5.2f} GiB), "
+              f"saved for backward {r['saved_activation_gib']:6.2f} GiB, {r['seconds']:6.1f} s, digest {r['digest']}",
               flush=True)
     digests = {r["digest"] for r in runs.values()}
     result = {

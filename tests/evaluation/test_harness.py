@@ -19,6 +19,7 @@ from tests.helpers.tiny_eval import (
     FakeRefineResult,
     fake_generate,
     settings_for,
+    stop_inside,
     tiny_tokenizer,
     write_data,
 )
@@ -652,7 +653,7 @@ def test_refine_and_vote_methods_stop_at_the_runs_stop_strings(tmp_path, model):
         return found
 
     free = run(tmp_path / "free", [])
-    stop = next(t[2:4] for t in texts(free) if len(t) > 6 and t[2:4].strip() == t[2:4])
+    stop = stop_inside(texts(free))
     stopped = run(tmp_path / "stopped", [stop])
     assert texts(stopped) and not any(stop in t for t in texts(stopped))
     for config in ("maj@2", "refine-self"):

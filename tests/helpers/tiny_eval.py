@@ -150,3 +150,9 @@ def rows_by_config(out: Path) -> dict[str, list[dict]]:
     for r in sorted(RunDir(out).read_rows(), key=lambda r: r["index"]):
         rows.setdefault(r["config"], []).append(r)
     return rows
+
+
+def stop_inside(texts: list[str]) -> str:
+    """A two-character stop string that one of ``texts`` (outputs generated without stops) holds well before its
+    end, with no whitespace at its edges; StopIteration if none does (then a stop test would prove nothing)."""
+    return next(t[2:4] for t in texts if len(t) > 6 and t[2:4].strip() == t[2:4])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vps
-from tests.helpers.tiny_eval import tiny_model, tiny_tokenizer
+from tests.helpers.tiny_eval import stop_inside, tiny_model, tiny_tokenizer
 from vps.prompting import chat_prompt
 from vps.refinement.loop import refine
 
@@ -244,8 +244,7 @@ def test_stop_strings_end_every_sample_and_decode():
     kw = dict(iters=2, k_samples=3, max_new_tokens=12, seed=1)
     free = refine_many(model, tok, prompts, **kw)
     texts = [t for r in free for t in r.sample_record["texts"]] + [row["text"] for r in free for row in r.trace]
-    # a two-character stop that the unstopped outputs contain, well before their end
-    stop = next(t[2:4] for t in texts if len(t) > 6 and t[2:4].strip() == t[2:4])
+    stop = stop_inside(texts)
     stopped = refine_many(model, tok, prompts, stop_strings=[stop], **kw)
     cut = [t for r in stopped for t in r.sample_record["texts"]] + [row["text"] for r in stopped for row in r.trace]
     assert not any(stop in t for t in cut)

@@ -22,6 +22,20 @@ CHAT_STYLES = ("tutor", "boxed")
 PROMPT_STYLES = (*CHAT_STYLES, "fewshot")
 # Where a few-shot continuation starts the next example, so generation stops there.
 DEFAULT_STOP_STRINGS = ("\nQuestion:", "\n\nQ:")
+
+
+def check_stop_strings(values: object) -> tuple[str, ...]:
+    """``values`` as a tuple of stop strings, checked: a list or tuple of non-empty texts. A ValueError
+    otherwise, worded for every caller (`vps.evaluation.settings.RunSettings`, `vps.refinement.RefineConfig`,
+    the ``--stop`` flags), which add the field or flag it came from."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"stop strings must be a list of strings, got {values!r}")
+    for stop in values:
+        if not isinstance(stop, str) or not stop:
+            # An empty string is found at position 0 of every text, so it would stop every output at once.
+            raise ValueError(f"stop strings must be non-empty text, got {stop!r} (an empty one would stop every "
+                             f"output before its first token)")
+    return tuple(values)
 DEFAULT_STYLE = "tutor"
 # Solved examples in a fewshot prompt: lm-eval's GSM8K setting. `vps eval`, `vps tune`, their run settings and
 # `PromptFormat` all take this default from here.

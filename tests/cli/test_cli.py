@@ -47,6 +47,8 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
     (["refine", "hi", "--seed", "-1"], "--seed: seed must be a whole number in [0, 2**63 - 1], got -1"),
     (["refine", "hi", "--mode", "oracle", "--gold", ""], "--gold '': not an answer (answer_field is empty)"),
     (["refine", "hi", "--threads", "99999999999999999999"], "--threads must be in [1, 1024]"),
+    (["refine", "hi", "--stop", "\nQ:", "--stop", ""], "--stop: stop strings must be non-empty text, got ''"),
+    (["generate", "hi", "--stop", ""], "--stop: stop strings must be non-empty text, got ''"),
 ])
 def test_user_errors_end_in_one_named_line_before_loading(argv, message, capsys, monkeypatch):
     import torch
@@ -228,3 +230,39 @@ def test_generate_refuses_a_request_beyond_the_context(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vps generate: error: the prompt is ")
     assert "beyond the model's context of 8,192" in err[-1]
+
+
+def test_generate_and_refine_stop_at_the_stop_strings_given(capsys, monkeypatch):
+    """``--stop`` ends a ``vps generate`` answer and every decode and sample of ``vps refine`` where the stop
+    string first appears: fewer tokens, and no refined text holds it."""
+    import json
+
+    import vps.commands.generate as generate_command
+    import vps.commands.refine as refine_command
+    from tests.helpers.tiny_eval import stop_inside, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for command in (generate_command, refine_command):  # each run patches a model of its own, as a user's does
+        monkeypatch.setattr(command, "load", lambda args: (tiny_model(tok), tok))
+
+    def generated(*extra: str) -> tuple[str, int]:
+        assert main(["generate", "What is 3 + 4?", "--no-vps", "--max-new-tokens", "12", *extra]) == 0
+        captured = capsys.readouterr()
+        return captured.out.split("--- VPS off ---")[1], int(captured.err.split(" tokens in ")[0].split()[-1])
+
+    text, tokens = generated()
+    stop = stop_inside([text.strip()])
+    assert generated("--stop", stop)[1] < tokens
+
+    def refined(*extra: str) -> dict:
+        assert main(["refine", "What is 3 + 4?", "--iters", "2", "--k-samples", "2", "--max-new-tokens", "12",
+                     "--topk", "8", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def texts(result: dict) -> list[str]:
+        return [row["text"] for row in result["trace"]] + list(result["sample_record"]["texts"])
+
+    free = refined()
+    stop = stop_inside(texts(free))
+    stopped = refined("--stop", stop)
+    assert not any(stop in t for t in texts(stopped)) and stopped["tokens"] < free["tokens"]

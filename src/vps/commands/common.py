@@ -17,6 +17,7 @@ from ..prompting import (
     PROMPT_STYLES,
     PromptSettingError,
     PromptSettings,
+    check_stop_strings,
 )
 from ..setting_flags import flag_fields
 
@@ -145,6 +146,24 @@ def prompt_from_args(args: argparse.Namespace) -> PromptSettings:
         return PromptSettings(args.prompt, args.shots, args.system)
     except PromptSettingError as exc:
         raise ValueError(exc.named(PROMPT_FLAGS[exc.field])) from None
+
+
+def add_stop_argument(p: argparse.ArgumentParser) -> None:
+    """``--stop`` of the one-question commands (``vps generate``, ``vps refine``), read back by `stop_from_args`.
+    They prompt through a chat template, whose answers end at the model's end-of-turn token, so by default
+    nothing else stops them (``vps eval``'s ``--stop``, a `RunSettings` field, defaults to the few-shot stops)."""
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable): generation ends where one first appears and the text is cut "
+                        "there, before the answer is read (default: none; the end-of-turn token ends a chat answer)")
+
+
+def stop_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--stop`` strings, checked (`vps.prompting.check_stop_strings`); a bad one is a ValueError naming
+    the flag."""
+    try:
+        return check_stop_strings(args.stop or [])
+    except ValueError as exc:
+        raise ValueError(f"--stop: {exc}") from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,11 +14,13 @@ from ..prompting import CHAT_STYLES, PromptFormat
 from .common import (
     add_config_arguments,
     add_model_arguments,
+    add_stop_argument,
     add_threads_argument,
     config_flags_given,
     config_from_args,
     load,
     set_threads,
+    stop_from_args,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    add_stop_argument(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of sampling (default 0)")
     add_threads_argument(p)
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
+    stops = stop_from_args(args)
     cfg: VPSConfig | None = config_from_args(args)  # a bad VPS flag fails before loading, whatever the mode
     if args.mode == "base":
         if given := config_flags_given(args):
@@ -120,10 +124,10 @@ def run(args: argparse.Namespace) -> int:
             if label == "base" and args.mode == "compare":
                 with disabled(model):
                     texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature,
-                                              args.seed, streamer)
+                                              args.seed, streamer, stop_strings=stops)
             else:
                 texts, n = generate_texts(model, tok, [prompt], args.max_new_tokens, args.temperature, args.seed,
-                                          streamer)
+                                          streamer, stop_strings=stops)
             took = time.perf_counter() - start
         compiled = clock.seconds if clock is not None else 0.0
         if clock is not None:

@@ -11,10 +11,12 @@ from ..verify.composite import DEFAULT_WEIGHTS
 from .common import (
     add_config_arguments,
     add_model_arguments,
+    add_stop_argument,
     add_threads_argument,
     config_from_args,
     load,
     set_threads,
+    stop_from_args,
 )
 
 
@@ -33,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and they score self-consistency (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="token limit of every decode and every sample (default: %(default)s)")
+    add_stop_argument(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the samples' randomness; the loop's decodes are greedy (default: %(default)s)")
     add_threads_argument(p)
@@ -47,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 REFINE_FLAGS = {"iters": "--iters", "k_samples": "--k-samples", "max_new_tokens": "--max-new-tokens",
-                "mode": "--mode", "sampling": "--sampling", "seed": "--seed"}
+                "mode": "--mode", "sampling": "--sampling", "seed": "--seed", "stop_strings": "--stop"}
 
 
 def check_args(args: argparse.Namespace) -> RefineConfig:
@@ -66,7 +69,8 @@ def check_args(args: argparse.Namespace) -> RefineConfig:
                          "least 1")
     try:
         return RefineConfig(iters=args.iters, mode=args.mode, k_samples=args.k_samples,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling,
+                            stop_strings=stop_from_args(args))
     except RefineConfigError as exc:
         flag = REFINE_FLAGS.get(exc.field)
         raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None

@@ -21,6 +21,7 @@ from ..prompting import (
     PromptFormat,
     PromptSettingError,
     PromptSettings,
+    check_stop_strings,
     style_system,
 )
 from ..refinement.config import MAX_SAMPLES, RefineConfig, RefineConfigError, check_seed
@@ -137,13 +138,10 @@ class RunSettings:
         if self.extract_mode not in EXTRACT_MODES:
             raise SettingError("extract_mode",
                                f"extract_mode must be one of {EXTRACT_MODES}, got {self.extract_mode!r}")
-        if isinstance(self.stop_strings, str):
-            raise SettingError("stop_strings", f"stop_strings must be a list of strings, got {self.stop_strings!r}")
-        self.stop_strings = list(self.stop_strings)
-        for stop in self.stop_strings:
-            if not isinstance(stop, str) or not stop:
-                raise SettingError("stop_strings", f"stop strings must be non-empty text, got {stop!r} (an empty "
-                                                   f"one would stop every output before its first token)")
+        try:
+            self.stop_strings = list(check_stop_strings(self.stop_strings))
+        except ValueError as exc:
+            raise SettingError("stop_strings", str(exc)) from None
 
     def prompt_settings(self) -> PromptSettings:
         """The run's `PromptSettings` (``prompt``, ``shots``, ``system``), which check them."""

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..prompting import check_stop_strings
 from ..verify.extract import EXTRACT_MODES
 
 __all__ = ["MAX_SAMPLES", "MAX_SEED", "MODES", "SAMPLE_TEMPERATURE", "SAMPLINGS", "RefineConfig", "check_seed"]
@@ -72,10 +73,10 @@ class RefineConfig:
         if self.extract_mode not in EXTRACT_MODES:
             raise RefineConfigError("extract_mode", f"extract_mode must be one of {EXTRACT_MODES}, "
                                                     f"got {self.extract_mode!r}")
-        if isinstance(self.stop_strings, list):
-            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        if not isinstance(self.stop_strings, tuple) or not all(isinstance(t, str) and t for t in self.stop_strings):
-            raise RefineConfigError("stop_strings", f"stop_strings must be non-empty texts, got {self.stop_strings!r}")
+        try:
+            object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))
+        except ValueError as exc:
+            raise RefineConfigError("stop_strings", str(exc)) from None
         for name in ("iters", "k_samples", "max_new_tokens", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

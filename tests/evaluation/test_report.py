@@ -95,6 +95,9 @@ def test_incomplete_configs_are_marked_and_paired_on_common_items(tmp_path):
     report = (tmp_path / REPORT_MD).read_text()
     assert "| `oracle` **ORACLE** | refine-oracle | 2/4 (incomplete) |" in report
     assert "seeded sample of 4 (seed 3)" in report and "**ORACLE**: `oracle` read the gold answer" in report
+    # the cost ratio is paired, and the report says so: the s/item column averages each config over its own items
+    assert "cost ratio = seconds per item / baseline's, on the items both have" in report
+    assert "with the baseline's on the items both have" in report
     assert "oracle ORACLE" in format_console(summary)
 
 

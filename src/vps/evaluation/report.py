@@ -148,10 +148,12 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
     elif summary["generate"]:
         lines.append(f"- **Statistics**: baseline `{base}`; 95% intervals: Wilson for accuracy, paired bootstrap "
                      f"({boot['resamples']:,} resamples, seed {boot['seed']}) for differences; exact two-sided "
-                     f"McNemar p on the discordant pairs; cost ratio = seconds per item / baseline's")
+                     f"McNemar p on the discordant pairs; cost ratio = seconds per item / baseline's, "
+                     f"on the items both have")
     else:
         lines.append(f"- **Statistics**: baseline `{base}`; 95% paired bootstrap intervals ({boot['resamples']:,} "
-                     f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's")
+                     f"resamples, seed {boot['seed']}) for differences; cost ratio = seconds per item / baseline's, "
+                     f"on the items both have")
     rescored = summary.get("rescored_from")
     if rescored:
         notes = "".join(f"; {note}" for note in _rescore_notes(entries))
@@ -226,7 +228,8 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
         header = ["s/item (NLL pass)"]
     lines += _table(["config", "method", *header, "cost ratio"], rows)
     lines.append("Seconds are each batch's wall time divided among its items; the cost ratio compares "
-                 + ("generation" if summary["generate"] else "the NLL pass") + " time per item with the baseline's."
+                 + ("generation" if summary["generate"] else "the NLL pass") + " time per item with the baseline's on the items both have (so it can differ from the ratio of the "
+                 "s/item column, which averages each configuration over its own items while a run is incomplete)."
                  + (" The NLL pass of a patched configuration includes its prompt-only prefill (one more forward "
                     "over the prompt than the baseline)." if summary["nll"] else "")
                  + (f" {PASSES_NOTE}" if passes else "")

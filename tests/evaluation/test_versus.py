@@ -95,9 +95,11 @@ def test_runs_without_samples_keep_their_summary():
 def test_the_digest_says_whether_refinement_beats_voting_at_equal_compute(p, diff, ratio, n, says):
     comparison = {"refine": "refine-self", "vote": "maj@4", "n": n, "refine_accuracy": 0.5 + diff,
                   "vote_accuracy": 0.5, "accuracy_diff": diff, "accuracy_diff_ci": [diff - 0.1, diff + 0.1],
-                  "mcnemar_p": p, "forward_ratio": ratio}
+                  "mcnemar_p": p, "forward_ratio": ratio, "seconds_ratio": 2 * ratio}
     text = against_voting(comparison, 50)
-    assert says in text and f"at {ratio:.2f}x voting's forward passes" in text
+    assert says in text and f"at {ratio:.2f}x voting's forward passes and {2 * ratio:.2f}x its seconds" in text
+    # seconds decide nothing: the same comparison with other seconds says the same
+    assert says in against_voting({**comparison, "seconds_ratio": 0.1}, 50)
     assert text.startswith("refinement (`refine-self`) against voting (`maj@4`)")
 
 

@@ -153,13 +153,18 @@ def _parts(evidence: list[tuple[str, dict[str, Any], int]]) -> list[str]:
 
 def against_voting(comparison: dict[str, Any], n_items: int) -> str:
     """One clause on a refinement-against-voting comparison (`summarize_run`'s ``versus``): whether refinement
-    beats voting, and whether at equal compute (its forward passes per item against voting's)."""
+    beats voting, and whether at equal compute (its forward passes per item against voting's; its seconds per item
+    against voting's are said beside them)."""
     p, diff, ratio = comparison["mcnemar_p"], comparison["accuracy_diff"], comparison["forward_ratio"]
     n = comparison["n"]
     stats = (f"{comparison['refine_accuracy'] * 100:.1f}% vs {comparison['vote_accuracy'] * 100:.1f}%, "
              f"{diff * 100:+.1f} pp {_ci(comparison['accuracy_diff_ci'], 100, '+.1f')}, McNemar p = {p:.3g}, n = {n}"
              + ("" if n >= n_items else f" of {n_items}"))
-    spent = "" if ratio is None else f" at {ratio:.2f}x voting's forward passes"
+    seconds = comparison.get("seconds_ratio")
+    # Forward passes decide "equal compute" (a count that no machine changes); seconds are said beside them
+    # because a surrogate step counts as one forward pass but runs a forward and a backward over the whole prompt.
+    spent = ("" if ratio is None else f" at {ratio:.2f}x voting's forward passes"
+             + ("" if seconds is None else f" and {seconds:.2f}x its seconds"))
     if p < 0.05 and diff > 0:
         outcome = ("refinement beats voting at equal or lower compute" if ratio is not None and ratio <= 1 else
                    "refinement beats voting, but spends more compute: not shown at equal compute")

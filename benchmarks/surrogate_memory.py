@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Memory of refinement's surrogate step (one teacher-forced forward and backward to the gains), four ways.
+"""Memory of refinement's surrogate step (one teacher-forced forward and backward to the gains), five ways.
 
 The step back-propagates through every patched layer over the whole prompt, so its memory grows with
 prompt length x batch; on Qwen2.5-Coder-1.5B with the 5-shot GSM8K prompt it decided how large a batch
@@ -7,7 +7,10 @@ prompt length x batch; on Qwen2.5-Coder-1.5B with the 5-shot GSM8K prompt it dec
 
 - ``lean gather``: the plan's gather of selected output features saves only its index for the backward
   pass, not the layer's whole base output (`vps.lean_gather`);
-- ``kept logits``: logits are formed only from the earliest scored position on (``logits_to_keep``).
+- ``kept logits``: logits are formed only from the earliest scored position on (``logits_to_keep``);
+- ``checkpointed blocks``: both, and the decoder blocks keep only their inputs for the backward, which
+  recomputes the rest (``RefineConfig.checkpoint_activations``, `vps.refinement.checkpointing`): one more
+  forward of the blocks.
 
 Each variant runs in its own process (peak RSS is per process) on the same first GSM8K test questions with
 the answer target ``#### <gold>``, and reports the RSS before the step (model loaded), the step's peak RSS
@@ -27,16 +30,18 @@ import gc
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-VARIANTS = {  # name: (lean gather, kept logits)
-    "before": (False, False),
-    "lean gather": (True, False),
-    "kept logits": (False, True),
-    "both (the library's step)": (True, True),
+VARIANTS = {  # name: (lean gather, kept logits, checkpointed blocks)
+    "before": (False, False, False),
+    "lean gather": (True, False, False),
+    "kept logits": (False, True, False),
+    "both (the library's step)": (True, True, False),
+    "checkpointed blocks": (True, True, True),
 }
 
 
@@ -44,7 +49,7 @@ def _gib(mib: float | None) -> float | None:
     return None if mib is None else mib / 1024
 
 
-def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
+def _measure(args: argparse.Namespace, lean: bool, keep: bool, checkpoint: bool) -> dict:
     """One variant, in this process."""
     import torch
 
@@ -91,7 +96,7 @@ def _measure(args: argparse.Namespace, lean: bool, keep: bool) -> dict:
     before = _current_rss_mb()
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cpu"))
+        infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cpu"), checkpoint)
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mb()
     losses = [info["loss"] for info in infos]
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run each variant with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: allocations from that size "
                         "on are mapped and returned to the system when freed (default: glibc's own, which "
                         "rises to 32 MiB as large blocks are freed)")
+    p.add_argument("--variants", default=",".join(VARIANTS), metavar="NAMES",
+                   help="comma-separated variants to run (default: all: " + ", ".join(VARIANTS) + ")")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--variant", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -127,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch must be >= 1, got {args.batch}")
     if args.mmap_threshold is not None and args.mmap_threshold < 0:
         p.error(f"--mmap-threshold must be >= 0, got {args.mmap_threshold}")
+    chosen = [name.strip() for name in args.variants.split(",")]
+    if unknown := [name for name in chosen if name not in VARIANTS]:
+        p.error(f"--variants: unknown {unknown}; choose among {list(VARIANTS)}")
     if args.out is not None and not args.out.parent.is_dir():
         p.error(f"--out: folder {args.out.parent} does not exist")
     if args.variant is not None:  # a child: one variant, its result as JSON on stdout
         print(json.dumps(_measure(args, *VARIANTS[args.variant])))
         return 0
     runs = {}
-    for name in VARIANTS:
+    for name in chosen:
         cmd = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch),
                "--shots", str(args.shots), "--threads", str(args.threads), "--variant", name]
         env = dict(os.environ)
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     digests = {r["digest"] for r in runs.values()}
     result = {
-        "command": "python benchmarks/surrogate_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        # quoted, so a variant name with spaces reads back as one argument
+        "command": shlex.join(["python", "benchmarks/surrogate_memory.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": args.model, "dtype": args.dtype, "batch": args.batch, "shots": args.shots, "threads": args.threads,
         "mmap_threshold": args.mmap_threshold,
         "identical_losses_and_gradients": len(digests) == 1,

@@ -18,8 +18,9 @@ entropy to the next prefill explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,18 @@ class TokenMask:
     valid: torch.Tensor  # (B, T) bool
     pad: torch.Tensor | None  # (B, T, 1) bool, True at padding; None when every token is valid
     count: torch.Tensor | float  # (B,) float32 valid tokens per row (at least 1); T when every token is valid
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What the layers' plans read from the context during one forward (`VPSContext.forward_state`), kept so
+    that a recompute of part of that forward, after it ended, plans as it did (`VPSContext.replay`)."""
+
+    mask: torch.Tensor | None
+    phase: str
+    tokens: int | None
+    entropy: torch.Tensor | None
+    reuse_selection: bool
 
 
 class VPSContext:
@@ -63,6 +76,9 @@ class VPSContext:
         self._entropy_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ranking: tuple[torch.Tensor, int | None, int, torch.Tensor] | None = None
         self.in_forward = False
+        # True while a finished forward's blocks are recomputed for backward (activation checkpointing):
+        # the layers then plan from what they planned with the first time and change no state.
+        self.replaying = False
 
     # -- read by the layers -----------------------------------------------------------------------
     def valid_tokens(self, batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -153,6 +169,28 @@ class VPSContext:
     def reuses_plan(self, decode_mode: str) -> bool:
         """Whether layers keep their stored selectors for this forward."""
         return self.reuse_selection or (self.phase == "decode" and decode_mode == "frozen")
+
+    # -- activation checkpointing -----------------------------------------------------------------
+    def forward_state(self) -> ForwardState:
+        """The current forward's state as the layers' plans read it (taken inside a forward)."""
+        return ForwardState(self.mask, self.phase, self._tokens, self.entropy, self.reuse_selection)
+
+    @contextlib.contextmanager
+    def replay(self, state: ForwardState) -> Iterator[None]:
+        """Inside the block, layers run as in the forward ``state`` was taken from, with ``replaying`` set;
+        afterwards the context is as before. A checkpointed block's recompute runs in here: by then that
+        forward has ended (`end` cleared its mask and replaced its entropy) and the backward may be under way."""
+        kept = (self.mask, self.phase, self._tokens, self.entropy, self.reuse_selection, self.in_forward,
+                self._valid, self._token_masks, self._ranking, self._entropy_on, self.replaying)
+        self.mask, self.phase, self._tokens, self.entropy, self.reuse_selection = (
+            state.mask, state.phase, state.tokens, state.entropy, state.reuse_selection)
+        self._valid, self._token_masks, self._ranking, self._entropy_on = {}, {}, None, {}
+        self.in_forward = self.replaying = True
+        try:
+            yield
+        finally:
+            (self.mask, self.phase, self._tokens, self.entropy, self.reuse_selection, self.in_forward,
+             self._valid, self._token_masks, self._ranking, self._entropy_on, self.replaying) = kept
 
     # -- driven by the model hooks -----------------------------------------------------------------
     def begin(self, call: ForwardCall) -> None:

@@ -94,6 +94,7 @@ class VPSLinear(nn.Module):
         self._region_key = region_key(self._spec, cfg)
         self.pair: QKPair | None = None  # set and cleared by QKPair when Q/K coupling applies
         self.grad_mean: torch.Tensor | None = None
+        self._planned_gradient: torch.Tensor | None = None  # the last plan's, for a replay of its forward
         self.plan: Plan | None = None
         # static_plans: each new plan is copied into tensors kept per plan shape, so a CUDA graph that
         # captured a decode step reads the current prompt's plan (see `vps.static_plans`).
@@ -163,6 +164,7 @@ class VPSLinear(nn.Module):
         and a scalar gain of 1 (the fallback count is kept)."""
         self.policy.reset()
         self.clear_gradient()
+        self._planned_gradient = None
         self.plan = None
         self.reset_gain()
 
@@ -208,7 +210,8 @@ class VPSLinear(nn.Module):
             # A prefill reads its selection from the base output it already holds: a gather of K'
             # values per token rather than a (d_in x R) product, and the plan's statistics saw the same h.
             y = self._apply_plan(base.out, plan)
-        if y.requires_grad and torch.is_grad_enabled():
+        # A replayed forward's output is not in the graph the backward walks: the first forward's hook captures.
+        if y.requires_grad and torch.is_grad_enabled() and not self.ctx.replaying:
             self._capture_gradient(y, self.ctx.valid_tokens(x.shape[0], x.shape[1], x.device)[0])
         return y
 
@@ -296,7 +299,10 @@ class VPSLinear(nn.Module):
             entropy = ctx.entropy_for(key.shape[0], key.device)
             if entropy is not None and batch_scope:
                 entropy = entropy.mean().reshape(1)
-            grad = self._consume_gradient(x.shape[0])
+            if ctx.replaying:  # the gradient consumed by the forward replayed; a newer one stays for the next step
+                grad = self._planned_gradient
+            else:
+                grad = self._planned_gradient = self._consume_gradient(x.shape[0])
         gain = self.gain  # may carry autograd: refinement optimises it
         if gain.dim() and gain.shape[0] != x.shape[0]:
             raise ValueError(f"{self.layer_name or 'layer'}: per-sequence gains for {gain.shape[0]} sequences, but "
@@ -315,7 +321,9 @@ class VPSLinear(nn.Module):
         if in_rank is None:
             ctx.keep_input_ranking(key, self.topk, parts.in_rank)
         ok = parts.ok
-        if torch.compiler.is_compiling():
+        if ctx.replaying:
+            pass  # the forward replayed counted this plan's fallbacks
+        elif torch.compiler.is_compiling():
             # A growing Python list is a guard that fails every forward; in a graph the in-place add fuses.
             self._fallbacks.add_((~ok).sum())
         else:

@@ -659,3 +659,36 @@ def test_refine_and_vote_methods_stop_at_the_runs_stop_strings(tmp_path, model):
     for config in ("maj@2", "refine-self"):
         assert sum(r["tokens"] for r in stopped if r["config"] == config) < \
             sum(r["tokens"] for r in free if r["config"] == config), config
+
+
+def test_checkpoint_activations_writes_the_same_refine_rows(tmp_path, model, monkeypatch):
+    """``vps eval --checkpoint-activations``: the refine methods' steps recompute the blocks' activations in the
+    backward (`vps.refinement.checkpointing`), and every row but its timings is what the run writes without it."""
+    from vps.refinement import loop
+
+    data = write_data(tmp_path / "d.jsonl")
+    monkeypatch.setattr("vps.commands.eval.load", lambda args: (model, TOK))
+    entered = []
+    real = loop.checkpointed_blocks
+    monkeypatch.setattr(loop, "checkpointed_blocks", lambda m: entered.append(1) or real(m))
+
+    def run(out: Path, *extra: str) -> list[dict]:
+        args = ["eval", "--data", str(data), "--methods", "refine-self", "--out", str(out), "--no-progress",
+                "--limit", "2", "--batch-size", "2", "--system", SYSTEM, "--max-new-tokens", "4", "--iters", "2",
+                "--k-samples", "2", *extra]
+        assert cli.main(args) == 0
+        return RunDir(out).read_rows()
+
+    def untimed(value):
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if "seconds" not in k}
+        return [untimed(v) for v in value] if isinstance(value, list) else value
+
+    kept = run(tmp_path / "kept")
+    assert not entered
+    checkpointed = run(tmp_path / "checkpointed", "--checkpoint-activations")
+    assert entered, "the refinement steps ran under checkpointed_blocks"
+    assert any(row.get("surrogate") for r in kept for row in r["refine"]["trace"])
+    assert untimed(checkpointed) == untimed(kept)
+    # no setting of the run: the run's record is the same
+    assert (tmp_path / "kept" / "run.json").read_text() == (tmp_path / "checkpointed" / "run.json").read_text()

@@ -171,11 +171,15 @@ def test_run_settings_build_one_refine_config(tmp_path):
 
 
 def test_cli_refine_builds_its_config_from_the_flags():
+    from vps.cli import build_parser
     from vps.commands.refine import check_args
 
-    args = argparse.Namespace(iters=2, mode="self", k_samples=1, max_new_tokens=9, seed=4, sampling="global",
-                              gold=None)
+    flags = ["--iters", "2", "--k-samples", "1", "--max-new-tokens", "9", "--seed", "4", "--sampling", "global"]
+    args = build_parser().parse_args(["refine", "q", *flags])
     assert check_args(args) == RefineConfig(iters=2, k_samples=1, max_new_tokens=9, seed=4, sampling="global")
+    args = build_parser().parse_args(["refine", "q", *flags, "--stop", "\nQ:", "--checkpoint-activations"])
+    assert check_args(args) == RefineConfig(iters=2, k_samples=1, max_new_tokens=9, seed=4, sampling="global",
+                                            stop_strings=("\nQ:",), checkpoint_activations=True)
 
 
 # -- item 5: one of each rule ----------------------------------------------------------------------

@@ -173,6 +173,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory (required): run.json, results.jsonl, report.md, report.png; "
                         "rerun the same command to resume. Locked while a run works in it (.lock)")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per batch (left padded; default 8)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="refine methods: recompute the decoder blocks' activations in each refinement step's "
+                        "backward instead of keeping them (less memory, one more forward of the blocks per step, "
+                        "the same rows)")
     g.add_argument("--baseline-from", type=Path, default=None, metavar="RUN_DIR",
                    help="copy the `base` rows of an earlier run over the same data instead of computing them "
                         "(refused, naming the setting, unless model, dtype, prompt, data file and generation "

@@ -218,7 +218,8 @@ def _execute_locked(args: argparse.Namespace, specs: list[MethodSpec], run: RunD
           file=sys.stderr)
     try:
         run_evaluation(model, tok, loaded.items, specs, args.out, settings, batch_size=args.batch_size,
-                       progress=not args.no_progress, shard=shard, baseline_from=args.baseline_from)
+                       progress=not args.no_progress, shard=shard, baseline_from=args.baseline_from,
+                       checkpoint_activations=args.checkpoint_activations)
     except KeyboardInterrupt:
         rows = args.out / RESULTS_FILE if shard is None else run.for_rank(shard.rank).results
         print(f"interrupted: finished batches are in {rows}; rerun the same command to resume"

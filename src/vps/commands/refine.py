@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the samples' randomness; the loop's decodes are greedy (default: %(default)s)")
     add_threads_argument(p)
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute the decoder blocks' activations in each refinement step's backward instead of "
+                        "keeping them: less memory, one more forward of the blocks per step, the same numbers")
     p.add_argument("--sampling", choices=SAMPLINGS, default="streams",
                    help="how the samples draw their randomness (see vps.refinement); global reproduces older runs")
     p.add_argument("--json", action="store_true",
@@ -70,7 +73,7 @@ def check_args(args: argparse.Namespace) -> RefineConfig:
     try:
         return RefineConfig(iters=args.iters, mode=args.mode, k_samples=args.k_samples,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, sampling=args.sampling,
-                            stop_strings=stop_from_args(args))
+                            stop_strings=stop_from_args(args), checkpoint_activations=args.checkpoint_activations)
     except RefineConfigError as exc:
         flag = REFINE_FLAGS.get(exc.field)
         raise ValueError(f"{flag}: {exc}" if flag else str(exc)) from None

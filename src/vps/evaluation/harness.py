@@ -97,6 +97,7 @@ def run_evaluation(
     log: Callable[[str], None] | None = None,
     shard: Shard | None = None,
     baseline_from: str | Path | None = None,
+    checkpoint_activations: bool = False,
 ) -> dict[str, int]:
     """Run every spec over ``items``, appending rows to ``out_dir``; returns rows written per config.
 
@@ -121,6 +122,10 @@ def run_evaluation(
     ``baseline_from`` (a run directory) supplies the ``base`` rows it holds for these items instead of
     computing them (`vps.evaluation.baseline`: refused unless its base rows would come out the same here;
     copied rows say where they came from, and so do run.json and the report).
+
+    ``checkpoint_activations`` makes the refine methods' steps recompute the decoder blocks' activations in
+    the backward instead of keeping them (`RefineConfig.checkpoint_activations`): less memory, the same rows,
+    so, like ``batch_size``, it is no setting of the run.
     """
     if shard is not None and shard.size == 1:
         shard = None
@@ -146,7 +151,7 @@ def run_evaluation(
         if shard is None or shard.primary:
             locks.enter_context(run.lock())
         return _run_locked(_Job(model, tokenizer, items, specs, run, settings, batch_size, progress, generate_fn,
-                                refine_fn, on_batch, clock, log, rendered, shard, source))
+                                refine_fn, on_batch, clock, log, rendered, shard, source, checkpoint_activations))
 
 
 @dataclass
@@ -169,6 +174,7 @@ class _Job:
     rendered: tuple[PromptFormat, dict[str, str]]
     shard: Shard | None = None
     source: tuple[RunDir, str] | None = None
+    checkpoint_activations: bool = False
 
 
 def _prepare(tokenizer: Any, items: Sequence[Item], specs: Sequence[MethodSpec], run: RunDir,
@@ -228,7 +234,7 @@ def _run_locked(job: _Job) -> dict[str, int]:
         log(f"refine: {len(sample_cache)} sample set(s) of {sample_cache.prompts} item(s) restored from earlier rows,"
             " to be reused where they apply")
     context = RunContext(job.model, job.tokenizer, job.settings, prompts, fmt.solution_prefix, job.generate_fn,
-                         job.refine_fn, job.clock, sample_cache)
+                         job.refine_fn, job.clock, sample_cache, job.checkpoint_activations)
 
     for spec in specs:
         pending = [it for it in mine if (it.id, spec.name) not in done]

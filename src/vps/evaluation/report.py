@@ -228,8 +228,10 @@ def render_markdown(summary: dict[str, Any], configs: dict[str, Any] | None = No
         header = ["s/item (NLL pass)"]
     lines += _table(["config", "method", *header, "cost ratio"], rows)
     lines.append("Seconds are each batch's wall time divided among its items; the cost ratio compares "
-                 + ("generation" if summary["generate"] else "the NLL pass") + " time per item with the baseline's on the items both have (so it can differ from the ratio of the "
-                 "s/item column, which averages each configuration over its own items while a run is incomplete)."
+                 + ("generation" if summary["generate"] else "the NLL pass")
+                 + " time per item with the baseline's on the items both have (so it can differ from the ratio of "
+                 "the s/item column, which averages each configuration over its own items while a run is "
+                 "incomplete)."
                  + (" The NLL pass of a patched configuration includes its prompt-only prefill (one more forward "
                     "over the prompt than the baseline)." if summary["nll"] else "")
                  + (f" {PASSES_NOTE}" if passes else "")

@@ -55,6 +55,9 @@ class RefineConfig:
     otherwise runs on into made-up questions, and answers would be read from them. ``extract_mode`` (one of
     `vps.verify.EXTRACT_MODES`) is how answers are read from the samples and the candidates, so the votes,
     the target answer and the chosen candidate follow the same rule as the run's scoring.
+    ``checkpoint_activations`` makes each refinement step keep only the decoder blocks' inputs for its
+    backward and recompute the rest (`vps.refinement.checkpointing`): less memory, one more forward of the
+    blocks, the same numbers (so it is in no fingerprint).
 
     An invalid value raises `RefineConfigError` (a ValueError) naming its field.
     """
@@ -68,6 +71,7 @@ class RefineConfig:
     sampling: str = "streams"
     stop_strings: tuple[str, ...] = ()
     extract_mode: str = "flexible"
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.extract_mode not in EXTRACT_MODES:
@@ -77,6 +81,9 @@ class RefineConfig:
             object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))
         except ValueError as exc:
             raise RefineConfigError("stop_strings", str(exc)) from None
+        if not isinstance(self.checkpoint_activations, bool):
+            raise RefineConfigError("checkpoint_activations", f"checkpoint_activations must be True or False, got "
+                                                              f"{self.checkpoint_activations!r}")
         for name in ("iters", "k_samples", "max_new_tokens", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

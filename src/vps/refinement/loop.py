@@ -41,6 +41,7 @@ runs exactly should that ever change.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -58,6 +59,7 @@ from ..prompting import generate_texts
 from ..tracing import summarize, summarize_sequences
 from ..verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from ..verify.consistency import majority_answer
+from .checkpointing import checkpointed_blocks
 from .config import RefineConfig
 from .gains import GainOptimizer
 from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
@@ -232,7 +234,8 @@ def _iterate(model: nn.Module, tokenizer: Any, prompts: list[str], targets: Sequ
     prev_loss = [math.inf] * b
     for it in range(config.iters):
         t0 = time.perf_counter()
-        surrogate = _surrogate_step(model, tokenizer, prompts, targets, gains, device) if it > 0 else None
+        surrogate = (_surrogate_step(model, tokenizer, prompts, targets, gains, device, config.checkpoint_activations)
+                     if it > 0 else None)
         texts, n, first_logits = _decode(model, tokenizer, prompts, config.max_new_tokens, 0.0,
                                          stop_strings=config.stop_strings)
         entropy = next_token_entropy(first_logits[:, None, :])
@@ -386,9 +389,11 @@ def _keeps_logits(model: nn.Module) -> bool:
 
 
 def _surrogate_step(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                    targets: Sequence[torch.Tensor | None], gains: GainOptimizer, device: torch.device
-                    ) -> list[dict[str, Any]]:
-    """Teacher-forced CE on each target (or the prompt itself), backward, then one gain step per sequence.
+                    targets: Sequence[torch.Tensor | None], gains: GainOptimizer, device: torch.device,
+                    checkpoint: bool = False) -> list[dict[str, Any]]:
+    """Teacher-forced CE on each target (or the prompt itself), backward, then one gain step per sequence;
+    with ``checkpoint`` the decoder blocks' activations are recomputed in the backward, not kept
+    (`vps.refinement.checkpointing`).
 
     The sequences are right-padded into one batch: padding comes after every real token, so no real
     token attends to it, and the VPS statistics skip it through the attention mask. The loss is the sum
@@ -417,8 +422,12 @@ def _surrogate_step(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
         # Only the positions from the earliest target on are scored: the vocabulary-wide logits of the
         # prompt's other positions (and their gradient's zeros) would be the step's largest single tensors.
         lo = min(firsts) - 1 if _keeps_logits(model) else 0
-        kwargs = {"logits_to_keep": width - lo} if lo > 0 else {}
-        with gains.tracking(), torch.enable_grad():
+        kwargs: dict[str, Any] = {"logits_to_keep": width - lo} if lo > 0 else {}
+        blocks: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if checkpoint:
+            blocks = checkpointed_blocks(model)
+            kwargs["use_cache"] = False  # a recomputed block would write its keys and values again
+        with gains.tracking(), torch.enable_grad(), blocks:
             logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
             losses = []
             for i, (seq, first) in enumerate(zip(seqs, firsts, strict=True)):

@@ -29,7 +29,7 @@ def _default_refine() -> Callable[..., Any]:
 
 def refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: MethodSpec, prompts: dict[str, str],
                  settings: Any, refine_fn: Callable[..., Any], clock: Callable[[], float],
-                 sample_cache: Any) -> list[dict[str, Any]]:
+                 sample_cache: Any, checkpoint_activations: bool = False) -> list[dict[str, Any]]:
     """Refine the batch's items together; the oracle mode alone receives the gold answers.
 
     Methods that draw the same self-consistency samples (refine-self and refine-oracle of one
@@ -45,7 +45,8 @@ def refine_batch(model: Any, tokenizer: Any, batch: Sequence[Item], spec: Method
                 raise ValueError(f"item {it.id}: refine-oracle needs a gold answer and this item has none")
     reset_state(model)
     start = clock()
-    config = settings.refine_config(mode="oracle" if spec.oracle else "self")
+    config = settings.refine_config(mode="oracle" if spec.oracle else "self",
+                                    checkpoint_activations=checkpoint_activations)
     results = refine_fn(model, tokenizer, [prompts[it.id] for it in batch], golds if spec.oracle else None,
                         config=config, sample_cache=sample_cache)
     share = (clock() - start) / len(batch)  # the batch's wall time divided among its items
@@ -71,7 +72,7 @@ def _start(ctx: RunContext, spec: MethodSpec) -> BatchRunner:
     # Resolved once per configuration, before its first batch: a missing vps.refinement fails here, not mid-run.
     refine = ctx.refine_fn if ctx.refine_fn is not None else _default_refine()
     return lambda batch: refine_batch(ctx.model, ctx.tokenizer, batch, spec, ctx.prompts, ctx.settings, refine,
-                                      ctx.clock, ctx.sample_cache)
+                                      ctx.clock, ctx.sample_cache, ctx.checkpoint_activations)
 
 
 def refine_passes(row: dict[str, Any]) -> tuple[int, int] | None:

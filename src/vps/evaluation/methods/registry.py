@@ -43,7 +43,8 @@ class RunContext:
     ``prompts`` holds every item's rendered prompt by id; ``solution_prefix`` goes before a gold solution
     that is scored (the prompt style's); ``generate_fn`` and ``refine_fn`` are the harness's (``refine_fn``
     None: the library's `refine_many`); ``clock`` times batches; ``sample_cache`` (None unless a method of the
-    run draws samples) shares sampled completions between the methods that draw the same ones.
+    run draws samples) shares sampled completions between the methods that draw the same ones;
+    ``checkpoint_activations`` is `RefineConfig.checkpoint_activations` for the refine methods.
     """
 
     model: Any
@@ -55,6 +56,7 @@ class RunContext:
     refine_fn: Callable[..., Any] | None
     clock: Callable[[], float]
     sample_cache: Any = None
+    checkpoint_activations: bool = False
 
 
 def generation_passes(row: Row) -> tuple[int, int] | None:

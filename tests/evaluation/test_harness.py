@@ -692,3 +692,13 @@ def test_checkpoint_activations_writes_the_same_refine_rows(tmp_path, model, mon
     assert untimed(checkpointed) == untimed(kept)
     # no setting of the run: the run's record is the same
     assert (tmp_path / "kept" / "run.json").read_text() == (tmp_path / "checkpointed" / "run.json").read_text()
+
+
+def test_the_progress_bar_shows_the_refinement_phase(tmp_path, model, capsys):
+    """A refine batch runs for minutes on a CPU: beside its bar, ``vps eval`` says which phase it is in."""
+    data = write_data(tmp_path / "d.jsonl")
+    items, settings = settings_for(data, nll=False, max_new_tokens=3, refine_iters=2, refine_k_samples=2)
+    run_evaluation(model, TOK, items[:2], [MethodSpec("refine-self", "refine-self")], tmp_path / "out", settings,
+                   progress=True, log=lambda _m: None)
+    err = capsys.readouterr().err
+    assert "refine-self" in err and "sampling 2 per prompt" in err and "iteration 2/2: refinement step" in err

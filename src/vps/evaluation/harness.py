@@ -34,6 +34,7 @@ from typing import Any
 from .._io import RunMismatchError, dumps_strict, write_atomic
 from ..patching import is_patched, patched
 from ..prompting import PromptFormat, generate_texts
+from ..refinement.progress import phase_reports
 from .baseline import IMPORTED, check_source, imported_rows
 from .checks import check_run, preflight
 from .data import Item
@@ -252,7 +253,8 @@ def _run_locked(job: _Job) -> dict[str, int]:
         bar = _progress(job.progress and primary, desc, len(mine), len(mine) - len(pending))
         written[spec.name] = 0
         try:
-            with _activated(job.model, spec):
+            # Refinement and sample draws say which phase a long batch is in, beside the bar.
+            with _activated(job.model, spec), phase_reports(None if bar is None else bar.set_postfix_str):
                 run_batch = spec.family.start(context, spec)  # the registered method's runner
                 for start in range(0, len(pending), job.batch_size):
                     rows = run_batch(pending[start:start + job.batch_size])

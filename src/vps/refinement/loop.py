@@ -62,6 +62,7 @@ from ..verify.consistency import majority_answer
 from .checkpointing import checkpointed_blocks
 from .config import RefineConfig
 from .gains import GainOptimizer
+from .progress import report_phase
 from .samples import DrawnSamples, SampleCache, StreamSampler, settings_fingerprint
 
 __all__ = [
@@ -234,8 +235,12 @@ def _iterate(model: nn.Module, tokenizer: Any, prompts: list[str], targets: Sequ
     prev_loss = [math.inf] * b
     for it in range(config.iters):
         t0 = time.perf_counter()
+        step = f"iteration {it + 1}/{config.iters}"
+        if it > 0:
+            report_phase(f"{step}: refinement step")
         surrogate = (_surrogate_step(model, tokenizer, prompts, targets, gains, device, config.checkpoint_activations)
                      if it > 0 else None)
+        report_phase(f"{step}: decode")
         texts, n, first_logits = _decode(model, tokenizer, prompts, config.max_new_tokens, 0.0,
                                          stop_strings=config.stop_strings)
         entropy = next_token_entropy(first_logits[:, None, :])
@@ -308,6 +313,7 @@ def draw_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], confi
     found = {i: hit for i, hit in cached.items() if hit is not None}
     missing = [i for i, hit in cached.items() if hit is None]
     if missing:
+        report_phase(f"sampling {k} per prompt")
         start = time.perf_counter()
         texts = _draw(model, tokenizer, [prompts[i] for i in missing], k, config.max_new_tokens, config.temperature,
                       config.seed, config.sampling, config.stop_strings)

@@ -173,7 +173,12 @@ def test_refine_prints_target_table_and_legend(capsys, monkeypatch):
     monkeypatch.setattr(refine_command, "load", lambda args: (tiny_model(tok), tok))
     assert main(["refine", "What is 3 + 4?", "--iters", "2", "--k-samples", "2", "--max-new-tokens", "4",
                  "--topk", "8", "--threads", "1"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    # the phases go to stderr as they start, so a long run shows where it is
+    phases = ["[sampling 2 per prompt]", "[iteration 1/2: decode]", "[iteration 2/2: refinement step]",
+              "[iteration 2/2: decode]"]
+    assert [line for line in captured.err.splitlines() if line in phases] == phases
     assert out[0].startswith("mode: self (gold-free); target answer: ")
     assert out[1].split()[:2] == ["it", "total"] and out[3].startswith(" 0 ") and out[4].startswith(" 1 ")
     assert out[5].startswith("columns: one row per iteration") and out[-1].startswith("best: iteration ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .._io import dumps_strict
 from ..prompting import chat_prompt
@@ -82,6 +83,7 @@ def check_args(args: argparse.Namespace) -> RefineConfig:
 def run(args: argparse.Namespace) -> int:
     from ..patching import patch
     from ..refinement import refine
+    from ..refinement.progress import phase_reports
 
     config = check_args(args)
     cfg = config_from_args(args)  # a bad VPS flag fails before loading
@@ -89,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load(args)
     patch(model, cfg)
     prompt = chat_prompt(tok, args.question)
-    result = refine(model, tok, prompt, gold=args.gold, config=config)
+    # On a CPU a step of a larger model takes minutes: say on stderr which phase the loop is in.
+    with phase_reports(lambda phase: print(f"[{phase}]", file=sys.stderr, flush=True)):
+        result = refine(model, tok, prompt, gold=args.gold, config=config)
     if args.json:
         # Strict JSON: a number that is not finite is null - e.g. a loss "total" with no evidence.
         print(dumps_strict(result.to_dict(), indent=2))

@@ -1,10 +1,11 @@
 """What a refinement call is doing, for a progress display.
 
-A batch of refine-self on a 1.5B model on two CPU cores takes minutes (issue #30's voting run: its first batch
-of 4 prompts took 10 min 51 s), and a bar that counts items alone stands still all that time. Inside `phase_reports` the loop
-(and every draw of samples, which the vote methods share) hands a callback one short line per phase it
-enters; ``vps eval`` shows it beside its bar. A context variable carries the callback, so no signature
-between the harness and the loop changes. Kept free of torch: the harness imports it.
+A batch of refine-self on a 1.5B model on two CPU cores takes minutes (issue #30's voting run: its first
+batch of 4 prompts took 10 min 51 s), and a bar that counts items alone stands still all that time. Inside
+`phase_reports` the loop (and every draw of samples, which the vote methods share) hands a callback one
+short line per phase it enters; ``vps eval`` shows it beside its bar, ``vps refine`` prints it on stderr. A
+context variable carries the callback, so no signature between the harness and the loop changes. Kept free
+of torch: the harness imports it.
 """
 
 from __future__ import annotations

@@ -115,3 +115,37 @@ def test_a_model_without_checkpointable_blocks_is_refused_by_name():
 
     with pytest.raises(ValueError, match="Plain has no transformers GradientCheckpointingLayer blocks"):
         decoder_blocks(Plain())
+
+
+def test_checkpointing_a_model_dispatched_with_disk_blocks(tmp_path):
+    """accelerate's device hooks replace a dispatched block's forward on the instance: the checkpointed step
+    wraps it (the recompute loads the offloaded weights again), gives the in-memory model's numbers, and puts
+    the hook back afterwards."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    tok = tiny_tokenizer()
+    base = TINY_MODELS["llama"]()
+    base.resize_token_embeddings(len(tok))
+    cfg = vps.VPSConfig(topk=8, gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0)
+    reference = vps.patch(copy.deepcopy(base), cfg)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dispatched = vps.patch(dispatch_model(base, device_map=device_map, main_device="cpu",
+                                          offload_dir=str(tmp_path / "off")), cfg)
+    hooked = decoder_blocks(dispatched)[1]
+    hook_forward = hooked.__dict__["forward"]
+    prompts = [chat_prompt(tok, q, system=None) for q in QUESTIONS]
+    targets = [tok(f"#### {a}", add_special_tokens=False, return_tensors="pt")["input_ids"][0] for a in (9, 7, 1)]
+    got = []
+    for model, checkpoint in ((reference, False), (dispatched, True)):
+        gains = RecordingGains(model, batch=len(prompts))
+        infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cpu"), checkpoint)
+        got.append(([i["loss"] for i in infos], gains.recorded))
+    (want_loss, want_grad), (loss, grad) = got
+    assert want_grad.abs().sum() > 0
+    assert loss == pytest.approx(want_loss, rel=1e-5) and torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert hooked.__dict__["forward"] is hook_forward
+    assert all(layer.weight.is_meta for name, layer in vps.vps_layers(dispatched).items()
+               if name.startswith("model.layers.1."))

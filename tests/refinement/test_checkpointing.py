@@ -109,12 +109,19 @@ def test_the_blocks_run_as_before_afterwards_and_outside_autograd():
     assert block.forward is own
 
 
-def test_a_model_without_checkpointable_blocks_is_refused_by_name():
+def test_a_model_without_checkpointable_blocks_is_refused_by_name_before_sampling(monkeypatch):
     class Plain(torch.nn.Module):
         pass
 
     with pytest.raises(ValueError, match="Plain has no transformers GradientCheckpointingLayer blocks"):
         decoder_blocks(Plain())
+    tok = tiny_tokenizer()
+    model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8))
+    monkeypatch.setattr(loop, "decoder_blocks", lambda m: decoder_blocks(Plain()))
+    monkeypatch.setattr(loop, "draw_samples", lambda *a, **k: pytest.fail("refused after sampling"))
+    with pytest.raises(ValueError, match="Plain has no transformers GradientCheckpointingLayer blocks"):
+        vps.refine_many(model, tok, ["What is 3 + 4?"], iters=2, k_samples=2, max_new_tokens=4,
+                        checkpoint_activations=True)
 
 
 def test_checkpointing_a_model_dispatched_with_disk_blocks(tmp_path):

@@ -59,7 +59,7 @@ from ..prompting import generate_texts
 from ..tracing import summarize, summarize_sequences
 from ..verify import Answer, CompositeVerifier, extract_answer, parse_gold
 from ..verify.consistency import majority_answer
-from .checkpointing import checkpointed_blocks
+from .checkpointing import checkpointed_blocks, decoder_blocks
 from .config import RefineConfig
 from .gains import GainOptimizer
 from .progress import report_phase
@@ -195,7 +195,9 @@ def refine_many(model: nn.Module, tokenizer: Any, prompts: Sequence[str], golds:
 
 def check_call(model: nn.Module, prompts: Sequence[str], golds: Sequence[Any] | None, config: RefineConfig) -> None:
     """What `refine_many` refuses beyond an invalid `RefineConfig`: an unpatched model, no prompts, golds
-    that do not match the prompts or are missing in oracle mode, a batch without per-sequence state."""
+    that do not match the prompts or are missing in oracle mode, a batch without per-sequence state, and
+    ``checkpoint_activations`` on a model without decoder blocks to checkpoint (refused here, before the
+    samples are drawn, not at the first refinement step)."""
     if not is_patched(model):
         raise ValueError("refine needs a model patched with vps.patch(model, cfg)")
     if not prompts:
@@ -206,6 +208,8 @@ def check_call(model: nn.Module, prompts: Sequence[str], golds: Sequence[Any] | 
         raise ValueError("mode='oracle' needs gold (the label it is scored on)")
     if len(prompts) > 1 and get_config(model).scope != "sequence":
         raise ValueError("refining several prompts together needs scope='sequence' (per-sequence selectors)")
+    if config.checkpoint_activations and config.iters > 1:
+        decoder_blocks(model)  # a ValueError naming the model's class when it has none
 
 
 def pick_references(config: RefineConfig, golds: Sequence[Any] | None, samples: Sequence[Sequence[Answer | None]],

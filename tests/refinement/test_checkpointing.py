@@ -73,9 +73,10 @@ def test_checkpointed_steps_equal_kept_ones_and_keep_less(arch):
     assert ckpt_bytes < kept_bytes / 2, (ckpt_bytes, kept_bytes)
 
 
-def test_refinement_with_checkpointing_gives_the_same_trace():
+@pytest.mark.parametrize("n_prompts", [1, 2])  # one prompt: scalar gains; two: a gain per sequence
+def test_refinement_with_checkpointing_gives_the_same_trace(n_prompts):
     tok = tiny_tokenizer()
-    prompts = [chat_prompt(tok, q, system=None) for q in QUESTIONS[:2]]
+    prompts = [chat_prompt(tok, q, system=None) for q in QUESTIONS[:n_prompts]]
     traces = {}
     for checkpoint in (False, True):
         model = vps.patch(tiny_model(tok), vps.VPSConfig(topk=8, gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0))

@@ -49,6 +49,9 @@ def test_bad_arguments_exit_with_a_named_error(capsys):
     (["refine", "hi", "--threads", "99999999999999999999"], "--threads must be in [1, 1024]"),
     (["refine", "hi", "--stop", "\nQ:", "--stop", ""], "--stop: stop strings must be non-empty text, got ''"),
     (["generate", "hi", "--stop", ""], "--stop: stop strings must be non-empty text, got ''"),
+    (["eval", "--methods", "base,maj@4", "--checkpoint-activations", "--out", "/tmp/vps-never-written"],
+     "--checkpoint-activations applies to the refine methods' steps (refine-self, refine-oracle), and this run has "
+     "none"),
 ])
 def test_user_errors_end_in_one_named_line_before_loading(argv, message, capsys, monkeypatch):
     import torch

@@ -103,6 +103,9 @@ def check_flags(args: argparse.Namespace, specs: list[MethodSpec]) -> None:
         raise ValueError("--nll-only cannot run refine or majority-vote methods (they are scored by generation)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.checkpoint_activations and not any(s.refines for s in specs):
+        raise ValueError("--checkpoint-activations applies to the refine methods' steps (refine-self, refine-oracle), "
+                         "and this run has none; drop it")
     check_threads(args)
     if parse_device_map(args.device_map, args.offload_folder, args.device) is not None:
         if world_from_env().parallel:

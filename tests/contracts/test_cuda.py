@@ -52,3 +52,27 @@ def test_refinement_gains_live_on_the_gpu_and_step():
     layer = next(iter(vps.vps_layers(model).values()))
     assert layer.gain.device.type == "cuda" and layer.gain.shape == (2,)
     assert gains.gains().ne(1.0).any()
+
+
+def test_a_checkpointed_surrogate_step_on_the_gpu_equals_the_kept_one():
+    """`checkpoint_activations` on CUDA: the recompute (non-reentrant checkpoint, VPS layers replaying their plans)
+    gives the step that keeps its activations (within GPU rounding)."""
+    from tests.helpers.tiny_eval import tiny_tokenizer
+    from vps.prompting import chat_prompt
+    from vps.refinement import loop
+    from vps.refinement.gains import GainOptimizer
+
+    tok = tiny_tokenizer()
+    prompts = [chat_prompt(tok, q, system=None) for q in ("What is 12 - 5 + 2?", "What is 3 + 4?")]
+    targets = [tok(f"#### {a}", add_special_tokens=False, return_tensors="pt")["input_ids"][0] for a in (9, 7)]
+    got = []
+    for checkpoint in (False, True):
+        base = tiny_llama()
+        base.resize_token_embeddings(len(tok))
+        model = vps.patch(base.cuda(), vps.VPSConfig(topk=8, gamma=0.9, adaptive_gamma=False, lbfgs_scale=1.0))
+        gains = GainOptimizer(model, batch=2)
+        infos = loop._surrogate_step(model, tok, prompts, targets, gains, torch.device("cuda"), checkpoint)
+        got.append(([i["loss"] for i in infos], gains.gains()))
+    (loss_k, gains_k), (loss_c, gains_c) = got
+    assert gains_k.ne(1.0).any()
+    assert loss_c == pytest.approx(loss_k, rel=1e-5) and torch.allclose(gains_c, gains_k, rtol=1e-5, atol=1e-7)

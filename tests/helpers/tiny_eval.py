@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vps.evaluation import MethodSpec, RunDir, RunSettings, data_info, load_items
 from vps.refinement import RefineConfig
+from vps.refinement.gains import GainOptimizer
 from vps.verify import extract_answer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -156,3 +157,12 @@ def stop_inside(texts: list[str]) -> str:
     """A two-character stop string that one of ``texts`` (outputs generated without stops) holds well before its
     end, with no whitespace at its edges; StopIteration if none does (then a stop test would prove nothing)."""
     return next(t[2:4] for t in texts if len(t) > 6 and t[2:4].strip() == t[2:4])
+
+
+class RecordingGains(GainOptimizer):
+    """A `GainOptimizer` that keeps the gradient each step moved along (``recorded``), for tests that compare the
+    surrogate step's gradient across ways of computing it."""
+
+    def step(self):
+        self.recorded = self.gradient().clone()
+        return super().step()

@@ -6,20 +6,11 @@ import torch
 
 import vps
 from tests.helpers.tiny import TINY_MODELS
-from tests.helpers.tiny_eval import tiny_tokenizer
+from tests.helpers.tiny_eval import RecordingGains, tiny_tokenizer
 from vps.prompting import chat_prompt
 from vps.refinement import loop
-from vps.refinement.gains import GainOptimizer
 
 QUESTIONS = ("What is 12 - 5 + 2?", "What is 3 + 4?", "Is 19 more than 7?")
-
-
-class RecordingGains(GainOptimizer):
-    """Keeps the gradient each step moved along."""
-
-    def step(self):
-        self.recorded = self.gradient().clone()
-        return super().step()
 
 
 def surrogate(arch, tok, targets, keep_logits, monkeypatch):
